@@ -1,0 +1,125 @@
+"""`rayindex`: a thin command line over the pipelines library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.config import PACKAGED_MODEL, BuildConfig, parse_bytes
+from pipelines.errors import RayIndexError, user_message
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build one FAISS index from a text corpus on Ray, and search it.")
+console = Console()
+err_console = Console(stderr=True)
+
+STDLIB_CORPUS = "corpus/python-stdlib-docstrings.parquet"
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def config_from_options(**options) -> BuildConfig:
+    try:
+        return BuildConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        fail(f"invalid options: {problems}")
+
+
+@app.command()
+def build(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Parquet/JSONL files or folders, local or fsspec URIs (s3://...). "
+                                                  "None: the Python standard library's docstrings (the embedded default)."),
+    output: str = typer.Option("rayindex-data", "--output", "-o", help="Output folder: versions/<run-id>/ and CURRENT."),
+    id_column: Optional[str] = typer.Option(None, help="Column with unique document ids (default: row numbers)."),
+    text_column: Optional[List[str]] = typer.Option(None, "--text-column", help="Text column; repeat to join several with ': ' (default: text)."),
+    template: Optional[str] = typer.Option(None, help='Text template, e.g. "{title}: {body}" (overrides --text-column).'),
+    shards: Optional[int] = typer.Option(None, help="Number of shards (default: from --shard-size)."),
+    shard_size: int = typer.Option(50_000, help="Target documents per shard when --shards is not given."),
+    model: str = typer.Option(PACKAGED_MODEL, help="sentence-transformers model name or local path (default: the packaged all-MiniLM-L6-v2, offline)."),
+    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, or one per CPU)."),
+    index: Optional[str] = typer.Option(None, help='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" (default: chosen from corpus size).'),
+    metric: str = typer.Option("ip", help="ip (inner product of normalized embeddings) or l2."),
+    train_sample: Optional[int] = typer.Option(None, help="Training sample size (default: from the index's nlist and PQ)."),
+    on_disk: Optional[bool] = typer.Option(None, "--on-disk/--in-ram", help="Merge into on-disk inverted lists (default: automatic past --memory-budget)."),
+    memory_budget: Optional[str] = typer.Option(None, help="Merge on disk when the shard indexes exceed this, e.g. 8G (default: half the RAM)."),
+    seed: int = typer.Option(1234, help="Seed of the training sample and k-means."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Encode and train on GPUs (default: when the cluster has GPUs)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Build and publish an index: shard -> encode -> train -> per-shard add -> merge -> publish."""
+    from pipelines.build import build_index
+
+    id_col, text_cols, tmpl = id_column, text_column, template
+    if not inputs:
+        from pipelines.stdlib_corpus import write_stdlib_corpus
+
+        inputs = [str(write_stdlib_corpus(Path(output) / STDLIB_CORPUS))]
+        id_col, tmpl = id_col or "id", tmpl or "{title}: {body}"
+        err_console.print(f"No input given: indexing the Python standard library's docstrings ({inputs[0]}).")
+    try:
+        budget = parse_bytes(memory_budget) if memory_budget else None
+    except ValueError as exc:
+        fail(f"--memory-budget: {exc}")
+    config = config_from_options(
+        inputs=inputs, output=output, id_column=id_col, text_columns=text_cols, template=tmpl, shards=shards,
+        shard_size=shard_size, model=model, batch_size=batch_size, encoders=encoders, index=index, metric=metric,
+        train_sample=train_sample, on_disk=on_disk, memory_budget_bytes=budget, seed=seed, use_gpu=gpu, ray_address=ray_address,
+    )
+    try:
+        manifest = build_index(config, quiet=quiet)
+    except (RayIndexError, Exception) as exc:  # noqa: B014 - every failure becomes one message, not a traceback
+        fail(f"{user_message(exc)}\n(run folder kept for inspection; CURRENT was not changed)")
+    from pipelines.progress import summary_table
+
+    console.print(summary_table(manifest))
+    console.print(
+        f"Published [bold]{manifest.run_id}[/]: {manifest.counts['docs_encoded']:,} docs, index {manifest.index_string!r}"
+        f"{' (chosen automatically)' if manifest.index_string_chosen_automatically else ''}, "
+        f"{'on-disk' if manifest.merge.get('on_disk') else 'in-RAM'} merge, skipped {manifest.counts['skipped'] or 'none'}."
+    )
+    for warning in manifest.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"Search it: rayindex search --index {output} \"your question\"")
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="What to look for."),
+    index: str = typer.Option("rayindex-data", "--index", "-i", help="Output folder of a build (its CURRENT version is used)."),
+    k: int = typer.Option(10, "-k", help="Number of hits."),
+    nprobe: Optional[int] = typer.Option(None, help="Inverted lists to visit (default: the build's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, metadata}."),
+) -> None:
+    """Search the published index."""
+    from pipelines.search import open_published
+
+    try:
+        hits = open_published(index).search(query, k, nprobe)
+    except RayIndexError as exc:
+        fail(user_message(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(hits, ensure_ascii=False, default=str) + "\n")
+        return
+    table = Table(title=f"{len(hits)} hits for {query!r}")
+    for col in ("#", "score", "id", "text"):
+        table.add_column(col, overflow="fold")
+    for rank, hit in enumerate(hits, 1):
+        text = " ".join(hit["text"].split())
+        table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["id"]), text[:160] + ("…" if len(text) > 160 else ""))
+    console.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,67 @@
+"""Search a published index: open the version CURRENT names (memory-mapped), encode queries with
+the model the build used (from the manifest), and return hits with the doc store's text and metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from pipelines.build import current_version
+from pipelines.docstore import DocStore
+from pipelines.encode import shard_dir
+from pipelines.errors import RayIndexError
+from pipelines.manifest import Manifest
+from pipelines.merge import read_merged
+
+
+@dataclass
+class PublishedIndex:
+    version_dir: Path
+    manifest: Manifest
+    index: faiss.Index
+    docs: DocStore
+    model: object = None
+
+    def encode(self, queries: list[str]) -> np.ndarray:
+        if self.model is None:
+            from pipelines.model import load_model
+
+            self.model = load_model(self.manifest.model["name"])
+        return self.model.encode(queries, normalize_embeddings=self.manifest.model.get("normalized", True),
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+    def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        nprobe = nprobe or self.manifest.nprobe or 1
+        if not 1 <= nprobe <= self.manifest.nlist:
+            raise RayIndexError(f"--nprobe {nprobe} is out of range: this index has {self.manifest.nlist} lists (1..{self.manifest.nlist})")
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k, params=params)
+
+    def search(self, query: str, k: int = 10, nprobe: int | None = None) -> list[dict]:
+        if not query.strip():
+            raise RayIndexError("the query is empty")
+        if k < 1:
+            raise RayIndexError(f"-k {k}: must be at least 1")
+        scores, ids = self.search_vectors(self.encode([query]), k, nprobe)
+        hits = []
+        for score, row_id in zip(scores[0].tolist(), ids[0].tolist()):
+            if row_id < 0:
+                continue  # fewer than k results
+            doc = self.docs.get(row_id)
+            hits.append({"id": doc["id"], "score": score, "text": doc["text"], "metadata": doc["metadata"]})
+        return hits
+
+
+def open_published(output: str | Path) -> PublishedIndex:
+    """Open the version that <output>/CURRENT names."""
+    version_dir = current_version(output)
+    manifest = Manifest.load(version_dir)
+    if manifest.status != "published":
+        raise RayIndexError(f"{version_dir} is not a complete version (status {manifest.status!r})")
+    index = read_merged(version_dir)
+    docs = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
+    return PublishedIndex(version_dir, manifest, index, docs)

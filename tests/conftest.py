@@ -1,0 +1,79 @@
+"""Shared fixtures: one real local Ray for the session, small real corpora (Python docstrings),
+and one real build over them that several test modules inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipelines.config import BuildConfig
+from pipelines.stdlib_corpus import stdlib_docstrings
+
+N_DOCS = 360
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A real local Ray (token auth on, as Ray 2.60 defaults), shared by the session; CLI tests connect to it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def docs() -> list[dict]:
+    """Real text: the first N_DOCS standard-library docstrings, in a fixed order."""
+    return stdlib_docstrings()[:N_DOCS]
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 50) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, docs) -> Path:
+    """The docs split over two Parquet files and one JSONL file, plus two rows without text."""
+    root = tmp_path_factory.mktemp("corpus")
+    rows = [dict(d) for d in docs]
+    rows.insert(7, {"id": "empty-body", "title": "", "body": "  ", "module": "x", "kind": "function"})
+    rows.insert(200, {"id": "null-body", "title": None, "body": None, "module": "x", "kind": "function"})
+    write_parquet(root / "a.parquet", rows[:150])
+    write_parquet(root / "b.parquet", rows[150:260])
+    write_jsonl(root / "c.jsonl", rows[260:])
+    return root
+
+
+def build_config(inputs, output, **overrides) -> BuildConfig:
+    values = dict(inputs=[str(i) for i in inputs], output=str(output), id_column="id", template="{title}: {body}",
+                  shards=3, index="IVF8,PQ16", seed=7)
+    values.update(overrides)
+    return BuildConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def built(ray_address, corpus_dir, tmp_path_factory):
+    """One real build over the corpus (3 shards, IVF8,PQ16, in-RAM merge): (output, manifest)."""
+    from pipelines.build import build_index
+
+    output = tmp_path_factory.mktemp("built")
+    manifest = build_index(build_config([corpus_dir], output, on_disk=False))
+    return output, manifest
