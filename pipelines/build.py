@@ -207,7 +207,8 @@ def run_stages(config: BuildConfig, manifest: Manifest, version_dir: Path, progr
     with timed(manifest, version_dir, "train"), progress.stage("train", 1, "indexes"):
         manifest.index_string = config.index or index_params.choose_index_string(n_docs, dim)
         manifest.index_string_chosen_automatically = config.index is None
-        ivf = faiss.extract_index_ivf(make_index(manifest.index_string, dim, config.metric))
+        probe = make_index(manifest.index_string, dim, config.metric)  # keep it alive: ivf points into it
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
         sample_size = config.train_sample or index_params.training_sample_size(n_docs, ivf.nlist, uses_pq=hasattr(ivf, "pq"))
         # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
         train_task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)

@@ -42,7 +42,8 @@ def choose_index_string(n_docs: int, dim: int) -> str:
     nlist = min(65_536, at_least_4_sqrt_n, max_nlist_for(n_docs))
     if n_docs < FLAT_LIMIT:
         return f"IVF{nlist},Flat"
-    return f"IVF{nlist},PQ{pq_subquantizers(dim)}"
+    # "np": skip polysemous training (seconds to minutes); its codes only help Hamming filtering, which search does not use
+    return f"IVF{nlist},PQ{pq_subquantizers(dim)}np"
 
 
 def training_sample_size(n_docs: int, nlist: int, uses_pq: bool, cap: int = MAX_TRAIN_SAMPLE) -> int:

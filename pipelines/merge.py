@@ -20,7 +20,6 @@ from pipelines.train import trained_fingerprint
 
 MERGED_FILE = "index.faiss"
 IVFDATA_FILE = "index.ivfdata"
-READ_FLAGS = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
@@ -69,5 +68,9 @@ def merge_shards(trained_path: str, shard_paths: list[str], out_dir: str, on_dis
 
 
 def read_merged(version_dir: str | Path) -> faiss.Index:
-    """Open a merged index memory-mapped (works for both the in-RAM and the on-disk layout)."""
-    return faiss.read_index(str(Path(version_dir) / MERGED_FILE), READ_FLAGS)
+    """Open a merged index memory-mapped: on-disk lists from the .ivfdata beside it (wherever the folder
+    now is), in-RAM lists mapped from the index file itself, so neither is read into RAM up front."""
+    version_dir = Path(version_dir)
+    on_disk = (version_dir / IVFDATA_FILE).exists()
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else faiss.IO_FLAG_MMAP
+    return faiss.read_index(str(version_dir / MERGED_FILE), flags)

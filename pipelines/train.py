@@ -54,6 +54,14 @@ def training_sample(shard_dirs: list[Path], counts: list[int], dim: int, size: i
     return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
 
 
+def pre_transforms(index: faiss.Index) -> list:
+    """The vector transforms (OPQ, PCA, ...) before the IVF index, if any."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexPreTransform):
+        return []
+    return [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+
+
 def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list[str]:
     """Refuse indexes the sample cannot train (with a suggestion); return warnings for weak ones."""
     ivf = faiss.extract_index_ivf(index)
@@ -68,6 +76,13 @@ def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list
             f"--index {index_string!r}: its PQ needs at least {1 << pq.nbits} training vectors, the corpus has "
             f"{n_train}; use --index 'IVF{max(1, ivf.nlist)},Flat' or a bigger corpus"
         )
+    for transform in pre_transforms(index):
+        if isinstance(transform, faiss.OPQMatrix) and n_train < transform.d_in:
+            # FAISS's OPQ training crashes the process (invalid free) below this; refuse instead
+            raise RayIndexError(
+                f"--index {index_string!r}: OPQ needs at least {transform.d_in} training vectors (the dimension), "
+                f"the corpus has {n_train}; drop the OPQ prefix or index more documents"
+            )
     warnings = []
     if n_train < MIN_POINTS_PER_CENTROID * ivf.nlist:
         warnings.append(
@@ -113,7 +128,8 @@ def train_quantizer(index_string: str, metric: str, shard_dirs: list[Path], coun
                     sample_size: int, seed: int, use_gpu: bool, out_dir: Path) -> dict:
     """Sample, train, save trained.faiss; returns what the manifest records about training."""
     n_train = min(sample_size, int(sum(counts)))
-    warnings = check_trainable(make_index(index_string, dim, metric), index_string, n_train)
+    probe = make_index(index_string, dim, metric)
+    warnings = check_trainable(probe, index_string, n_train)
     sample = training_sample(shard_dirs, counts, dim, n_train, seed)
     index = train_index(index_string, dim, metric, sample, seed, use_gpu)
     path = Path(out_dir) / TRAINED_FILE

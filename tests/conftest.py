@@ -64,14 +64,14 @@ def corpus_dir(tmp_path_factory, docs) -> Path:
 
 def build_config(inputs, output, **overrides) -> BuildConfig:
     values = dict(inputs=[str(i) for i in inputs], output=str(output), id_column="id", template="{title}: {body}",
-                  shards=3, index="IVF8,PQ16", seed=7)
+                  shards=3, index="IVF8,PQ16np", seed=7)
     values.update(overrides)
     return BuildConfig(**values)
 
 
 @pytest.fixture(scope="session")
 def built(ray_address, corpus_dir, tmp_path_factory):
-    """One real build over the corpus (3 shards, IVF8,PQ16, in-RAM merge): (output, manifest)."""
+    """One real build over the corpus (3 shards, IVF8,PQ16np, in-RAM merge): (output, manifest)."""
     from pipelines.build import build_index
 
     output = tmp_path_factory.mktemp("built")

@@ -20,10 +20,10 @@ from pipelines.index_params import (
         (999, 384, "IVF1,Flat"),
         (3_301, 384, "IVF64,Flat"),  # 4*sqrt(n)=229 -> 256, but 3301/39=84 points allow only 64
         (19_999, 384, "IVF512,Flat"),
-        (100_000, 384, "IVF2048,PQ48"),
-        (1_000_000, 384, "IVF4096,PQ48"),
-        (1_000_000, 96, "IVF4096,PQ12"),
-        (1_000_000_000, 384, "IVF65536,PQ48"),
+        (100_000, 384, "IVF2048,PQ48np"),
+        (1_000_000, 384, "IVF4096,PQ48np"),
+        (1_000_000, 96, "IVF4096,PQ12np"),
+        (1_000_000_000, 384, "IVF65536,PQ48np"),
     ],
 )
 def test_choose_index_string(n, dim, expected):
