@@ -62,4 +62,6 @@ def default_nprobe(nlist: int) -> int:
 def suggest_for_too_few_points(n_train: int, index_string: str, nlist: int) -> str:
     """A replacement index string when the corpus cannot train nlist centroids."""
     rest = index_string.split(",", 1)[1] if "," in index_string else "Flat"
+    if "PQ" in rest.upper() and n_train < 256:
+        rest = "Flat"  # 8-bit PQ codebooks need 256 points as well
     return f"IVF{max_nlist_for(n_train)},{rest}"

@@ -49,6 +49,7 @@ def test_nlist_limits_and_suggestions():
     assert max_nlist_for(39) == 1
     assert max_nlist_for(39 * 300) == 256
     assert suggest_for_too_few_points(1000, "IVF4096,PQ32", 4096) == "IVF16,PQ32"
+    assert suggest_for_too_few_points(100, "IVF4096,PQ32", 4096) == "IVF2,Flat"
     assert default_nprobe(1) == 1
     assert default_nprobe(64) == 8
     assert default_nprobe(65_536) == 128
