@@ -7,7 +7,7 @@ only after the manifest says "published": a failed run never becomes the current
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import secrets
 import time
@@ -20,7 +20,8 @@ import ray
 
 from pipelines import corpus, index_params
 from pipelines.config import BuildConfig
-from pipelines.encode import DOC_HASHES_FILE, doc_id_hash, encode_shards, shard_dir
+from pipelines.docstore import ROW_IDS_FILE, DocStore
+from pipelines.encode import DOC_HASHES_FILE, encode_shards, shard_dir
 from pipelines.errors import RayIndexError, user_message
 from pipelines.manifest import Manifest, ShardState, library_versions, now_iso
 from pipelines.merge import MERGED_FILE, check_shard, merge_shards
@@ -79,14 +80,6 @@ def ensure_ray(address: str | None) -> None:
              ignore_reinit_error=True)
 
 
-@contextlib.contextmanager
-def timed(manifest: Manifest, version_dir: Path, stage: str):
-    start = time.monotonic()
-    yield
-    manifest.timings_s[stage] = round(time.monotonic() - start, 3)
-    manifest.save(version_dir)
-
-
 def plan_stage(config: BuildConfig) -> tuple[list[corpus.FileInfo], list[Shard]]:
     """Files, their columns checked, and the deterministic shard plan."""
     infos = [corpus.inspect_file(p) for p in corpus.list_input_files(config.inputs)]
@@ -119,12 +112,10 @@ def check_unique_ids(manifest: Manifest, version_dir: Path, id_column: str) -> N
     dups = ordered[1:][ordered[1:] == ordered[:-1]]
     if not len(dups):
         return
-    from pipelines.docstore import DocStore
-
     store = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
     places, doc_id = [], None
     for shard, shard_hashes in zip(manifest.shards, per_shard):
-        row_ids = np.load(shard_dir(version_dir, shard.shard_id) / "row_ids.npy")
+        row_ids = np.load(shard_dir(version_dir, shard.shard_id) / ROW_IDS_FILE)
         for row_id in row_ids[shard_hashes == dups[0]][:2]:
             doc = store.get(int(row_id))
             doc_id = doc["id"]
@@ -166,45 +157,78 @@ def build_index(config: BuildConfig, quiet: bool = True) -> Manifest:
     return manifest
 
 
-def run_stages(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
-    with timed(manifest, version_dir, "plan"):
-        infos, shards = plan_stage(config)
-        manifest.files = [{"path": i.path, "format": i.format, "rows": i.num_rows} for i in infos]
-        manifest.shards = shards
-        manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in shards]
-        manifest.model = {"name": config.model, "path": resolve_model(config.model), "normalized": config.metric == "ip"}
-    total_rows = sum(s.num_rows for s in shards)
+def stage(name: str):
+    """Decorator for a stage function (config, manifest, version_dir, progress): records its wall time
+    in the manifest and saves the manifest after it, so each stage can be re-run or resumed alone."""
 
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress | None = None):
+            start = time.monotonic()
+            result = fn(config, manifest, Path(version_dir), progress or StageProgress(quiet=True))
+            manifest.timings_s[name] = round(time.monotonic() - start, 3)
+            manifest.save(version_dir)
+            return result
+
+        return run
+
+    return wrap
+
+
+def run_stages(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    for run in (plan_files_stage, encode_stage, train_stage, add_stage, merge_stage):
+        run(config, manifest, version_dir, progress)
+
+
+@stage("plan")
+def plan_files_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    infos, shards = plan_stage(config)
+    manifest.files = [{"path": i.path, "format": i.format, "rows": i.num_rows} for i in infos]
+    manifest.shards = shards
+    manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in shards]
+    manifest.model = {"name": config.model, "path": resolve_model(config.model), "normalized": config.metric == "ip"}
+
+
+@stage("encode")
+def encode_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    """Embeddings, ids and doc store for every shard; then the counts, and the checks on them."""
     ensure_ray(config.ray_address)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    with timed(manifest, version_dir, "encode"), progress.stage("encode", total_rows, "docs") as update:
-        def check_index_early(dim: int) -> None:
-            if config.index:  # a typo in --index should fail before the encode, not after it
-                check_trainable(make_index(config.index, dim, config.metric), config.index, min(total_rows, config.train_sample or total_rows))
+    total_rows = sum(s.num_rows for s in manifest.shards)
 
-        dim, states = encode_shards(config, shards, str(version_dir), use_gpu, on_progress=update, check_dimension=check_index_early)
-        for state in states:
-            manifest.shard_states[state["shard_id"]] = ShardState(**state)
-        manifest.dimension = dim
-        manifest.model.update(dimension=dim, device="cuda" if use_gpu else "cpu")
-        skipped: dict[str, int] = {}
-        for s in manifest.shard_states:
-            for reason, n in s.skipped.items():
-                skipped[reason] = skipped.get(reason, 0) + n
-        manifest.counts = {
-            "rows_read": sum(s.rows_read for s in manifest.shard_states),
-            "docs_encoded": sum(s.docs_encoded for s in manifest.shard_states),
-            "skipped": skipped,
-        }
-    n_docs = manifest.counts["docs_encoded"]
-    if n_docs == 0:
+    def check_index_early(dim: int) -> None:
+        if config.index:  # a typo in --index should fail before the encode, not after it
+            check_trainable(make_index(config.index, dim, config.metric), config.index, min(total_rows, config.train_sample or total_rows))
+
+    with progress.stage("encode", total_rows, "docs") as update:
+        dim, states = encode_shards(config, manifest.shards, str(version_dir), use_gpu, on_progress=update,
+                                    check_dimension=check_index_early)
+    for state in states:
+        manifest.shard_states[state["shard_id"]] = ShardState(**state)
+    manifest.dimension = dim
+    manifest.model.update(dimension=dim, device="cuda" if use_gpu else "cpu")
+    skipped: dict[str, int] = {}
+    for s in manifest.shard_states:
+        for reason, n in s.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    manifest.counts = {
+        "rows_read": sum(s.rows_read for s in manifest.shard_states),
+        "docs_encoded": sum(s.docs_encoded for s in manifest.shard_states),
+        "skipped": skipped,
+    }
+    if manifest.counts["docs_encoded"] == 0:
         raise RayIndexError(f"no documents to index: all {total_rows} rows were skipped ({skipped}); check --text-column")
     if config.id_column:
         check_unique_ids(manifest, version_dir, config.id_column)
 
-    shard_dirs = [shard_dir(version_dir, s.shard_id) for s in shards]
-    counts = [s.docs_encoded for s in manifest.shard_states]
-    with timed(manifest, version_dir, "train"), progress.stage("train", 1, "indexes"):
+
+@stage("train")
+def train_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    """Choose (or take) the index string, sample across all shards, train on one node (or GPU)."""
+    ensure_ray(config.ray_address)
+    n_docs, dim = manifest.counts["docs_encoded"], manifest.dimension
+    use_gpu = manifest.model.get("device") == "cuda"
+    with progress.stage("train", 1, "indexes"):
         manifest.index_string = config.index or index_params.choose_index_string(n_docs, dim)
         manifest.index_string_chosen_automatically = config.index is None
         probe = make_index(manifest.index_string, dim, config.metric)  # keep it alive: ivf points into it
@@ -212,32 +236,45 @@ def run_stages(config: BuildConfig, manifest: Manifest, version_dir: Path, progr
         sample_size = config.train_sample or index_params.training_sample_size(n_docs, ivf.nlist, uses_pq=hasattr(ivf, "pq"))
         # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
         train_task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)
+        shard_dirs = [shard_dir(version_dir, s.shard_id) for s in manifest.shards]
+        counts = [s.docs_encoded for s in manifest.shard_states]
         manifest.training = ray.get(train_task.remote(manifest.index_string, config.metric, shard_dirs, counts, dim,
                                                       sample_size, config.seed, use_gpu, version_dir))
-        manifest.nlist = manifest.training["nlist"]
-        manifest.nprobe = index_params.default_nprobe(manifest.nlist)
-        manifest.warnings.extend(manifest.training["warnings"])
+    manifest.nlist = manifest.training["nlist"]
+    manifest.nprobe = index_params.default_nprobe(manifest.nlist)
+    manifest.warnings.extend(manifest.training["warnings"])
 
-    trained_path = str(version_dir / TRAINED_FILE)
-    with timed(manifest, version_dir, "add"), progress.stage("add", n_docs, "vectors") as update:
+
+@stage("add")
+def add_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    """One Ray task per shard adds its vectors to a copy of the trained index."""
+    ensure_ray(config.ray_address)
+    jobs = [(s.shard_id, str(shard_dir(version_dir, s.shard_id)), st.docs_encoded)
+            for s, st in zip(manifest.shards, manifest.shard_states)]
+    with progress.stage("add", manifest.counts["docs_encoded"], "vectors") as update:
         done = [0]
 
         def advance(n: int) -> None:
             done[0] += n
             update(done[0])
 
-        jobs = [(s.shard_id, str(d), n) for s, d, n in zip(shards, shard_dirs, counts)]
-        results = build_shard_indexes(trained_path, manifest.training["trained_sha256"], jobs, dim, on_done=advance)
-        for sid, result in results.items():
-            manifest.shard_states[sid].index_sha256 = result["index_sha256"]
-            manifest.shard_states[sid].trained_sha256 = result["trained_sha256"]
+        results = build_shard_indexes(str(version_dir / TRAINED_FILE), manifest.training["trained_sha256"], jobs,
+                                      manifest.dimension, on_done=advance)
+    for sid, result in results.items():
+        manifest.shard_states[sid].index_sha256 = result["index_sha256"]
+        manifest.shard_states[sid].trained_sha256 = result["trained_sha256"]
 
+
+@stage("merge")
+def merge_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    """Check every shard belongs (trained fingerprint, global ids), then merge in RAM or on disk."""
+    shard_dirs = [shard_dir(version_dir, s.shard_id) for s in manifest.shards]
     shard_paths = [str(d / SHARD_INDEX_FILE) for d in shard_dirs]
-    with timed(manifest, version_dir, "merge"), progress.stage("merge", n_docs, "vectors"):
-        for shard, d, path in zip(shards, shard_dirs, shard_paths):
-            check_shard(path, manifest.training["trained_fingerprint"], np.load(d / "row_ids.npy"))
+    with progress.stage("merge", manifest.counts["docs_encoded"], "vectors"):
+        for d, path in zip(shard_dirs, shard_paths):
+            check_shard(path, manifest.training["trained_fingerprint"], np.load(d / ROW_IDS_FILE))
         on_disk = choose_on_disk(config, sum(os.path.getsize(p) for p in shard_paths))
-        manifest.merge = merge_shards(trained_path, shard_paths, str(version_dir), on_disk)
+        manifest.merge = merge_shards(str(version_dir / TRAINED_FILE), shard_paths, str(version_dir), on_disk)
 
 
 def max_node_cpus() -> int:

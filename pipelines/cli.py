@@ -23,7 +23,7 @@ STDLIB_CORPUS = "corpus/python-stdlib-docstrings.parquet"
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(2)
 
 

@@ -1,0 +1,72 @@
+"""The `rayindex` CLI and jobs/build_index.py as a user runs them: real processes on the session's Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_parquet
+
+ROOT = Path(__file__).resolve().parents[1]
+RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
+
+
+def run(args, **kwargs):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=kwargs.get("cwd", ROOT))
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, docs):
+    root = tmp_path_factory.mktemp("cli")
+    return write_parquet(root / "docs.parquet", docs[:80])
+
+
+BUILD_OPTIONS = ["--id-column", "id", "--template", "{title}: {body}", "--shards", "2", "--index", "IVF2,Flat", "--quiet"]
+
+
+def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, docs):
+    out = tmp_path / "out"
+    built = run([RAYINDEX, "build", str(small_corpus), "-o", str(out), *BUILD_OPTIONS, "--ray-address", ray_address])
+    assert built.returncode == 0, built.stderr
+    assert "rayindex build" in built.stdout and "encode" in built.stdout  # the summary table
+    assert "Published" in built.stdout and "80 docs" in built.stdout
+    target = docs[17]
+    found = run([RAYINDEX, "search", "--index", str(out), f"{target['title']}: {target['body']}", "-k", "3", "--json"])
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert hits[0]["id"] == target["id"]
+    assert set(hits[0]) == {"id", "score", "text", "metadata"}
+    assert hits[0]["metadata"] == {"module": target["module"], "kind": target["kind"]}
+    table = run([RAYINDEX, "search", "--index", str(out), "compress data with zlib", "-k", "2", "--nprobe", "2"])
+    assert table.returncode == 0 and "2 hits" in table.stdout
+
+
+def test_ray_job_entrypoint(small_corpus, ray_address, tmp_path):
+    out = tmp_path / "job-out"
+    result = run([sys.executable, "jobs/build_index.py", str(small_corpus), "-o", str(out), *BUILD_OPTIONS,
+                  "--ray-address", ray_address])
+    assert result.returncode == 0, result.stderr
+    assert (out / "CURRENT").read_text().strip() in os.listdir(out / "versions")
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    missing = run([RAYINDEX, "build", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"), "--quiet"])
+    assert missing.returncode == 2
+    assert "error:" in missing.stderr and "missing.jsonl does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr + missing.stdout
+    no_index = run([RAYINDEX, "search", "--index", str(tmp_path / "nothing"), "hello"])
+    assert no_index.returncode == 2 and "has no published index" in no_index.stderr
+    bad_option = run([RAYINDEX, "build", "x.jsonl", "--metric", "cosine", "--quiet"])
+    assert bad_option.returncode == 2 and "metric" in bad_option.stderr and "Traceback" not in bad_option.stderr
+
+
+def test_build_help_documents_every_option():
+    result = run([RAYINDEX, "build", "--help"], cwd=ROOT)
+    assert result.returncode == 0
+    for option in ("--output", "--id-column", "--text-column", "--template", "--shards", "--shard-size", "--model",
+                   "--index", "--on-disk", "--memory-budget", "--train-sample", "--gpu", "--ray-address", "--encoders"):
+        assert option in result.stdout, option
