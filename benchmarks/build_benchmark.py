@@ -58,10 +58,13 @@ def encode_benchmark(n_docs: int, work: Path) -> dict:
 
 
 def clustered_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    """Normalized points around 2,000 random centres: clustered like real embeddings, not uniform."""
+    """Normalized points around 2,000 random centres, spread along a 32-dimensional subspace: clustered
+    and of low intrinsic dimension like real embeddings, not uniform noise that no index can search."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((2000, dim)).astype(np.float32)
-    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    basis = np.random.default_rng(99).standard_normal((32, dim)).astype(np.float32) / np.sqrt(32)
+    centres = np.random.default_rng(98).standard_normal((2000, dim)).astype(np.float32)
+    spread = rng.standard_normal((n, 32)).astype(np.float32) @ basis
+    x = centres[rng.integers(0, len(centres), n)] + 0.5 * spread + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

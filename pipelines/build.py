@@ -27,6 +27,7 @@ from pipelines.manifest import Manifest, ShardState, library_versions, now_iso
 from pipelines.merge import MERGED_FILE, check_shard, merge_shards
 from pipelines.model import resolve_model
 from pipelines.progress import StageProgress
+from pipelines.resources import max_node_cpus
 from pipelines.shard_index import SHARD_INDEX_FILE, build_shard_indexes
 from pipelines.shard_plan import Shard, number_of_shards, plan_shards
 from pipelines.train import TRAINED_FILE, check_trainable, make_index, train_quantizer
@@ -275,8 +276,3 @@ def merge_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, prog
             check_shard(path, manifest.training["trained_fingerprint"], np.load(d / ROW_IDS_FILE))
         on_disk = choose_on_disk(config, sum(os.path.getsize(p) for p in shard_paths))
         manifest.merge = merge_shards(str(version_dir / TRAINED_FILE), shard_paths, str(version_dir), on_disk)
-
-
-def max_node_cpus() -> int:
-    """CPUs of the biggest alive node: training uses one whole node's cores."""
-    return int(max((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1))

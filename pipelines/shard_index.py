@@ -15,6 +15,7 @@ import ray
 from pipelines.encode import file_sha256, load_embeddings
 from pipelines.docstore import ROW_IDS_FILE
 from pipelines.errors import RayIndexError
+from pipelines.resources import match_threads_to_ray_cpus
 
 SHARD_INDEX_FILE = "index.faiss"
 ADD_CHUNK = 65_536  # vectors per add_with_ids call: bounds peak memory for any shard size
@@ -22,6 +23,7 @@ ADD_CHUNK = 65_536  # vectors per add_with_ids call: bounds peak memory for any 
 
 def add_shard(trained_path: str, trained_sha256: str, directory: str, count: int, dim: int) -> dict:
     """Build one shard's index; the file appears only when complete."""
+    match_threads_to_ray_cpus()
     directory = Path(directory)
     data = Path(trained_path).read_bytes()
     if hashlib.sha256(data).hexdigest() != trained_sha256:

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipelines.encode import load_embeddings
 from pipelines.errors import RayIndexError
+from pipelines.resources import match_threads_to_ray_cpus
 from pipelines.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
 
 TRAINED_FILE = "trained.faiss"
@@ -127,6 +128,7 @@ def trained_fingerprint(index: faiss.Index) -> str:
 def train_quantizer(index_string: str, metric: str, shard_dirs: list[Path], counts: list[int], dim: int,
                     sample_size: int, seed: int, use_gpu: bool, out_dir: Path) -> dict:
     """Sample, train, save trained.faiss; returns what the manifest records about training."""
+    match_threads_to_ray_cpus()
     n_train = min(sample_size, int(sum(counts)))
     probe = make_index(index_string, dim, metric)
     warnings = check_trainable(probe, index_string, n_train)
