@@ -8,7 +8,9 @@ pre-transforms) and that its ids are exactly its planned global rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import faiss
@@ -73,4 +75,18 @@ def read_merged(version_dir: str | Path) -> faiss.Index:
     version_dir = Path(version_dir)
     on_disk = (version_dir / IVFDATA_FILE).exists()
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else faiss.IO_FLAG_MMAP
-    return faiss.read_index(str(version_dir / MERGED_FILE), flags)
+    with c_stdout_to_stderr():  # FAISS printf()s a note about the .ivfdata path, which would corrupt --json output
+        return faiss.read_index(str(version_dir / MERGED_FILE), flags)
+
+
+@contextlib.contextmanager
+def c_stdout_to_stderr():
+    """Send what C code writes to file descriptor 1 to stderr for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipelines.build import CURRENT, current_version
 from pipelines.manifest import Manifest
@@ -75,3 +76,24 @@ def test_manifest_is_json_with_the_plan(built):
     assert data["config"]["shards"] == 3
     assert [s["shard_id"] for s in data["shards"]] == [0, 1, 2]
     assert data["files"][0]["path"].endswith("a.parquet")
+
+
+def has_cuda() -> bool:
+    import faiss
+    import torch
+
+    return torch.cuda.is_available() and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU and faiss-gpu")
+def test_gpu_build_matches_cpu_search_results(ray_address, corpus_dir, tmp_path, built):
+    """Encode in fp16 on the GPU and train the coarse quantizer there; the hits must agree with the CPU build."""
+    from pipelines.build import build_index
+    from conftest import build_config
+
+    manifest = build_index(build_config([corpus_dir], tmp_path, use_gpu=True))
+    assert manifest.model["device"] == "cuda" and manifest.training["gpu"]
+    gpu, cpu = open_published(tmp_path), open_published(built[0])
+    for query in ("parse a JSON document", "compress data", "open a network socket"):
+        assert gpu.search(query, k=1, nprobe=8)[0]["id"] == cpu.search(query, k=1, nprobe=8)[0]["id"]

@@ -30,10 +30,13 @@ BUILD_OPTIONS = ["--id-column", "id", "--template", "{title}: {body}", "--shards
 
 def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, docs):
     out = tmp_path / "out"
-    built = run([RAYINDEX, "build", str(small_corpus), "-o", str(out), *BUILD_OPTIONS, "--ray-address", ray_address])
+    built = run([RAYINDEX, "build", str(small_corpus), "-o", str(out), *BUILD_OPTIONS, "--ray-address", ray_address,
+                 "--memory-budget", "1K"])
     assert built.returncode == 0, built.stderr
     assert "rayindex build" in built.stdout and "encode" in built.stdout  # the summary table
     assert "Published" in built.stdout and "80 docs" in built.stdout
+    assert "on-disk merge" in built.stdout  # the shard indexes exceed the 1 KiB budget
+    assert len(list(out.glob("versions/*/index.ivfdata"))) == 1
     target = docs[17]
     found = run([RAYINDEX, "search", "--index", str(out), f"{target['title']}: {target['body']}", "-k", "3", "--json"])
     assert found.returncode == 0, found.stderr
