@@ -121,5 +121,77 @@ def search(
     console.print(table)
 
 
+GENERATOR_HELP = "extractive (offline, default), openai (an OpenAI-compatible endpoint) or transformers (a local model directory)."
+
+
+@app.command()
+def serve(
+    index: str = typer.Option("rayindex-data", "--index", "-i", help="Output folder of a build; its CURRENT version is served and watched."),
+    host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds to."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    replicas: int = typer.Option(1, help="Serve replicas (each loads the index memory-mapped and the model)."),
+    replica_cpus: float = typer.Option(1.0, help="CPUs Ray reserves per replica."),
+    generator: str = typer.Option("extractive", help=GENERATOR_HELP),
+    generator_model: Optional[str] = typer.Option(None, help="openai: model name (or RAYINDEX_OPENAI_MODEL); transformers: model directory."),
+    generator_url: Optional[str] = typer.Option(None, help="openai: base URL (or RAYINDEX_OPENAI_BASE_URL / OPENAI_BASE_URL); key from OPENAI_API_KEY."),
+    generator_timeout: float = typer.Option(30.0, help="Seconds before a remote generator call becomes a 504."),
+    poll_interval: float = typer.Option(2.0, help="Seconds between checks of CURRENT for a new version (hot swap)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
+) -> None:
+    """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token auth)."""
+    import time
+
+    from pipelines.serve import ServeSettings, start_serving
+
+    settings = ServeSettings(index=index, generator=generator, generator_model=generator_model, generator_url=generator_url,
+                             generator_timeout_s=generator_timeout, poll_interval_s=poll_interval)
+    try:
+        start_serving(settings, host, port, replicas, replica_cpus, ray_address)
+    except (RayIndexError, ValueError) as exc:
+        fail(user_message(exc))
+    err_console.print(f"Serving {index} at http://{host}:{port} (OpenAPI page: /docs). Ctrl-C stops.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    index: str = typer.Option("rayindex-data", "--index", "-i", help="Output folder of a build (its CURRENT version is used)."),
+    k: int = typer.Option(5, "-k", help="Passages to retrieve and cite."),
+    nprobe: Optional[int] = typer.Option(None, help="Inverted lists to visit (default: the build's)."),
+    generator: str = typer.Option("extractive", help=GENERATOR_HELP),
+    generator_model: Optional[str] = typer.Option(None, help="openai: model name; transformers: model directory."),
+    generator_url: Optional[str] = typer.Option(None, help="openai: base URL of the endpoint."),
+    generator_timeout: float = typer.Option(30.0, help="Seconds to wait for a remote generator."),
+    as_json: bool = typer.Option(False, "--json", help="Print {answer, sources} as JSON."),
+) -> None:
+    """Answer a question from the published index in this process, with numbered sources."""
+    from pipelines.generate import GeneratorError, make_generator
+    from pipelines.search import open_published
+
+    try:
+        published = open_published(index)
+        hits = published.search(question, k, nprobe)
+        answer_with = make_generator(generator, published.encode, model=generator_model, base_url=generator_url,
+                                     timeout_s=generator_timeout)
+        answer = answer_with.generate(question, hits)
+    except (RayIndexError, ValueError, GeneratorError) as exc:
+        fail(user_message(exc))
+    if as_json:
+        sys.stdout.write(json.dumps({"answer": answer, "sources": [{"n": n, **h} for n, h in enumerate(hits, 1)]},
+                                    ensure_ascii=False, default=str) + "\n")
+        return
+    console.print(answer, highlight=False)
+    for n, hit in enumerate(hits, 1):
+        text = " ".join(hit["text"].split())
+        console.print(f"[{n}] {hit['id']} ({hit['score']:.3f}) {text[:100]}{'…' if len(text) > 100 else ''}", highlight=False, markup=False)
+
+
 def main() -> None:
     app()

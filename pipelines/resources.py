@@ -12,8 +12,8 @@ def match_threads_to_ray_cpus() -> int:
     Ray sets OMP_NUM_THREADS only when it starts a worker process, and reuses workers across
     tasks of different sizes, so a 2-CPU train task can land in a worker started for a 1-CPU
     add task and run single-threaded (measured: 12.3 s instead of 7.5 s)."""
-    if not ray.is_initialized():
-        return faiss.omp_get_max_threads()
+    if not ray.is_initialized() or ray.get_runtime_context().get_task_id() is None:
+        return faiss.omp_get_max_threads()  # not inside a Ray task (e.g. the driver): leave FAISS as it is
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) or 1
     faiss.omp_set_num_threads(cpus)
     return cpus

@@ -47,8 +47,12 @@ class PublishedIndex:
         if k < 1:
             raise RayIndexError(f"-k {k}: must be at least 1")
         scores, ids = self.search_vectors(self.encode([query]), k, nprobe)
+        return self.hits(scores[0], ids[0])
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
+        """One query's results as {id, score, text, metadata}, from the doc store."""
         hits = []
-        for score, row_id in zip(scores[0].tolist(), ids[0].tolist()):
+        for score, row_id in zip(scores.tolist(), ids.tolist()):
             if row_id < 0:
                 continue  # fewer than k results
             doc = self.docs.get(row_id)

@@ -1,0 +1,163 @@
+"""The serving app over real HTTP on 127.0.0.1: search, ask, health, metrics, bad input, auth, hot swap."""
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from ray import serve
+
+from pipelines.build import CURRENT, build_index
+from pipelines.serve import ServeSettings, start_serving
+
+from conftest import build_config, write_parquet
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(built, tmp_path_factory):
+    """The session build, copied (a hot swap will publish into it), served by one replica."""
+    output = tmp_path_factory.mktemp("served") / "index"
+    shutil.copytree(built[0], output)
+    port = free_port()
+    # replica_cpus=0: the replica must not hold a CPU that the hot-swap build's encoders need
+    settings = ServeSettings(index=str(output), poll_interval_s=0.3)
+    start_serving(settings, port=port, replica_cpus=0)
+    yield output, f"http://127.0.0.1:{port}", settings
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with httpx.Client(base_url=served[1], timeout=60) as c:
+        yield c
+
+
+def test_search_returns_the_document(client, docs, built):
+    target = docs[40]
+    r = client.post("/search", json={"query": f"{target['title']}: {target['body']}", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == built[1].run_id
+    assert body["hits"][0]["id"] == target["id"]
+    assert set(body["hits"][0]) == {"id", "score", "text", "metadata"}
+    assert client.post("/search", json={"query": "base64", "k": 2, "nprobe": 8}).json()["hits"]
+
+
+def test_ask_answers_with_citations_and_sources(client):
+    r = client.post("/ask", json={"question": "How do I decode base64 data?", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["generator"] == "extractive"
+    assert [s["n"] for s in body["sources"]] == [1, 2, 3]
+    assert any(f"[{n}]" in body["answer"] for n in (1, 2, 3))
+    assert set(body["timings_ms"]) == {"retrieve", "generate", "total"}
+
+
+def test_health_metrics_and_openapi(client, built):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].merge["ntotal"]
+    metrics = client.get("/metrics").text
+    assert 'rayindex_requests_total{endpoint="/search",status="200"}' in metrics
+    assert "rayindex_request_latency_seconds_bucket" in metrics
+    assert f'rayindex_index_version_info{{version="{built[1].run_id}"}} 1.0' in metrics
+    assert client.get("/docs").status_code == 200
+    assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "path, payload, field",
+    [
+        ("/search", {"query": ""}, "query"),
+        ("/search", {"query": "   \n"}, "query"),
+        ("/search", {"query": "x" * 2001}, "query"),
+        ("/search", {"query": "ok", "k": 0}, "k"),
+        ("/search", {"query": "ok", "k": 101}, "k"),
+        ("/search", {"query": "ok", "k": "ten"}, "k"),
+        ("/search", {"query": "ok", "nprobe": 0}, "nprobe"),
+        ("/search", {"query": "ok", "nprobe": 9}, "nprobe"),  # the index has 8 lists
+        ("/search", {"k": 3}, "query"),
+        ("/ask", {"question": 42}, "question"),
+        ("/ask", {"question": " "}, "question"),
+    ],
+)
+def test_bad_requests_get_4xx_naming_the_field(client, path, payload, field):
+    r = client.post(path, json=payload)
+    assert 400 <= r.status_code < 500, r.text
+    assert field in r.json()["detail"]
+
+
+def test_malformed_json_is_a_4xx(client):
+    r = client.post("/search", content=b'{"query": "unterminated', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+
+
+def test_hot_swap_under_concurrent_requests(served, client, docs, tmp_path, built):
+    """Publish a new version while 4 clients search: no failed request, every response from one whole version."""
+    output, url, _ = served
+    old_ids = {d["id"] for d in docs}
+    new_docs = [dict(d, id=f"v2-{d['id']}") for d in docs[:40]]
+    write_parquet(tmp_path / "v2" / "docs.parquet", new_docs)
+    results, failures, stop = [], [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/search", json={"query": "read a file", "k": 5})
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                    else:
+                        results.append(r.json())
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        new = build_index(build_config([tmp_path / "v2"], output, shards=1, index="IVF1,Flat"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and client.get("/healthz").json()["version"] != new.run_id:
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert (Path(output) / CURRENT).read_text().strip() == new.run_id
+    assert failures == []
+    versions = {r["version"] for r in results}
+    assert versions == {built[1].run_id, new.run_id}
+    for r in results:
+        ids = {h["id"] for h in r["hits"]}
+        if r["version"] == new.run_id:
+            assert all(i.startswith("v2-") for i in ids), ids
+        else:
+            assert ids <= old_ids, ids
+    assert 'rayindex_index_swaps_total 1.0' in client.get("/metrics").text
+
+
+def test_bearer_token_auth(served):
+    """Redeploy with RAYINDEX_API_KEY set: everything but /healthz needs the token."""
+    output, url, settings = served
+    start_serving(settings.model_copy(update={"api_key": "s3cret"}), port=int(url.rsplit(":", 1)[1]), replica_cpus=0)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/healthz").status_code == 200
+        for method, path in (("post", "/search"), ("post", "/ask"), ("get", "/metrics"), ("get", "/docs"), ("get", "/openapi.json")):
+            r = c.request(method.upper(), path, json={"query": "x", "question": "x"})
+            assert r.status_code == 401, (path, r.status_code)
+            assert "bearer token" in json.loads(r.text)["detail"]
+        wrong = c.post("/search", json={"query": "x"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = c.post("/search", json={"query": "open a file"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["hits"]
