@@ -161,3 +161,17 @@ def test_bearer_token_auth(served):
         assert wrong.status_code == 401
         ok = c.post("/search", json={"query": "open a file"}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["hits"]
+
+
+def test_serve_refuses_missing_or_half_written_index(tmp_path, built):
+    from pipelines.errors import RayIndexError
+    from pipelines.serve import check_servable
+
+    with pytest.raises(RayIndexError, match="has no published index"):
+        start_serving(ServeSettings(index=str(tmp_path / "nothing")))
+    half = tmp_path / "half"
+    shutil.copytree(built[0], half)
+    run_id = (half / CURRENT).read_text().strip()
+    (half / "versions" / run_id / "index.faiss").unlink()  # as if the merge never finished
+    with pytest.raises(RayIndexError, match=r"names .* but .*index\.faiss is missing"):
+        check_servable(str(half))
