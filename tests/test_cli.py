@@ -46,6 +46,10 @@ def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, docs):
     assert hits[0]["metadata"] == {"module": target["module"], "kind": target["kind"]}
     table = run([RAYINDEX, "search", "--index", str(out), "compress data with zlib", "-k", "2", "--nprobe", "2"])
     assert table.returncode == 0 and "2 hits" in table.stdout
+    asked = run([RAYINDEX, "ask", "--index", str(out), f"What does {target['title']} do?", "-k", "3", "--json"])
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert [s["n"] for s in answer["sources"]] == [1, 2, 3] and any(f"[{n}]" in answer["answer"] for n in (1, 2, 3))
 
 
 def test_ray_job_entrypoint(small_corpus, ray_address, tmp_path):

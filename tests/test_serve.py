@@ -15,6 +15,7 @@ from pipelines.build import CURRENT, build_index
 from pipelines.serve import ServeSettings, start_serving
 
 from conftest import build_config, write_parquet
+from test_generate import base_url, chat_server  # noqa: F401 - the OpenAI-compatible stand-in server fixture
 
 
 def free_port() -> int:
@@ -161,6 +162,27 @@ def test_bearer_token_auth(served):
         assert wrong.status_code == 401
         ok = c.post("/search", json={"query": "open a file"}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["hits"]
+
+
+def test_ask_with_openai_generator_and_its_failures(served, chat_server):  # noqa: F811
+    """/ask through a (stand-in) OpenAI-compatible endpoint; its timeout is a 504 and its error a 502,
+    both still carrying the retrieved sources."""
+    output, url, settings = served
+    start_serving(settings.model_copy(update={"generator": "openai", "generator_url": base_url(chat_server),
+                                              "generator_model": "tiny-llm", "generator_timeout_s": 0.5}),
+                  port=int(url.rsplit(":", 1)[1]), replica_cpus=0)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        ok = c.post("/ask", json={"question": "How do I decode base64 data?", "k": 3})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["answer"].startswith("Guido") and ok.json()["generator"] == "openai"
+        prompt = json.loads(chat_server.requests[-1]["body"])["messages"][1]["content"]
+        assert "[1] " in prompt and "How do I decode base64 data?" in prompt
+        for mode, status in (("slow", 504), ("error", 502)):
+            chat_server.mode = mode
+            r = c.post("/ask", json={"question": "How do I decode base64 data?", "k": 3})
+            assert r.status_code == status, r.text
+            body = r.json()
+            assert body["answer"] is None and len(body["sources"]) == 3 and body["detail"]
 
 
 def test_serve_refuses_missing_or_half_written_index(tmp_path, built):
