@@ -147,6 +147,8 @@ def build_index(config: BuildConfig, quiet: bool = True) -> Manifest:
     try:
         with StageProgress(quiet=quiet) as progress:
             run_stages(config, manifest, version_dir, progress)
+            if config.target_recall:
+                tune_stage(config, manifest, version_dir, progress)
     except BaseException as exc:
         manifest.status = "failed"
         manifest.error = user_message(exc)
@@ -276,3 +278,15 @@ def merge_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, prog
             check_shard(path, manifest.training["trained_fingerprint"], np.load(d / ROW_IDS_FILE))
         on_disk = choose_on_disk(config, sum(os.path.getsize(p) for p in shard_paths))
         manifest.merge = merge_shards(str(version_dir / TRAINED_FILE), shard_paths, str(version_dir), on_disk)
+
+
+@stage("tune")
+def tune_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, progress: StageProgress) -> None:
+    """The smallest nprobe reaching --target-recall (recall@10 vs exact, held-out corpus queries)."""
+    from pipelines.evaluate import tune_nprobe
+    from pipelines.search import open_version
+
+    with progress.stage("tune", 1, "sweeps"):
+        tuning = tune_nprobe(open_version(version_dir, manifest), config.target_recall)
+    if not tuning["reached"]:
+        manifest.warnings.append(f"--target-recall {config.target_recall}: {tuning['note']}")

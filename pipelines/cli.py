@@ -53,6 +53,7 @@ def build(
     train_sample: Optional[int] = typer.Option(None, help="Training sample size (default: from the index's nlist and PQ)."),
     on_disk: Optional[bool] = typer.Option(None, "--on-disk/--in-ram", help="Merge into on-disk inverted lists (default: automatic past --memory-budget)."),
     memory_budget: Optional[str] = typer.Option(None, help="Merge on disk when the shard indexes exceed this, e.g. 8G (default: half the RAM)."),
+    target_recall: Optional[float] = typer.Option(None, help="Tune nprobe to the smallest reaching this recall@10 vs exact search (stored in the manifest; search/serve use it)."),
     seed: int = typer.Option(1234, help="Seed of the training sample and k-means."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Encode and train on GPUs (default: when the cluster has GPUs)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
@@ -76,6 +77,7 @@ def build(
         inputs=inputs, output=output, id_column=id_col, text_columns=text_cols, template=tmpl, shards=shards,
         shard_size=shard_size, model=model, batch_size=batch_size, encoders=encoders, index=index, metric=metric,
         train_sample=train_sample, on_disk=on_disk, memory_budget_bytes=budget, seed=seed, use_gpu=gpu, ray_address=ray_address,
+        target_recall=target_recall,
     )
     try:
         manifest = build_index(config, quiet=quiet)
@@ -119,6 +121,62 @@ def search(
         text = " ".join(hit["text"].split())
         table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["id"]), text[:160] + ("…" if len(text) > 160 else ""))
     console.print(table)
+
+
+def print_sweep(rows: list[dict], ks: list[int], title: str) -> None:
+    table = Table(title=title)
+    for col in ["nprobe", *[f"recall@{k}" for k in ks], "ms/query"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["nprobe"]), *[f"{r[f'recall@{k}']:.3f}" for k in ks], f"{r['ms_per_query']:.3f}")
+    console.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    index: str = typer.Option("rayindex-data", "--index", "-i", help="Output folder of a build (its CURRENT version)."),
+    queries: Optional[str] = typer.Option(None, help="JSONL of {\"query\", \"id\"} pairs: adds hit@k and MRR of the whole pipeline."),
+    k: str = typer.Option("1,10,100", "--k", help="Comma-separated k values for recall@k."),
+    n_queries: int = typer.Option(500, help="Queries sampled from the corpus (held out: their own document is not counted)."),
+) -> None:
+    """Recall@k vs exact search and latency for a sweep of nprobe; writes eval.json and PNG plots into the version."""
+    from pipelines.evaluate import evaluate
+    from pipelines.search import open_published
+
+    try:
+        ks = tuple(int(v) for v in k.split(",") if v.strip())
+        result = evaluate(open_published(index), n_queries, ks, queries)
+    except ValueError:
+        fail(f"--k {k!r}: give comma-separated integers such as 1,10,100")
+    except RayIndexError as exc:
+        fail(user_message(exc))
+    print_sweep(result["sweep"], result["ks"], f"{result['index_string']}: {result['documents']:,} docs, {result['queries']} queries "
+                f"(default nprobe {result['default_nprobe']})")
+    if "labelled" in result:
+        console.print({key: round(v, 4) for key, v in result["labelled"].items()})
+    console.print(f"Wrote {Path(result['plots'][0]).parent / 'eval.json'} and {', '.join(Path(p).name for p in result['plots'])}")
+
+
+@app.command()
+def tune(
+    index: str = typer.Option("rayindex-data", "--index", "-i", help="Output folder of a build (its CURRENT version)."),
+    target_recall: float = typer.Option(0.95, help="recall@k vs exact search to reach."),
+    k: int = typer.Option(10, "--k", help="k of recall@k."),
+    n_queries: int = typer.Option(500, help="Held-out queries sampled from the corpus."),
+) -> None:
+    """Store the smallest nprobe that reaches --target-recall in the version's manifest (search/serve default)."""
+    from pipelines.evaluate import tune_nprobe
+    from pipelines.search import open_published
+
+    try:
+        tuning = tune_nprobe(open_published(index), target_recall, k, n_queries)
+    except RayIndexError as exc:
+        fail(user_message(exc))
+    print_sweep(tuning["sweep"], [tuning["k"]], f"tuning for recall@{tuning['k']} >= {target_recall}")
+    if tuning["reached"]:
+        console.print(f"nprobe {tuning['nprobe']} reaches recall@{tuning['k']} {tuning['recall']:.3f}; stored as the default.")
+    else:
+        err_console.print(f"[yellow]warning:[/] {tuning['note']}; stored nprobe {tuning['nprobe']}.")
 
 
 GENERATOR_HELP = "extractive (offline, default), openai (an OpenAI-compatible endpoint) or transformers (a local model directory)."

@@ -29,6 +29,7 @@ class BuildConfig(BaseModel):
     train_sample: Optional[int] = Field(None, ge=1, description="Training sample size; derived from the index when not given.")
     on_disk: Optional[bool] = Field(None, description="Merge into on-disk inverted lists; automatic when not given.")
     memory_budget_bytes: Optional[int] = Field(None, ge=1, description="Merge on disk past this size; half the RAM when not given.")
+    target_recall: Optional[float] = Field(None, gt=0, le=1, description="Tune nprobe to reach this recall@10 before publishing.")
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
     use_gpu: Optional[bool] = Field(None, description="Encode/train on GPU; automatic when the cluster has GPUs.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; RAY_ADDRESS or a new local Ray when not given.")

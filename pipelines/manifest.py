@@ -50,6 +50,7 @@ class Manifest(BaseModel):
     nlist: Optional[int] = None
     nprobe: Optional[int] = None
     training: dict = Field(default_factory=dict)
+    tuning: dict = Field(default_factory=dict)  # the nprobe chosen for a recall target, and the sweep behind it
     merge: dict = Field(default_factory=dict)
     counts: dict = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)

@@ -66,6 +66,13 @@ def open_published(output: str | Path) -> PublishedIndex:
     manifest = Manifest.load(version_dir)
     if manifest.status != "published":
         raise RayIndexError(f"{version_dir} is not a complete version (status {manifest.status!r})")
+    return open_version(version_dir, manifest)
+
+
+def open_version(version_dir: str | Path, manifest: Manifest | None = None) -> PublishedIndex:
+    """Open one version folder whose merge is done (published or about to be)."""
+    version_dir = Path(version_dir)
+    manifest = manifest or Manifest.load(version_dir)
     index = read_merged(version_dir)
     docs = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
     return PublishedIndex(version_dir, manifest, index, docs)
