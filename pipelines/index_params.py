@@ -8,6 +8,8 @@ points per PQ sub-quantizer centroid table.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
 MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this
 GOOD_POINTS_PER_CENTROID = 64
@@ -34,12 +36,33 @@ def pq_subquantizers(dim: int) -> int:
     return 1
 
 
-def choose_index_string(n_docs: int, dim: int) -> str:
-    """The index_factory string used when --index is not given."""
+def choose_index_string(n_docs: int, dim: int, max_index_bytes: int | None = None) -> str:
+    """The index_factory string used when --index is not given.
+
+    Without a budget (unchanged):
+      n < 1,000        IVF1,Flat
+      n < 20,000       IVF{nlist},Flat
+      otherwise        IVF{nlist},PQ{d/8}np           nlist = nlist_for(n), at most 65,536
+    With max_index_bytes (index fully loaded in RAM, index_memory_bytes): the first that fits of
+      IVF..,Flat (4d bytes) > SQfp16 (2d) > SQ8 (d) > PQ{~d/4} > PQ{~d/8} > PQ{~d/16} > ... > 8 bytes,
+      where PQ m divides d, and m <= d/8 gets OPQ{m}_{4m} in front (OPQ helps low-rate PQ);
+      nlist = nlist_for(n) up to 262,144, and IVF{nlist}_HNSW32 once nlist >= 65,536 (wiki).
+      ValueError, with the smallest size and a budget to use, when none fits.
+    """
+    if max_index_bytes is not None:
+        candidates = budget_candidates(n_docs, dim)
+        for index_string in candidates:
+            if index_memory_bytes(index_string, n_docs, dim) <= max_index_bytes:
+                return index_string
+        smallest = index_memory_bytes(candidates[-1], n_docs, dim)
+        suggest = math.ceil(smallest / (1 << 30))
+        raise ValueError(
+            f"no index for {n_docs} vectors of dimension {dim} fits in {max_index_bytes} bytes: the smallest, "
+            f"{candidates[-1]!r}, needs {smallest} bytes ({smallest / (1 << 30):.2f} GiB); use a budget of at least {suggest}G"
+        )
     if n_docs < 1_000:
         return "IVF1,Flat"  # one list: exact search, but still mergeable like every IVF index
-    at_least_4_sqrt_n = 1 << math.ceil(math.log2(4 * math.sqrt(n_docs)))
-    nlist = min(65_536, at_least_4_sqrt_n, max_nlist_for(n_docs))
+    nlist = nlist_for(n_docs)
     if n_docs < FLAT_LIMIT:
         return f"IVF{nlist},Flat"
     # "np": skip polysemous training (seconds to minutes); its codes only help Hamming filtering, which search does not use
@@ -65,3 +88,149 @@ def suggest_for_too_few_points(n_train: int, index_string: str, nlist: int) -> s
     if "PQ" in rest.upper() and n_train < 256:
         rest = "Flat"  # 8-bit PQ codebooks need 256 points as well
     return f"IVF{max_nlist_for(n_train)},{rest}"
+
+
+# --- Index choice under a memory budget -------------------------------------------------------
+# Sources: FAISS wiki "Guidelines to choose an index" (section "Is memory a concern?": ...,Flat
+# when memory is no issue, SQ8 when storing whole vectors is too expensive, OPQx_y,...,PQx when
+# memory is very important, with y a multiple of x, y <= d and about 4*x; section "How big is the
+# dataset?": an HNSW coarse quantizer, IVF{K}_HNSW32, from 65,536 centroids up) and "Indexing 1G
+# vectors" (IVF262144 with OPQ+PQ codes for a billion vectors).
+
+MAX_NLIST_BUDGET = 1 << 18  # 262,144 lists: what the 1G-vector experiments use
+HNSW_COARSE_FROM = 65_536  # from here a flat coarse quantizer is too slow to assign to (wiki)
+HNSW_COARSE_M = 32
+MIN_PQ_BYTES = 8  # ids cost 8 bytes a vector: smaller codes save little and lose much recall
+ID_BYTES = 8  # FAISS idx_t (int64) per vector in the inverted lists
+LIST_OVERHEAD_BYTES = 48  # ArrayInvertedLists: two std::vector headers (codes, ids) per list
+
+_PRE = [(re.compile(r"OPQ(\d+)(?:_(\d+))?"), "OPQ"), (re.compile(r"PCAR?(\d+)"), "PCA")]
+_IVF = re.compile(r"IVF(\d+)(?:_HNSW(\d+))?")
+_PQ = re.compile(r"PQ(\d+)(?:x(\d+))?(np)?")
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The parts of an IVF factory string that decide its memory."""
+
+    transforms: tuple[tuple[str, int, int], ...]  # (kind "OPQ"/"PCA", d_in, d_out)
+    d: int  # dimension the IVF index sees (after transforms)
+    nlist: int
+    hnsw_m: int  # 0: flat coarse quantizer
+    encoding: str  # "Flat", "SQ8", "SQfp16" or "PQ"
+    pq_m: int = 0
+    pq_bits: int = 8
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one stored code in the inverted lists."""
+        per_vector = {"Flat": 4 * self.d, "SQ8": self.d, "SQfp16": 2 * self.d}
+        if self.encoding == "PQ":
+            return (self.pq_m * self.pq_bits + 7) // 8
+        return per_vector[self.encoding]
+
+
+def parse_index_string(index_string: str, dim: int) -> IndexSpec:
+    """Parse the factory strings this module sizes: [OPQm[_d] | PCA[R]d ,]* IVFn[_HNSWm] ,
+    Flat | SQ8 | SQfp16 | PQm[xbits][np]. Anything else raises ValueError naming the part."""
+    parts = [p.strip() for p in index_string.split(",")]
+    transforms, d = [], dim
+    while parts and not _IVF.fullmatch(parts[0]):
+        part = parts.pop(0)
+        for pattern, kind in _PRE:
+            match = pattern.fullmatch(part)
+            if match:
+                d_out = int(match.group(2) or d) if kind == "OPQ" else int(match.group(1))
+                transforms.append((kind, d, d_out))
+                d = d_out
+                break
+        else:
+            raise ValueError(f"{index_string!r}: unsupported part {part!r} (sized: OPQm[_d], PCARd, IVFn[_HNSWm])")
+    if len(parts) != 2:
+        raise ValueError(f"{index_string!r}: expected one IVFn[_HNSWm] part followed by one encoding")
+    ivf, code = _IVF.fullmatch(parts[0]), parts[1]
+    spec = dict(transforms=tuple(transforms), d=d, nlist=int(ivf.group(1)), hnsw_m=int(ivf.group(2) or 0))
+    if code in ("Flat", "SQ8", "SQfp16"):
+        return IndexSpec(encoding=code, **spec)
+    pq = _PQ.fullmatch(code)
+    if not pq:
+        raise ValueError(f"{index_string!r}: unsupported encoding {code!r} (sized: Flat, SQ8, SQfp16, PQm[xbits][np])")
+    m = int(pq.group(1))
+    if d % m:
+        raise ValueError(f"{index_string!r}: PQ{m} does not divide the dimension {d}")
+    return IndexSpec(encoding="PQ", pq_m=m, pq_bits=int(pq.group(2) or 8), **spec)
+
+
+def index_memory_parts(index_string: str, n: int, dim: int) -> dict[str, int]:
+    """Bytes of each in-memory part of the index holding n vectors (see index_memory_bytes)."""
+    s = parse_index_string(index_string, dim)
+    if s.hnsw_m:
+        # IndexHNSWFlat graph: 2*M int32 links on level 0, M per upper level; a node reaches level
+        # l with probability M^-l (HNSW::set_default_probas), so 1/(M-1) upper levels on average;
+        # plus one int32 level and one size_t offset per node
+        links = 2 * s.hnsw_m + s.hnsw_m / (s.hnsw_m - 1)
+        hnsw = int(s.nlist * (4 * links + 4 + 8))
+    else:
+        hnsw = 0
+    codebooks = {"PQ": (1 << s.pq_bits) * s.d * 4, "SQ8": 2 * s.d * 4}.get(s.encoding, 0)  # PQ centroids; SQ8 min/range
+    # OPQ keeps its d_out x d_in rotation; PCA also keeps mean, eigenvalues and the full d_in x d_in PCAMat
+    transforms = sum(4 * (d_in * d_out + (d_in * d_in + 2 * d_in + d_out if kind == "PCA" else 0))
+                     for kind, d_in, d_out in s.transforms)
+    return {
+        "codes": int(n) * s.code_bytes,
+        "ids": int(n) * ID_BYTES,
+        "list_overhead": s.nlist * LIST_OVERHEAD_BYTES,
+        "coarse_centroids": s.nlist * s.d * 4,
+        "hnsw_graph": hnsw,
+        "codebooks": codebooks,
+        "transforms": transforms,
+    }
+
+
+def index_memory_bytes(index_string: str, n: int, dim: int) -> int:
+    """RAM of the index fully loaded with n vectors: codes + 8-byte ids in the inverted lists,
+    coarse centroids (nlist*d*4), the HNSW graph of an IVFn_HNSWm quantizer, PQ/SQ codebooks and
+    OPQ/PCA matrices. Matches faiss.serialize_index sizes to a few percent (tested). Not counted:
+    the up-to-2x std::vector growth while adding, and, for L2 IVFPQ only, the nlist*m*256*4 byte
+    precomputed table FAISS builds when it is under 2 GiB (rayindex's default metric is ip)."""
+    return sum(index_memory_parts(index_string, n, dim).values())
+
+
+def nlist_for(n_docs: int, cap: int = 65_536) -> int:
+    """Power of two at or above 4*sqrt(n) (wiki: 4..16*sqrt(n)), at most n/39 and cap; 1 under 1,000 docs."""
+    if n_docs < 1_000:
+        return 1
+    at_least_4_sqrt_n = 1 << math.ceil(math.log2(4 * math.sqrt(n_docs)))
+    return min(cap, at_least_4_sqrt_n, max_nlist_for(n_docs))
+
+
+def pq_ladder(dim: int) -> list[int]:
+    """PQ code sizes to try, biggest first: divisors of dim near dim/4, dim/8, dim/16, ..., down to 8 bytes."""
+    sizes: list[int] = []
+    divisor = 4
+    while True:
+        m = next(m for m in range(max(1, dim // divisor), 0, -1) if dim % m == 0)
+        if sizes and m < MIN_PQ_BYTES:
+            return sizes
+        if m not in sizes:
+            sizes.append(m)
+        if m == 1:
+            return sizes
+        divisor *= 2
+
+
+def budget_candidates(n_docs: int, dim: int) -> list[str]:
+    """Index strings from the biggest code to the smallest, for choose_index_string's budget path."""
+    nlist = nlist_for(n_docs, cap=MAX_NLIST_BUDGET)
+    ivf = f"IVF{nlist}_HNSW{HNSW_COARSE_M}" if nlist >= HNSW_COARSE_FROM else f"IVF{nlist}"
+    out = [f"{ivf},{code}" for code in ("Flat", "SQfp16", "SQ8")]
+    if n_docs < 256:
+        return out  # 8-bit PQ codebooks need 256 training points
+    for m in pq_ladder(dim):
+        if m <= dim // 8 and n_docs >= dim:
+            # OPQ helps low-rate PQ; rotate into 4*m dimensions (4 per sub-quantizer, as the wiki's
+            # OPQ16_64 / OPQ32_128); FAISS's OPQ training needs at least dim points
+            out.append(f"OPQ{m}_{4 * m},{ivf},PQ{m}np")
+        else:
+            out.append(f"{ivf},PQ{m}np")
+    return out
