@@ -232,7 +232,10 @@ def train_stage(config: BuildConfig, manifest: Manifest, version_dir: Path, prog
     n_docs, dim = manifest.counts["docs_encoded"], manifest.dimension
     use_gpu = manifest.model.get("device") == "cuda"
     with progress.stage("train", 1, "indexes"):
-        manifest.index_string = config.index or index_params.choose_index_string(n_docs, dim)
+        try:
+            manifest.index_string = config.index or index_params.choose_index_string(n_docs, dim, config.max_index_bytes)
+        except ValueError as exc:
+            raise RayIndexError(f"--max-index-memory: {exc}") from exc
         manifest.index_string_chosen_automatically = config.index is None
         probe = make_index(manifest.index_string, dim, config.metric)  # keep it alive: ivf points into it
         ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))

@@ -50,6 +50,7 @@ def build(
     encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, or one per CPU)."),
     index: Optional[str] = typer.Option(None, help='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" (default: chosen from corpus size).'),
     metric: str = typer.Option("ip", help="ip (inner product of normalized embeddings) or l2."),
+    max_index_memory: Optional[str] = typer.Option(None, help="RAM budget of the index when --index is not given, e.g. 8G: picks code size, OPQ, HNSW coarse quantizer."),
     train_sample: Optional[int] = typer.Option(None, help="Training sample size (default: from the index's nlist and PQ)."),
     on_disk: Optional[bool] = typer.Option(None, "--on-disk/--in-ram", help="Merge into on-disk inverted lists (default: automatic past --memory-budget)."),
     memory_budget: Optional[str] = typer.Option(None, help="Merge on disk when the shard indexes exceed this, e.g. 8G (default: half the RAM)."),
@@ -71,13 +72,14 @@ def build(
         err_console.print(f"No input given: indexing the Python standard library's docstrings ({inputs[0]}).")
     try:
         budget = parse_bytes(memory_budget) if memory_budget else None
+        index_budget = parse_bytes(max_index_memory) if max_index_memory else None
     except ValueError as exc:
-        fail(f"--memory-budget: {exc}")
+        fail(f"--memory-budget/--max-index-memory: {exc}")
     config = config_from_options(
         inputs=inputs, output=output, id_column=id_col, text_columns=text_cols, template=tmpl, shards=shards,
         shard_size=shard_size, model=model, batch_size=batch_size, encoders=encoders, index=index, metric=metric,
         train_sample=train_sample, on_disk=on_disk, memory_budget_bytes=budget, seed=seed, use_gpu=gpu, ray_address=ray_address,
-        target_recall=target_recall,
+        target_recall=target_recall, max_index_bytes=index_budget,
     )
     try:
         manifest = build_index(config, quiet=quiet)
@@ -177,6 +179,26 @@ def tune(
         console.print(f"nprobe {tuning['nprobe']} reaches recall@{tuning['k']} {tuning['recall']:.3f}; stored as the default.")
     else:
         err_console.print(f"[yellow]warning:[/] {tuning['note']}; stored nprobe {tuning['nprobe']}.")
+
+
+@app.command()
+def plan(
+    docs: float = typer.Option(..., "--docs", help="Number of documents, e.g. 1e9."),
+    dim: int = typer.Option(384, help="Embedding dimension."),
+    index: Optional[str] = typer.Option(None, help="index_factory string (default: chosen as the build would)."),
+    max_index_memory: Optional[str] = typer.Option(None, help="RAM budget of the index, e.g. 64G (drives the index choice)."),
+    gpus: int = typer.Option(0, help="GPUs for encoding and training."),
+    cores: int = typer.Option(2, help="CPU cores for encoding (no GPUs) and adding."),
+) -> None:
+    """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine (estimates labelled)."""
+    from pipelines.capacity import format_plan, plan_capacity
+
+    try:
+        budget = parse_bytes(max_index_memory) if max_index_memory else None
+        result = plan_capacity(docs, dim, index, gpus=gpus, max_index_bytes=budget, cores=cores)
+    except ValueError as exc:
+        fail(str(exc))
+    console.print(format_plan(result))
 
 
 GENERATOR_HELP = "extractive (offline, default), openai (an OpenAI-compatible endpoint) or transformers (a local model directory)."

@@ -26,6 +26,7 @@ class BuildConfig(BaseModel):
     encoders: Optional[int] = Field(None, ge=1, description="Encoder actors; one per GPU or per CPU when not given.")
     index: Optional[str] = Field(None, description="FAISS index_factory string; chosen from corpus size when not given.")
     metric: str = Field("ip", description="'ip' (inner product on normalized vectors) or 'l2'.")
+    max_index_bytes: Optional[int] = Field(None, ge=1, description="RAM budget of the index when --index is not given (picks code size, OPQ, HNSW coarse quantizer).")
     train_sample: Optional[int] = Field(None, ge=1, description="Training sample size; derived from the index when not given.")
     on_disk: Optional[bool] = Field(None, description="Merge into on-disk inverted lists; automatic when not given.")
     memory_budget_bytes: Optional[int] = Field(None, ge=1, description="Merge on disk past this size; half the RAM when not given.")

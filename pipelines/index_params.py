@@ -45,8 +45,10 @@ def choose_index_string(n_docs: int, dim: int, max_index_bytes: int | None = Non
       otherwise        IVF{nlist},PQ{d/8}np           nlist = nlist_for(n), at most 65,536
     With max_index_bytes (index fully loaded in RAM, index_memory_bytes): the first that fits of
       IVF..,Flat (4d bytes) > SQfp16 (2d) > SQ8 (d) > PQ{~d/4} > PQ{~d/8} > PQ{~d/16} > ... > 8 bytes,
-      where PQ m divides d, and m <= d/8 gets OPQ{m}_{4m} in front (OPQ helps low-rate PQ);
-      nlist = nlist_for(n) up to 262,144, and IVF{nlist}_HNSW32 once nlist >= 65,536 (wiki).
+      where PQ m divides d (pq_ladder), and m <= d/8 gets OPQ{m}_{4m} in front (OPQ helps low-rate
+      PQ; only with n >= d, which OPQ training needs); no PQ under 256 docs (8-bit codebooks);
+      nlist = nlist_for(n) up to 262,144, and IVF{nlist}_HNSW32 once nlist >= 65,536 (sources above
+      MAX_NLIST_BUDGET).
       ValueError, with the smallest size and a budget to use, when none fits.
     """
     if max_index_bytes is not None:
@@ -149,7 +151,7 @@ def parse_index_string(index_string: str, dim: int) -> IndexSpec:
     if len(parts) != 2:
         raise ValueError(f"{index_string!r}: expected one IVFn[_HNSWm] part followed by one encoding")
     ivf, code = _IVF.fullmatch(parts[0]), parts[1]
-    spec = dict(transforms=tuple(transforms), d=d, nlist=int(ivf.group(1)), hnsw_m=int(ivf.group(2) or 0))
+    spec = {"transforms": tuple(transforms), "d": d, "nlist": int(ivf.group(1)), "hnsw_m": int(ivf.group(2) or 0)}
     if code in ("Flat", "SQ8", "SQfp16"):
         return IndexSpec(encoding=code, **spec)
     pq = _PQ.fullmatch(code)

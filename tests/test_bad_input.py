@@ -95,3 +95,8 @@ def test_output_not_writable(tmp_path, corpus_dir):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(RayIndexError, match=r"output .*a-file/out is not writable"):
         build_index(build_config([corpus_dir], tmp_path / "a-file" / "out"))
+
+
+def test_index_memory_budget_too_small_for_the_corpus(tmp_path, docs, output):
+    write_parquet(tmp_path / "in" / "a.parquet", docs[:50])
+    fails([tmp_path / "in"], output, r"--max-index-memory: .*", index=None, max_index_bytes=1000)

@@ -1,0 +1,123 @@
+"""Capacity plan: byte arithmetic on round numbers, hours scaling, and labels on every figure."""
+
+import pytest
+from rich.console import Console
+
+from pipelines.capacity import ESTIMATED_GPU, MEASURED_CPU, format_plan, plan_capacity
+
+PQ48 = "IVF65536,PQ48np"
+
+
+def value(plan, group, name):
+    return plan[group][name]["value"]
+
+
+def test_bytes_on_round_numbers():
+    plan = plan_capacity(1e9, 384, index_string=PQ48)
+    assert value(plan, "bytes", "codes") == 48e9
+    assert value(plan, "bytes", "ids") == 8e9
+    assert value(plan, "bytes", "inverted_lists_disk") == 56e9
+    assert value(plan, "bytes", "embeddings_fp16") == 768e9
+    assert value(plan, "bytes", "embeddings_fp32") == 1536e9
+    centroids = 65536 * 384 * 4
+    mmap = value(plan, "bytes", "index_ram_mmap")
+    assert centroids < mmap < centroids + 4e6  # + PQ codebooks (393 KB) and list headers (3 MB)
+    assert value(plan, "bytes", "index_ram_loaded") == 56e9 + mmap
+    assert value(plan, "bytes", "doc_store") == 1e9 * (1000 + 8)
+    assert plan_capacity(1e9, index_string=PQ48, avg_doc_bytes=2000)["bytes"]["doc_store"]["value"] == 1e9 * 2008
+    assert (plan["nlist"], plan["train_sample"]) == (65536, 1_000_000)
+
+
+def test_index_choice_follows_index_params():
+    assert plan_capacity(1e9)["index_string"] == "IVF65536,PQ48np"  # the build's default
+    budgeted = plan_capacity(1e9, max_index_bytes=64 << 30)
+    assert budgeted["index_string"] == "OPQ48_192,IVF131072_HNSW32,PQ48np"
+    assert value(budgeted, "bytes", "index_ram_loaded") <= 64 << 30
+    assert plan_capacity(1e6, max_index_bytes=8 << 30)["index_string"] == "IVF4096,Flat"
+    with pytest.raises(ValueError, match="smallest"):
+        plan_capacity(1e9, max_index_bytes=1 << 30)
+
+
+def test_hours_scale_with_docs_cores_and_gpus():
+    base = plan_capacity(1e8, index_string=PQ48)
+    ten_x = plan_capacity(1e9, index_string=PQ48)
+    for stage in ("encode", "add", "merge"):
+        assert value(ten_x, "hours", stage) == pytest.approx(10 * value(base, "hours", stage))
+    assert value(ten_x, "hours", "train") == value(base, "hours", "train")  # sample capped at 1,000,000
+
+    more_cores = plan_capacity(1e9, index_string=PQ48, cores=8)
+    for stage in ("encode", "add", "train"):
+        assert value(more_cores, "hours", stage) == pytest.approx(value(ten_x, "hours", stage) / 4)
+    assert value(plan_capacity(1e9, index_string=PQ48, cores=8, train_cores=2), "hours", "train") == value(ten_x, "hours", "train")
+
+    one_gpu = plan_capacity(1e9, index_string=PQ48, gpus=1)
+    four_gpus = plan_capacity(1e9, index_string=PQ48, gpus=4)
+    assert value(four_gpus, "hours", "encode") == pytest.approx(value(one_gpu, "hours", "encode") / 4)
+    assert value(four_gpus, "hours", "train") == value(one_gpu, "hours", "train")  # the train task takes one GPU
+
+    # 1e9 docs at the measured 19.4 docs/s per core on 2 cores: 1e9 / 38.7 / 3600 = 7,176 hours
+    assert value(ten_x, "hours", "encode") == pytest.approx(1e9 / (1600 / 41.317) / 3600)
+    # add was measured at nlist 1024; a flat quantizer with 65,536 lists costs 64x per vector
+    measured_add = plan_capacity(1e6, index_string="IVF1024,PQ48np")
+    assert value(measured_add, "hours", "add") * 3600 == pytest.approx(1e6 / (200_000 / 2.575))
+    total = sum(value(ten_x, "hours", s) for s in ("encode", "train", "add", "merge"))
+    assert value(ten_x, "hours", "total") == pytest.approx(total)
+
+
+def test_every_figure_is_labelled():
+    cpu = plan_capacity(1e9, index_string=PQ48)
+    gpu = plan_capacity(1e9, index_string=PQ48, gpus=2)
+    for plan in (cpu, gpu):
+        for group in ("bytes", "hours"):
+            for item in plan[group].values():
+                assert item["basis"] in ("computed", "measured", "estimate", "given") and item["how"]
+        for rate in plan["throughputs"].values():
+            assert rate["basis"] in ("measured", "estimate") and rate["source"]
+            assert rate["basis"] == "measured" or rate["source"].startswith("estimate")
+    assert cpu["hours"]["encode"]["basis"] == "measured" and cpu["hours"]["merge"]["basis"] == "estimate"
+    assert cpu["hours"]["total"]["basis"] == "estimate"  # the merge rate is an estimate
+    assert gpu["hours"]["encode"]["basis"] == "estimate" and gpu["hours"]["train"]["basis"] == "estimate"
+    assert all(r["basis"] == "estimate" for r in ESTIMATED_GPU.values())
+    assert all("2026-11-27" in r["source"] for r in MEASURED_CPU.values() if r["basis"] == "measured")
+    assert "encode_docs_per_s_per_gpu" not in cpu["throughputs"]
+    hnsw = plan_capacity(1e9, index_string="OPQ48_192,IVF131072_HNSW32,PQ48np")
+    assert hnsw["hours"]["add"]["basis"] == "estimate"  # HNSW assignment cost is not measured
+
+
+def test_given_throughputs_override_and_are_labelled():
+    plan = plan_capacity(1e9, index_string=PQ48, throughputs={"encode_docs_per_s_per_core": 100})
+    assert plan["throughputs"]["encode_docs_per_s_per_core"]["basis"] == "given"
+    assert plan["hours"]["encode"]["basis"] == "given"
+    assert value(plan, "hours", "encode") == pytest.approx(1e9 / 200 / 3600)
+
+
+def test_warns_when_training_sample_is_thin():
+    assert any("--train-sample 2555904" in w for w in plan_capacity(1e9, index_string=PQ48)["warnings"])
+    assert plan_capacity(1e6)["warnings"] == []
+    over = plan_capacity(1e9, index_string=PQ48, max_index_bytes=8 << 30)
+    assert any("over max_index_bytes" in w for w in over["warnings"])
+
+
+def test_format_plan_renders():
+    plan = plan_capacity(1e9, max_index_bytes=64 << 30, gpus=4)
+    console = Console(width=250, record=True)
+    console.print(format_plan(plan))
+    text = console.export_text()
+    assert "OPQ48_192,IVF131072_HNSW32,PQ48np" in text
+    assert "44.7 GiB" in text  # 48e9 bytes of codes
+    assert "estimate, not measured" in text and "measured" in text
+
+
+def test_plan_cli_prints_the_billion_document_plan():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rayindex = str(Path(sys.executable).with_name("rayindex"))
+    result = subprocess.run([rayindex, "plan", "--docs", "1e9", "--max-index-memory", "64G"], capture_output=True, text=True,
+                            timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "OPQ48_192,IVF131072_HNSW32,PQ48np" in result.stdout and "hours: encode" in result.stdout
+    too_small = subprocess.run([rayindex, "plan", "--docs", "1e9", "--max-index-memory", "1G"], capture_output=True, text=True,
+                               timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert too_small.returncode == 2 and "error:" in too_small.stderr
