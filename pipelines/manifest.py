@@ -50,6 +50,7 @@ class Manifest(BaseModel):
     nlist: Optional[int] = None
     nprobe: Optional[int] = None
     training: dict = Field(default_factory=dict)
+    refine_factor: Optional[int] = None  # re-rank k x factor PQ candidates with exact fp16 distances (refine.py)
     tuning: dict = Field(default_factory=dict)  # the nprobe chosen for a recall target, and the sweep behind it
     merge: dict = Field(default_factory=dict)
     counts: dict = Field(default_factory=dict)

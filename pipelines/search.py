@@ -25,6 +25,7 @@ class PublishedIndex:
     index: faiss.Index
     docs: DocStore
     model: object = None
+    refiner: object = None
 
     def encode(self, queries: list[str]) -> np.ndarray:
         if self.model is None:
@@ -34,12 +35,24 @@ class PublishedIndex:
         return self.model.encode(queries, normalize_embeddings=self.manifest.model.get("normalized", True),
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
-    def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None,
+                       refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search at nprobe (default: the manifest's); with a refine factor above 1 (default: the
+        manifest's), k x factor candidates are re-ranked with exact distances (refine.py)."""
         nprobe = nprobe or self.manifest.nprobe or 1
         if not 1 <= nprobe <= self.manifest.nlist:
             raise RayIndexError(f"--nprobe {nprobe} is out of range: this index has {self.manifest.nlist} lists (1..{self.manifest.nlist})")
+        refine = self.manifest.refine_factor if refine is None else refine
         params = faiss.SearchParametersIVF(nprobe=nprobe)
-        return self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k, params=params)
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not refine or refine <= 1:
+            return self.index.search(queries, k, params=params)
+        if self.refiner is None:
+            from pipelines.refine import Refiner
+
+            self.refiner = Refiner(self.version_dir, self.manifest)
+        _, candidates = self.index.search(queries, k * refine, params=params)
+        return self.refiner.rerank(queries, candidates, k)
 
     def search(self, query: str, k: int = 10, nprobe: int | None = None) -> list[dict]:
         if not query.strip():

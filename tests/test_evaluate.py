@@ -65,14 +65,15 @@ def test_labelled_queries_hit_and_mrr(index_copy, docs, tmp_path):
     assert result["labelled"]["hit@10"] == 1.0 and result["labelled"]["mrr"] > 0.8
 
 
-def test_tune_stores_the_smallest_nprobe_reaching_the_target(index_copy, built):
+def test_tune_stores_the_smallest_nprobe_reaching_the_target(index_copy, built, monkeypatch):
     published = open_published(index_copy)
     tuning = evaluation.tune_nprobe(published, 0.6, n_queries=80)
     reaching = [r["nprobe"] for r in tuning["sweep"] if r["recall@10"] >= 0.6]
     assert tuning["reached"] and tuning["nprobe"] == min(reaching)
     reopened = open_published(index_copy)
     assert reopened.manifest.nprobe == tuning["nprobe"] and reopened.manifest.tuning["target"] == 0.6
-    unreachable = evaluation.tune_nprobe(reopened, 1.0, n_queries=80)  # PQ16 codes cannot be exact
+    monkeypatch.setattr(evaluation, "REFINE_FACTORS", ())  # no re-ranking: PQ16 codes alone cannot be exact
+    unreachable = evaluation.tune_nprobe(reopened, 1.0, n_queries=80)
     assert not unreachable["reached"] and "best this index reaches" in unreachable["note"]
     with pytest.raises(evaluation.RayIndexError, match="target-recall"):
         evaluation.tune_nprobe(reopened, 1.5)
@@ -95,3 +96,37 @@ def test_eval_cli(index_copy):
     assert "recall@10" in result.stdout and "eval.json" in result.stdout
     bad = subprocess.run([rayindex, "eval", "--index", str(index_copy), "--k", "ten"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--k" in bad.stderr
+
+
+def test_refiner_reads_fp16_vectors_and_reranks_exactly(index_copy):
+    from pipelines.refine import Refiner, write_fp16_embeddings
+
+    published = open_published(index_copy)
+    assert write_fp16_embeddings(published.version_dir, published.manifest) > 0
+    assert write_fp16_embeddings(published.version_dir, published.manifest) == 0  # already there
+    x = np.concatenate(list(evaluation.corpus_blocks(published)))
+    ids = evaluation.positions_to_ids(published, np.arange(len(x)))
+    refiner = Refiner(published.version_dir, published.manifest)
+    pick = np.array([ids[-1], -1, ids[0], ids[150]])
+    got = refiner.vectors(pick)
+    assert np.allclose(got[[0, 2, 3]], x[[-1, 0, 150]], atol=1e-3) and not got[1].any()
+    queries = x[::45]
+    # every vector as a candidate: the re-ranked order is the exact order over the fp16 vectors
+    _, found = published.search_vectors(queries, 10, nprobe=published.manifest.nlist, refine=len(x))
+    x16 = x.astype(np.float16).astype(np.float32)
+    exact = ids[np.argsort(-(queries @ x16.T), axis=1, kind="stable")[:, :10]]
+    assert np.mean(found == exact) >= 0.99  # ties aside
+
+
+def test_tune_turns_on_reranking_when_pq_cannot_reach_the_target(index_copy):
+    published = open_published(index_copy)
+    plain_best = max(evaluation.tune_nprobe(published, 0.2, n_queries=80)["sweep"], key=lambda r: r["recall@10"])["recall@10"]
+    target = min(0.95, plain_best + 0.1)  # out of reach for the PQ16 codes alone
+    tuning = evaluation.tune_nprobe(open_published(index_copy), target, n_queries=80)
+    assert tuning["reached"] and tuning["refine_factor"] > 1 and tuning["recall"] >= target
+    reopened = open_published(index_copy)
+    assert reopened.manifest.refine_factor == tuning["refine_factor"]
+    queries, _ = evaluation.sample_queries(reopened, 5, 3)
+    default = reopened.search_vectors(queries, 10)
+    explicit = reopened.search_vectors(queries, 10, tuning["nprobe"], tuning["refine_factor"])
+    assert np.array_equal(default[1], explicit[1])  # search and serve use the tuned re-ranking by default
