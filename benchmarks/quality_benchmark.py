@@ -24,7 +24,7 @@ from rich.table import Table
 
 from pipelines.build import add_stage, current_version, merge_stage, train_stage
 from pipelines.encode import shard_dir
-from pipelines.evaluate import evaluate
+from pipelines.evaluate import evaluate, tune_nprobe
 from pipelines.manifest import Manifest
 from pipelines.merge import MERGED_FILE
 from pipelines.search import open_version
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--settings", default=";".join(DEFAULT_SETTINGS),
                         help="index strings separated by ';'")
     parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--target-recall", type=float, default=0.95, help="tune each setting to this recall@10")
     parser.add_argument("--png", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -68,21 +69,26 @@ def main() -> None:
             published = open_version(version)
             result = evaluate(published, args.queries, (1, 10, 100))
             result["bytes_per_vector"] = (version / MERGED_FILE).stat().st_size / published.index.ntotal
+            tuning = tune_nprobe(published, args.target_recall, n_queries=args.queries)
+            result["tuned"] = {key: tuning[key] for key in ("reached", "nprobe", "refine_factor", "recall")}
             results[index_string] = result
     first = next(iter(results.values()))
     dim = Manifest.load(source).dimension
     table = Table(title=f"{first['documents']:,} docs ({first['queries']} held-out queries), dim {dim}; "
                         f"recall@10 vs exact search, ms/query batched ({os.cpu_count()} cores)")
-    for col in ("index", "bytes/vector", "RAM vs Flat", "nprobe 1", "nprobe 4", "nprobe 16", "all lists", "ms/query (all)"):
+    for col in ("index", "bytes/vector", "RAM vs Flat", "nprobe 1", "nprobe 4", "nprobe 16", "all lists", "ms/query (all)",
+                f"tuned to {args.target_recall}: nprobe, re-rank, recall@10"):
         table.add_column(col, justify="right")
     for name, r in results.items():
         by = {row["nprobe"]: row for row in r["sweep"]}
         table.add_row(name, f"{r['bytes_per_vector']:.0f}", f"{r['bytes_per_vector'] / (4 * dim):.2f}",
                       *[f"{by[n]['recall@10']:.3f}" if n in by else "-" for n in (1, 4, 16)],
-                      f"{r['sweep'][-1]['recall@10']:.3f}", f"{r['sweep'][-1]['ms_per_query']:.3f}")
+                      f"{r['sweep'][-1]['recall@10']:.3f}", f"{r['sweep'][-1]['ms_per_query']:.3f}",
+                      f"{r['tuned']['nprobe']}, x{r['tuned']['refine_factor']}, {r['tuned']['recall']:.3f}"
+                      + ("" if r["tuned"]["reached"] else " (not reached)"))
     Console(width=160).print(table)
     if args.json:
-        args.json.write_text(json.dumps({k: {key: v[key] for key in ("sweep", "bytes_per_vector", "documents", "queries")}
+        args.json.write_text(json.dumps({k: {key: v[key] for key in ("sweep", "bytes_per_vector", "documents", "queries", "tuned")}
                                          for k, v in results.items()}, indent=2))
     if args.png:
         import matplotlib
