@@ -1,4 +1,4 @@
-"""Ray job entrypoint for the build: `ray job submit --working-dir . -- python jobs/build_index.py [build options]`.
+"""Ray job entrypoint for the build: `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/build_index.py [build options]`.
 
 Only parses arguments (the same ones as `rayindex build`) and calls the pipelines library.
 """

@@ -38,10 +38,15 @@ from pipelines.stdlib_corpus import stdlib_docstrings
 N_DOCS = 360
 
 
+DASHBOARD_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_address():
-    """A real local Ray (token auth on, as Ray 2.60 defaults), shared by the session; CLI tests connect to it."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """A real local Ray (token auth on, as Ray 2.60 defaults), shared by the session; CLI tests connect
+    to it, and Ray job tests submit to its dashboard (the job server) on DASHBOARD_PORT."""
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=DASHBOARD_PORT,
+             log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -1,0 +1,56 @@
+"""jobs/build_index.py submitted as a real Ray job (JobSubmissionClient) with jobs/runtime_env.yaml."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipelines.search import open_published
+
+from conftest import DASHBOARD_PORT, write_parquet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def jobs(ray_address):
+    return JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}")
+
+
+def runtime_env() -> dict:
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    return dict(env, working_dir=str(ROOT))  # the file says ".", relative to where `ray job submit` runs
+
+
+def wait(jobs, job_id, limit_s=300):
+    deadline = time.monotonic() + limit_s
+    while (status := jobs.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job_id} still {status}"
+        time.sleep(0.5)
+    return status
+
+
+def test_build_job_succeeds_and_publishes(jobs, tmp_path, docs):
+    corpus = write_parquet(tmp_path / "docs.parquet", docs[:40])
+    out = tmp_path / "out"
+    job = jobs.submit_job(
+        # sys.executable: on a cluster `python` is the nodes' environment; here it is this venv
+        entrypoint=f"{sys.executable} jobs/build_index.py {corpus} -o {out} --id-column id "
+                   f"--template '{{title}}: {{body}}' --index IVF1,Flat --quiet",
+        runtime_env=runtime_env(),
+    )
+    assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
+    assert "Published" in jobs.get_job_logs(job)
+    target = docs[12]
+    assert open_published(out).search(f"{target['title']}: {target['body']}", k=1)[0]["id"] == target["id"]
+
+
+def test_failing_job_reports_failed_with_our_message(jobs, tmp_path):
+    job = jobs.submit_job(entrypoint=f"{sys.executable} jobs/build_index.py {tmp_path / 'missing.jsonl'} -o {tmp_path / 'o'} --quiet",
+                          runtime_env=runtime_env())
+    assert wait(jobs, job) == JobStatus.FAILED
+    logs = jobs.get_job_logs(job)
+    assert "error:" in logs and "missing.jsonl does not exist" in logs and "Traceback" not in logs
