@@ -23,6 +23,7 @@ from pipelines.config import BuildConfig
 from pipelines.docstore import ROW_IDS_FILE, DocStore
 from pipelines.encode import DOC_HASHES_FILE, encode_shards, shard_dir
 from pipelines.errors import RayIndexError, user_message
+from pipelines.lock import OutputLock
 from pipelines.manifest import Manifest, ShardState, library_versions, now_iso
 from pipelines.merge import MERGED_FILE, check_shard, merge_shards
 from pipelines.model import resolve_model
@@ -135,28 +136,31 @@ def choose_on_disk(config: BuildConfig, shard_bytes: int) -> bool:
 
 
 def build_index(config: BuildConfig, quiet: bool = True) -> Manifest:
-    """Run a whole build and publish it; returns the manifest of the published version."""
+    """Run a whole build and publish it; returns the manifest of the published version.
+
+    The output is locked for the whole run (lock.py): a second build on it refuses at once."""
     output = Path(config.output)
     check_output_writable(output)
     run_id = new_run_id()
-    version_dir = output / VERSIONS / run_id
-    version_dir.mkdir(parents=True)
-    manifest = Manifest(run_id=run_id, created_at=now_iso(), config=config, config_fingerprint=config.fingerprint(),
-                        metric=config.metric, versions=library_versions())
-    manifest.save(version_dir)
-    try:
-        with StageProgress(quiet=quiet) as progress:
-            run_stages(config, manifest, version_dir, progress)
-            if config.target_recall:
-                tune_stage(config, manifest, version_dir, progress)
-    except BaseException as exc:
-        manifest.status = "failed"
-        manifest.error = user_message(exc)
+    with OutputLock(output, run_id):
+        version_dir = output / VERSIONS / run_id
+        version_dir.mkdir(parents=True)
+        manifest = Manifest(run_id=run_id, created_at=now_iso(), config=config, config_fingerprint=config.fingerprint(),
+                            metric=config.metric, versions=library_versions())
         manifest.save(version_dir)
-        raise
-    manifest.status = "published"
-    manifest.save(version_dir)
-    publish(output, run_id)
+        try:
+            with StageProgress(quiet=quiet) as progress:
+                run_stages(config, manifest, version_dir, progress)
+                if config.target_recall:
+                    tune_stage(config, manifest, version_dir, progress)
+        except BaseException as exc:
+            manifest.status = "failed"
+            manifest.error = user_message(exc)
+            manifest.save(version_dir)
+            raise
+        manifest.status = "published"
+        manifest.save(version_dir)
+        publish(output, run_id)
     return manifest
 
 
