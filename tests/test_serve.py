@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,14 +13,8 @@ from ray import serve
 from pipelines.build import CURRENT, build_index
 from pipelines.serve import ServeSettings, start_serving
 
-from conftest import build_config, write_parquet
+from conftest import build_config, free_port, write_parquet
 from test_generate import base_url, chat_server  # noqa: F401 - the OpenAI-compatible stand-in server fixture
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
