@@ -25,7 +25,9 @@ from ray import serve
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.encode import load_embeddings, shard_dir
+from pipelines.docstore import ROW_IDS_FILE
+from pipelines.encode import shard_dir
+from pipelines.evaluate import drop_self, exact_truth, recall_at
 from pipelines.search import open_published
 from pipelines.serve import ServeSettings, start_serving
 
@@ -35,7 +37,7 @@ def query_texts(published, n: int) -> list[str]:
     step = max(1, int(published.index.ntotal) // n)
     texts = []
     for shard in published.manifest.shards:
-        row_ids = np.load(shard_dir(published.version_dir, shard.shard_id) / "row_ids.npy")
+        row_ids = np.load(shard_dir(published.version_dir, shard.shard_id) / ROW_IDS_FILE)
         texts += [published.docs.get(int(r))["text"].split(". ")[0][:200] for r in row_ids[::step]]
     return texts[:n]
 
@@ -84,14 +86,13 @@ def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: in
 
 
 def recall_at_10(published, queries: list[str], nprobe: int) -> float:
-    m = published.manifest
-    x = np.concatenate([np.asarray(load_embeddings(shard_dir(published.version_dir, s.shard_id), st.docs_encoded, m.dimension))
-                        for s, st in zip(m.shards, m.shard_states)])
-    ids = np.concatenate([np.load(shard_dir(published.version_dir, s.shard_id) / "row_ids.npy") for s in m.shards])
+    """recall@10 of the text queries against exact search (evaluate.py's ground truth; the queries are
+    not corpus rows, so no id is held out: -1 matches nothing)."""
     q = published.encode(queries)
-    exact = ids[np.argsort(-(q @ x.T), axis=1)[:, :10]]
+    no_self = np.full(len(q), -1)
+    truth = exact_truth(published, q, no_self, 10)
     _, found = published.search_vectors(q, 10, nprobe)
-    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]))
+    return recall_at(drop_self(found, no_self, 10), truth, 10)
 
 
 def free_port() -> int:
