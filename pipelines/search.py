@@ -73,13 +73,18 @@ class PublishedIndex:
         return hits
 
 
-def open_published(output: str | Path) -> PublishedIndex:
-    """Open the version that <output>/CURRENT names."""
+def published_manifest(output: str | Path) -> tuple[Path, Manifest]:
+    """The version folder CURRENT names and its manifest, or a clear error when it is not complete."""
     version_dir = current_version(output)
     manifest = Manifest.load(version_dir)
     if manifest.status != "published":
-        raise RayIndexError(f"{version_dir} is not a complete version (status {manifest.status!r})")
-    return open_version(version_dir, manifest)
+        raise RayIndexError(f"{version_dir} is not a complete version (status {manifest.status!r}); publish a build first")
+    return version_dir, manifest
+
+
+def open_published(output: str | Path) -> PublishedIndex:
+    """Open the version that <output>/CURRENT names."""
+    return open_version(*published_manifest(output))
 
 
 def open_version(version_dir: str | Path, manifest: Manifest | None = None) -> PublishedIndex:

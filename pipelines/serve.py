@@ -26,11 +26,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
-from pipelines.build import CURRENT, current_version
+from pipelines.build import CURRENT
 from pipelines.errors import RayIndexError
 from pipelines.generate import GeneratorError, make_generator
 from pipelines.manifest import Manifest
-from pipelines.search import PublishedIndex, open_published
+from pipelines.search import PublishedIndex, open_published, published_manifest
 
 log = logging.getLogger("rayindex.serve")
 
@@ -75,11 +75,7 @@ class ServeSettings(BaseModel):
 
 def check_servable(index: str) -> Manifest:
     """Fail at start, with a clear message, when there is no complete published version."""
-    version = current_version(index)
-    manifest = Manifest.load(version)
-    if manifest.status != "published":
-        raise RayIndexError(f"{version} is not a complete version (status {manifest.status!r}); publish a build first")
-    return manifest
+    return published_manifest(index)[1]
 
 
 app = FastAPI(title="rayindex", description="Search and retrieval-augmented answers over a rayindex build.")
