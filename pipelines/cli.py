@@ -27,6 +27,14 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def use_s3_endpoint(endpoint: str | None) -> None:
+    """--s3-endpoint for this process's S3 client (and, through Ray's runtime env, its workers')."""
+    if endpoint:
+        import os
+
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
 def config_from_options(**options) -> BuildConfig:
     try:
         return BuildConfig(**{k: v for k, v in options.items() if v is not None})
@@ -58,6 +66,8 @@ def build(
     seed: int = typer.Option(1234, help="Seed of the training sample and k-means."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Encode and train on GPUs (default: when the cluster has GPUs)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
+    s3_endpoint: Optional[str] = typer.Option(None, help="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."),
+    storage_retry: float = typer.Option(300.0, help="Seconds to keep retrying an unavailable output store (with backoff) before failing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build and publish an index: shard -> encode -> train -> per-shard add -> merge -> publish."""
@@ -79,12 +89,17 @@ def build(
         inputs=inputs, output=output, id_column=id_col, text_columns=text_cols, template=tmpl, shards=shards,
         shard_size=shard_size, model=model, batch_size=batch_size, encoders=encoders, index=index, metric=metric,
         train_sample=train_sample, on_disk=on_disk, memory_budget_bytes=budget, seed=seed, use_gpu=gpu, ray_address=ray_address,
-        target_recall=target_recall, max_index_bytes=index_budget,
+        target_recall=target_recall, max_index_bytes=index_budget, s3_endpoint=s3_endpoint, storage_retry_s=storage_retry,
     )
     try:
         manifest = build_index(config, quiet=quiet)
     except (RayIndexError, Exception) as exc:  # noqa: B014 - every failure becomes one message, not a traceback
         fail(f"{user_message(exc)}\n(run folder kept for inspection; CURRENT was not changed)")
+    print_published(manifest, output)
+
+
+def print_published(manifest, output: str) -> None:
+    """The summary table and one line on what was published (build and reindex)."""
     from pipelines.progress import summary_table
 
     console.print(summary_table(manifest))
@@ -93,9 +108,55 @@ def build(
         f"{' (chosen automatically)' if manifest.index_string_chosen_automatically else ''}, "
         f"{'on-disk' if manifest.merge.get('on_disk') else 'in-RAM'} merge, skipped {manifest.counts['skipped'] or 'none'}."
     )
+    r = manifest.reindex
+    if r:
+        console.print(f"Reindex of {r['previous']}: {r['added']:,} added, {r['changed']:,} changed, {r['deleted']:,} deleted, "
+                      f"{r['unchanged']:,} unchanged (vectors reused); encoded {r['encoded']:,}. Quantizer: {r['path']} ({r['reason']}).")
+    if manifest.pruned:
+        console.print(f"Deleted old versions: {', '.join(manifest.pruned)}")
     for warning in manifest.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"Search it: rayindex search --index {output} \"your question\"")
+
+
+@app.command()
+def reindex(
+    inputs: Optional[List[str]] = typer.Argument(None, help="The corpus now (default: the inputs of the published version)."),
+    output: str = typer.Option("rayindex-data", "--output", "-o", help="Output of an earlier build; its CURRENT version is the base."),
+    drift_threshold: float = typer.Option(1.2, help="Retrain the quantizer when its fit to the new corpus (mean squared distance to the "
+                                                     "nearest centroid) is this many times worse than on its training sample."),
+    keep: int = typer.Option(3, help="Published versions to keep; older ones are deleted after publishing."),
+    every: Optional[str] = typer.Option(None, help="Repeat forever at this interval, e.g. 1h, 15m (a failed run is reported, the next one runs)."),
+    encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, or one per CPU)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Encode and train on GPUs (default: when the cluster can have GPUs)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
+    s3_endpoint: Optional[str] = typer.Option(None, help="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Incremental reindex: encode only new and changed documents, drop deleted ones, reuse the quantizer unless drifted, publish."""
+    from pipelines.reindex import parse_interval, reindex as run_reindex, run_every
+
+    overrides = dict(inputs=inputs or None, encoders=encoders, use_gpu=gpu, ray_address=ray_address, s3_endpoint=s3_endpoint)
+
+    def once() -> None:
+        manifest = run_reindex(output, overrides, drift_threshold, keep, quiet)
+        print_published(manifest, output)
+
+    if every is None:
+        try:
+            once()
+        except (RayIndexError, Exception) as exc:  # noqa: B014 - one message, not a traceback
+            fail(f"{user_message(exc)}\n(CURRENT was not changed)")
+        return
+    try:
+        interval = parse_interval(every)
+    except ValueError as exc:
+        fail(f"--every: {exc}")
+    err_console.print(f"Reindexing {output} every {every} (Ctrl-C stops).")
+    try:
+        run_every(interval, once, lambda exc: err_console.print(f"[bold red]error:[/] {user_message(exc)} (CURRENT not changed; next run in {every})"))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
@@ -105,10 +166,12 @@ def search(
     k: int = typer.Option(10, "-k", help="Number of hits."),
     nprobe: Optional[int] = typer.Option(None, help="Inverted lists to visit (default: the build's)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, metadata}."),
+    s3_endpoint: Optional[str] = typer.Option(None, help="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."),
 ) -> None:
-    """Search the published index."""
+    """Search the published index (an s3:// index is cached locally by version, checked by checksum)."""
     from pipelines.search import open_published
 
+    use_s3_endpoint(s3_endpoint)
     try:
         hits = open_published(index).search(query, k, nprobe)
     except RayIndexError as exc:
@@ -217,12 +280,14 @@ def serve(
     generator_timeout: float = typer.Option(30.0, help="Seconds before a remote generator call becomes a 504."),
     poll_interval: float = typer.Option(2.0, help="Seconds between checks of CURRENT for a new version (hot swap)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
+    s3_endpoint: Optional[str] = typer.Option(None, help="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."),
 ) -> None:
     """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token auth)."""
     import time
 
     from pipelines.serve import ServeSettings, start_serving
 
+    use_s3_endpoint(s3_endpoint)
     settings = ServeSettings(index=index, generator=generator, generator_model=generator_model, generator_url=generator_url,
                              generator_timeout_s=generator_timeout, poll_interval_s=poll_interval)
     try:
@@ -250,11 +315,13 @@ def ask(
     generator_url: Optional[str] = typer.Option(None, help="openai: base URL of the endpoint."),
     generator_timeout: float = typer.Option(30.0, help="Seconds to wait for a remote generator."),
     as_json: bool = typer.Option(False, "--json", help="Print {answer, sources} as JSON."),
+    s3_endpoint: Optional[str] = typer.Option(None, help="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."),
 ) -> None:
     """Answer a question from the published index in this process, with numbered sources."""
     from pipelines.generate import GeneratorError, make_generator
     from pipelines.search import open_published
 
+    use_s3_endpoint(s3_endpoint)
     try:
         published = open_published(index)
         hits = published.search(question, k, nprobe)

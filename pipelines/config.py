@@ -34,6 +34,8 @@ class BuildConfig(BaseModel):
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
     use_gpu: Optional[bool] = Field(None, description="Encode/train on GPU; automatic when the cluster has GPUs.")
     ray_address: Optional[str] = Field(None, description="Ray cluster address; RAY_ADDRESS or a new local Ray when not given.")
+    s3_endpoint: Optional[str] = Field(None, description="Endpoint of an S3-compatible store (else AWS_ENDPOINT_URL, else AWS).")
+    storage_retry_s: float = Field(300.0, gt=0, description="How long to retry an unavailable store (backoff) before failing.")
 
     @field_validator("metric")
     @classmethod
@@ -60,7 +62,8 @@ class BuildConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of the settings that change the result (not where Ray runs), to resume only identical runs."""
-        relevant = self.model_dump(exclude={"ray_address", "encoders", "use_gpu", "on_disk", "memory_budget_bytes"})
+        relevant = self.model_dump(exclude={"ray_address", "encoders", "use_gpu", "on_disk", "memory_budget_bytes", "s3_endpoint",
+                                             "storage_retry_s"})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

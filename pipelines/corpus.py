@@ -8,6 +8,7 @@ always "line - 1" and errors can name the line.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -21,6 +22,8 @@ from pipelines.shard_plan import Piece
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 JSONL_CHECKPOINT_ROWS = 4096  # byte offset remembered every N lines, so shards can seek
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's \ud800-\udfff: one half of a UTF-16 pair
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a half left unpaired after parsing: not text
 
 
 def file_format(path: str) -> str:
@@ -97,27 +100,43 @@ def _inspect_jsonl(path: str, fs, fs_path: str) -> FileInfo:
     columns: list[str] | None = None
     offset = 0
     rows = 0
+    line = b""
     with fs.open(fs_path, "rb") as fh:
         for line in fh:
             if rows % JSONL_CHECKPOINT_ROWS == 0:
                 checkpoints.append((rows, offset))
             if columns is None and line.strip():
-                record = _parse_json_line(line, path, rows)
+                record, _ = _parse_json_line(line, path, rows)
                 columns = list(record)
             offset += len(line)
             rows += 1
+    if line.strip() and not line.endswith(b"\n"):  # a file cut short ends mid-line: refuse it before encoding
+        _parse_json_line(line, path, rows - 1)
     columns = columns or []
     return FileInfo(path, "jsonl", columns, {}, rows, checkpoints)
 
 
-def _parse_json_line(line: bytes, path: str, row: int) -> dict:
+def _parse_json_line(line: bytes, path: str, row: int) -> tuple[dict, bool]:
+    """The line's object, and whether text in it that is not Unicode was replaced with U+FFFD: bytes
+    that are not UTF-8, or escaped unpaired surrogates ("\\ud800"), which no UTF-8 writer accepts."""
     try:
-        record = json.loads(line)
+        text, replaced = line.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, replaced = line.decode("utf-8", errors="replace"), True
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RayIndexError(f"{path} line {row + 1}: not valid JSON ({exc.msg}); fix or remove that line") from exc
+        advice = "fix or remove that line" if line.endswith(b"\n") else (
+            "the file ends there without a newline, so it looks cut short (an interrupted copy or upload?): "
+            "copy it again, or fix or remove that line")
+        raise RayIndexError(f"{path} line {row + 1}: not valid JSON ({exc.msg}); {advice}") from exc
     if not isinstance(record, dict):
         raise RayIndexError(f"{path} line {row + 1}: expected a JSON object per line, got {type(record).__name__}")
-    return record
+    if SURROGATE_ESCAPE.search(text):
+        dumped = json.dumps(record, ensure_ascii=False)
+        if LONE_SURROGATE.search(dumped):
+            record, replaced = json.loads(LONE_SURROGATE.sub("\ufffd", dumped)), True
+    return record, replaced
 
 
 def check_columns(files: list[FileInfo], required: list[str]) -> None:
@@ -158,6 +177,10 @@ def attach_byte_offsets(piece: Piece, info: FileInfo) -> Piece:
     return piece.model_copy(update={"byte_start": info.checkpoints[idx][1], "byte_start_row": info.checkpoints[idx][0]})
 
 
+class InputUnavailable(RayIndexError):
+    """Reading an input failed in a way that may pass (the store is down): the reader may retry."""
+
+
 @dataclass
 class RowBatch:
     """Rows of one piece: global row ids and the raw records (dicts of column -> value)."""
@@ -178,8 +201,10 @@ def read_piece(piece: Piece, batch_rows: int = 2048) -> Iterator[RowBatch]:
             yield from _read_jsonl_piece(piece, fs, fs_path, batch_rows)
     except RayIndexError:
         raise
-    except (OSError, ValueError) as exc:
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
         raise RayIndexError(f"{piece.path}: read failed ({type(exc).__name__}: {exc})") from exc
+    except OSError as exc:  # connection refused/reset, 5xx: the store may come back
+        raise InputUnavailable(f"{piece.path}: read failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_parquet_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iterator[RowBatch]:
@@ -215,12 +240,9 @@ def _read_jsonl_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iterat
             if not line.strip():
                 records.append(None)
             else:
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError:
-                    non_utf8 += 1
-                    line = line.decode("utf-8", errors="replace").encode("utf-8")
-                records.append(_parse_json_line(line, piece.path, row))
+                record, replaced = _parse_json_line(line, piece.path, row)
+                records.append(record)
+                non_utf8 += replaced
             row += 1
             if len(records) == batch_rows:
                 start = piece.global_start + first_row - piece.row_start
@@ -231,6 +253,21 @@ def _read_jsonl_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iterat
             yield RowBatch(np.arange(start, start + len(records), dtype=np.int64), records, non_utf8)
 
 
+def document_id(record: dict, column: str, path: str, row: int) -> str | int:
+    """The record's id. Ids are strings or integers: search returns them and duplicates are found by them;
+    a float is not an id (a float column is usually integer ids with NaN where one is missing)."""
+    value = record.get(column)
+    where = f"{path} line {row + 1}" if file_format(path) == "jsonl" else f"{path} row {row}"
+    if value is None:
+        raise RayIndexError(f"{where}: id column {column!r} is null; every document needs an id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RayIndexError(
+            f"{where}: id column {column!r} holds a {type(value).__name__} ({repr(value)[:40]}); ids must be strings "
+            "or integers: fix or cast that column, or leave out --id-column to number the rows"
+        )
+    return value
+
+
 def compose_text(record: dict, text_columns: list[str], template: str | None) -> str | None:
     """The text to embed, or None when every text column is null or blank (the row is skipped)."""
     values = {c: record.get(c) for c in text_columns}
@@ -239,3 +276,11 @@ def compose_text(record: dict, text_columns: list[str], template: str | None) ->
     if template:
         return template.format(**{k: "" if v is None else v for k, v in values.items()})
     return ": ".join(str(v) for v in values.values() if v is not None and str(v).strip())
+
+
+def file_signature(path: str) -> dict:
+    """Size and modification stamp (mtime, or the object's ETag on S3): a resumed run must read the same bytes."""
+    fs, fs_path = _filesystem(path)
+    info = fs.info(fs_path)
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return {"size": int(info.get("size") or 0), "stamp": str(stamp)}

@@ -163,6 +163,46 @@ def parse_index_string(index_string: str, dim: int) -> IndexSpec:
     return IndexSpec(encoding="PQ", pq_m=m, pq_bits=int(pq.group(2) or 8), **spec)
 
 
+def fit_index_to_corpus(index_string: str, n_docs: int, dim: int) -> tuple[str, str | None]:
+    """(index string, None) when n_docs vectors can train it; else (a smaller string, why) to warn with.
+
+    FAISS trains k-means on at least nlist points, 8-bit PQ codebooks on 256 (2**bits), OPQ on as
+    many points as its input dimensions (FAISS 1.15 crashes below that) and PCA on as many as it
+    outputs. What the corpus cannot train is shrunk: such a pre-transform is dropped, PQ codes become
+    Flat (under 256 documents memory is no concern), and nlist becomes max_nlist_for(n_docs).
+    Strings parse_index_string does not size are returned as given: train.check_trainable refuses
+    them with a suggestion when they cannot be trained."""
+    try:
+        spec = parse_index_string(index_string, dim)
+    except ValueError:
+        return index_string, None
+    parts = [p.strip() for p in index_string.split(",")]
+    kept, notes = [], []
+    for part, (kind, d_in, d_out) in zip(parts, spec.transforms):
+        need = d_in if kind == "OPQ" else d_out
+        if n_docs < need:
+            notes.append(f"{part} trains on at least {need} vectors: dropped")
+        else:
+            kept.append(part)
+    ivf, code = parts[-2:]
+    if n_docs < spec.nlist:
+        ivf = f"IVF{max_nlist_for(n_docs)}"  # without any _HNSW: a graph over a few centroids buys nothing
+        notes.append(f"{parts[-2]} needs at least {spec.nlist} vectors ({MIN_POINTS_PER_CENTROID} per list to train well): {ivf}")
+    if spec.encoding == "PQ" and n_docs < (1 << spec.pq_bits):
+        notes.append(f"{code}'s codebooks need at least {1 << spec.pq_bits} vectors: Flat")
+        code = "Flat"
+    if not notes:
+        return index_string, None
+    fitted = ",".join([*kept, ivf, code])
+    try:
+        parse_index_string(fitted, dim)
+    except ValueError:  # PQm divided the dimension of a dropped transform, not the model's
+        notes.append(f"{code} does not divide the dimension {dim}: Flat")
+        fitted = ",".join([*kept, ivf, "Flat"])
+    return fitted, (f"--index {index_string!r} needs more documents to train than the {n_docs} there are, so the build "
+                    f"uses {fitted!r} ({'; '.join(notes)}); index more documents to get the index asked for")
+
+
 def index_memory_parts(index_string: str, n: int, dim: int) -> dict[str, int]:
     """Bytes of each in-memory part of the index holding n vectors (see index_memory_bytes)."""
     s = parse_index_string(index_string, dim)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +26,8 @@ class ShardState(BaseModel):
     rows_read: int = 0
     docs_encoded: int = 0
     skipped: dict[str, int] = Field(default_factory=dict)
+    vectors_reused: int = 0  # reindex: unchanged documents whose vectors were copied from the previous version
+    ids_changed: int = 0  # reindex: documents encoded again because their content changed
     embeddings_sha256: Optional[str] = None
     index_sha256: Optional[str] = None
     trained_sha256: Optional[str] = None  # the trained index this shard's index was built from
@@ -57,12 +58,18 @@ class Manifest(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    files_sha256: dict[str, str] = Field(default_factory=dict)  # every output file (path in the version) -> sha256
+    resumed: list[dict] = Field(default_factory=list)  # one entry per resumption of this run
+    reused: dict = Field(default_factory=dict)  # what the latest attempt found done and verified: shards per stage
+    reindex: dict = Field(default_factory=dict)  # reindex runs: the previous version, what changed, drift, the path taken
+    pruned: list[str] = Field(default_factory=list)  # versions deleted after this one was published (--keep)
 
-    def save(self, version_dir: str | Path) -> None:
-        path = Path(version_dir) / MANIFEST
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(indent=2))
-        os.replace(tmp, path)
+    def save(self, version) -> None:
+        """Write to the version's store (a Store, or a local version folder): atomically, after every change."""
+        from pipelines.storage import Store
+
+        store = version if isinstance(version, Store) else Store(str(version))
+        store.write_text(MANIFEST, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, version_dir: str | Path) -> "Manifest":

@@ -18,6 +18,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from pipelines.errors import RayIndexError
+from pipelines.faults import checkpoint
 from pipelines.train import trained_fingerprint
 
 MERGED_FILE = "index.faiss"
@@ -58,10 +59,11 @@ def merge_shards(trained_path: str, shard_paths: list[str], out_dir: str, on_dis
         merge_ondisk(index, shard_paths, str(out_dir / IVFDATA_FILE))
     else:
         ivf = faiss.extract_index_ivf(index)
-        for path in shard_paths:
+        for done, path in enumerate(shard_paths, 1):
             # merge_from moves the shard's lists, so only one shard is in RAM besides the result
             shard = faiss.read_index(path)
             ivf.merge_from(faiss.extract_index_ivf(shard), 0)
+            checkpoint("merge", done)
         index.ntotal = ivf.ntotal
     tmp = str(out_dir / MERGED_FILE) + ".tmp"
     faiss.write_index(index, tmp)

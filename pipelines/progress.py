@@ -43,6 +43,10 @@ class StageProgress:
     def __exit__(self, *exc):
         self.progress.stop()
 
+    def note(self, message: str) -> None:
+        """A line above the bars (shown even when quiet: resuming a run is worth knowing)."""
+        self.console.print(message, highlight=False)
+
     @contextlib.contextmanager
     def stage(self, name: str, total: int, unit: str):
         """Yields update(completed) for the stage's bar."""

@@ -31,6 +31,7 @@ from pipelines.errors import RayIndexError
 from pipelines.generate import GeneratorError, make_generator
 from pipelines.manifest import Manifest
 from pipelines.search import PublishedIndex, open_published, published_manifest
+from pipelines.storage import Store, is_remote
 
 log = logging.getLogger("rayindex.serve")
 
@@ -146,10 +147,11 @@ class RagService:
         return loaded
 
     def _watch_current(self) -> None:
-        current_file = Path(self.settings.index) / CURRENT
+        output = Store(self.settings.index)
+        current_file = output.url(CURRENT)
         while not self._stop.wait(self.settings.poll_interval_s):
             try:
-                run_id = current_file.read_text().strip()
+                run_id = (output.read_text(CURRENT) or "").strip()
                 if run_id == self.current.manifest.run_id:
                     continue
                 new = self._load(self.current)
@@ -236,8 +238,12 @@ class RagService:
 
 
 def serve_app(settings: ServeSettings, replicas: int = 1, replica_cpus: float = 1.0):
-    """The bound application, ready for serve.run."""
-    return RagService.options(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}).bind(settings.model_dump())
+    """The bound application, ready for serve.run. Replicas get this process's S3 endpoint (--s3-endpoint):
+    an s3:// index is pulled into each replica's node-local cache."""
+    options = {"num_cpus": replica_cpus}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        options["runtime_env"] = {"env_vars": {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}}
+    return RagService.options(num_replicas=replicas, ray_actor_options=options).bind(settings.model_dump())
 
 
 def start_serving(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
@@ -246,7 +252,7 @@ def start_serving(settings: ServeSettings, host: str = "127.0.0.1", port: int = 
     from pipelines.build import ensure_ray
 
     check_servable(settings.index)
-    settings = settings.model_copy(update={"index": str(Path(settings.index).resolve()),
+    settings = settings.model_copy(update={"index": settings.index if is_remote(settings.index) else str(Path(settings.index).resolve()),
                                            "api_key": settings.api_key or os.environ.get("RAYINDEX_API_KEY")})
     ensure_ray(ray_address)
     serve.start(http_options={"host": host, "port": port})

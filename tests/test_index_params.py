@@ -9,6 +9,7 @@ from pipelines.index_params import (
     budget_candidates,
     choose_index_string,
     default_nprobe,
+    fit_index_to_corpus,
     index_memory_bytes,
     index_memory_parts,
     max_nlist_for,
@@ -60,6 +61,42 @@ def test_nlist_limits_and_suggestions():
     assert default_nprobe(1) == 1
     assert default_nprobe(64) == 8
     assert default_nprobe(65_536) == 128
+
+
+@pytest.mark.parametrize(
+    "index_string, n, fitted",
+    [
+        ("IVF8,PQ16np", 360, "IVF8,PQ16np"),  # trainable: kept as asked
+        ("IVF64,Flat", 100, "IVF64,Flat"),  # under 39 per list is only a warning (check_trainable)
+        ("IVF4096,Flat", 50, "IVF1,Flat"),
+        ("IVF4096,PQ48", 1_000, "IVF16,PQ48"),  # enough for the PQ codebooks: only nlist shrinks
+        ("IVF256,PQ16", 100, "IVF2,Flat"),
+        ("IVF8,PQ16np", 1, "IVF1,Flat"),  # a single document
+        ("IVF4,PQ16x4", 15, "IVF4,Flat"),  # 4-bit codebooks need 16
+        ("IVF4,PQ16x4", 16, "IVF4,PQ16x4"),
+        ("OPQ16,IVF4,PQ16np", 360, "IVF4,PQ16np"),  # OPQ needs 384 (the dimension), PQ only 256
+        ("OPQ16_64,IVF4,PQ16np", 384, "OPQ16_64,IVF4,PQ16np"),
+        ("PCAR64,IVF4,SQ8", 63, "IVF4,SQ8"),  # PCA needs as many points as it outputs
+        ("PCAR64,IVF4,SQ8", 64, "PCAR64,IVF4,SQ8"),
+        ("IVF65536_HNSW32,SQ8", 10_000, "IVF256,SQ8"),
+        ("OPQ10_80,IVF4,PQ10", 300, "IVF4,Flat"),  # PQ10 divided OPQ's 80 dimensions, not 384
+        ("IVF4,RaBitQ", 1, "IVF4,RaBitQ"),  # not sized here: check_trainable refuses it if untrainable
+    ],
+)
+def test_fit_index_to_corpus(index_string, n, fitted):
+    got, why = fit_index_to_corpus(index_string, n, 384)
+    assert got == fitted
+    assert (why is None) == (fitted == index_string)
+    if why:
+        assert why.startswith(f"--index {index_string!r} needs more documents to train than the {n} there are, so the build uses {fitted!r}")
+        faiss.index_factory(384, fitted)  # what it falls back to is a valid index
+
+
+def test_fit_index_to_corpus_says_what_changed():
+    _, why = fit_index_to_corpus("OPQ16,IVF256,PQ16", 100, 384)
+    assert "OPQ16 trains on at least 384 vectors: dropped" in why
+    assert "IVF256 needs at least 256 vectors (39 per list to train well): IVF2" in why
+    assert "PQ16's codebooks need at least 256 vectors: Flat" in why
 
 
 def test_parse_bytes():

@@ -13,6 +13,7 @@ from pipelines.encode import EMBEDDINGS_FILE, load_embeddings, shard_dir
 from pipelines.errors import RayIndexError
 from pipelines.merge import check_shard, merge_shards, read_merged
 from pipelines.shard_index import SHARD_INDEX_FILE, add_shard
+from pipelines.storage import Store, file_sha256
 from pipelines.train import TRAINED_FILE, train_index, trained_fingerprint
 
 
@@ -84,14 +85,12 @@ def make_shards(root: Path, x: np.ndarray, ids: np.ndarray, n_shards: int) -> li
 def test_merge_equals_monolithic_for_other_index_types(vectors, tmp_path, index_string, on_disk):
     _, _, x, ids = vectors
     trained = train_index(index_string, 384, "ip", x, seed=3, use_gpu=False)
+    version = Store(str(tmp_path))  # a version folder: trained.faiss and shards/NNNNN/
     trained_path = tmp_path / TRAINED_FILE
     faiss.write_index(trained, str(trained_path))
-    from pipelines.encode import file_sha256
-
-    sha = file_sha256(trained_path)
     dirs = make_shards(tmp_path / "shards", x, ids, 4)
-    for d in dirs:
-        add_shard(str(trained_path), sha, str(d), len(np.load(d / ROW_IDS_FILE)), 384)
+    for k, d in enumerate(dirs):
+        add_shard(version, file_sha256(trained_path), k, len(np.load(d / ROW_IDS_FILE)), {}, 384)
         check_shard(str(d / SHARD_INDEX_FILE), trained_fingerprint(trained), np.sort(np.load(d / ROW_IDS_FILE)))
     (tmp_path / "out").mkdir()
     merge_shards(str(trained_path), [str(d / SHARD_INDEX_FILE) for d in dirs], str(tmp_path / "out"), on_disk)

@@ -1,21 +1,34 @@
-"""Reading the corpus from s3:// (a real S3-compatible server, SeaweedFS, on 127.0.0.1)."""
+"""S3 end to end against a real S3-compatible server (SeaweedFS on 127.0.0.1): the corpus, the
+intermediates, the version and CURRENT on s3://, search through a checksummed local cache, an
+outage waited out, an outage for good that fails clearly and resumes, and two runs on one output."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.build import build_index
-from pipelines.errors import RayIndexError
+from pipelines.errors import RayIndexError, user_message
+from pipelines.manifest import Manifest
 from pipelines.search import open_published
 
 from conftest import build_config
 
+RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
+
 
 @pytest.fixture(scope="module")
 def s3_corpus(s3_server, docs):
-    fs, bucket = s3_server
+    fs, bucket = s3_server.fs, s3_server.bucket
     with fs.open(f"{bucket}/corpus/part-0.parquet", "wb") as fh:
         pq.write_table(pa.Table.from_pylist(docs[:60]), fh, row_group_size=25)
     with fs.open(f"{bucket}/corpus/part-1.jsonl", "wb") as fh:
@@ -38,3 +51,127 @@ def test_s3_glob_and_missing_key(s3_corpus, ray_address, tmp_path):
     assert list_input_files([f"{s3_corpus}/*.jsonl"]) == [f"{s3_corpus}/part-1.jsonl"]
     with pytest.raises(RayIndexError, match=r"input path s3://.*/nope\.parquet does not exist"):
         build_index(build_config([f"{s3_corpus}/nope.parquet"], tmp_path))
+
+
+def s3_output(s3_server, name: str) -> str:
+    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}"
+
+
+def version_manifest(s3_server, output: str, run_id: str) -> Manifest:
+    return Manifest.model_validate_json(s3_server.fs.cat(f"{output}/versions/{run_id}/manifest.json"))
+
+
+def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_corpus, s3_server, ray_address, tmp_path, docs):
+    """Intermediates, the version and CURRENT on S3; `rayindex search` in a new process with an empty
+    cache pulls the serving files (checked against the manifest's sha256) and memory-maps them."""
+    output = s3_output(s3_server, "out")
+    manifest = build_index(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
+    fs = s3_server.fs
+    assert fs.cat(f"{output}/CURRENT").decode().strip() == manifest.run_id
+    stored = {p.split(f"/versions/{manifest.run_id}/", 1)[1] for p in fs.find(f"{output}/versions/{manifest.run_id}")}
+    assert set(manifest.files_sha256) | {"manifest.json"} <= stored
+    assert {"trained.faiss", "index.faiss", "shards/00001/embeddings.f32", "shards/00001/index.faiss"} <= stored
+    assert not fs.exists(f"{output}/LOCK")  # released
+
+    target = docs[42]
+    cache = tmp_path / "cache"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAYINDEX_CACHE=str(cache))
+    search = subprocess.run([RAYINDEX, "search", "--index", output, "--json", "-k", "3", "--s3-endpoint", os.environ["AWS_ENDPOINT_URL"],
+                             f"{target['title']}: {target['body']}"], capture_output=True, text=True, env=env, timeout=300)
+    assert search.returncode == 0, search.stderr
+    assert json.loads(search.stdout)[0]["id"] == target["id"]
+    cached = {str(p.relative_to(p.parents[2])) if "shards" in p.parts else p.name for p in cache.rglob("*") if p.is_file()}
+    assert {"index.faiss", "manifest.json", "shards/00000/docs.parquet", "shards/00000/row_ids.npy"} <= cached
+    assert "shards/00000/embeddings.f32" not in cached  # only what serving reads
+
+    # a damaged object in the store is refused on download, naming it
+    fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", b"garbage")
+    with pytest.raises(RayIndexError, match=r"index\.faiss does not match its checksum in the manifest"):
+        open_published_with_cache(output, tmp_path / "cache2")
+
+
+def open_published_with_cache(output: str, cache):
+    os.environ["RAYINDEX_CACHE"] = str(cache)
+    try:
+        return open_published(output)
+    finally:
+        del os.environ["RAYINDEX_CACHE"]
+
+
+def run_in_thread(fn) -> tuple[threading.Thread, list]:
+    result: list = []
+
+    def target():
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the test
+            result.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def wait_for_encoded_shard(s3_server, output: str, timeout: float = 180) -> str:
+    """The run id once the run's manifest on S3 records a finished shard."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in s3_server.fs.glob(f"{output}/versions/*/manifest.json"):
+            manifest = Manifest.model_validate_json(s3_server.fs.cat(path))
+            if any(s.embeddings_sha256 for s in manifest.shard_states):
+                return manifest.run_id
+        time.sleep(0.3)
+    raise AssertionError("no shard finished encoding")
+
+
+def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address):
+    output = s3_output(s3_server, "outage")
+    thread, result = run_in_thread(lambda: build_index(build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat",
+                                                                    storage_retry_s=120)))
+    wait_for_encoded_shard(s3_server, output)
+    s3_server.stop()
+    time.sleep(8)  # the store is down while shards are being written and the manifest saved
+    s3_server.start()
+    thread.join(timeout=300)
+    assert isinstance(result[0], Manifest), result
+    assert s3_server.fs.cat(f"{output}/CURRENT").decode().strip() == result[0].run_id
+    assert result[0].counts["docs_encoded"] == 100 and not result[0].resumed
+
+
+def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_corpus, s3_server, ray_address):
+    output = s3_output(s3_server, "gone")
+    config = build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat", storage_retry_s=4)
+    thread, result = run_in_thread(lambda: build_index(config))
+    run_id = wait_for_encoded_shard(s3_server, output)
+    s3_server.stop()
+    try:
+        thread.join(timeout=300)
+    finally:
+        s3_server.start()
+    error = result[0]
+    assert isinstance(error, RayIndexError), error
+    message = user_message(error)  # what the CLI prints: it names the object (input or output) it could not reach
+    assert re.match(rf"storage unavailable: could not .* within 4 s \(.*s3://{s3_server.bucket}/(corpus|gone-)\S+", message), message
+    assert "re-run the same command" in message
+    assert not s3_server.fs.exists(f"{output}/CURRENT")
+
+    manifest = build_index(config)  # the store is back: the same command resumes the same run
+    assert manifest.run_id == run_id and len(manifest.resumed) == 1
+    assert manifest.reused["encode"]  # the shards pushed before the outage were kept
+    assert s3_server.fs.cat(f"{output}/CURRENT").decode().strip() == run_id
+
+
+def test_concurrent_runs_on_one_s3_output(s3_corpus, s3_server, ray_address):
+    output = s3_output(s3_server, "concurrent")
+    config = build_config([s3_corpus], output, shards=2, index="IVF2,Flat")
+    thread, result = run_in_thread(lambda: build_index(config))
+    deadline = time.monotonic() + 60
+    while not s3_server.fs.exists(f"{output}/LOCK"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(RayIndexError, match=rf"s3://{s3_server.bucket}/concurrent-\w+/LOCK: the output is locked by run"):
+        build_index(config)
+    thread.join(timeout=300)
+    assert isinstance(result[0], Manifest), result
+    versions = s3_server.fs.ls(f"{output}/versions")
+    assert len(versions) == 1 and s3_server.fs.cat(f"{output}/CURRENT").decode().strip() == result[0].run_id

@@ -1,0 +1,64 @@
+"""Incremental reindexing: rebuild the published index from the corpus as it is now, encoding only
+documents that are new or changed (by id and content hash, reuse.py), dropping deleted ones, and
+reusing the trained quantizer unless the corpus drifted from it (build.reuse_quantizer). The new
+version is published atomically under the output lock like any build; old versions past --keep
+are deleted. run_every() repeats it on a fixed interval (`rayindex reindex --every 1h`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+from pipelines.build import CURRENT, build_index, output_store, read_version_manifest
+from pipelines.config import BuildConfig
+from pipelines.errors import RayIndexError
+from pipelines.manifest import Manifest
+
+DEFAULT_DRIFT_THRESHOLD = 1.2  # retrain when the old centroids fit the new corpus 20% worse than their training sample
+DEFAULT_KEEP = 3  # published versions kept: the current one, and two to roll back to (or still being served)
+
+
+def reindex(output: str, overrides: dict | None = None, drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+            keep: int = DEFAULT_KEEP, quiet: bool = True) -> Manifest:
+    """Reindex the output's CURRENT version with its own build settings (overrides: e.g. new inputs,
+    ray_address) and publish the result; returns the new version's manifest."""
+    if drift_threshold <= 1:
+        raise RayIndexError(f"--drift-threshold {drift_threshold}: must be above 1 (1.2 = retrain when the fit is 20% worse)")
+    if keep < 1:
+        raise RayIndexError(f"--keep {keep}: must be at least 1")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    probe = BuildConfig(inputs=["-"], output=output, **{k: v for k, v in overrides.items() if k in ("s3_endpoint", "storage_retry_s")})
+    root = output_store(probe)
+    run_id = (root.read_text(CURRENT) or "").strip()
+    before = read_version_manifest(root, run_id) if run_id else None
+    if before is None or before.status != "published":
+        raise RayIndexError(f"{output} has no published version to reindex; run `rayindex build` first")
+    config = before.config.model_copy(update=dict(overrides, output=output))
+    return build_index(config, quiet, reindex={"previous": run_id, "drift_threshold": drift_threshold,
+                                               "previous_docs": before.counts["docs_encoded"]}, keep=keep)
+
+
+def parse_interval(text: str) -> float:
+    """'90s', '15m', '1h', '1d' or plain seconds -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not an interval; use e.g. 90s, 15m, 1h or 1d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def run_every(interval_s: float, run: Callable[[], object], on_error: Callable[[Exception], None],
+              runs: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Call run() every interval_s, measured start to start (a run longer than the interval is followed
+    at once by the next); a failed run is reported and the schedule goes on. runs: stop after that many."""
+    done = 0
+    while runs is None or done < runs:
+        started = time.monotonic()
+        try:
+            run()
+        except Exception as exc:  # the next run may succeed (the store is back, the data fixed)
+            on_error(exc)
+        done += 1
+        if runs is None or done < runs:
+            sleep(max(0.0, interval_s - (time.monotonic() - started)))

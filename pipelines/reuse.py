@@ -1,0 +1,71 @@
+"""Vectors of an earlier version, looked up by document: a reindex encodes only documents whose
+id is new or whose content (text and metadata) changed, and copies the others' embeddings.
+
+Each document has two 64-bit hashes in its shard: its id (doc_hashes.npy) and its id together
+with its content (content_hashes.npy). A document whose content hash is in the previous version is
+unchanged; one whose id hash is there but not its content hash was changed; the rest are new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.storage import Store
+
+CONTENT_HASHES_FILE = "content_hashes.npy"
+
+
+def content_hash(doc_id, text: str, metadata: dict) -> int:
+    """64-bit hash of a document's id, text and metadata: equal exactly when a reindex may reuse its vector."""
+    payload = json.dumps([doc_id, text, metadata], sort_keys=True, ensure_ascii=False, default=str).encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little", signed=False)
+
+
+@dataclass
+class PreviousVectors:
+    """What an encoder needs of the previous version: its store, and per shard the files to pull
+    (embeddings, id and content hashes), its folder and its vector count."""
+
+    version: Store
+    files: dict[str, str]
+    shard_rels: list[str]
+    counts: list[int]
+    dim: int
+    _index: tuple | None = field(default=None, repr=False)
+
+    def _load(self) -> tuple:
+        """(sorted content hashes, their (shard, row) places, sorted id hashes, memory-mapped embeddings)."""
+        if self._index is None:
+            self.version.pull(self.files)
+            content, places, ids, vectors = [], [], [], []
+            for shard, (rel, count) in enumerate(zip(self.shard_rels, self.counts)):
+                folder = self.version.local(rel)
+                content.append(np.load(folder / CONTENT_HASHES_FILE))
+                ids.append(np.load(folder / "doc_hashes.npy"))
+                places.append(np.stack([np.full(count, shard), np.arange(count)], axis=1))
+                vectors.append(np.memmap(folder / "embeddings.f32", dtype="<f4", mode="r", shape=(count, self.dim))
+                               if count else np.zeros((0, self.dim), "<f4"))
+            content_all = np.concatenate(content) if content else np.zeros(0, np.uint64)
+            order = np.argsort(content_all, kind="stable")
+            self._index = (content_all[order], np.concatenate(places)[order] if places else np.zeros((0, 2), np.int64),
+                           np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.uint64), vectors)
+        return self._index
+
+    def lookup(self, content_hashes: np.ndarray, id_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(mask of documents found unchanged, their vectors in order, how many others had an id seen before)."""
+        keys, places, ids, vectors = self._load()
+        pos = np.searchsorted(keys, content_hashes)
+        found = (pos < len(keys)) & (keys[np.minimum(pos, len(keys) - 1)] == content_hashes) if len(keys) else np.zeros(len(content_hashes), bool)
+        out = np.empty((int(found.sum()), self.dim), dtype="<f4")
+        where = places[pos[found]]
+        for shard in np.unique(where[:, 0]):
+            pick = np.nonzero(where[:, 0] == shard)[0]
+            order = np.argsort(where[pick, 1])  # read each memory map in file order
+            out[pick[order]] = vectors[shard][where[pick[order], 1]]
+        id_pos = np.searchsorted(ids, id_hashes[~found])
+        changed = int(((id_pos < len(ids)) & (ids[np.minimum(id_pos, max(len(ids) - 1, 0))] == id_hashes[~found])).sum()) if len(ids) else 0
+        return found, out, changed

@@ -1,0 +1,143 @@
+"""Incremental reindexing: only new and changed documents are encoded, deleted ones disappear, the
+quantizer is reused unless the corpus drifted, and the result has the hits of a full rebuild with
+the same trained quantizer; old versions past --keep are deleted; the --every loop goes on after a
+failed run."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.build import CURRENT, VERSIONS, add_stage, build_index, merge_stage
+from pipelines.errors import RayIndexError
+from pipelines.lock import OutputLock
+from pipelines.manifest import Manifest
+from pipelines.reindex import parse_interval, reindex, run_every
+from pipelines.search import open_published, open_version
+from pipelines.storage import Store
+
+from conftest import build_config, write_parquet
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = dict(shards=2, index="IVF4,Flat", template="{title}: {body}")
+
+
+def corpus_v2(docs):
+    """v1 = docs[:200]; v2 deletes docs[0:10], changes the body of docs[10:20], adds docs[200:220]."""
+    changed = [dict(d, body=d["body"] + " This function was revised in the new release.") for d in docs[10:20]]
+    return changed + docs[20:220]
+
+
+@pytest.fixture(scope="module")
+def reindexed(ray_address, docs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reindex")
+    write_parquet(root / "v1" / "a.parquet", docs[:100])
+    write_parquet(root / "v1" / "b.parquet", docs[100:200])
+    out = root / "out"
+    first = build_index(build_config([root / "v1"], out, **OPTIONS))
+    v2 = corpus_v2(docs)
+    write_parquet(root / "v2" / "a.parquet", v2[:110])
+    write_parquet(root / "v2" / "b.parquet", v2[110:])
+    second = reindex(str(out), {"inputs": [str(root / "v2")]})
+    return root, out, first, second
+
+
+def test_only_new_and_changed_documents_are_encoded(reindexed, docs):
+    _, out, first, second = reindexed
+    assert second.reindex["previous"] == first.run_id
+    assert {k: second.reindex[k] for k in ("added", "changed", "deleted", "unchanged", "encoded")} == {
+        "added": 20, "changed": 10, "deleted": 10, "unchanged": 180, "encoded": 30}
+    assert second.reindex["path"] == "incremental" and second.reindex["drift"]["ratio"] < 1.2
+    assert second.training["reused_from"] == first.run_id
+    assert second.training["trained_fingerprint"] == first.training["trained_fingerprint"]
+    assert (out / CURRENT).read_text().strip() == second.run_id
+
+    index = open_published(out)
+    assert index.search(f"{docs[205]['title']}: {docs[205]['body']}", k=1, nprobe=4)[0]["id"] == docs[205]["id"]  # added
+    revised = index.search(f"{docs[12]['title']}: {docs[12]['body']} This function was revised in the new release.", k=1, nprobe=4)[0]
+    assert revised["id"] == docs[12]["id"] and revised["text"].endswith("revised in the new release.")  # changed
+    ids = {h["id"] for h in index.search(f"{docs[3]['title']}: {docs[3]['body']}", k=20, nprobe=4)}
+    assert not ids & {d["id"] for d in docs[:10]}  # deleted
+
+
+def test_equals_a_full_rebuild_with_the_same_trained_quantizer(reindexed, tmp_path):
+    root, out, first, second = reindexed
+    full = build_index(build_config([root / "v2"], tmp_path / "full", **OPTIONS))
+    version = tmp_path / "full" / VERSIONS / full.run_id
+    shutil.copyfile(out / VERSIONS / first.run_id / "trained.faiss", version / "trained.faiss")  # the same quantizer
+    full.training, full.merge = dict(first.training), {}
+    full.files_sha256["trained.faiss"] = first.training["trained_sha256"]
+    config = full.config
+    add_stage(config, full, version)
+    merge_stage(config, full, version)
+
+    incremental = open_published(out)
+    rebuilt = open_version(version, full)
+    queries = incremental.encode(["open a file", "sort a list", "http request", "random numbers", "revised in the new release"])
+    d1, i1 = incremental.search_vectors(queries, 10, nprobe=4)
+    d2, i2 = rebuilt.search_vectors(queries, 10, nprobe=4)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, atol=1e-5)  # unchanged documents' vectors were encoded in other batches
+
+
+def test_drift_past_the_threshold_retrains(reindexed, tmp_path):
+    """A corpus from another domain (order records, not docstrings) fits the old centroids worse."""
+    root, out, _, _ = reindexed
+    shifted = [{"id": f"order-{i}", "title": f"Order {i}", "body": f"Order {i} of {i % 7 + 1} pallets shipped from Rotterdam to "
+                f"warehouse {i % 13} on day {i % 28 + 1}; invoice total {i * 37 % 1000} euros."} for i in range(150)]
+    write_parquet(root / "v3" / "orders.parquet", shifted)
+    third = reindex(str(out), {"inputs": [str(root / "v3")]}, drift_threshold=1.05)
+    assert third.reindex["path"] == "full retrain", third.reindex
+    assert third.reindex["drift"]["ratio"] > 1.05 and "drift" in third.reindex["reason"]
+    assert "reused_from" not in third.training and third.reindex["deleted"] == 210
+    assert open_published(out).search("Order 17 shipped from Rotterdam", k=1, nprobe=4)[0]["id"].startswith("order-")
+
+
+def test_reindex_job_keeps_versions_up_to_the_retention_count(reindexed, ray_address):
+    """jobs/reindex.py as `ray job submit` runs it (same arguments as `rayindex reindex`), twice, --keep 2."""
+    _, out, _, _ = reindexed
+    before = sorted(p.name for p in (out / VERSIONS).iterdir() if not p.name.startswith("."))
+    for _ in range(2):
+        job = subprocess.run([sys.executable, "jobs/reindex.py", "-o", str(out), "--keep", "2", "--quiet", "--ray-address", ray_address],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert job.returncode == 0, job.stderr
+        assert "0 added, 0 changed, 0 deleted" in job.stdout and "Quantizer: incremental" in job.stdout
+    versions = sorted(p.name for p in (out / VERSIONS).iterdir() if not p.name.startswith("."))
+    assert len(versions) == 2 and not set(versions) & set(before)
+    assert (out / CURRENT).read_text().strip() == versions[-1]
+    assert Manifest.load(out / VERSIONS / versions[-1]).pruned == [before[-1]]  # the first job pruned the older ones
+
+
+def test_a_reindex_while_another_run_holds_the_output_refuses(reindexed):
+    _, out, _, _ = reindexed
+    with OutputLock(Store(str(out)), "scheduled-run"):
+        with pytest.raises(RayIndexError, match="locked by run scheduled-run"):
+            reindex(str(out))
+
+
+def test_reindex_needs_a_published_version(tmp_path):
+    with pytest.raises(RayIndexError, match="has no published version to reindex; run `rayindex build` first"):
+        reindex(str(tmp_path / "nothing"))
+
+
+def test_run_every_goes_on_after_a_failed_run():
+    calls, errors, sleeps = [], [], []
+
+    def run():
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RayIndexError("the store is down")
+
+    run_every(3600, run, errors.append, runs=3, sleep=sleeps.append)
+    assert calls == [0, 1, 2] and [str(e) for e in errors] == ["the store is down"]
+    assert len(sleeps) == 2 and all(3599 < s <= 3600 for s in sleeps)  # start to start
+
+
+def test_parse_interval():
+    assert [parse_interval(t) for t in ("90s", "15m", "1h", "1d", "30")] == [90, 900, 3600, 86400, 30]
+    with pytest.raises(ValueError, match="not an interval"):
+        parse_interval("hourly")

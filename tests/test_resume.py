@@ -1,0 +1,141 @@
+"""Resume and faults: a driver SIGKILLed while encoding, adding or merging, re-run with the same
+command, resumes (finished shards verified by checksum, not recomputed) and publishes an index
+identical to an uninterrupted run's; an encoder actor killed mid-shard is restarted and the
+result is identical too."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.build import CURRENT, VERSIONS, build_index
+from pipelines.encode import EMBEDDINGS_FILE, shard_dir
+from pipelines.manifest import Manifest
+from pipelines.search import open_published
+
+from conftest import DASHBOARD_PORT, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
+# one encoder everywhere: the same torch thread count as the reference, so embeddings are bit-identical
+OPTIONS = dict(shards=3, index="IVF8,PQ16np", on_disk=False, encoders=1)
+
+
+def cli_build(corpus_dir, out: Path, ray_address: str, kill_after: str | None = None) -> subprocess.CompletedProcess:
+    """`rayindex build` exactly as a user would re-run it (the kill_after run SIGKILLs itself)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if kill_after:
+        env["RAYINDEX_KILL_AFTER"] = kill_after
+    args = [RAYINDEX, "build", str(corpus_dir), "-o", str(out), "--id-column", "id", "--template", "{title}: {body}",
+            "--shards", "3", "--index", "IVF8,PQ16np", "--in-ram", "--encoders", "1", "--seed", "7", "--quiet",
+            "--ray-address", ray_address]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def only_version(out: Path) -> Path:
+    versions = [p for p in (out / VERSIONS).iterdir() if not p.name.startswith(".")]
+    assert len(versions) == 1, versions
+    return versions[0]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address, corpus_dir, tmp_path_factory):
+    """An uninterrupted build with the same settings: (output, query vectors, its ids and distances)."""
+    out = tmp_path_factory.mktemp("reference")
+    build_index(build_config([corpus_dir], out, **OPTIONS))
+    index = open_published(out)
+    queries = index.encode(["read a file line by line", "compress data", "parse command line options",
+                            "thread pool executor", "format a date"])
+    distances, ids = index.search_vectors(queries, 10, nprobe=8)
+    return out, queries, ids, distances
+
+
+def assert_identical(out: Path, reference) -> None:
+    _, queries, ids, distances = reference
+    distances2, ids2 = open_published(out).search_vectors(queries, 10, nprobe=8)
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(distances2, distances)
+    ref = Manifest.load(only_version(reference[0]))
+    got = Manifest.load(only_version(out))
+    assert [s.embeddings_sha256 for s in got.shard_states] == [s.embeddings_sha256 for s in ref.shard_states]
+    assert got.training["trained_fingerprint"] == ref.training["trained_fingerprint"]
+
+
+@pytest.mark.parametrize("kill_after, reused", [
+    ("encode:1", {"encode": [0]}),
+    ("add:1", {"encode": [0, 1, 2], "train": True}),
+    ("merge:2", {"encode": [0, 1, 2], "train": True, "add": [0, 1, 2]}),
+])
+def test_killed_driver_resumes_and_matches_uninterrupted_run(kill_after, reused, corpus_dir, ray_address, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = cli_build(corpus_dir, out, ray_address, kill_after)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / CURRENT).exists()  # nothing published
+    version = only_version(out)
+    stopped = Manifest.load(version)
+    assert stopped.status == "running"
+    finished = {s.shard_id: os.stat(shard_dir(version, s.shard_id) / EMBEDDINGS_FILE).st_mtime_ns
+                for s in stopped.shard_states if s.embeddings_sha256}
+
+    resumed = cli_build(corpus_dir, out, ray_address)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming run {version.name}" in resumed.stderr
+    manifest = Manifest.load(only_version(out))  # the same version folder, now published
+    assert manifest.status == "published" and len(manifest.resumed) == 1
+    for stage, expected in reused.items():
+        assert manifest.reused[stage] == expected, stage
+    for sid, mtime in finished.items():  # finished shards were verified, not rewritten
+        assert os.stat(shard_dir(version, sid) / EMBEDDINGS_FILE).st_mtime_ns == mtime
+    assert_identical(out, reference)
+
+
+def test_a_damaged_finished_shard_is_recomputed(corpus_dir, ray_address, reference, tmp_path):
+    """Verification is by content: a finished shard whose file no longer matches its checksum is redone."""
+    out = tmp_path / "out"
+    assert cli_build(corpus_dir, out, ray_address, "add:1").returncode == -signal.SIGKILL
+    version = only_version(out)
+    damaged = shard_dir(version, 1) / EMBEDDINGS_FILE
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    build_index(build_config([corpus_dir], out, **OPTIONS))
+    manifest = Manifest.load(version)
+    assert manifest.reused["encode"] == [0, 2]
+    assert manifest.reused["train"] is True  # shard 1 re-encoded to the same bytes: the training sample is unchanged
+    assert_identical(out, reference)
+
+
+def test_killed_encoder_actor_is_restarted_and_result_identical(corpus_dir, ray_address, reference, tmp_path):
+    from ray.util.state import list_actors
+
+    out = tmp_path / "out"
+    errors = []
+    build = threading.Thread(target=lambda: errors.append(run_or_error(build_config([corpus_dir], out, **OPTIONS))))
+    build.start()
+    deadline = time.monotonic() + 120
+    encoders = dict(address=f"http://127.0.0.1:{DASHBOARD_PORT}", filters=[("class_name", "=", "ShardEncoder"), ("state", "=", "ALIVE")],
+                    detail=True)
+    while not (alive := list_actors(**encoders)):
+        assert time.monotonic() < deadline, "no encoder actor started"
+        time.sleep(0.2)
+    time.sleep(4)  # the model is loaded and the first shard is being encoded
+    os.kill(alive[0]["pid"], signal.SIGKILL)
+    build.join(timeout=300)
+    assert errors == [None]
+    manifest = Manifest.load(only_version(out))
+    assert manifest.status == "published"
+    assert_identical(out, reference)
+
+
+def run_or_error(config):
+    try:
+        build_index(config)
+    except Exception as exc:  # reported by the test's assertion
+        return exc
+    return None
