@@ -77,7 +77,9 @@ def build(
     if not inputs:
         from pipelines.stdlib_corpus import write_stdlib_corpus
 
-        inputs = [str(write_stdlib_corpus(Path(output) / STDLIB_CORPUS))]
+        from pipelines.storage import Store
+
+        inputs = [str(write_stdlib_corpus(Store(output).local(STDLIB_CORPUS)))]  # for an s3:// output: its local mirror
         id_col, tmpl = id_col or "id", tmpl or "{title}: {body}"
         err_console.print(f"No input given: indexing the Python standard library's docstrings ({inputs[0]}).")
     try:

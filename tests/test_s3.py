@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +22,7 @@ from pipelines.errors import RayIndexError, user_message
 from pipelines.manifest import Manifest
 from pipelines.search import open_published
 
-from conftest import build_config
+from conftest import build_config, free_port
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -61,11 +62,17 @@ def version_manifest(s3_server, output: str, run_id: str) -> Manifest:
     return Manifest.model_validate_json(s3_server.fs.cat(f"{output}/versions/{run_id}/manifest.json"))
 
 
-def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_corpus, s3_server, ray_address, tmp_path, docs):
+@pytest.fixture(scope="module")
+def s3_build(s3_corpus, s3_server, ray_address):
+    """A build whose corpus, intermediates, version and CURRENT are all on S3: (output, manifest)."""
+    output = s3_output(s3_server, "out")
+    return output, build_index(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
+
+
+def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server, tmp_path, docs):
     """Intermediates, the version and CURRENT on S3; `rayindex search` in a new process with an empty
     cache pulls the serving files (checked against the manifest's sha256) and memory-maps them."""
-    output = s3_output(s3_server, "out")
-    manifest = build_index(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
+    output, manifest = s3_build
     fs = s3_server.fs
     assert fs.cat(f"{output}/CURRENT").decode().strip() == manifest.run_id
     stored = {p.split(f"/versions/{manifest.run_id}/", 1)[1] for p in fs.find(f"{output}/versions/{manifest.run_id}")}
@@ -85,9 +92,30 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_corpus, s3_server
     assert "shards/00000/embeddings.f32" not in cached  # only what serving reads
 
     # a damaged object in the store is refused on download, naming it
+    good = fs.cat(f"{output}/versions/{manifest.run_id}/index.faiss")
     fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", b"garbage")
-    with pytest.raises(RayIndexError, match=r"index\.faiss does not match its checksum in the manifest"):
-        open_published_with_cache(output, tmp_path / "cache2")
+    try:
+        with pytest.raises(RayIndexError, match=r"index\.faiss does not match its checksum in the manifest"):
+            open_published_with_cache(output, tmp_path / "cache2")
+    finally:
+        fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", good)
+
+
+def test_serve_an_index_published_on_s3(s3_build, docs):
+    from ray import serve
+
+    from pipelines.serve import ServeSettings, start_serving
+
+    output, manifest = s3_build
+    port = free_port()
+    start_serving(ServeSettings(index=output, poll_interval_s=0.5), port=port, replica_cpus=0)
+    try:
+        target = docs[7]
+        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": f"{target['title']}: {target['body']}", "k": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == manifest.run_id and r.json()["hits"][0]["id"] == target["id"]
+    finally:
+        serve.shutdown()
 
 
 def open_published_with_cache(output: str, cache):
