@@ -1,4 +1,4 @@
-"""jobs/build_index.py submitted as a real Ray job (JobSubmissionClient) with jobs/runtime_env.yaml."""
+"""jobs/build_index.py and jobs/reindex.py submitted as real Ray jobs (JobSubmissionClient) with jobs/runtime_env.yaml."""
 
 import sys
 import time
@@ -33,7 +33,7 @@ def wait(jobs, job_id, limit_s=300):
     return status
 
 
-def test_build_job_succeeds_and_publishes(jobs, tmp_path, docs):
+def test_build_then_reindex_jobs_succeed_and_publish(jobs, tmp_path, docs):
     corpus = write_parquet(tmp_path / "docs.parquet", docs[:40])
     out = tmp_path / "out"
     job = jobs.submit_job(
@@ -46,6 +46,13 @@ def test_build_job_succeeds_and_publishes(jobs, tmp_path, docs):
     assert "Published" in jobs.get_job_logs(job)
     target = docs[12]
     assert open_published(out).search(f"{target['title']}: {target['body']}", k=1)[0]["id"] == target["id"]
+
+    write_parquet(corpus, docs[:42])  # two documents more: the scheduled reindex picks them up
+    job = jobs.submit_job(entrypoint=f"{sys.executable} jobs/reindex.py -o {out} --quiet", runtime_env=runtime_env())
+    assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
+    assert "2 added, 0 changed, 0 deleted, 40 unchanged" in jobs.get_job_logs(job)
+    added = docs[41]
+    assert open_published(out).search(f"{added['title']}: {added['body']}", k=1)[0]["id"] == added["id"]
 
 
 def test_failing_job_reports_failed_with_our_message(jobs, tmp_path):
