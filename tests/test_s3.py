@@ -20,6 +20,7 @@ import pytest
 from pipelines.build import build_index
 from pipelines.errors import RayIndexError, user_message
 from pipelines.manifest import Manifest
+from pipelines.reindex import reindex
 from pipelines.search import open_published
 
 from conftest import build_config, free_port
@@ -101,7 +102,7 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
         fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", good)
 
 
-def test_serve_an_index_published_on_s3(s3_build, docs):
+def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, docs):
     from ray import serve
 
     from pipelines.serve import ServeSettings, start_serving
@@ -114,6 +115,12 @@ def test_serve_an_index_published_on_s3(s3_build, docs):
         r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": f"{target['title']}: {target['body']}", "k": 2}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["version"] == manifest.run_id and r.json()["hits"][0]["id"] == target["id"]
+
+        newer = reindex(output)  # a new version on S3: the replica's watcher pulls it into its cache and swaps
+        deadline = time.monotonic() + 60
+        while httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()["version"] != newer.run_id:
+            assert time.monotonic() < deadline, "the replica did not swap to the new S3 version"
+            time.sleep(0.5)
     finally:
         serve.shutdown()
 
