@@ -148,7 +148,7 @@ def locate_row(shards: list[Shard], row_id: int) -> str:
 
 def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None:
     """Refuse duplicate document ids, naming one and where it occurs."""
-    version.pull(shard_files(manifest, (DOC_HASHES_FILE, ROW_IDS_FILE, DOCS_FILE)))
+    version.pull(shard_files(manifest, (DOC_HASHES_FILE,)))
     version_dir = version.local_root
     per_shard = [np.load(shard_dir(version_dir, s.shard_id) / DOC_HASHES_FILE) for s in manifest.shards]
     hashes = np.concatenate(per_shard)
@@ -156,6 +156,7 @@ def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None
     dups = ordered[1:][ordered[1:] == ordered[:-1]]
     if not len(dups):
         return
+    version.pull(shard_files(manifest, (ROW_IDS_FILE, DOCS_FILE)))  # only now: the doc store names the duplicate
     store = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
     places, doc_id = [], None
     for shard, shard_hashes in zip(manifest.shards, per_shard):
