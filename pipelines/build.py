@@ -36,7 +36,7 @@ from pipelines.shard_index import SHARD_INDEX_FILE, build_shard_indexes
 from pipelines.refine import FP16_FILE
 from pipelines.reuse import CONTENT_HASHES_FILE, PreviousVectors
 from pipelines.shard_plan import Shard, number_of_shards, plan_shards
-from pipelines.storage import Store, file_sha256
+from pipelines.storage import Store, file_sha256, use_s3_endpoint
 from pipelines.train import TRAINED_FILE, coarse_mse, make_index, train_quantizer, training_sample
 
 CURRENT = "CURRENT"
@@ -77,6 +77,16 @@ def publish(root: Store, run_id: str) -> None:
     root.write_text(CURRENT, run_id + "\n")
 
 
+def current_run_id(root: Store) -> str:
+    """The run id CURRENT names; "" when nothing is published."""
+    return (root.read_text(CURRENT) or "").strip()
+
+
+def version_ids(root: Store) -> list[str]:
+    """The output's version folders, oldest first (run ids start with their UTC time)."""
+    return [r for r in root.list_dirs(VERSIONS) if not r.startswith(".")]
+
+
 def read_version_manifest(root: Store, run_id: str) -> Manifest | None:
     text = root.read_text(f"{VERSIONS}/{run_id}/{MANIFEST}")
     return None if text is None else Manifest.model_validate_json(text)
@@ -86,7 +96,7 @@ def current_version(output: str | Path) -> Path:
     """The local folder of the published version that CURRENT names (for an S3 output: the version's
     serving files pulled into the local cache and checked against the manifest's checksums)."""
     root = Store(str(output))
-    run_id = (root.read_text(CURRENT) or "").strip()
+    run_id = current_run_id(root)
     if not run_id:
         raise RayIndexError(f"{output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
     manifest = read_version_manifest(root, run_id)
@@ -198,8 +208,7 @@ def build_index(config: BuildConfig, quiet: bool = True, reindex: dict | None = 
     checksums verify is kept, the rest is recomputed. reindex: {"previous": run id, "drift_threshold": x}
     for an incremental run (reindex.py): vectors and the trained quantizer of that version are reused.
     keep: after publishing, delete all but the newest `keep` published versions (still under the lock)."""
-    if config.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = config.s3_endpoint  # for this driver's s3fs; workers get it from connect()
+    use_s3_endpoint(config.s3_endpoint)  # this driver's S3 client; workers get it from connect()
     root = output_store(config)
     check_output_writable(root)
     with OutputLock(root, new_run_id()) as lock, StageProgress(quiet=quiet) as progress:
@@ -228,9 +237,8 @@ def prune_versions(root: Store, keep: int) -> list[str]:
     """Delete every version folder but CURRENT's and the newest keep-1 other published ones (older
     failed runs too); their node-local cache goes with them. Returns the deleted run ids. Run under
     the output lock, so no version being built is touched."""
-    current = (root.read_text(CURRENT) or "").strip()
-    kept, deleted = {current}, []
-    for run_id in reversed([r for r in root.list_dirs(VERSIONS) if not r.startswith(".")]):
+    kept, deleted = {current_run_id(root)}, []
+    for run_id in reversed(version_ids(root)):
         if run_id in kept:
             continue
         manifest = read_version_manifest(root, run_id)
@@ -246,10 +254,10 @@ def prune_versions(root: Store, keep: int) -> list[str]:
 
 def start_or_resume(config: BuildConfig, root: Store, progress: StageProgress, reindex: dict | None = None) -> tuple[Manifest, Store]:
     """The newest version when it is an unpublished run of this config over the same inputs; else a new one."""
-    runs = [r for r in root.list_dirs(VERSIONS) if not r.startswith(".")]
-    current = (root.read_text(CURRENT) or "").strip()
+    runs = version_ids(root)
     previous = read_version_manifest(root, runs[-1]) if runs else None
-    if (previous and previous.config_fingerprint == config.fingerprint() and (previous.status != "published" or current != previous.run_id)
+    if (previous and previous.config_fingerprint == config.fingerprint()
+            and (previous.status != "published" or current_run_id(root) != previous.run_id)
             and bool(previous.reindex) == bool(reindex)):
         infos, shards = plan_stage(config)
         if not previous.files or file_list(infos) == previous.files and shards == previous.shards:
@@ -368,16 +376,22 @@ def encode_stage(config: BuildConfig, manifest: Manifest, version: Store, progre
                                 deleted=manifest.reindex["previous_docs"] - unchanged - changed, encoded=manifest.counts["docs_encoded"] - unchanged)
 
 
+def reindex_base(config: BuildConfig, manifest: Manifest) -> tuple[Manifest, Store]:
+    """The manifest and store of the version a reindex starts from."""
+    root = output_store(config)
+    run_id = manifest.reindex["previous"]
+    return read_version_manifest(root, run_id), version_store(root, run_id)
+
+
 def previous_vectors(config: BuildConfig, manifest: Manifest) -> PreviousVectors | None:
     """The reindex's previous version as a vector source, when its vectors are comparable (same model,
     metric) and it recorded content hashes; otherwise every document is encoded (and the manifest says why)."""
-    root = output_store(config)
-    before = read_version_manifest(root, manifest.reindex["previous"])
+    before, old = reindex_base(config, manifest)
     have_hashes = any(rel.endswith(CONTENT_HASHES_FILE) for rel in before.files_sha256)
     if before.model.get("name") != config.model or before.metric != config.metric or not have_hashes:
         manifest.reindex["vectors_not_reused"] = "the previous version used another model or metric, or has no content hashes"
         return None
-    return PreviousVectors(version_store(root, before.run_id), shard_files(before, (EMBEDDINGS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)),
+    return PreviousVectors(old, shard_files(before, (EMBEDDINGS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)),
                            [shard_rel(s.shard_id) for s in before.shards], [s.docs_encoded for s in before.shard_states], before.dimension)
 
 
@@ -427,15 +441,13 @@ def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> 
     Drift = coarse_mse (mean squared distance to the nearest centroid) of a sample of the new corpus
     under the old quantizer, divided by the same figure on the old training sample. Past
     --drift-threshold, or when the two versions are not comparable, the build trains afresh."""
-    root = output_store(config)
-    before = read_version_manifest(root, manifest.reindex["previous"])
+    before, old = reindex_base(config, manifest)
     reason = None
     if before.index_string != (config.index or before.index_string) or before.dimension != manifest.dimension or before.metric != config.metric:
         reason = "the index string, dimension or metric differs from the previous version's"
     elif "coarse_mse" not in before.training:
         reason = "the previous version recorded no drift baseline (built before drift was measured)"
     if reason is None:
-        old = version_store(root, before.run_id)
         old.pull({TRAINED_FILE: before.training["trained_sha256"]})
         trained = faiss.read_index(str(old.local(TRAINED_FILE)))
         counts = [s.docs_encoded for s in manifest.shard_states]
@@ -474,22 +486,19 @@ def add_stage(config: BuildConfig, manifest: Manifest, version: Store, progress:
         return
     connect(config)
 
-    def record(sid: int, result: dict) -> None:
-        manifest.shard_states[sid].index_sha256 = result["index_sha256"]
-        manifest.shard_states[sid].trained_sha256 = result["trained_sha256"]
-        manifest.files_sha256[f"{shard_rel(sid)}/{SHARD_INDEX_FILE}"] = result["index_sha256"]
-        manifest.save(version)
-        checkpoint("add", sum(1 for s in manifest.shard_states if s.index_sha256))
-
     with progress.stage("add", sum(n for _, n, _ in jobs), "vectors") as update:
         done_vectors = [0]
 
-        def advance(sid: int, n: int, result: dict) -> None:
-            record(sid, result)
+        def record(sid: int, n: int, result: dict) -> None:  # saved at once: a killed driver loses no added shard
+            manifest.shard_states[sid].index_sha256 = result["index_sha256"]
+            manifest.shard_states[sid].trained_sha256 = result["trained_sha256"]
+            manifest.files_sha256[f"{shard_rel(sid)}/{SHARD_INDEX_FILE}"] = result["index_sha256"]
+            manifest.save(version)
+            checkpoint("add", sum(1 for s in manifest.shard_states if s.index_sha256))
             done_vectors[0] += n
             update(done_vectors[0])
 
-        build_shard_indexes(version, trained_sha, jobs, manifest.dimension, on_done=advance)
+        build_shard_indexes(version, trained_sha, jobs, manifest.dimension, on_done=record)
 
 
 @stage("merge")

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from pipelines.config import PACKAGED_MODEL, BuildConfig, parse_bytes
 from pipelines.errors import RayIndexError, user_message
+from pipelines.storage import use_s3_endpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build one FAISS index from a text corpus on Ray, and search it.")
 console = Console()
@@ -25,14 +26,6 @@ STDLIB_CORPUS = "corpus/python-stdlib-docstrings.parquet"
 def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(2)
-
-
-def use_s3_endpoint(endpoint: str | None) -> None:
-    """--s3-endpoint for this process's S3 client (and, through Ray's runtime env, its workers')."""
-    if endpoint:
-        import os
-
-        os.environ["AWS_ENDPOINT_URL"] = endpoint
 
 
 def config_from_options(**options) -> BuildConfig:

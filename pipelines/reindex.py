@@ -11,10 +11,10 @@ import re
 import time
 from typing import Callable
 
-from pipelines.build import CURRENT, build_index, output_store, read_version_manifest
-from pipelines.config import BuildConfig
+from pipelines.build import build_index, current_run_id, read_version_manifest
 from pipelines.errors import RayIndexError
 from pipelines.manifest import Manifest
+from pipelines.storage import DEFAULT_RETRY_S, Store, use_s3_endpoint
 
 DEFAULT_DRIFT_THRESHOLD = 1.2  # retrain when the old centroids fit the new corpus 20% worse than their training sample
 DEFAULT_KEEP = 3  # published versions kept: the current one, and two to roll back to (or still being served)
@@ -29,9 +29,9 @@ def reindex(output: str, overrides: dict | None = None, drift_threshold: float =
     if keep < 1:
         raise RayIndexError(f"--keep {keep}: must be at least 1")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    probe = BuildConfig(inputs=["-"], output=output, **{k: v for k, v in overrides.items() if k in ("s3_endpoint", "storage_retry_s")})
-    root = output_store(probe)
-    run_id = (root.read_text(CURRENT) or "").strip()
+    use_s3_endpoint(overrides.get("s3_endpoint"))  # CURRENT is read before build_index sets it
+    root = Store(output, overrides.get("storage_retry_s", DEFAULT_RETRY_S))
+    run_id = current_run_id(root)
     before = read_version_manifest(root, run_id) if run_id else None
     if before is None or before.status != "published":
         raise RayIndexError(f"{output} has no published version to reindex; run `rayindex build` first")

@@ -58,14 +58,19 @@ class PreviousVectors:
     def lookup(self, content_hashes: np.ndarray, id_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(mask of documents found unchanged, their vectors in order, how many others had an id seen before)."""
         keys, places, ids, vectors = self._load()
-        pos = np.searchsorted(keys, content_hashes)
-        found = (pos < len(keys)) & (keys[np.minimum(pos, len(keys) - 1)] == content_hashes) if len(keys) else np.zeros(len(content_hashes), bool)
+        found, pos = in_sorted(keys, content_hashes)
         out = np.empty((int(found.sum()), self.dim), dtype="<f4")
         where = places[pos[found]]
         for shard in np.unique(where[:, 0]):
             pick = np.nonzero(where[:, 0] == shard)[0]
             order = np.argsort(where[pick, 1])  # read each memory map in file order
             out[pick[order]] = vectors[shard][where[pick[order], 1]]
-        id_pos = np.searchsorted(ids, id_hashes[~found])
-        changed = int(((id_pos < len(ids)) & (ids[np.minimum(id_pos, max(len(ids) - 1, 0))] == id_hashes[~found])).sum()) if len(ids) else 0
-        return found, out, changed
+        return found, out, int(in_sorted(ids, id_hashes[~found])[0].sum())
+
+
+def in_sorted(ordered: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of values present in the sorted array, their positions there where present)."""
+    pos = np.searchsorted(ordered, values)
+    if not len(ordered):
+        return np.zeros(len(values), dtype=bool), pos
+    return ordered[np.minimum(pos, len(ordered) - 1)] == values, pos

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 
-from pipelines.build import CURRENT
+from pipelines.build import CURRENT, current_run_id
 from pipelines.errors import RayIndexError
 from pipelines.generate import GeneratorError, make_generator
 from pipelines.manifest import Manifest
@@ -151,7 +151,7 @@ class RagService:
         current_file = output.url(CURRENT)
         while not self._stop.wait(self.settings.poll_interval_s):
             try:
-                run_id = (output.read_text(CURRENT) or "").strip()
+                run_id = current_run_id(output)
                 if run_id == self.current.manifest.run_id:
                     continue
                 new = self._load(self.current)

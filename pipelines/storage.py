@@ -40,6 +40,13 @@ def is_remote(uri: str | Path) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+def use_s3_endpoint(endpoint: str | None) -> None:
+    """--s3-endpoint: this process's S3 client (botocore reads AWS_ENDPOINT_URL) uses it; Ray workers get
+    it through the runtime environment (build.connect, serve.serve_app)."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
 def cache_root() -> Path:
     """Node-local cache: RAYINDEX_CACHE, else ~/.cache/rayindex."""
     return Path(os.environ.get("RAYINDEX_CACHE") or Path.home() / ".cache" / "rayindex")
