@@ -1,6 +1,4 @@
-"""rayindex: build one FAISS index from a text corpus on Ray, and search it.
+"""Not a package: pipelines/ is the source folder of the `rayindex` package (pipelines/rayindex/).
+This file only turns `import pipelines` from the repository root into a clear error."""
 
-One module per stage; see docs/architecture.md for what each one does and which test covers it.
-"""
-
-__version__ = "0.1.0"
+raise ImportError("pipelines/ holds the source of the rayindex package and is not importable itself: use `import rayindex`")

@@ -15,6 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def client_env() -> dict:
+    """The environment of a Ray client run as a subprocess (rayindex, serve, ray CLIs) against the session's
+    Ray: token auth as the session has it (Ray 2.60 turns it on for a local cluster; a client given an
+    address must be told)."""
+    token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
+    return dict(os.environ, RAY_AUTH_MODE="token" if token else "disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,8 +40,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipelines.config import BuildConfig
-from pipelines.stdlib_corpus import stdlib_docstrings
+from rayindex.config import BuildConfig
+from rayindex.parts.stdlib_corpus import stdlib_docstrings
 
 N_DOCS = 360
 
@@ -94,10 +102,10 @@ def build_config(inputs, output, **overrides) -> BuildConfig:
 @pytest.fixture(scope="session")
 def built(ray_address, corpus_dir, tmp_path_factory):
     """One real build over the corpus (3 shards, IVF8,PQ16np, in-RAM merge): (output, manifest)."""
-    from pipelines.build import build_index
+    from rayindex.builder import build
 
     output = tmp_path_factory.mktemp("built")
-    manifest = build_index(build_config([corpus_dir], output, on_disk=False))
+    manifest = build(build_config([corpus_dir], output, on_disk=False))
     return output, manifest
 
 

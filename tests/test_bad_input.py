@@ -10,13 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.build import CURRENT, VERSIONS, build_index
-from pipelines.cli import app
-from pipelines.corpus import document_id
-from pipelines.errors import RayIndexError
-from pipelines.manifest import Manifest
-from pipelines.search import open_published
-from pipelines.train import check_trainable, make_index
+from rayindex.builder import build
+from rayindex.cli import app
+from rayindex.errors import RayIndexError
+from rayindex.layout import CURRENT, MANIFEST, VERSIONS
+from rayindex.manifest import Counts, Manifest
+from rayindex.parts.corpus import document_id
+from rayindex.parts.ivf import make_index
+from rayindex.query.search import open_index
+from rayindex.stages.train import check_trainable
 
 from conftest import build_config, write_jsonl, write_parquet
 
@@ -30,13 +32,13 @@ def output(built):
     yield out
     assert (Path(out) / CURRENT).read_text() == before
     for run_id in set(os.listdir(Path(out) / VERSIONS)) - versions_before:
-        failed = Manifest.load(Path(out) / VERSIONS / run_id)
+        failed = Manifest.from_json((Path(out) / VERSIONS / run_id / MANIFEST).read_text(), run_id)
         assert failed.status == "failed" and failed.error
 
 
 def fails(inputs, output, match, **overrides):
     with pytest.raises(RayIndexError, match=match):
-        build_index(build_config(inputs, output, **overrides))
+        build(build_config(inputs, output, **overrides))
 
 
 def test_missing_column_is_named_with_the_columns_there_are(corpus_dir, output):
@@ -107,7 +109,7 @@ def test_a_single_document_gets_a_smaller_index_and_the_cli_says_so(ray_address,
     why = ("--index 'IVF256,PQ16' needs more documents to train than the 1 there are, so the build uses 'IVF1,Flat' "
            "(IVF256 needs at least 256 vectors (39 per list to train well): IVF1; PQ16's codebooks need at least 256 vectors: Flat)")
     assert f"warning: {why}" in " ".join(result.output.split())  # rich wraps lines
-    published = open_published(out)
+    published = open_index(out)
     assert published.manifest.index_string == "IVF1,Flat" and published.manifest.warnings[0].startswith(why)
     hits = published.search(f"{docs[0]['title']}: {docs[0]['body']}", k=3)
     assert [h["id"] for h in hits] == [docs[0]["id"]]
@@ -170,10 +172,10 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
         json.dumps({"id": "huge", "title": "huge", "body": huge}).encode(),
     ]
     (tmp_path / "in" / "b.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    manifest = build_index(build_config([tmp_path / "in"], tmp_path / "out", index=None))
-    assert manifest.counts == {"rows_read": 10, "docs_encoded": 6, "skipped": {
-        "non_utf8_replaced (kept)": 2, "blank_line": 1, "empty_or_null_text": 3, "truncated_to_max_seq_length (kept)": 1}}
-    published = open_published(tmp_path / "out")
+    manifest = build(build_config([tmp_path / "in"], tmp_path / "out", index=None))
+    assert manifest.counts == Counts(rows_read=10, docs_encoded=6, skipped={
+        "non_utf8_replaced (kept)": 2, "blank_line": 1, "empty_or_null_text": 3, "truncated_to_max_seq_length (kept)": 1})
+    published = open_index(tmp_path / "out")
     assert published.search("caf\ufffd: cr\ufffdme br\ufffdl\ufffde", k=1)[0]["id"] == "latin-1"
     assert published.search("half a pair \ufffd: kept", k=1)[0]["id"] == "surrogate"
     assert [h["id"] for h in published.search("parquet doc 1: int ids", k=1)] == [1]
@@ -185,9 +187,9 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
 def test_output_not_writable(tmp_path, corpus_dir):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(RayIndexError, match=r"output .*a-file/out is not writable"):
-        build_index(build_config([corpus_dir], tmp_path / "a-file" / "out"))
+        build(build_config([corpus_dir], tmp_path / "a-file" / "out"))
 
 
 def test_index_memory_budget_too_small_for_the_corpus(tmp_path, docs, output):
     write_parquet(tmp_path / "in" / "a.parquet", docs[:50])
-    fails([tmp_path / "in"], output, r"--max-index-memory: .*", index=None, max_index_bytes=1000)
+    fails([tmp_path / "in"], output, r"--max-index-memory: .*", index=None, max_index_memory=1000)

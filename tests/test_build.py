@@ -6,33 +6,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.build import CURRENT, current_version
-from pipelines.manifest import Manifest
-from pipelines.search import open_published
+from rayindex.layout import CURRENT, MANIFEST, ROW_IDS_FILE, load_embeddings, shard_dir
+from rayindex.manifest import Manifest
+from rayindex.query.search import open_index
+from rayindex.versions import open_current
 
 
 def test_build_publishes_a_complete_version(built, docs):
     output, manifest = built
-    version = current_version(output)
+    version, _ = open_current(output)
     assert (Path(output) / CURRENT).read_text().strip() == manifest.run_id
-    on_disk = Manifest.load(version)
+    on_disk = Manifest.from_json((version / MANIFEST).read_text(), "manifest")
     assert on_disk.status == "published"
-    assert on_disk.counts["rows_read"] == len(docs) + 2
-    assert on_disk.counts["docs_encoded"] == len(docs)
-    assert on_disk.counts["skipped"] == {"empty_or_null_text": 2, "truncated_to_max_seq_length (kept)": 40}  # 40 docstrings exceed 256 tokens
+    assert on_disk.counts.rows_read == len(docs) + 2
+    assert on_disk.counts.docs_encoded == len(docs)
+    assert on_disk.counts.skipped == {"empty_or_null_text": 2, "truncated_to_max_seq_length (kept)": 40}  # 40 docstrings exceed 256 tokens
     assert [s.docs_encoded for s in on_disk.shard_states] and sum(s.docs_encoded for s in on_disk.shard_states) == len(docs)
     assert all(s.embeddings_sha256 and s.index_sha256 for s in on_disk.shard_states)
-    assert {s.trained_sha256 for s in on_disk.shard_states} == {on_disk.training["trained_sha256"]}
+    assert {s.trained_sha256 for s in on_disk.shard_states} == {on_disk.training.trained_sha256}
     assert set(on_disk.timings_s) == {"plan", "encode", "train", "add", "merge"}
     assert on_disk.index_string == "IVF8,PQ16np" and on_disk.nlist == 8 and on_disk.dimension == 384
     assert {"ray", "torch", "sentence-transformers", "pyarrow"} <= set(on_disk.versions)
-    assert on_disk.merge["ntotal"] == len(docs)
-    assert on_disk.model["path"].endswith("model")  # the packaged all-MiniLM-L6-v2, not a hub download
+    assert on_disk.merge.ntotal == len(docs)
+    assert on_disk.model.path.endswith("model")  # the packaged all-MiniLM-L6-v2, not a hub download
 
 
 def test_search_finds_the_document_it_describes(built, docs):
     output, _ = built
-    index = open_published(output)
+    index = open_index(output)
     found = 0
     for doc in docs[::40]:
         hits = index.search(f"{doc['title']}: {doc['body']}", k=5, nprobe=8)
@@ -43,7 +44,7 @@ def test_search_finds_the_document_it_describes(built, docs):
 def test_search_hits_carry_text_and_metadata(built, docs):
     output, _ = built
     by_id = {d["id"]: d for d in docs}
-    hits = open_published(output).search("encode and decode base64 data", k=3)
+    hits = open_index(output).search("encode and decode base64 data", k=3)
     assert len(hits) == 3
     for hit in hits:
         doc = by_id[hit["id"]]
@@ -55,14 +56,12 @@ def test_search_hits_carry_text_and_metadata(built, docs):
 def test_search_recall_against_exact_search(built):
     """The IVF-PQ index vs brute force over the same stored embeddings: recall@10 at full nprobe."""
     output, manifest = built
-    index = open_published(output)
-    from pipelines.encode import load_embeddings, shard_dir
-
+    index = open_index(output)
     vectors = np.concatenate([
         np.asarray(load_embeddings(shard_dir(index.version_dir, s.shard_id), st.docs_encoded, 384))
         for s, st in zip(manifest.shards, manifest.shard_states)
     ])
-    ids = np.concatenate([np.load(shard_dir(index.version_dir, s.shard_id) / "row_ids.npy") for s in manifest.shards])
+    ids = np.concatenate([np.load(shard_dir(index.version_dir, s.shard_id) / ROW_IDS_FILE) for s in manifest.shards])
     queries = vectors[::9]
     exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
     _, approx = index.search_vectors(queries, 10, nprobe=8)
@@ -72,7 +71,7 @@ def test_search_recall_against_exact_search(built):
 
 def test_manifest_is_json_with_the_plan(built):
     output, manifest = built
-    data = json.loads((current_version(output) / "manifest.json").read_text())
+    data = json.loads((open_current(output)[0] / MANIFEST).read_text())
     assert data["config"]["shards"] == 3
     assert [s["shard_id"] for s in data["shards"]] == [0, 1, 2]
     assert data["files"][0]["path"].endswith("a.parquet")
@@ -89,11 +88,11 @@ def has_cuda() -> bool:
 @pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU and faiss-gpu")
 def test_gpu_build_matches_cpu_search_results(ray_address, corpus_dir, tmp_path, built):
     """Encode in fp16 on the GPU and train the coarse quantizer there; the hits must agree with the CPU build."""
-    from pipelines.build import build_index
+    from rayindex.builder import build
     from conftest import build_config
 
-    manifest = build_index(build_config([corpus_dir], tmp_path, use_gpu=True))
-    assert manifest.model["device"] == "cuda" and manifest.training["gpu"]
-    gpu, cpu = open_published(tmp_path), open_published(built[0])
+    manifest = build(build_config([corpus_dir], tmp_path, gpu=True))
+    assert manifest.model.device == "cuda" and manifest.training.gpu
+    gpu, cpu = open_index(tmp_path), open_index(built[0])
     for query in ("parse a JSON document", "compress data", "open a network socket"):
         assert gpu.search(query, k=1, nprobe=8)[0]["id"] == cpu.search(query, k=1, nprobe=8)[0]["id"]

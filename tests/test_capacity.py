@@ -3,7 +3,7 @@
 import pytest
 from rich.console import Console
 
-from pipelines.capacity import ESTIMATED_GPU, MEASURED_CPU, format_plan, plan_capacity
+from rayindex.parts.capacity import ESTIMATED_GPU, MEASURED_CPU, format_plan, plan_capacity
 
 PQ48 = "IVF65536,PQ48np"
 

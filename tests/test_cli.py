@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_parquet
+from conftest import client_env, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
 
 def run(args, **kwargs):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=kwargs.get("cwd", ROOT))
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=client_env(), cwd=kwargs.get("cwd", ROOT))
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +59,31 @@ def test_ray_job_entrypoint(small_corpus, ray_address, tmp_path):
     assert (out / "CURRENT").read_text().strip() in os.listdir(out / "versions")
 
 
-def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+def test_cli_errors_are_messages_not_tracebacks_with_exit_codes(tmp_path):
+    """1: the command ran and failed; 2: a usage error, refused before anything ran."""
     missing = run([RAYINDEX, "build", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o"), "--quiet"])
-    assert missing.returncode == 2
+    assert missing.returncode == 1
     assert "error:" in missing.stderr and "missing.jsonl does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr + missing.stdout
     no_index = run([RAYINDEX, "search", "--index", str(tmp_path / "nothing"), "hello"])
-    assert no_index.returncode == 2 and "has no published index" in no_index.stderr
-    bad_option = run([RAYINDEX, "build", "x.jsonl", "--metric", "cosine", "--quiet"])
-    assert bad_option.returncode == 2 and "metric" in bad_option.stderr and "Traceback" not in bad_option.stderr
+    assert no_index.returncode == 1 and "has no published index" in no_index.stderr
+    for args, named in ((["build", "x.jsonl", "--metric", "cosine"], "metric"),
+                        (["build", "x.jsonl", "--memory-budget", "lots"], "--memory-budget"),
+                        (["build", "x.jsonl", "--shards", "0"], "--shards"),
+                        (["search", "hello", "-k", "0"], "-k"),
+                        (["eval", "--k", "1,x"], "--k"),
+                        (["reindex", "--every", "soon"], "soon"),
+                        (["ask", "hi", "--generator", "openai"], "base URL")):
+        bad = run([RAYINDEX, *args, "--quiet"] if args[0] in ("build", "reindex") else [RAYINDEX, *args])
+        assert bad.returncode == 2, (args, bad.returncode, bad.stderr)
+        assert named in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
 
 
 def test_build_help_documents_every_option():
     result = run([RAYINDEX, "build", "--help"], cwd=ROOT)
     assert result.returncode == 0
     for option in ("--output", "--id-column", "--text-column", "--template", "--shards", "--shard-size", "--model",
-                   "--index", "--on-disk", "--memory-budget", "--train-sample", "--gpu", "--ray-address", "--encoders"):
+                   "--index", "--on-disk", "--memory-budget", "--train-sample", "--gpu", "--ray-address", "--encoders",
+                   "--max-index-memory", "--target-recall", "--s3-endpoint", "--storage-retry", "--seed", "--metric"):
         assert option in result.stdout, option
+    assert "50000" in result.stdout and "[default: (text)]" in result.stdout  # defaults shown, from BuildConfig

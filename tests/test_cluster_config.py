@@ -1,9 +1,7 @@
-"""cluster.yaml against Ray's own launcher schema, its GPU worker type and setup commands; and how
-pipelines/resources.py reads an autoscaler's node types (the live check is tests/test_autoscaling.py)."""
+"""cluster.yaml against Ray's own launcher schema, its GPU worker type and setup commands; and how a
+build decides to use GPUs (infra/resources.py: --gpu/--cpu, RAYINDEX_GPU, the cluster's GPUs; the live
+check is tests/test_autoscaling.py)."""
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jsonschema
@@ -11,7 +9,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipelines.resources import cluster_can_have_gpus, gpu_node_types, monitor_autoscaling_config
+from rayindex.errors import UsageError
+from rayindex.infra.resources import GPU_ENV, use_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,8 @@ def test_gpu_workers_start_at_zero_and_advertise_a_gpu(cluster_yaml):
     assert gpu["node_config"]["InstanceType"].startswith("g")
     assert cluster_yaml["available_node_types"]["cpu_worker"]["min_workers"] == 0
     assert not cluster_yaml["available_node_types"]["head"]["resources"].get("GPU")
-    assert gpu_node_types(cluster_yaml) == ["gpu_worker"]  # what the build's GPU decision looks for
+    # no GPU is visible before the autoscaler adds one: the head tells the build to ask for GPUs
+    assert f"export {GPU_ENV}=1;" in " ".join(cluster_yaml["head_start_ray_commands"])
 
 
 def test_setup_commands_install_the_gpu_extra_on_gpu_nodes_only(cluster_yaml):
@@ -60,51 +60,18 @@ def test_setup_commands_install_the_gpu_extra_on_gpu_nodes_only(cluster_yaml):
         assert "[gpu]" not in text and 'pip install -e "$HOME/rayindex"' in text and "whl/cpu" in text
         assert "ray[default,serve]==2.60.0" in text
     assert "boto3" in " ".join(prepared["head_setup_commands"])
-    # the head hands the autoscaler the bootstrap config that resources.monitor_autoscaling_config reads
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in " ".join(prepared["head_start_ray_commands"])
 
 
-def test_gpu_node_types_counts_only_worker_types_that_can_start():
-    config = {
-        "max_workers": 4,
-        "head_node_type": "head",
-        "available_node_types": {
-            "head": {"resources": {"GPU": 1}},  # a running head's GPUs show in cluster_resources already
-            "gpu_off": {"resources": {"GPU": 2}, "max_workers": 0},
-            "cpu": {"resources": {"CPU": 8}, "max_workers": 4},
-            "gpu_default_max": {"resources": {"GPU": 1}},  # takes the global max_workers
-        },
-    }
-    assert gpu_node_types(config) == ["gpu_default_max"]
-    assert gpu_node_types(dict(config, max_workers=0)) == []
-    assert gpu_node_types({}) == []
-
-
-def test_monitor_autoscaling_config_reads_the_monitors_yaml(tmp_path):
-    """A stand-in for Ray's autoscaler monitor: a process running a file named monitor.py with
-    --autoscaling-config, as `ray start --head --autoscaling-config=...` starts it."""
-    config = {"max_workers": 2, "head_node_type": "h", "available_node_types": {"g": {"resources": {"GPU": 1}, "node_config": {}}}}
-    (tmp_path / "autoscaling.yaml").write_text(yaml.safe_dump(config))
-    script = tmp_path / "monitor.py"
-    script.write_text("import time\ntime.sleep(60)\n")
-    other = tmp_path / "other.py"
-    other.write_text("import time\ntime.sleep(60)\n")
-    monitor = subprocess.Popen([sys.executable, str(script), "--gcs-address=127.0.0.1:1", f"--autoscaling-config={tmp_path / 'autoscaling.yaml'}"])
-    unrelated = subprocess.Popen([sys.executable, str(other), f"--autoscaling-config={tmp_path / 'autoscaling.yaml'}"])
-    try:
-        deadline = time.monotonic() + 10
-        while (found := monitor_autoscaling_config(monitor.pid)) is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # until the child has exec'd
-        assert found == config and gpu_node_types(found) == ["g"]
-        assert monitor_autoscaling_config(unrelated.pid) is None  # a reused pid is not the monitor
-    finally:
-        monitor.kill()
-        unrelated.kill()
-        monitor.wait()
-        unrelated.wait()
-    assert monitor_autoscaling_config(monitor.pid) is None  # gone
-
-
-def test_plain_local_ray_cannot_have_gpus(ray_address):
-    """The session's `ray.init()` cluster: no GPUs, and no autoscaler that could add any."""
-    assert cluster_can_have_gpus() is False
+def test_gpu_decision_flag_then_environment_then_cluster(ray_address, monkeypatch):
+    """The session's plain local Ray has no GPU: without a flag or RAYINDEX_GPU the build uses CPUs."""
+    monkeypatch.delenv(GPU_ENV, raising=False)
+    assert use_gpus(None) is False
+    assert use_gpus(True) is True
+    for value, expected in (("1", True), ("true", True), ("0", False), ("off", False)):
+        monkeypatch.setenv(GPU_ENV, value)
+        assert use_gpus(None) is expected
+        assert use_gpus(not expected) is (not expected)  # the flag wins
+    monkeypatch.setenv(GPU_ENV, "sometimes")
+    with pytest.raises(UsageError, match="RAYINDEX_GPU='sometimes': use 1"):
+        use_gpus(None)

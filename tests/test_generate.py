@@ -13,8 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+from pydantic import ValidationError
 
-from pipelines.generate import (
+from rayindex.config import GeneratorConfig
+
+from rayindex.query.generate import (
     PROMPT_TEMPLATE,
     ExtractiveGenerator,
     GeneratorError,
@@ -64,7 +67,7 @@ def test_build_prompt_custom_template_and_braces_in_text():
 
 @pytest.fixture(scope="module")
 def encode():
-    from pipelines.model import load_model
+    from rayindex.parts.model import load_model
 
     model = load_model("all-MiniLM-L6-v2")
     return lambda texts: model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
@@ -338,16 +341,16 @@ def test_transformers_bad_directory_names_the_path(tmp_path):
 def test_make_generator_errors_name_the_setting(monkeypatch):
     for var in ("RAYINDEX_OPENAI_BASE_URL", "OPENAI_BASE_URL", "RAYINDEX_OPENAI_MODEL", "OPENAI_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(ValueError, match="unknown generator 'gpt'.*extractive, openai, transformers"):
-        make_generator("gpt")
+    with pytest.raises(ValidationError, match="generator"):
+        GeneratorConfig(generator="gpt")  # the choices are the model's: extractive, openai, transformers
     with pytest.raises(ValueError, match="RAYINDEX_OPENAI_BASE_URL"):
-        make_generator("openai", model="m")
+        make_generator(GeneratorConfig(generator="openai", generator_model="m"))
     with pytest.raises(ValueError, match="RAYINDEX_OPENAI_MODEL"):
-        make_generator("openai", base_url="http://localhost:8000/v1")
-    with pytest.raises(ValueError, match="model"):
-        make_generator("transformers")
+        make_generator(GeneratorConfig(generator="openai", generator_url="http://localhost:8000/v1"))
+    with pytest.raises(ValueError, match="--generator-model"):
+        make_generator(GeneratorConfig(generator="transformers"))
     with pytest.raises(ValueError, match="encode"):
-        make_generator("extractive")
+        make_generator(GeneratorConfig())
 
 
 def test_make_generator_reads_environment(monkeypatch, tiny_t5):
@@ -355,13 +358,14 @@ def test_make_generator_reads_environment(monkeypatch, tiny_t5):
     monkeypatch.setenv("RAYINDEX_OPENAI_BASE_URL", "http://llm.internal:8000/v1")
     monkeypatch.setenv("RAYINDEX_OPENAI_MODEL", "qwen")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
-    generator = make_generator("openai", timeout_s=3)
+    generator = make_generator(GeneratorConfig(generator="openai", generator_timeout=3))
     assert isinstance(generator, OpenAIGenerator)
     assert generator.url == "http://llm.internal:8000/v1/chat/completions"
     assert (generator.model, generator.api_key, generator.timeout_s) == ("qwen", "sk-env", 3)
-    # Arguments win over the environment.
-    generator = make_generator("OpenAI", model="llama", base_url="http://other:9", api_key="sk-arg")
+    # Settings given win over the environment.
+    generator = make_generator(GeneratorConfig(generator="openai", generator_model="llama", generator_url="http://other:9"),
+                               api_key="sk-arg")
     assert (generator.url, generator.model, generator.api_key) == ("http://other:9/v1/chat/completions", "llama", "sk-arg")
 
-    assert make_generator("extractive", encode=lambda texts: None).name == "extractive"
-    assert make_generator("transformers", model=str(tiny_t5)).name == "transformers"
+    assert make_generator(GeneratorConfig(), encode=lambda texts: None).name == "extractive"
+    assert make_generator(GeneratorConfig(generator="transformers", generator_model=str(tiny_t5))).name == "transformers"

@@ -4,8 +4,8 @@ import faiss
 import numpy as np
 import pytest
 
-from pipelines.config import parse_bytes
-from pipelines.index_params import (
+from rayindex.config import parse_bytes
+from rayindex.parts.index_params import (
     budget_candidates,
     choose_index_string,
     default_nprobe,

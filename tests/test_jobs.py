@@ -1,5 +1,6 @@
 """jobs/build_index.py and jobs/reindex.py submitted as real Ray jobs (JobSubmissionClient) with jobs/runtime_env.yaml."""
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipelines.search import open_published
+from rayindex.query.search import open_index
 
 from conftest import DASHBOARD_PORT, write_parquet
 
@@ -20,9 +21,10 @@ def jobs(ray_address):
     return JobSubmissionClient(f"http://127.0.0.1:{DASHBOARD_PORT}")
 
 
-def runtime_env() -> dict:
+def runtime_env(working_dir: Path = ROOT) -> dict:
+    """jobs/runtime_env.yaml with its paths made absolute (they are relative to where `ray job submit` runs)."""
     env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-    return dict(env, working_dir=str(ROOT))  # the file says ".", relative to where `ray job submit` runs
+    return dict(env, working_dir=str(working_dir), py_modules=[str(ROOT / p) for p in env["py_modules"]])
 
 
 def wait(jobs, job_id, limit_s=300):
@@ -45,14 +47,14 @@ def test_build_then_reindex_jobs_succeed_and_publish(jobs, tmp_path, docs):
     assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
     assert "Published" in jobs.get_job_logs(job)
     target = docs[12]
-    assert open_published(out).search(f"{target['title']}: {target['body']}", k=1)[0]["id"] == target["id"]
+    assert open_index(out).search(f"{target['title']}: {target['body']}", k=1)[0]["id"] == target["id"]
 
     write_parquet(corpus, docs[:42])  # two documents more: the scheduled reindex picks them up
     job = jobs.submit_job(entrypoint=f"{sys.executable} jobs/reindex.py -o {out} --quiet", runtime_env=runtime_env())
     assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
     assert "2 added, 0 changed, 0 deleted, 40 unchanged" in jobs.get_job_logs(job)
     added = docs[41]
-    assert open_published(out).search(f"{added['title']}: {added['body']}", k=1)[0]["id"] == added["id"]
+    assert open_index(out).search(f"{added['title']}: {added['body']}", k=1)[0]["id"] == added["id"]
 
 
 def test_failing_job_reports_failed_with_our_message(jobs, tmp_path):
@@ -61,3 +63,19 @@ def test_failing_job_reports_failed_with_our_message(jobs, tmp_path):
     assert wait(jobs, job) == JobStatus.FAILED
     logs = jobs.get_job_logs(job)
     assert "error:" in logs and "missing.jsonl does not exist" in logs and "Traceback" not in logs
+
+
+def test_a_pipelines_package_in_the_jobs_working_dir_breaks_nothing(jobs, tmp_path, docs):
+    """The job's working_dir is on every worker's sys.path: a user's own `pipelines` package there must
+    not shadow anything of rayindex, on the driver or in the encoder actors."""
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "jobs", work / "jobs")
+    (work / "pipelines").mkdir()
+    (work / "pipelines" / "__init__.py").write_text("raise ImportError('the user project pipelines package')\n")
+    corpus = write_parquet(tmp_path / "docs.parquet", docs[:30])
+    out = tmp_path / "out"
+    job = jobs.submit_job(entrypoint=f"{sys.executable} jobs/build_index.py {corpus} -o {out} --id-column id "
+                                     f"--template '{{title}}: {{body}}' --index IVF1,Flat --quiet",
+                          runtime_env=runtime_env(work))
+    assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
+    assert open_index(out).manifest.counts.docs_encoded == 30

@@ -9,10 +9,11 @@ import uuid
 
 import pytest
 
-from pipelines.build import build_index
-from pipelines.errors import RayIndexError
-from pipelines.lock import LOCK_FILE, OutputLock
-from pipelines.storage import Store
+from rayindex.builder import build
+from rayindex.errors import RayIndexError
+from rayindex.infra.lock import OutputLock
+from rayindex.infra.storage import Store
+from rayindex.layout import LOCK_FILE
 
 from conftest import build_config
 
@@ -51,9 +52,12 @@ def test_expired_lock_and_lock_of_a_dead_process_are_taken_over(store):
 
 
 def test_live_holder_renews_its_lock(store):
-    with OutputLock(store, "long-run", ttl_s=1.5):
+    with OutputLock(store, "long-run", ttl_s=3):
         first = holder(store)["expires_at"]
-        time.sleep(1.2)  # renewed every ttl/3
+        deadline = time.monotonic() + 2.5  # renewed every ttl/3, before it expires
+        while holder(store)["expires_at"] == first:
+            assert time.monotonic() < deadline, "not renewed"
+            time.sleep(0.1)
         assert holder(store)["expires_at"] > first
         with pytest.raises(RayIndexError, match="locked by run long-run"):
             OutputLock(store, "other").acquire()
@@ -74,5 +78,5 @@ def test_build_refuses_a_locked_output(tmp_path, corpus_dir):
     (tmp_path / "out").mkdir()
     with OutputLock(Store(str(tmp_path / "out")), "someone-else"):
         with pytest.raises(RayIndexError, match="locked by run someone-else"):
-            build_index(build_config([corpus_dir], tmp_path / "out"))
+            build(build_config([corpus_dir], tmp_path / "out"))
     assert not [p for p in (tmp_path / "out" / "versions").glob("*") if not p.name.startswith(".")]  # refused before creating a version

@@ -3,7 +3,6 @@ quantizer is reused unless the corpus drifted, and the result has the hits of a 
 the same trained quantizer; old versions past --keep are deleted; the --every loop goes on after a
 failed run."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,15 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.build import CURRENT, VERSIONS, add_stage, build_index, merge_stage
-from pipelines.errors import RayIndexError
-from pipelines.lock import OutputLock
-from pipelines.manifest import Manifest
-from pipelines.reindex import parse_interval, reindex, run_every
-from pipelines.search import open_published, open_version
-from pipelines.storage import Store
+from rayindex.api import reindex
+from rayindex.builder import build
+from rayindex.errors import RayIndexError
+from rayindex.incremental import parse_interval, run_every
+from rayindex.infra.lock import OutputLock
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.storage import Store
+from rayindex.layout import CURRENT, MANIFEST, TRAINED_FILE, VERSIONS
+from rayindex.manifest import Manifest
+from rayindex.query.search import open_index, open_version
+from rayindex.stages import add, merge
 
-from conftest import build_config, write_parquet
+from conftest import build_config, client_env, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(shards=2, index="IVF4,Flat", template="{title}: {body}")
@@ -38,25 +41,25 @@ def reindexed(ray_address, docs, tmp_path_factory):
     write_parquet(root / "v1" / "a.parquet", docs[:100])
     write_parquet(root / "v1" / "b.parquet", docs[100:200])
     out = root / "out"
-    first = build_index(build_config([root / "v1"], out, **OPTIONS))
+    first = build(build_config([root / "v1"], out, **OPTIONS))
     v2 = corpus_v2(docs)
     write_parquet(root / "v2" / "a.parquet", v2[:110])
     write_parquet(root / "v2" / "b.parquet", v2[110:])
-    second = reindex(str(out), {"inputs": [str(root / "v2")]})
+    second = reindex(str(out), root / "v2")
     return root, out, first, second
 
 
 def test_only_new_and_changed_documents_are_encoded(reindexed, docs):
     _, out, first, second = reindexed
-    assert second.reindex["previous"] == first.run_id
-    assert {k: second.reindex[k] for k in ("added", "changed", "deleted", "unchanged", "encoded")} == {
+    assert second.reindex.previous == first.run_id
+    assert second.reindex.model_dump(include={"added", "changed", "deleted", "unchanged", "encoded"}) == {
         "added": 20, "changed": 10, "deleted": 10, "unchanged": 180, "encoded": 30}
-    assert second.reindex["path"] == "incremental" and second.reindex["drift"]["ratio"] < 1.2
-    assert second.training["reused_from"] == first.run_id
-    assert second.training["trained_fingerprint"] == first.training["trained_fingerprint"]
+    assert second.reindex.path == "incremental" and second.reindex.drift.ratio < 1.2
+    assert second.training.reused_from == first.run_id
+    assert second.training.trained_fingerprint == first.training.trained_fingerprint
     assert (out / CURRENT).read_text().strip() == second.run_id
 
-    index = open_published(out)
+    index = open_index(out)
     assert index.search(f"{docs[205]['title']}: {docs[205]['body']}", k=1, nprobe=4)[0]["id"] == docs[205]["id"]  # added
     revised = index.search(f"{docs[12]['title']}: {docs[12]['body']} This function was revised in the new release.", k=1, nprobe=4)[0]
     assert revised["id"] == docs[12]["id"] and revised["text"].endswith("revised in the new release.")  # changed
@@ -66,16 +69,15 @@ def test_only_new_and_changed_documents_are_encoded(reindexed, docs):
 
 def test_equals_a_full_rebuild_with_the_same_trained_quantizer(reindexed, tmp_path):
     root, out, first, second = reindexed
-    full = build_index(build_config([root / "v2"], tmp_path / "full", **OPTIONS))
+    full = build(build_config([root / "v2"], tmp_path / "full", **OPTIONS))
     version = tmp_path / "full" / VERSIONS / full.run_id
-    shutil.copyfile(out / VERSIONS / first.run_id / "trained.faiss", version / "trained.faiss")  # the same quantizer
-    full.training, full.merge = dict(first.training), {}
-    full.files_sha256["trained.faiss"] = first.training["trained_sha256"]
-    config = full.config
-    add_stage(config, full, version)
-    merge_stage(config, full, version)
+    shutil.copyfile(out / VERSIONS / first.run_id / TRAINED_FILE, version / TRAINED_FILE)  # the same quantizer
+    full.training, full.merge = first.training, None
+    full.files_sha256[TRAINED_FILE] = first.training.trained_sha256
+    add.run(full.config, full, Store(str(version)), StageProgress(quiet=True))
+    merge.run(full.config, full, Store(str(version)), StageProgress(quiet=True))
 
-    incremental = open_published(out)
+    incremental = open_index(out)
     rebuilt = open_version(version, full)
     queries = incremental.encode(["open a file", "sort a list", "http request", "random numbers", "revised in the new release"])
     d1, i1 = incremental.search_vectors(queries, 10, nprobe=4)
@@ -90,11 +92,11 @@ def test_drift_past_the_threshold_retrains(reindexed, tmp_path):
     shifted = [{"id": f"order-{i}", "title": f"Order {i}", "body": f"Order {i} of {i % 7 + 1} pallets shipped from Rotterdam to "
                 f"warehouse {i % 13} on day {i % 28 + 1}; invoice total {i * 37 % 1000} euros."} for i in range(150)]
     write_parquet(root / "v3" / "orders.parquet", shifted)
-    third = reindex(str(out), {"inputs": [str(root / "v3")]})  # the default threshold, 1.2
-    assert third.reindex["path"] == "full retrain", third.reindex
-    assert third.reindex["drift"]["ratio"] > 1.2 and "drift" in third.reindex["reason"]  # measured 3.18
-    assert "reused_from" not in third.training and third.reindex["deleted"] == 210
-    assert open_published(out).search("Order 17 shipped from Rotterdam", k=1, nprobe=4)[0]["id"].startswith("order-")
+    third = reindex(str(out), root / "v3")  # the default threshold, 1.2
+    assert third.reindex.path == "full retrain", third.reindex
+    assert third.reindex.drift.ratio > 1.2 and "drift" in third.reindex.reason  # measured 3.18
+    assert third.training.reused_from is None and third.reindex.deleted == 210
+    assert open_index(out).search("Order 17 shipped from Rotterdam", k=1, nprobe=4)[0]["id"].startswith("order-")
 
 
 def test_reindex_job_keeps_versions_up_to_the_retention_count(reindexed, ray_address):
@@ -103,13 +105,14 @@ def test_reindex_job_keeps_versions_up_to_the_retention_count(reindexed, ray_add
     before = sorted(p.name for p in (out / VERSIONS).iterdir() if not p.name.startswith("."))
     for _ in range(2):
         job = subprocess.run([sys.executable, "jobs/reindex.py", "-o", str(out), "--keep", "2", "--quiet", "--ray-address", ray_address],
-                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=client_env())
         assert job.returncode == 0, job.stderr
         assert "0 added, 0 changed, 0 deleted" in job.stdout and "Quantizer: incremental" in job.stdout
     versions = sorted(p.name for p in (out / VERSIONS).iterdir() if not p.name.startswith("."))
     assert len(versions) == 2 and not set(versions) & set(before)
     assert (out / CURRENT).read_text().strip() == versions[-1]
-    assert Manifest.load(out / VERSIONS / versions[-1]).pruned == [before[-1]]  # the first job pruned the older ones
+    newest = Manifest.from_json((out / VERSIONS / versions[-1] / MANIFEST).read_text(), versions[-1])
+    assert newest.pruned == [before[-1]]  # the first job pruned the older ones
 
 
 def test_a_reindex_while_another_run_holds_the_output_refuses(reindexed):

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.build import CURRENT, VERSIONS, build_index
-from pipelines.encode import EMBEDDINGS_FILE, shard_dir
-from pipelines.manifest import Manifest
-from pipelines.search import open_published
+from rayindex.builder import build
+from rayindex.layout import CURRENT, EMBEDDINGS_FILE, VERSIONS, shard_dir
+from rayindex.manifest import Manifest
+from rayindex.query.search import open_index
 
-from conftest import DASHBOARD_PORT, build_config
+from conftest import DASHBOARD_PORT, build_config, client_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
@@ -29,7 +29,7 @@ OPTIONS = dict(shards=3, index="IVF8,PQ16np", on_disk=False, encoders=1)
 
 def cli_build(corpus_dir, out: Path, ray_address: str, kill_after: str | None = None) -> subprocess.CompletedProcess:
     """`rayindex build` exactly as a user would re-run it (the kill_after run SIGKILLs itself)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = client_env()
     if kill_after:
         env["RAYINDEX_KILL_AFTER"] = kill_after
     args = [RAYINDEX, "build", str(corpus_dir), "-o", str(out), "--id-column", "id", "--template", "{title}: {body}",
@@ -48,8 +48,8 @@ def only_version(out: Path) -> Path:
 def reference(ray_address, corpus_dir, tmp_path_factory):
     """An uninterrupted build with the same settings: (output, query vectors, its ids and distances)."""
     out = tmp_path_factory.mktemp("reference")
-    build_index(build_config([corpus_dir], out, **OPTIONS))
-    index = open_published(out)
+    build(build_config([corpus_dir], out, **OPTIONS))
+    index = open_index(out)
     queries = index.encode(["read a file line by line", "compress data", "parse command line options",
                             "thread pool executor", "format a date"])
     distances, ids = index.search_vectors(queries, 10, nprobe=8)
@@ -58,13 +58,13 @@ def reference(ray_address, corpus_dir, tmp_path_factory):
 
 def assert_identical(out: Path, reference) -> None:
     _, queries, ids, distances = reference
-    distances2, ids2 = open_published(out).search_vectors(queries, 10, nprobe=8)
+    distances2, ids2 = open_index(out).search_vectors(queries, 10, nprobe=8)
     np.testing.assert_array_equal(ids2, ids)
     np.testing.assert_array_equal(distances2, distances)
     ref = Manifest.load(only_version(reference[0]))
     got = Manifest.load(only_version(out))
     assert [s.embeddings_sha256 for s in got.shard_states] == [s.embeddings_sha256 for s in ref.shard_states]
-    assert got.training["trained_fingerprint"] == ref.training["trained_fingerprint"]
+    assert got.training.trained_fingerprint == ref.training.trained_fingerprint
 
 
 @pytest.mark.parametrize("kill_after, reused", [
@@ -89,7 +89,7 @@ def test_killed_driver_resumes_and_matches_uninterrupted_run(kill_after, reused,
     manifest = Manifest.load(only_version(out))  # the same version folder, now published
     assert manifest.status == "published" and len(manifest.resumed) == 1
     for stage, expected in reused.items():
-        assert manifest.reused[stage] == expected, stage
+        assert getattr(manifest.reused, stage) == expected, stage
     for sid, mtime in finished.items():  # finished shards were verified, not rewritten
         assert os.stat(shard_dir(version, sid) / EMBEDDINGS_FILE).st_mtime_ns == mtime
     assert_identical(out, reference)
@@ -104,10 +104,10 @@ def test_a_damaged_finished_shard_is_recomputed(corpus_dir, ray_address, referen
     data = bytearray(damaged.read_bytes())
     data[100] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    build_index(build_config([corpus_dir], out, **OPTIONS))
+    build(build_config([corpus_dir], out, **OPTIONS))
     manifest = Manifest.load(version)
-    assert manifest.reused["encode"] == [0, 2]
-    assert manifest.reused["train"] is True  # shard 1 re-encoded to the same bytes: the training sample is unchanged
+    assert manifest.reused.encode == [0, 2]
+    assert manifest.reused.train is True  # shard 1 re-encoded to the same bytes: the training sample is unchanged
     assert_identical(out, reference)
 
 
@@ -135,7 +135,7 @@ def test_killed_encoder_actor_is_restarted_and_result_identical(corpus_dir, ray_
 
 def run_or_error(config):
     try:
-        build_index(config)
+        build(config)
     except Exception as exc:  # reported by the test's assertion
         return exc
     return None

@@ -17,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build import build_index
-from pipelines.errors import RayIndexError, user_message
-from pipelines.manifest import Manifest
-from pipelines.reindex import reindex
-from pipelines.search import open_published
+from rayindex.api import reindex
+from rayindex.builder import build
+from rayindex.errors import RayIndexError, user_message
+from rayindex.manifest import Manifest
+from rayindex.query.search import open_index
 
-from conftest import build_config, free_port
+from conftest import build_config, client_env, free_port
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -39,35 +39,31 @@ def s3_corpus(s3_server, docs):
 
 
 def test_build_from_s3_folder_and_search(s3_corpus, ray_address, tmp_path, docs):
-    manifest = build_index(build_config([s3_corpus], tmp_path, shards=2, index="IVF2,Flat"))
-    assert [f["path"] for f in manifest.files] == [f"{s3_corpus}/part-0.parquet", f"{s3_corpus}/part-1.jsonl"]
-    assert manifest.counts["docs_encoded"] == 100
+    manifest = build(build_config([s3_corpus], tmp_path, shards=2, index="IVF2,Flat"))
+    assert [f.path for f in manifest.files] == [f"{s3_corpus}/part-0.parquet", f"{s3_corpus}/part-1.jsonl"]
+    assert manifest.counts.docs_encoded == 100
     target = docs[77]  # from the JSONL part, read by a worker straight from S3
-    hits = open_published(tmp_path).search(f"{target['title']}: {target['body']}", k=3, nprobe=2)
+    hits = open_index(tmp_path).search(f"{target['title']}: {target['body']}", k=3, nprobe=2)
     assert hits[0]["id"] == target["id"]
 
 
 def test_s3_glob_and_missing_key(s3_corpus, ray_address, tmp_path):
-    from pipelines.corpus import list_input_files
+    from rayindex.parts.corpus import list_input_files
 
     assert list_input_files([f"{s3_corpus}/*.jsonl"]) == [f"{s3_corpus}/part-1.jsonl"]
     with pytest.raises(RayIndexError, match=r"input path s3://.*/nope\.parquet does not exist"):
-        build_index(build_config([f"{s3_corpus}/nope.parquet"], tmp_path))
+        build(build_config([f"{s3_corpus}/nope.parquet"], tmp_path))
 
 
 def s3_output(s3_server, name: str) -> str:
     return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}"
 
 
-def version_manifest(s3_server, output: str, run_id: str) -> Manifest:
-    return Manifest.model_validate_json(s3_server.fs.cat(f"{output}/versions/{run_id}/manifest.json"))
-
-
 @pytest.fixture(scope="module")
 def s3_build(s3_corpus, s3_server, ray_address):
     """A build whose corpus, intermediates, version and CURRENT are all on S3: (output, manifest)."""
     output = s3_output(s3_server, "out")
-    return output, build_index(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
+    return output, build(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
 
 
 def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server, tmp_path, docs):
@@ -83,13 +79,13 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
 
     target = docs[42]
     cache = tmp_path / "cache"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAYINDEX_CACHE=str(cache))
+    env = dict(client_env(), RAYINDEX_CACHE=str(cache))
     search = subprocess.run([RAYINDEX, "search", "--index", output, "--json", "-k", "3", "--s3-endpoint", os.environ["AWS_ENDPOINT_URL"],
                              f"{target['title']}: {target['body']}"], capture_output=True, text=True, env=env, timeout=300)
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)[0]["id"] == target["id"]
     cached = {str(p.relative_to(p.parents[2])) if "shards" in p.parts else p.name for p in cache.rglob("*") if p.is_file()}
-    assert {"index.faiss", "manifest.json", "shards/00000/docs.parquet", "shards/00000/row_ids.npy"} <= cached
+    assert {"index.faiss", "index_infos.json", "manifest.json", "shards/00000/docs.parquet", "shards/00000/row_ids.npy"} <= cached
     assert "shards/00000/embeddings.f32" not in cached  # only what serving reads
 
     # a damaged object in the store is refused on download, naming it
@@ -97,7 +93,7 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
     fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", b"garbage")
     try:
         with pytest.raises(RayIndexError, match=r"index\.faiss does not match its checksum in the manifest"):
-            open_published_with_cache(output, tmp_path / "cache2")
+            open_index_with_cache(output, tmp_path / "cache2")
     finally:
         fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", good)
 
@@ -105,11 +101,12 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
 def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, docs):
     from ray import serve
 
-    from pipelines.serve import ServeSettings, start_serving
+    from rayindex.config import ServeConfig
+    from rayindex.query.serve import start_serving
 
     output, manifest = s3_build
     port = free_port()
-    start_serving(ServeSettings(index=output, poll_interval_s=0.5), port=port, replica_cpus=0)
+    start_serving(ServeConfig(index=output, poll_interval=0.5, port=port, replica_cpus=0))
     try:
         target = docs[7]
         r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": f"{target['title']}: {target['body']}", "k": 2}, timeout=60)
@@ -125,10 +122,10 @@ def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, docs
         serve.shutdown()
 
 
-def open_published_with_cache(output: str, cache):
+def open_index_with_cache(output: str, cache):
     os.environ["RAYINDEX_CACHE"] = str(cache)
     try:
-        return open_published(output)
+        return open_index(output)
     finally:
         del os.environ["RAYINDEX_CACHE"]
 
@@ -152,7 +149,7 @@ def wait_for_encoded_shard(s3_server, output: str, timeout: float = 180) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for path in s3_server.fs.glob(f"{output}/versions/*/manifest.json"):
-            manifest = Manifest.model_validate_json(s3_server.fs.cat(path))
+            manifest = Manifest.from_json(s3_server.fs.cat(path), path)
             if any(s.embeddings_sha256 for s in manifest.shard_states):
                 return manifest.run_id
         time.sleep(0.3)
@@ -161,8 +158,8 @@ def wait_for_encoded_shard(s3_server, output: str, timeout: float = 180) -> str:
 
 def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address):
     output = s3_output(s3_server, "outage")
-    thread, result = run_in_thread(lambda: build_index(build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat",
-                                                                    storage_retry_s=120)))
+    thread, result = run_in_thread(lambda: build(build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat",
+                                                                    storage_retry=120)))
     wait_for_encoded_shard(s3_server, output)
     s3_server.stop()
     time.sleep(8)  # the store is down while shards are being written and the manifest saved
@@ -170,13 +167,13 @@ def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address):
     thread.join(timeout=300)
     assert isinstance(result[0], Manifest), result
     assert s3_server.fs.cat(f"{output}/CURRENT").decode().strip() == result[0].run_id
-    assert result[0].counts["docs_encoded"] == 100 and not result[0].resumed
+    assert result[0].counts.docs_encoded == 100 and not result[0].resumed
 
 
 def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_corpus, s3_server, ray_address):
     output = s3_output(s3_server, "gone")
-    config = build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat", storage_retry_s=4)
-    thread, result = run_in_thread(lambda: build_index(config))
+    config = build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat", storage_retry=4)
+    thread, result = run_in_thread(lambda: build(config))
     run_id = wait_for_encoded_shard(s3_server, output)
     s3_server.stop()
     try:
@@ -190,22 +187,22 @@ def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_co
     assert "re-run the same command" in message
     assert not s3_server.fs.exists(f"{output}/CURRENT")
 
-    manifest = build_index(config)  # the store is back: the same command resumes the same run
+    manifest = build(config)  # the store is back: the same command resumes the same run
     assert manifest.run_id == run_id and len(manifest.resumed) == 1
-    assert manifest.reused["encode"]  # the shards pushed before the outage were kept
+    assert manifest.reused.encode  # the shards pushed before the outage were kept
     assert s3_server.fs.cat(f"{output}/CURRENT").decode().strip() == run_id
 
 
 def test_concurrent_runs_on_one_s3_output(s3_corpus, s3_server, ray_address):
     output = s3_output(s3_server, "concurrent")
     config = build_config([s3_corpus], output, shards=2, index="IVF2,Flat")
-    thread, result = run_in_thread(lambda: build_index(config))
+    thread, result = run_in_thread(lambda: build(config))
     deadline = time.monotonic() + 60
     while not s3_server.fs.exists(f"{output}/LOCK"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     with pytest.raises(RayIndexError, match=rf"s3://{s3_server.bucket}/concurrent-\w+/LOCK: the output is locked by run"):
-        build_index(config)
+        build(config)
     thread.join(timeout=300)
     assert isinstance(result[0], Manifest), result
     versions = s3_server.fs.ls(f"{output}/versions")

@@ -10,8 +10,11 @@ import httpx
 import pytest
 from ray import serve
 
-from pipelines.build import CURRENT, build_index
-from pipelines.serve import ServeSettings, start_serving
+from rayindex.builder import build
+from rayindex.config import ServeConfig
+from rayindex.errors import RayIndexError
+from rayindex.layout import CURRENT
+from rayindex.query.serve import start_serving
 
 from conftest import build_config, free_port, write_parquet
 from test_generate import base_url, chat_server  # noqa: F401 - the OpenAI-compatible stand-in server fixture
@@ -22,11 +25,10 @@ def served(built, tmp_path_factory):
     """The session build, copied (a hot swap will publish into it), served by one replica."""
     output = tmp_path_factory.mktemp("served") / "index"
     shutil.copytree(built[0], output)
-    port = free_port()
     # replica_cpus=0: the replica must not hold a CPU that the hot-swap build's encoders need
-    settings = ServeSettings(index=str(output), poll_interval_s=0.3)
-    start_serving(settings, port=port, replica_cpus=0)
-    yield output, f"http://127.0.0.1:{port}", settings
+    settings = ServeConfig(index=str(output), poll_interval=0.3, port=free_port(), replica_cpus=0)
+    start_serving(settings)
+    yield output, f"http://127.0.0.1:{settings.port}", settings
     serve.shutdown()
 
 
@@ -57,13 +59,21 @@ def test_ask_answers_with_citations_and_sources(client):
     assert set(body["timings_ms"]) == {"retrieve", "generate", "total"}
 
 
+def metrics_text(client, wanted: str, limit_s: float = 60) -> str:
+    """/metrics once it shows `wanted` (Ray's metrics agents export what the replicas record every few seconds)."""
+    deadline = time.monotonic() + limit_s
+    while wanted not in (text := client.get("/metrics").text) and time.monotonic() < deadline:
+        time.sleep(1)
+    return text
+
+
 def test_health_metrics_and_openapi(client, built):
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].merge["ntotal"]
-    metrics = client.get("/metrics").text
+    assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].merge.ntotal
+    metrics = metrics_text(client, 'rayindex_requests_total{endpoint="/search",status="200"}')
     assert 'rayindex_requests_total{endpoint="/search",status="200"}' in metrics
     assert "rayindex_request_latency_seconds_bucket" in metrics
-    assert f'rayindex_index_version_info{{version="{built[1].run_id}"}} 1.0' in metrics
+    assert f'rayindex_replicas_serving{{version="{built[1].run_id}"}} 1.0' in metrics
     assert client.get("/docs").status_code == 200
     assert "/search" in client.get("/openapi.json").json()["paths"]
 
@@ -119,7 +129,7 @@ def test_hot_swap_under_concurrent_requests(served, client, docs, tmp_path, buil
     for t in threads:
         t.start()
     try:
-        new = build_index(build_config([tmp_path / "v2"], output, shards=1, index="IVF1,Flat"))
+        new = build(build_config([tmp_path / "v2"], output, shards=1, index="IVF1,Flat"))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and client.get("/healthz").json()["version"] != new.run_id:
             time.sleep(0.2)
@@ -138,13 +148,13 @@ def test_hot_swap_under_concurrent_requests(served, client, docs, tmp_path, buil
             assert all(i.startswith("v2-") for i in ids), ids
         else:
             assert ids <= old_ids, ids
-    assert 'rayindex_index_swaps_total 1.0' in client.get("/metrics").text
+    assert "rayindex_index_swaps_total 1.0" in metrics_text(client, "rayindex_index_swaps_total 1.0")
 
 
 def test_bearer_token_auth(served):
     """Redeploy with RAYINDEX_API_KEY set: everything but /healthz needs the token."""
     output, url, settings = served
-    start_serving(settings.model_copy(update={"api_key": "s3cret"}), port=int(url.rsplit(":", 1)[1]), replica_cpus=0)
+    start_serving(settings.model_copy(update={"api_key": "s3cret"}))
     with httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/healthz").status_code == 200
         for method, path in (("post", "/search"), ("post", "/ask"), ("get", "/metrics"), ("get", "/docs"), ("get", "/openapi.json")):
@@ -162,8 +172,7 @@ def test_ask_with_openai_generator_and_its_failures(served, chat_server):  # noq
     both still carrying the retrieved sources."""
     output, url, settings = served
     start_serving(settings.model_copy(update={"generator": "openai", "generator_url": base_url(chat_server),
-                                              "generator_model": "tiny-llm", "generator_timeout_s": 0.5}),
-                  port=int(url.rsplit(":", 1)[1]), replica_cpus=0)
+                                              "generator_model": "tiny-llm", "generator_timeout": 0.5}))
     with httpx.Client(base_url=url, timeout=60) as c:
         ok = c.post("/ask", json={"question": "How do I decode base64 data?", "k": 3})
         assert ok.status_code == 200, ok.text
@@ -179,14 +188,11 @@ def test_ask_with_openai_generator_and_its_failures(served, chat_server):  # noq
 
 
 def test_serve_refuses_missing_or_half_written_index(tmp_path, built):
-    from pipelines.errors import RayIndexError
-    from pipelines.serve import check_servable
-
     with pytest.raises(RayIndexError, match="has no published index"):
-        start_serving(ServeSettings(index=str(tmp_path / "nothing")))
+        start_serving(ServeConfig(index=str(tmp_path / "nothing")))
     half = tmp_path / "half"
     shutil.copytree(built[0], half)
     run_id = (half / CURRENT).read_text().strip()
     (half / "versions" / run_id / "index.faiss").unlink()  # as if the merge never finished
     with pytest.raises(RayIndexError, match=r"names .* but .*index\.faiss is missing"):
-        check_servable(str(half))
+        start_serving(ServeConfig(index=str(half)))

@@ -1,0 +1,88 @@
+"""The build: lock the output -> resume or start a version -> plan, encode, train, add, merge (and tune)
+-> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
+any point resumes where it stopped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from rayindex.config import BuildConfig
+from rayindex.errors import RayIndexError, user_message
+from rayindex.infra.lock import OutputLock
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.storage import Store, use_s3_endpoint
+from rayindex.manifest import Manifest, Reindex, Resumption, library_versions, now_iso
+from rayindex.stages import add, encode, merge, plan, train, tune
+from rayindex.versions import (check_output_writable, current_run_id, new_run_id, prune_versions, publish, read_manifest,
+                               save_manifest, version_ids, version_store)
+
+STAGES = (("encode", encode.run), ("train", train.run), ("add", add.run), ("merge", merge.run))
+
+
+def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = None, keep: int | None = None) -> Manifest:
+    """Run a whole build under the output lock and publish it; returns the published version's manifest.
+
+    reindex: an incremental run from a published version (reindex.py). keep: after publishing, delete
+    all but the newest `keep` published versions (still under the lock)."""
+    use_s3_endpoint(config.s3_endpoint)  # this driver's S3 client; workers get it from ray_session.connect
+    root = Store(config.output, config.storage_retry)
+    check_output_writable(root)
+    with OutputLock(root, new_run_id()) as lock, StageProgress(quiet=quiet) as progress:
+        manifest, version = start_or_resume(config, root, progress, reindex)
+        try:
+            with timed("plan", manifest, version):
+                plan.run(config, manifest)
+            for name, run in STAGES + ((("tune", tune.run),) if config.target_recall else ()):
+                with timed(name, manifest, version):
+                    run(config, manifest, version, progress)
+            lock.check_held()
+            publish(root, version, manifest)
+        except BaseException as exc:
+            manifest.status, manifest.error = "failed", user_message(exc)
+            with contextlib.suppress(Exception):  # the store may be the thing that failed
+                save_manifest(version, manifest)
+            raise
+        if keep:
+            manifest.pruned = prune_versions(root, keep)
+            save_manifest(version, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def timed(name: str, manifest: Manifest, version: Store):
+    """Add the stage's wall time to the manifest's timings and save the manifest after it."""
+    start = time.monotonic()
+    version.local_root.mkdir(parents=True, exist_ok=True)
+    yield
+    manifest.timings_s[name] = round(manifest.timings_s.get(name, 0) + time.monotonic() - start, 3)
+    save_manifest(version, manifest)
+
+
+def start_or_resume(config: BuildConfig, root: Store, progress: StageProgress, reindex: Reindex | None = None) -> tuple[Manifest, Store]:
+    """The newest version when it is an unpublished run of this config over the same inputs; else a new one."""
+    runs = version_ids(root)
+    try:
+        previous = read_manifest(root, runs[-1]) if runs else None
+    except RayIndexError as exc:  # a damaged run is not resumed; a new one starts beside it
+        progress.note(f"not resuming: {exc}")
+        previous = None
+    if (previous and previous.config_fingerprint == config.fingerprint()
+            and (previous.status != "published" or current_run_id(root) != previous.run_id)
+            and bool(previous.reindex) == bool(reindex)):
+        if not previous.files or plan.plan(config) == (previous.files, previous.shards):
+            progress.note(f"resuming run {previous.run_id} (stopped while {previous.status}: {previous.error or 'killed'})")
+            previous.resumed.append(Resumption(at=now_iso(), previous_status=previous.status, previous_error=previous.error))
+            previous.status, previous.error = "running", None
+            version = version_store(root, previous.run_id)
+            save_manifest(version, previous)
+            return previous, version
+        progress.note(f"not resuming run {previous.run_id}: the input files changed since it started")
+    run_id = new_run_id()
+    version = version_store(root, run_id)
+    version.local_root.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_id=run_id, created_at=now_iso(), config=config, config_fingerprint=config.fingerprint(),
+                        metric=config.metric, versions=library_versions(), reindex=reindex)
+    save_manifest(version, manifest)
+    return manifest, version

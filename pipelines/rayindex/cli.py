@@ -1,0 +1,258 @@
+"""`rayindex`: a thin command line over the Python API. Every option comes from a settings model
+(config.py, through options.py). Exit codes: 0 done, 1 failed (one `error:` line, never a
+traceback), 2 a usage error (an option that cannot work)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rayindex.config import (AskParams, BuildConfig, EvalOptions, GeneratorConfig, IndexLocation, PlanOptions, ReindexOptions,
+                             SearchParams, ServeConfig, TuneOptions)
+from rayindex.errors import UsageError, user_message
+from rayindex.options import From, settings, with_options
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build one FAISS index from a text corpus on Ray, and search it.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
+    raise typer.Exit(code)
+
+
+def command(after_failure: str = ""):
+    """A command: options from the models, and every failure one `error:` line with the right exit code."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
+                raise
+            except (UsageError, ValueError) as exc:  # ValueError: an option value our code refused (an interval, a generator)
+                fail(user_message(exc), 2)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes one message, not a traceback
+                fail(user_message(exc) + after_failure, 1)
+
+        return app.command(fn.__name__.removesuffix("_command"))(with_options(run))
+
+    return wrap
+
+
+def where_is(location: dict) -> IndexLocation:
+    from rayindex.infra.storage import use_s3_endpoint
+
+    where = settings(IndexLocation, location)
+    use_s3_endpoint(where.s3_endpoint)
+    return where
+
+
+@command(after_failure="\n(run folder kept for inspection; CURRENT was not changed)")
+def build(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Parquet/JSONL files or folders, local or fsspec URIs (s3://...). "
+                                                  "None: the Python standard library's docstrings (the embedded default)."),
+    options: Annotated[dict, From(BuildConfig, exclude={"inputs"})] = None,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Build and publish an index: shard -> encode -> train -> per-shard add -> merge -> publish."""
+    from rayindex import api
+
+    if not inputs:
+        err_console.print("No input given: indexing the Python standard library's docstrings (the embedded default).")
+    print_published(api.build(inputs, quiet=quiet, **options), options.get("output") or BuildConfig.model_fields["output"].default)
+
+
+def print_published(manifest, output: str) -> None:
+    """The summary table and one line on what was published (build and reindex)."""
+    from rayindex.infra.progress import summary_table
+
+    console.print(summary_table(manifest))
+    console.print(
+        f"Published [bold]{manifest.run_id}[/]: {manifest.counts.docs_encoded:,} docs, index {manifest.index_string!r}"
+        f"{' (chosen automatically)' if manifest.training.chosen_automatically else ''}, nprobe {manifest.nprobe}, "
+        f"{'on-disk' if manifest.merge.on_disk else 'in-RAM'} merge, skipped {manifest.counts.skipped or 'none'}.", soft_wrap=True
+    )
+    r = manifest.reindex
+    if r:
+        console.print(f"Reindex of {r.previous}: {r.added:,} added, {r.changed:,} changed, {r.deleted:,} deleted, "
+                      f"{r.unchanged:,} unchanged (vectors reused); encoded {r.encoded:,}. Quantizer: {r.path} ({r.reason}).")
+    if manifest.pruned:
+        console.print(f"Deleted old versions: {', '.join(manifest.pruned)}")
+    for warning in manifest.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"Search it: rayindex search --index {output} \"your question\"")
+
+
+@command(after_failure="\n(CURRENT was not changed)")
+def reindex(
+    inputs: Optional[List[str]] = typer.Argument(None, help="The corpus now (default: the inputs of the published version)."),
+    options: Annotated[dict, From(ReindexOptions)] = None,
+    overrides: Annotated[dict, From(BuildConfig, include={"encoders", "gpu", "ray_address", "s3_endpoint"})] = None,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Incremental reindex: encode only new and changed documents, drop deleted ones, reuse the quantizer unless drifted, publish."""
+    from rayindex.incremental import parse_interval, reindex as run_reindex, run_every
+
+    settled = settings(ReindexOptions, options)
+    overrides = dict(overrides, inputs=inputs or None)
+
+    def once() -> None:
+        print_published(run_reindex(settled, overrides, quiet), settled.output)
+
+    if settled.every is None:
+        once()
+        return
+    interval = parse_interval(settled.every)
+    err_console.print(f"Reindexing {settled.output} every {settled.every} (Ctrl-C stops).")
+    try:
+        run_every(interval, once, lambda exc: err_console.print(
+            f"[bold red]error:[/] {user_message(exc)} (CURRENT not changed; next run in {settled.every})"))
+    except KeyboardInterrupt:
+        pass
+
+
+@command()
+def search(
+    query: str = typer.Argument(..., help="What to look for."),
+    location: Annotated[dict, From(IndexLocation)] = None,
+    params: Annotated[dict, From(SearchParams)] = None,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, metadata}."),
+) -> None:
+    """Search the published index (an s3:// index is cached locally by version, checked by checksum)."""
+    from rayindex.query.search import open_index
+
+    search_params = settings(SearchParams, params)
+    hits = open_index(where_is(location).index).search(query, search_params.k, search_params.nprobe)
+    if as_json:
+        sys.stdout.write(json.dumps(hits, ensure_ascii=False, default=str) + "\n")
+        return
+    table = Table(title=f"{len(hits)} hits for {query!r}")
+    for col in ("#", "score", "id", "text"):
+        table.add_column(col, overflow="fold")
+    for rank, hit in enumerate(hits, 1):
+        text = " ".join(hit["text"].split())
+        table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["id"]), text[:160] + ("…" if len(text) > 160 else ""))
+    console.print(table)
+
+
+def print_sweep(points, ks: list[int], title: str) -> None:
+    table = Table(title=title)
+    for col in ["nprobe", "re-rank", *[f"recall@{k}" for k in ks], "ms/query"]:
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(str(p.nprobe), f"x{p.refine}" if p.refine > 1 else "-", *[f"{p.recall[k]:.3f}" for k in ks], f"{p.ms_per_query:.3f}")
+    console.print(table)
+
+
+@command()
+def eval_command(
+    location: Annotated[dict, From(IndexLocation)] = None,
+    options: Annotated[dict, From(EvalOptions)] = None,
+) -> None:
+    """Recall@k vs exact search and latency for a sweep of nprobe; writes eval.json and PNG plots into the version."""
+    from rayindex.manifest import SweepPoint
+    from rayindex.query.evaluate import evaluate
+    from rayindex.query.search import open_index
+
+    eval_options = settings(EvalOptions, options)
+    eval_options.k_values()  # a bad --k is a usage error before the index is opened
+    result = evaluate(open_index(where_is(location).index, with_vectors=True), eval_options)
+    print_sweep([SweepPoint(**p) for p in result["sweep"]], result["ks"], f"{result['index_string']}: {result['documents']:,} docs, "
+                f"{result['queries']} queries (default nprobe {result['default_nprobe']})")
+    if "labelled" in result:
+        console.print({key: round(v, 4) for key, v in result["labelled"].items()})
+    console.print(f"Wrote {Path(result['plots'][0]).parent / 'eval.json'} and {', '.join(Path(p).name for p in result['plots'])}")
+
+
+@command()
+def tune(
+    location: Annotated[dict, From(IndexLocation)] = None,
+    options: Annotated[dict, From(TuneOptions)] = None,
+) -> None:
+    """Store the smallest nprobe that reaches --target-recall in the version's manifest and index.faiss (search/serve default)."""
+    from rayindex.query.search import open_index
+    from rayindex.stages.tune import tune as tune_version
+    from rayindex.versions import save_published
+
+    where = where_is(location)
+    published = open_index(where.index, with_vectors=True)
+    tuning, written = tune_version(published.version_dir, published.manifest, settings(TuneOptions, options))
+    save_published(where.index, published.version_dir, published.manifest, written)
+    print_sweep(tuning.sweep, [tuning.k], f"tuning for recall@{tuning.k} >= {tuning.target}")
+    if tuning.reached:
+        console.print(f"nprobe {tuning.nprobe} reaches recall@{tuning.k} {tuning.recall:.3f}; stored as the default.")
+    else:
+        err_console.print(f"[yellow]warning:[/] {tuning.note}; stored nprobe {tuning.nprobe}.")
+
+
+@command()
+def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
+    """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine (estimates labelled)."""
+    from rayindex.parts.capacity import format_plan, plan_capacity
+
+    o = settings(PlanOptions, options)
+    console.print(format_plan(plan_capacity(o.docs, o.dim, o.index, gpus=o.gpus, max_index_bytes=o.max_index_memory, cores=o.cores)))
+
+
+@command()
+def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
+    """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token auth)."""
+    import time
+
+    from rayindex.infra.storage import use_s3_endpoint
+    from rayindex.query.serve import start_serving
+
+    config = settings(ServeConfig, options)
+    use_s3_endpoint(config.s3_endpoint)
+    start_serving(config)
+    err_console.print(f"Serving {config.index} at http://{config.host}:{config.port} (OpenAPI page: /docs). Ctrl-C stops.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+@command()
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    location: Annotated[dict, From(IndexLocation)] = None,
+    params: Annotated[dict, From(AskParams)] = None,
+    generation: Annotated[dict, From(GeneratorConfig)] = None,
+    as_json: bool = typer.Option(False, "--json", help="Print {answer, sources} as JSON."),
+) -> None:
+    """Answer a question from the published index in this process, with numbered sources."""
+    from rayindex.query.generate import make_generator
+    from rayindex.query.search import open_index
+
+    ask_params = settings(AskParams, params)
+    opened = []  # the generator is made (and its settings checked) before the index is opened
+    generator = make_generator(settings(GeneratorConfig, generation), lambda texts: opened[0].encode(texts))
+    opened.append(open_index(where_is(location).index))
+    result = opened[0].ask(question, ask_params.k, ask_params.nprobe, generator)
+    if as_json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False, default=str) + "\n")
+        return
+    console.print(result["answer"], highlight=False)
+    for source in result["sources"]:
+        text = " ".join(source["text"].split())
+        console.print(f"[{source['n']}] {source['id']} ({source['score']:.3f}) {text[:100]}{'…' if len(text) > 100 else ''}",
+                      highlight=False, markup=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,193 @@
+"""Every setting of rayindex, once: typed models whose fields carry the name, type, default and help
+that the command line (cli.py derives its options from them), the Python API and the Serve
+application builder all use. A build's BuildConfig is recorded in its manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from typing import Annotated, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8G', '512M', '1.5T' or a plain number of bytes -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if value and value[-1] in units:
+            return int(float(value[:-1]) * units[value[-1]])
+        return int(float(value))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; use e.g. 8G, 512M or a number of bytes") from None
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+
+
+def cli(*decls: str, metavar: str | None = None, as_text: bool = False) -> dict:
+    """How a field appears on the command line (cli.py): its flags when not --field-name, a metavar,
+    and as_text for fields the command line takes as text and the model parses (sizes)."""
+    return {"cli": {"decls": list(decls), "metavar": metavar, "as_text": as_text}}
+
+
+class Settings(BaseModel):
+    """Unknown keys are refused: a typo in an option, a Serve config's args or an API call is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BuildConfig(Settings):
+    """Everything a build needs; recorded in the run manifest so a run can be resumed or repeated."""
+
+    inputs: list[str] = Field(description="Parquet/JSONL files or folders, local paths or fsspec URIs (s3://...).")
+    output: str = Field("rayindex-data", description="Output folder or s3:// prefix: versions/<run-id>/ and CURRENT go there.",
+                        json_schema_extra=cli("--output", "-o"))
+    id_column: Optional[str] = Field(None, description="Column with unique document ids (default: row numbers).")
+    text_columns: list[str] = Field(["text"], description="Text column; repeat to join several with ': '.",
+                                    json_schema_extra=cli("--text-column"))
+    template: Optional[str] = Field(None, description='Text template, e.g. "{title}: {body}" (overrides --text-column).')
+    shards: Optional[int] = Field(None, ge=1, description="Number of shards (default: from --shard-size).")
+    shard_size: int = Field(50_000, ge=1, description="Target documents per shard when --shards is not given.")
+    model: str = Field(PACKAGED_MODEL, description="sentence-transformers model name or local path (default: the packaged "
+                                                   "all-MiniLM-L6-v2, offline).")
+    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
+    encoders: Optional[int] = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")
+    index: Optional[str] = Field(None, description='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" '
+                                                   "(default: chosen from the corpus size).")
+    metric: Literal["ip", "l2"] = Field("ip", description="ip (inner product of normalized embeddings) or l2.")
+    max_index_memory: Optional[Bytes] = Field(None, ge=1, description="RAM budget of the index when --index is not given, "
+                                              "e.g. 8G: picks code size, OPQ, HNSW coarse quantizer.",
+                                              json_schema_extra=cli(metavar="SIZE", as_text=True))
+    train_sample: Optional[int] = Field(None, ge=1, description="Training sample size (default: from the index's nlist and PQ).")
+    on_disk: Optional[bool] = Field(None, description="Merge into on-disk inverted lists (default: automatic past --memory-budget).",
+                                    json_schema_extra=cli("--on-disk/--in-ram"))
+    memory_budget: Optional[Bytes] = Field(None, ge=1, description="Merge on disk when the shard indexes exceed this, e.g. 8G "
+                                           "(default: half the RAM).", json_schema_extra=cli(metavar="SIZE", as_text=True))
+    target_recall: Optional[float] = Field(None, gt=0, le=1, description="Tune nprobe to the smallest reaching this recall@10 vs "
+                                           "exact search (stored in the manifest and the index; search/serve use it).")
+    seed: int = Field(1234, description="Seed of the training sample and k-means.")
+    gpu: Optional[bool] = Field(None, description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster "
+                                "has GPUs now).", json_schema_extra=cli("--gpu/--cpu"))
+    ray_address: Optional[str] = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
+    s3_endpoint: Optional[str] = Field(None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS).")
+    storage_retry: float = Field(300.0, gt=0, description="Seconds to keep retrying an unavailable store (with backoff) before failing.")
+
+    @model_validator(mode="after")
+    def _text_given(self) -> "BuildConfig":
+        if not self.template and not self.text_columns:
+            raise ValueError("give at least one --text-column or a --template")
+        if not self.inputs:
+            raise ValueError("give at least one input path")
+        return self
+
+    def text_fields(self) -> list[str]:
+        """The corpus columns the document text is made of."""
+        if self.template:
+            return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+        return list(self.text_columns)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the result (not where Ray runs), to resume only identical runs."""
+        relevant = self.model_dump(exclude={"ray_address", "encoders", "gpu", "on_disk", "memory_budget", "s3_endpoint",
+                                            "storage_retry"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ReindexOptions(Settings):
+    """How `rayindex reindex` treats the published version it starts from."""
+
+    output: str = Field("rayindex-data", description="Output of an earlier build; its CURRENT version is the base.",
+                        json_schema_extra=cli("--output", "-o"))
+    drift_threshold: float = Field(1.2, gt=1, description="Retrain the quantizer when its fit to the new corpus (mean squared "
+                                   "distance to the nearest centroid) is this many times worse than on its training sample.")
+    keep: int = Field(3, ge=1, description="Published versions to keep; older ones are deleted after publishing.")
+    every: Optional[str] = Field(None, description="Repeat forever at this interval, e.g. 1h, 15m (a failed run is reported, "
+                                 "the next one runs).")
+
+
+class IndexLocation(Settings):
+    """Where a published index is: a build's output folder or s3:// prefix (its CURRENT version)."""
+
+    index: str = Field("rayindex-data", description="Output folder or s3:// prefix of a build (its CURRENT version is used).",
+                       json_schema_extra=cli("--index", "-i"))
+    s3_endpoint: Optional[str] = Field(None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS).")
+
+
+class SearchParams(Settings):
+    k: int = Field(10, ge=1, description="Number of hits.", json_schema_extra=cli("-k"))
+    nprobe: Optional[int] = Field(None, ge=1, description="Inverted lists to visit (default: the build's, stored in the index).")
+
+
+class AskParams(SearchParams):
+    k: int = Field(5, ge=1, description="Passages to retrieve and cite.", json_schema_extra=cli("-k"))
+
+
+class GeneratorConfig(Settings):
+    generator: Literal["extractive", "openai", "transformers"] = Field(
+        "extractive", description="extractive (offline, default), openai (an OpenAI-compatible endpoint) or transformers "
+                                  "(a local model directory).")
+    generator_model: Optional[str] = Field(None, description="openai: model name (or RAYINDEX_OPENAI_MODEL); transformers: "
+                                                             "model directory.")
+    generator_url: Optional[str] = Field(None, description="openai: base URL (or RAYINDEX_OPENAI_BASE_URL / OPENAI_BASE_URL); "
+                                                           "key from OPENAI_API_KEY.")
+    generator_timeout: float = Field(30.0, gt=0, description="Seconds before a remote generator call becomes a 504.")
+
+
+class AppConfig(IndexLocation, GeneratorConfig):
+    """The Serve application's settings: what every replica needs. `serve run
+    rayindex.query.serve:app_builder index=/data/rayindex replicas=2` and a Serve config's `args:` are
+    validated into this model."""
+
+    replicas: Optional[int] = Field(None, ge=1, description="Serve replicas, each memory-mapping the index and loading the model "
+                                    "(default: 1, or what a Serve config's autoscaling_config decides).")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    poll_interval: float = Field(2.0, gt=0, description="Seconds between checks of CURRENT for a new version (hot swap).")
+    api_key: Optional[str] = Field(None, description="Bearer token clients must send (default: RAYINDEX_API_KEY).",
+                                   json_schema_extra={"cli": None})  # a secret: from the environment, never argv
+
+
+class ServeConfig(AppConfig):
+    """`rayindex serve`: the application, and where its HTTP proxy listens."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
+
+
+class EvalOptions(Settings):
+    queries: Optional[str] = Field(None, description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline.')
+    ks: str = Field("1,10,100", description="Comma-separated k values for recall@k.", json_schema_extra=cli("--k"))
+    n_queries: int = Field(500, ge=1, description="Queries sampled from the corpus (held out: their own document is not counted).")
+
+    def k_values(self) -> list[int]:
+        try:
+            values = [int(v) for v in self.ks.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise ValueError(f"--k {self.ks!r}: give comma-separated positive integers such as 1,10,100")
+        return values
+
+
+class TuneOptions(Settings):
+    target_recall: float = Field(0.95, gt=0, le=1, description="recall@k vs exact search to reach.")
+    k: int = Field(10, ge=1, description="k of recall@k.", json_schema_extra=cli("--k"))
+    n_queries: int = Field(500, ge=1, description="Held-out queries sampled from the corpus.")
+
+
+class PlanOptions(Settings):
+    docs: float = Field(description="Number of documents, e.g. 1e9.", gt=0)
+    dim: int = Field(384, ge=1, description="Embedding dimension.")
+    index: Optional[str] = Field(None, description="index_factory string (default: chosen as the build would).")
+    max_index_memory: Optional[Bytes] = Field(None, ge=1, description="RAM budget of the index, e.g. 64G (drives the index choice).",
+                                              json_schema_extra=cli(metavar="SIZE", as_text=True))
+    gpus: int = Field(0, ge=0, description="GPUs for encoding and training.")
+    cores: int = Field(2, ge=1, description="CPU cores for encoding (no GPUs) and adding.")

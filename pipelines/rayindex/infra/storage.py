@@ -1,0 +1,254 @@
+"""Where a build's files live: a local folder, or an object store (s3://, or any fsspec URL).
+
+Stages read and write files in a node-local folder: the output itself when it is local, otherwise
+a mirror of the output under the cache folder (FAISS, numpy memory maps and Parquet want local
+files). A stage running against a remote output pushes what it wrote, and a stage on another node
+pulls what it needs into its own mirror, each file verified by its sha256 from the manifest. So
+resuming on another machine, and serving from S3, both go through the same checksummed mirror.
+
+Every remote call is retried with backoff until a deadline (an outage of the store is waited
+out); past it the error names the object and says that re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import fsspec
+
+from rayindex.errors import RayIndexError
+from rayindex.layout import write_text_atomic
+
+T = TypeVar("T")
+DEFAULT_RETRY_S = 300.0
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_remote(uri: str | Path) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def use_s3_endpoint(endpoint: str | None) -> None:
+    """--s3-endpoint: this process's S3 client (botocore reads AWS_ENDPOINT_URL) uses it; Ray workers get
+    it through the runtime environment (ray_session.connect, the Serve app's options)."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def cache_root() -> Path:
+    """Node-local cache: RAYINDEX_CACHE, else ~/.cache/rayindex."""
+    return Path(os.environ.get("RAYINDEX_CACHE") or Path.home() / ".cache" / "rayindex")
+
+
+class StorageUnavailable(RayIndexError):
+    """The store did not answer within the retry deadline."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """The output of a build (a local folder or a URL) and the node-local folder that mirrors it.
+
+    Picklable (plain strings), so Ray tasks receive it and build their own filesystem client."""
+
+    output: str
+    retry_s: float = DEFAULT_RETRY_S
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.output)
+
+    @property
+    def local_root(self) -> Path:
+        if not self.remote:
+            return Path(self.output)
+        digest = hashlib.sha256(self.output.rstrip("/").encode()).hexdigest()[:12]
+        name = self.output.rstrip("/").rsplit("/", 1)[-1] or "root"
+        return cache_root() / "stores" / f"{name}-{digest}"
+
+    def local(self, rel: str) -> Path:
+        return self.local_root / rel
+
+    def url(self, rel: str) -> str:
+        return f"{self.output.rstrip('/')}/{rel}"
+
+    def _fs(self):
+        # no listing cache: other processes (workers, a concurrent run) write to the same prefix
+        fs, root = fsspec.core.url_to_fs(self.output, use_listings_cache=False, skip_instance_cache=True)
+        return fs, root.rstrip("/")
+
+    def retry(self, what: str, fn: Callable[[], T], retry_on: tuple[type[Exception], ...] = ()) -> T:
+        """fn() retried with exponential backoff (0.5 s .. 15 s, jittered) until retry_s has passed.
+
+        Missing objects and refused preconditions are answers, not outages: they are raised at once,
+        as are RayIndexErrors other than those in retry_on."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except retry_on as exc:
+                if time.monotonic() + delay > deadline:
+                    raise self.gave_up(what, exc) from exc
+            except (FileNotFoundError, FileExistsError, PermissionError, RayIndexError):
+                raise
+            except Exception as exc:  # connection refused/reset, timeouts, 5xx: the store is down or overloaded
+                if is_precondition_failure(exc):
+                    raise FileExistsError(what) from exc
+                if time.monotonic() + delay > deadline:
+                    raise self.gave_up(what, exc) from exc
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 15.0)
+
+    def gave_up(self, what: str, exc: Exception) -> StorageUnavailable:
+        return StorageUnavailable(
+            f"storage unavailable: could not {what} within {self.retry_s:.0f} s ({type(exc).__name__}: {exc}). "
+            "Nothing was published; re-run the same command when the store is back and the run resumes where it stopped"
+        )
+
+    # -- whole files between the mirror and the store ------------------------------------------
+    def push(self, rels: list[str]) -> None:
+        """Upload these mirror files to the store (no-op for a local output)."""
+        if not self.remote:
+            return
+        fs, root = self._fs()
+        for rel in rels:
+            self.retry(f"write {self.url(rel)}", lambda rel=rel: fs.put_file(str(self.local(rel)), f"{root}/{rel}"))
+
+    def pull(self, files: dict[str, str], verify: bool = False) -> None:
+        """Make these files (rel path -> sha256) present and intact in the mirror.
+
+        Remote: a file missing or different locally is downloaded and checked. Local output: nothing
+        to fetch; with verify=True each file is checked (a resumed run trusts no file unchecked)."""
+        fs, root = self._fs() if self.remote else (None, None)
+        for rel, sha in files.items():
+            path = self.local(rel)
+            if path.exists() and (not verify or file_sha256(path) == sha):
+                continue
+            if not self.remote:
+                state = "is missing" if not path.exists() else "does not match its checksum in the manifest"
+                raise FileNotFoundError(f"{path} {state}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.download")
+            self.retry(f"read {self.url(rel)}", lambda rel=rel: fs.get_file(f"{root}/{rel}", str(tmp)))
+            if file_sha256(tmp) != sha:
+                tmp.unlink()
+                raise RayIndexError(f"{self.url(rel)} does not match its checksum in the manifest; the version is damaged, rebuild it")
+            os.replace(tmp, path)
+
+    def verified(self, files: dict[str, str]) -> bool:
+        """True when every file is in the store with the recorded content (pulled into the mirror)."""
+        try:
+            self.pull(files, verify=True)
+            return True
+        except (FileNotFoundError, RayIndexError) as exc:
+            if isinstance(exc, StorageUnavailable):
+                raise
+            return False
+
+    # -- small objects: manifests, CURRENT, the lock -------------------------------------------
+    def read_text(self, rel: str) -> str | None:
+        """The object's text, or None when it does not exist."""
+        if not self.remote:
+            try:
+                return self.local(rel).read_text()
+            except FileNotFoundError:
+                return None
+        fs, root = self._fs()
+        try:
+            return self.retry(f"read {self.url(rel)}", lambda: fs.cat_file(f"{root}/{rel}").decode())
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Replace the object atomically: temp file + fsync + rename locally, one PUT remotely."""
+        if not self.remote:
+            write_text_atomic(self.local(rel), text)
+            return
+        fs, root = self._fs()
+        self.retry(f"write {self.url(rel)}", lambda: fs.pipe_file(f"{root}/{rel}", text.encode()))
+
+    def create_exclusive(self, rel: str, text: str) -> None:
+        """Create the object only if it does not exist (O_EXCL locally, If-None-Match: * on S3);
+        FileExistsError when it does."""
+        if not self.remote:
+            fd = os.open(self.local(rel), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            return
+        fs, root = self._fs()
+        self.retry(f"create {self.url(rel)}", lambda: fs.pipe_file(f"{root}/{rel}", text.encode(), mode="create"))
+
+    def read_tagged(self, rel: str) -> tuple[str, str] | None:
+        """(text, tag) of the object, where the tag changes whenever the object does (S3: its ETag)."""
+        if not self.remote:
+            text = self.read_text(rel)
+            return None if text is None else (text, text)
+        fs, root = self._fs()
+        try:
+            tag = self.retry(f"read {self.url(rel)}", lambda: fs.info(f"{root}/{rel}", refresh=True)["ETag"])
+            text = self.retry(f"read {self.url(rel)}", lambda: fs.cat_file(f"{root}/{rel}").decode())
+        except FileNotFoundError:
+            return None
+        return text, tag
+
+    def replace_if(self, rel: str, text: str, tag: str) -> None:
+        """Replace the object only if it is still the one read with this tag (If-Match on S3);
+        FileExistsError when another writer changed it first."""
+        if not self.remote:
+            current = self.read_tagged(rel)
+            if current is None or current[1] != tag:
+                raise FileExistsError(rel)
+            self.write_text(rel, text)
+            return
+        fs, root = self._fs()
+        self.retry(f"write {self.url(rel)}", lambda: fs.pipe_file(f"{root}/{rel}", text.encode(), IfMatch=tag))
+
+    def delete(self, rel: str) -> None:
+        if not self.remote:
+            self.local(rel).unlink(missing_ok=True)
+            return
+        fs, root = self._fs()
+        try:
+            self.retry(f"delete {self.url(rel)}", lambda: fs.rm_file(f"{root}/{rel}"))
+        except FileNotFoundError:
+            pass
+
+    def list_dirs(self, rel: str) -> list[str]:
+        """Names of the folders under rel (empty when rel does not exist)."""
+        if not self.remote:
+            path = self.local(rel)
+            return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        fs, root = self._fs()
+        try:
+            entries = self.retry(f"list {self.url(rel)}", lambda: fs.ls(f"{root}/{rel}", detail=True))
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def delete_tree(self, rel: str) -> None:
+        if not self.remote:
+            import shutil
+
+            shutil.rmtree(self.local(rel), ignore_errors=True)
+            return
+        fs, root = self._fs()
+        self.retry(f"delete {self.url(rel)}", lambda: fs.rm(f"{root}/{rel}", recursive=True) if fs.exists(f"{root}/{rel}") else None)
+
+
+def is_precondition_failure(exc: BaseException) -> bool:
+    """S3 answers 412 PreconditionFailed to a conditional write that lost (If-None-Match / If-Match)."""
+    text = f"{exc} {getattr(exc, '__cause__', '')}"
+    return "PreconditionFailed" in text or "pre-conditions you specified did not hold" in text or "412" in text.split()

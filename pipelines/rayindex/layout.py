@@ -1,0 +1,123 @@
+"""The output layout, in one place: every file name, where a version and a shard keep their files,
+memory-mapping the stored vectors, and writing a file atomically.
+
+    <output>/CURRENT                          the published run id (replaced atomically, last)
+    <output>/LOCK                             held by the run in progress
+    <output>/versions/<run-id>/manifest.json  the run's complete state (manifest.py)
+    <output>/versions/<run-id>/trained.faiss  the trained, empty index
+    <output>/versions/<run-id>/index.faiss    the merged index (+ index.ivfdata when merged on disk)
+    <output>/versions/<run-id>/index_infos.json  what the index is, for whoever opens it with FAISS alone
+    <output>/versions/<run-id>/shards/NNNNN/  one shard: embeddings, ids, doc store, hashes, its index
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+CURRENT = "CURRENT"
+LOCK_FILE = "LOCK"
+VERSIONS = "versions"
+MANIFEST = "manifest.json"
+TRAINED_FILE = "trained.faiss"
+MERGED_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
+INDEX_INFOS_FILE = "index_infos.json"
+EVAL_FILE = "eval.json"
+
+EMBEDDINGS_FILE = "embeddings.f32"  # raw little-endian float32, rows x dim, in row_ids order
+FP16_FILE = "embeddings.f16"  # the same rows as float16, written when re-ranking is on
+ROW_IDS_FILE = "row_ids.npy"  # int64 global ids, increasing: the FAISS ids of the shard's vectors
+DOCS_FILE = "docs.parquet"  # the doc store: row_id, doc_id, text, metadata
+DOC_HASHES_FILE = "doc_hashes.npy"  # 64-bit hashes of the corpus ids (duplicate check)
+CONTENT_HASHES_FILE = "content_hashes.npy"  # 64-bit hashes of id + text + metadata (reindex)
+SHARD_INDEX_FILE = "index.faiss"  # the shard's own index, before the merge
+SHARD_ENCODE_FILES = (EMBEDDINGS_FILE, ROW_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)
+
+
+def version_rel(run_id: str) -> str:
+    """A version's folder inside the output."""
+    return f"{VERSIONS}/{run_id}"
+
+
+def shard_rel(shard_id: int, name: str | None = None) -> str:
+    """A shard's folder (or one of its files) inside its version."""
+    folder = f"shards/{shard_id:05d}"
+    return f"{folder}/{name}" if name else folder
+
+
+def shard_dir(version_dir: str | Path, shard_id: int) -> Path:
+    return Path(version_dir) / shard_rel(shard_id)
+
+
+def is_serving_file(rel: str) -> bool:
+    """What search and serving read: the merged index and its description, the doc store, the fp16
+    vectors for re-ranking."""
+    name = rel.rsplit("/", 1)[-1]
+    if "/" not in rel:
+        return name in (MERGED_FILE, IVFDATA_FILE, INDEX_INFOS_FILE)
+    return name in (DOCS_FILE, ROW_IDS_FILE, FP16_FILE)
+
+
+def load_embeddings(directory: str | Path, count: int, dim: int, name: str = EMBEDDINGS_FILE) -> np.ndarray:
+    """Memory-map one shard's stored vectors (float32, or float16 for FP16_FILE)."""
+    dtype = "<f2" if name == FP16_FILE else "<f4"
+    if count == 0:
+        return np.zeros((0, dim), dtype)
+    return np.memmap(Path(directory) / name, dtype=dtype, mode="r", shape=(count, dim))
+
+
+def sample_rows(counts: list[int], size: int, seed: int) -> list[np.ndarray]:
+    """Uniform sample of `size` of all rows without replacement, as sorted local row numbers per shard."""
+    total = int(sum(counts))
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [picks[(picks >= lo) & (picks < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def read_sample(shard_dirs: list[Path], counts: list[int], dim: int, size: int, seed: int) -> np.ndarray:
+    """A uniform sample of the stored vectors across shards (sample_rows), read from their memory maps."""
+    parts = [np.asarray(load_embeddings(d, n, dim)[rows]) for d, n, rows in zip(shard_dirs, counts, sample_rows(counts, size, seed))
+             if len(rows)]
+    return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename or a new file in the folder durable (the folder's entry, not only the file's bytes)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; when the block succeeds the file is fsynced and renamed
+    over `path` (so readers see the old file or the new one, whole), else the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """np.save to exactly this path (np.save given a name adds ".npy" to one that lacks it)."""
+    with open(path, "wb") as fh:
+        np.save(fh, array)

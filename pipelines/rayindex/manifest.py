@@ -1,0 +1,257 @@
+"""The run manifest and the typed records it holds: config, shard plan, per-shard state, what each
+stage produced (the records the stages return), counts, timings and library versions.
+
+A version's manifest.json is the complete state of its run: written atomically after every change,
+so a killed driver leaves the last consistent state and any stage can be resumed from it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field, ValidationError
+
+from rayindex.config import BuildConfig
+from rayindex.errors import RayIndexError
+from rayindex.layout import MANIFEST, shard_rel
+
+LAYOUT_VERSION = 2  # bumped when the manifest's or the output's layout changes incompatibly
+
+
+class Piece(BaseModel):
+    """Rows [row_start, row_start + num_rows) of one file; global ids start at global_start."""
+
+    path: str
+    row_start: int
+    num_rows: int
+    global_start: int
+    byte_start: Optional[int] = None  # JSONL: offset of a line at or before row_start, so readers can seek
+    byte_start_row: Optional[int] = None  # the row that starts at byte_start
+
+
+class Shard(BaseModel):
+    shard_id: int
+    pieces: list[Piece]
+    global_start: int
+    global_end: int  # exclusive
+
+    @property
+    def num_rows(self) -> int:
+        return self.global_end - self.global_start
+
+
+class InputFile(BaseModel):
+    """What the manifest records of an input file: enough to tell that a resumed run reads the same data."""
+
+    path: str
+    format: str
+    rows: int
+    size: int
+    stamp: str  # mtime, or the object's ETag on S3
+
+
+class ModelInfo(BaseModel):
+    name: str
+    path: str
+    normalized: bool
+    dimension: Optional[int] = None
+    device: Optional[str] = None  # what the encoders used: "cuda" or "cpu"
+
+
+class ShardState(BaseModel):
+    shard_id: int
+    rows_read: int = 0
+    docs_encoded: int = 0
+    skipped: dict[str, int] = Field(default_factory=dict)
+    vectors_reused: int = 0  # reindex: unchanged documents whose vectors were copied from the previous version
+    ids_changed: int = 0  # reindex: documents encoded again because their content changed
+    embeddings_sha256: Optional[str] = None
+    index_sha256: Optional[str] = None
+    trained_sha256: Optional[str] = None  # the trained index this shard's index was built from
+
+
+class EncodedShard(ShardState):
+    """What an encoder returns for one shard: its state and its files' sha256."""
+
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+class Counts(BaseModel):
+    rows_read: int = 0
+    docs_encoded: int = 0
+    skipped: dict[str, int] = Field(default_factory=dict)  # reason -> rows
+
+
+class TrainedIndex(BaseModel):
+    """The train stage's record: the trained, empty index and how it was obtained."""
+
+    index_string: str
+    chosen_automatically: bool
+    nlist: int
+    nprobe: int  # the default: index_params.default_nprobe(nlist)
+    sample_size: int
+    trained_sha256: str
+    trained_fingerprint: str
+    coarse_mse: Optional[float] = None  # the drift baseline of later reindex runs
+    gpu: bool = False
+    warnings: list[str] = Field(default_factory=list)
+    embeddings_sha256: list[Optional[str]] = Field(default_factory=list)  # trained from these shards' vectors
+    reused_from: Optional[str] = None  # reindex: the version whose trained index was taken
+
+
+class SweepPoint(BaseModel):
+    nprobe: int
+    refine: int  # re-rank factor (1: none)
+    ms_per_query: float
+    recall: dict[int, float]  # k -> recall@k vs exact search
+
+
+class Tuning(BaseModel):
+    """The tune stage's record: the nprobe (and re-rank factor) chosen for a recall target."""
+
+    target: float
+    k: int
+    queries: int
+    sweep: list[SweepPoint]
+    reached: bool
+    nprobe: int
+    refine_factor: int
+    recall: float
+    note: Optional[str] = None
+
+
+class MergedIndex(BaseModel):
+    """The merge stage's record."""
+
+    on_disk: bool
+    ntotal: int
+    files: list[str]
+
+
+class Drift(BaseModel):
+    ratio: float
+    threshold: float
+    baseline_mse: float
+    sample: int
+
+
+class Reindex(BaseModel):
+    """A reindex run: the version it started from, what changed, and the quantizer path taken."""
+
+    previous: str
+    drift_threshold: float
+    previous_docs: int
+    vectors_not_reused: Optional[str] = None
+    unchanged: int = 0
+    changed: int = 0
+    added: int = 0
+    deleted: int = 0
+    encoded: int = 0
+    drift: Optional[Drift] = None
+    path: Optional[Literal["incremental", "full retrain"]] = None
+    reason: Optional[str] = None
+
+
+class Resumption(BaseModel):
+    at: str
+    previous_status: str
+    previous_error: Optional[str] = None
+
+
+class Reused(BaseModel):
+    """What the latest attempt found done and verified."""
+
+    encode: list[int] = Field(default_factory=list)
+    add: list[int] = Field(default_factory=list)
+    train: bool = False
+    merge: bool = False
+
+
+class Manifest(BaseModel):
+    layout_version: int = LAYOUT_VERSION
+    run_id: str
+    created_at: str
+    status: Literal["running", "failed", "published"] = "running"
+    error: Optional[str] = None
+    config: BuildConfig
+    config_fingerprint: str
+    metric: Literal["ip", "l2"] = "ip"
+    model: Optional[ModelInfo] = None
+    files: list[InputFile] = Field(default_factory=list)
+    shards: list[Shard] = Field(default_factory=list)
+    shard_states: list[ShardState] = Field(default_factory=list)
+    dimension: Optional[int] = None
+    counts: Counts = Field(default_factory=Counts)
+    training: Optional[TrainedIndex] = None
+    merge: Optional[MergedIndex] = None
+    tuning: Optional[Tuning] = None
+    nprobe: Optional[int] = None  # what search uses by default: the trained default, or the tuned one
+    refine_factor: Optional[int] = None  # re-rank k x factor PQ candidates with exact fp16 distances (refine.py)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    files_sha256: dict[str, str] = Field(default_factory=dict)  # every output file (path in the version) -> sha256
+    resumed: list[Resumption] = Field(default_factory=list)
+    reused: Reused = Field(default_factory=Reused)
+    reindex: Optional[Reindex] = None
+    pruned: list[str] = Field(default_factory=list)  # versions deleted after this one was published (--keep)
+
+    @property
+    def index_string(self) -> Optional[str]:
+        return self.training.index_string if self.training else None
+
+    @property
+    def nlist(self) -> Optional[int]:
+        return self.training.nlist if self.training else None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        """Parse a manifest; a damaged one or one of another layout is refused naming the file."""
+        try:
+            manifest = cls.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise RayIndexError(f"{where} is not a rayindex manifest of layout {LAYOUT_VERSION} ({loc}: {first['msg']}); "
+                                "it was damaged, or written by another rayindex version: rebuild the index") from None
+        return manifest
+
+    @classmethod
+    def load(cls, version_dir: str | Path) -> "Manifest":
+        """The manifest of a local version folder."""
+        path = Path(version_dir) / MANIFEST
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RayIndexError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
+        return cls.from_json(text, str(path))
+
+    def shard_files(self, names: tuple[str, ...], shard_ids: list[int] | None = None) -> dict[str, str]:
+        """rel path -> sha256 of these files of these shards (default: all), from files_sha256."""
+        wanted = {shard_rel(s.shard_id, name) for s in self.shards if shard_ids is None or s.shard_id in shard_ids for name in names}
+        return {rel: sha for rel, sha in self.files_sha256.items() if rel in wanted}
+
+    def shard_counts(self) -> list[int]:
+        """Vectors per shard, in shard order."""
+        return [s.docs_encoded for s in self.shard_states]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("rayindex", "ray", "faiss-cpu", "faiss-gpu", "torch", "sentence-transformers", "transformers", "pyarrow", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,205 @@
+"""Capacity plan: bytes and hours of a build from the corpus size, as a pure function of numbers.
+
+Sizes are arithmetic on FAISS's layout (rayindex.parts.index_params.index_memory_parts, checked against
+faiss.serialize_index in tests). Hours divide the work by throughputs: the CPU figures were
+measured on the 2-core development machine (docs/benchmarks.md); every GPU figure, and the merge
+rate, is an estimate and is labelled so. Each number in a plan carries a "basis":
+"computed" (layout arithmetic), "measured" (from measured throughputs), "estimate", or "given".
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from rayindex.parts.index_params import (
+    MIN_POINTS_PER_CENTROID,
+    choose_index_string,
+    index_memory_parts,
+    parse_index_string,
+    training_sample_size,
+)
+
+BENCH = "benchmarks/build_benchmark.py --json docs/benchmark-build.json, 2026-11-27, 2 cores, no GPU"
+
+# Throughputs per core (per GPU below), each with where it comes from.
+MEASURED_CPU: dict[str, dict] = {
+    "encode_docs_per_s_per_core": {
+        # all-MiniLM-L6-v2, ~110-token stdlib docstrings, model load included; rayindex's 2 actors: 36.0 docs/s
+        "value": 1600 / 41.317 / 2,
+        "basis": "measured",
+        "source": f"{BENCH}: 1,600 docs in 41.3 s in one process with 2 torch threads (38.7 docs/s)",
+    },
+    "add_vectors_per_s_per_core": {
+        # add cost is mostly the coarse assignment: scaled by nlist/1024 for a flat quantizer (see plan_capacity)
+        "value": 200_000 / 2.575 / 2,
+        "basis": "measured",
+        "source": f"{BENCH}: add of 200,000 x 384 vectors to IVF1024,PQ48np in 2.58 s, 2 tasks",
+    },
+    "train_vectors_x_centroids_per_s_per_core": {
+        # includes PQ48 codebook training (about half: IVF1024,Flat alone trained in 3.85 s the same day),
+        # so large-nlist training, where k-means dominates, may take up to ~2x less than planned
+        "value": 65_536 * 1024 / 8.428 / 2,
+        "basis": "measured",
+        "source": f"{BENCH}: train of IVF1024,PQ48np on 65,536 x 384 vectors in 8.43 s, 2 threads",
+    },
+    "merge_bytes_per_s": {
+        # the benchmark merged 11.2 MB in RAM in 0.05 s (checks included): too small to extrapolate;
+        # at scale the on-disk merge reads and writes the inverted lists once, bound by the disk
+        "value": 500e6,
+        "basis": "estimate",
+        "source": "estimate, not measured: sequential SSD write, on-disk merge",
+    },
+}
+
+ESTIMATED_GPU: dict[str, dict] = {
+    "encode_docs_per_s_per_gpu": {
+        "value": 3000.0,
+        "basis": "estimate",
+        "source": "estimate, not measured: all-MiniLM-L6-v2 fp16 on one datacenter GPU, ~110-token docs",
+    },
+    "train_vectors_x_centroids_per_s_per_gpu": {
+        # k-means is matrix products: ~2*d*niter flops per vector x centroid; a few TFLOP/s effective
+        "value": 2e9,
+        "basis": "estimate",
+        "source": "estimate, not measured: FAISS GPU k-means, 384-d, 10 iterations",
+    },
+}
+
+# An HNSW coarse quantizer visits about efSearch (16) x 2*M neighbours per vector whatever nlist:
+# taken as as costly as the measured flat IVF1024 assignment
+HNSW_ASSIGN_EQUIVALENT_NLIST = 1024
+MEASURED_NLIST = 1024  # the nlist the add throughput was measured at
+DOC_ROW_ID_BYTES = 8  # row_ids.npy: one int64 per document
+
+
+def _item(value: float, basis: str, how: str) -> dict:
+    return {"value": value, "basis": basis, "how": how}
+
+
+def _rates(gpus: int, throughputs: dict | None) -> dict[str, dict]:
+    rates = {**MEASURED_CPU, **(ESTIMATED_GPU if gpus > 0 else {})}
+    for key, value in (throughputs or {}).items():
+        rates[key] = dict(value) if isinstance(value, dict) else {"value": float(value), "basis": "given", "source": "caller"}
+    return rates
+
+
+def _basis(*bases: str) -> str:
+    """The weakest of the inputs: any estimate makes the result an estimate."""
+    for basis in ("estimate", "given", "measured"):
+        if basis in bases:
+            return basis
+    return "computed"
+
+
+def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None, gpus: int = 0,
+                  max_index_bytes: int | None = None, throughputs: dict | None = None, cores: int = 2,
+                  train_cores: int | None = None, avg_doc_bytes: int = 1000) -> dict:
+    """Sizes and stage hours of building an index over n_docs documents.
+
+    cores: CPU cores of the cluster (encode without GPU, add); train_cores: cores of the biggest node,
+    which the train task reserves (default: cores). With gpus > 0, encode runs one actor per GPU and
+    training runs its k-means on one GPU (estimated rates). throughputs overrides entries of
+    MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source).
+    """
+    n = int(n_docs)
+    index_string = index_string or choose_index_string(n, dim, max_index_bytes)
+    spec = parse_index_string(index_string, dim)
+    n_train = training_sample_size(n, spec.nlist, uses_pq=spec.encoding == "PQ")
+    parts = index_memory_parts(index_string, n, dim)
+    rates = _rates(gpus, throughputs)
+    train_cores = train_cores or cores
+
+    inverted_lists = parts["codes"] + parts["ids"]
+    loaded = sum(parts.values())
+    docs = n * (avg_doc_bytes + DOC_ROW_ID_BYTES)
+    size = {
+        "embeddings_fp32": _item(n * dim * 4, "computed", "n x dim x 4: what encode writes (embeddings.f32)"),
+        "embeddings_fp16": _item(n * dim * 2, "computed", "n x dim x 2, if stored as fp16"),
+        "codes": _item(parts["codes"], "computed", f"n x {spec.code_bytes} bytes ({spec.encoding} codes)"),
+        "ids": _item(parts["ids"], "computed", "n x 8 bytes (int64 ids in the inverted lists)"),
+        "inverted_lists_disk": _item(inverted_lists, "computed", "codes + ids: index.ivfdata on disk"),
+        "index_ram_mmap": _item(loaded - inverted_lists, "computed",
+                                "centroids, HNSW graph, codebooks, transforms, list headers; probed lists come through the page cache"),
+        "index_ram_loaded": _item(loaded, "computed", "everything in RAM (faiss.read_index without mmap)"),
+        "doc_store": _item(docs, "estimate", f"n x ({avg_doc_bytes} bytes avg_doc_bytes + 8 byte row id)"),
+        "build_disk_peak": _item(n * dim * 4 + 2 * inverted_lists + docs, "estimate",
+                                 "fp32 embeddings + shard indexes + merged lists + doc store"),
+    }
+
+    if gpus > 0:
+        encode = rates["encode_docs_per_s_per_gpu"]
+        encode_rate, encode_how = encode["value"] * gpus, f"n / ({encode['value']:.0f} docs/s x {gpus} GPU)"
+        train = rates["train_vectors_x_centroids_per_s_per_gpu"]
+        train_rate, train_how = train["value"], f"{n_train:,} x {spec.nlist:,} / {train['value']:.3g} per s on 1 GPU"
+    else:
+        encode = rates["encode_docs_per_s_per_core"]
+        encode_rate, encode_how = encode["value"] * cores, f"n / ({encode['value']:.1f} docs/s x {cores} cores)"
+        train = rates["train_vectors_x_centroids_per_s_per_core"]
+        train_rate = train["value"] * train_cores
+        train_how = f"{n_train:,} x {spec.nlist:,} / ({train['value']:.3g} per s x {train_cores} cores)"
+    add = rates["add_vectors_per_s_per_core"]
+    assign_nlist = HNSW_ASSIGN_EQUIVALENT_NLIST if spec.hnsw_m else spec.nlist
+    add_scale = max(1.0, assign_nlist / MEASURED_NLIST)  # coarse assignment: one distance per centroid
+    merge = rates["merge_bytes_per_s"]
+    hours = {
+        "encode": _item(n / encode_rate / 3600, _basis(encode["basis"]), encode_how),
+        "train": _item(n_train * spec.nlist / train_rate / 3600, _basis(train["basis"]), train_how),
+        "add": _item(n * add_scale / (add["value"] * cores) / 3600,
+                     _basis(add["basis"], "estimate" if spec.hnsw_m else "measured"),
+                     f"n x {add_scale:g} (nlist {spec.nlist} vs {MEASURED_NLIST} measured) / "
+                     f"({add['value']:.0f} vectors/s x {cores} cores)"),
+        "merge": _item(inverted_lists / merge["value"] / 3600, _basis(merge["basis"]),
+                       f"inverted lists / {merge['value'] / 1e6:.0f} MB/s"),
+    }
+    hours["total"] = _item(sum(h["value"] for h in hours.values()), _basis(*(h["basis"] for h in hours.values())),
+                           "stages run one after another")
+
+    warnings = []
+    if n_train < MIN_POINTS_PER_CENTROID * spec.nlist:
+        warnings.append(f"training sample {n_train:,} is under {MIN_POINTS_PER_CENTROID} x nlist "
+                        f"({MIN_POINTS_PER_CENTROID * spec.nlist:,}): FAISS will warn; consider --train-sample "
+                        f"{MIN_POINTS_PER_CENTROID * spec.nlist} (training time grows in proportion)")
+    if max_index_bytes is not None and loaded > max_index_bytes:
+        warnings.append(f"{index_string!r} needs {loaded:,} bytes loaded, over max_index_bytes {max_index_bytes:,}")
+    return {
+        "n_docs": n,
+        "dim": dim,
+        "index_string": index_string,
+        "nlist": spec.nlist,
+        "train_sample": n_train,
+        "cores": cores,
+        "gpus": gpus,
+        "bytes": size,
+        "hours": hours,
+        "throughputs": rates,
+        "warnings": warnings,
+    }
+
+
+def _human_bytes(value: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _human_hours(value: float) -> str:
+    if value >= 1:
+        return f"{value:,.1f} h"
+    return f"{value * 60:.1f} min" if value * 60 >= 1 else f"{value * 3600:.1f} s"
+
+
+def format_plan(plan: dict) -> Table:
+    """The plan as a rich table: quantity, value, basis, how it was obtained."""
+    table = Table(title=f"{plan['n_docs']:,} docs x {plan['dim']} dims: {plan['index_string']} "
+                        f"(nlist {plan['nlist']:,}, train sample {plan['train_sample']:,})",
+                  caption="\n".join(plan["warnings"]) or None)
+    for column in ("quantity", "value", "basis", "how"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for name, item in plan["bytes"].items():
+        table.add_row(name, _human_bytes(item["value"]), item["basis"], item["how"])
+    for name, item in plan["hours"].items():
+        table.add_row(f"hours: {name}", _human_hours(item["value"]), item["basis"], item["how"])
+    for name, rate in plan["throughputs"].items():
+        table.add_row(name, f"{rate['value']:,.4g}", rate["basis"], rate["source"])
+    return table

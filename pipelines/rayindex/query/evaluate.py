@@ -1,0 +1,107 @@
+"""`rayindex eval`: recall@k against exact search and latency per query for a sweep of nprobe
+(parts/recall.py), hit@k / MRR of the whole pipeline on labelled queries, written to eval.json and
+PNG plots in the version folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from rayindex.config import EvalOptions
+from rayindex.errors import RayIndexError
+from rayindex.layout import EVAL_FILE
+from rayindex.manifest import SweepPoint
+from rayindex.parts.recall import exact_truth, measure_sweep, nprobe_sweep, sample_queries
+from rayindex.query.search import PublishedIndex
+
+EVAL_SEED = 7
+
+
+def labelled_metrics(published: PublishedIndex, labelled: list[dict], ks: list[int], nprobe: int | None) -> dict:
+    """hit@k and MRR of the whole pipeline (encode, search, doc store) on {query, id} pairs."""
+    vectors = published.encode([item["query"] for item in labelled])
+    _, found = published.search_vectors(vectors, max(ks), nprobe)
+    ranks = []
+    for item, row in zip(labelled, found):
+        corpus_ids = [published.docs.get(int(r))["id"] if r >= 0 else None for r in row]
+        ranks.append(corpus_ids.index(item["id"]) + 1 if item["id"] in corpus_ids else None)
+    result = {f"hit@{k}": float(np.mean([r is not None and r <= k for r in ranks])) for k in ks}
+    result["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
+    result["queries"] = len(labelled)
+    return result
+
+
+def read_labelled(path: str | Path) -> list[dict]:
+    """A JSONL file of {"query": str, "id": corpus id} objects."""
+    items = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RayIndexError(f"--queries {path}: cannot read it ({exc})") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RayIndexError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(item, dict) or "query" not in item or "id" not in item:
+            raise RayIndexError(f"{path} line {line_no}: expected {{\"query\": ..., \"id\": ...}}")
+        items.append(item)
+    if not items:
+        raise RayIndexError(f"{path}: no labelled queries")
+    return items
+
+
+def evaluate(published: PublishedIndex, options: EvalOptions | None = None) -> dict:
+    """The sweep, optional labelled metrics, written to eval.json and PNG plots in the version folder."""
+    options = options or EvalOptions()
+    ntotal = int(published.index.ntotal)
+    n_queries = min(options.n_queries, ntotal)
+    ks = sorted(k for k in options.k_values() if k < ntotal) or [1]
+    queries, self_ids = sample_queries(published.version_dir, published.manifest, n_queries, EVAL_SEED)
+    truth = exact_truth(published.version_dir, published.manifest, queries, self_ids, max(ks))
+    refine = published.manifest.refine_factor or 1
+    points = measure_sweep(lambda q, k, nprobe, r: published.search_vectors(q, k, nprobe, r), queries, self_ids, truth, ks,
+                           nprobe_sweep(published.manifest.nlist), refine)
+    result = {"version": published.run_id, "index_string": published.manifest.index_string, "documents": ntotal,
+              "queries": len(queries), "held_out": "own document removed", "ks": ks, "threads": faiss.omp_get_max_threads(),
+              "sweep": [p.model_dump() for p in points], "default_nprobe": published.manifest.nprobe}
+    if options.queries:
+        result["labelled"] = labelled_metrics(published, read_labelled(options.queries), ks, published.manifest.nprobe)
+    (published.version_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    result["plots"] = plot_sweep(points, ks, published.version_dir, published.manifest.index_string)
+    return result
+
+
+def plot_sweep(points: list[SweepPoint], ks: list[int], out_dir: Path, title: str) -> list[str]:
+    """recall@k vs nprobe, and latency vs recall@10 (or the largest k under 10)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nprobes = [p.nprobe for p in points]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k in ks:
+        ax.plot(nprobes, [p.recall[k] for p in points], "o-", label=f"recall@{k}")
+    ax.set(xscale="log", xlabel="nprobe", ylabel="recall vs exact", ylim=(0, 1.02), title=title)
+    ax.legend()
+    fig.tight_layout()
+    recall_png = out_dir / "recall_vs_nprobe.png"
+    fig.savefig(recall_png, dpi=110)
+    plt.close(fig)
+    k = max([k for k in ks if k <= 10] or ks)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p.recall[k] for p in points], [p.ms_per_query for p in points], "o-")
+    for p in points:
+        ax.annotate(str(p.nprobe), (p.recall[k], p.ms_per_query), fontsize=7)
+    ax.set(xlabel=f"recall@{k}", ylabel="ms / query (batched)", title=f"{title}: latency vs recall (labels: nprobe)")
+    fig.tight_layout()
+    latency_png = out_dir / "latency_vs_recall.png"
+    fig.savefig(latency_png, dpi=110)
+    plt.close(fig)
+    return [str(recall_png), str(latency_png)]

@@ -1,0 +1,83 @@
+"""Add stage: one Ray task per shard loads the trained index, checks it is the one recorded in the
+manifest, add_with_ids the shard's vectors with their global ids, and writes the shard's index."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from rayindex.config import BuildConfig
+from rayindex.errors import RayIndexError
+from rayindex.infra.faults import checkpoint
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.ray_session import connect
+from rayindex.infra.resources import match_threads_to_ray_cpus
+from rayindex.infra.storage import Store, file_sha256
+from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_rel
+from rayindex.manifest import Manifest, ShardState
+from rayindex.parts.ivf import read_index, write_index
+from rayindex.versions import done_shards, save_manifest
+
+ADD_CHUNK = 65_536  # vectors per add_with_ids call: bounds peak memory for any shard size
+
+
+def add_shard(version: Store, trained_sha256: str, shard_id: int, count: int, inputs: dict[str, str], dim: int) -> str:
+    """Build one shard's index from the trained index and the shard's embeddings and ids (pulled into this
+    node's mirror and checked against their sha256: a changed trained.faiss is refused); the file appears
+    only when complete, and is pushed to the output store. Returns its sha256."""
+    match_threads_to_ray_cpus()
+    version.pull({TRAINED_FILE: trained_sha256, **inputs}, verify=True)
+    directory = version.local(shard_rel(shard_id))
+    index = read_index(version.local(TRAINED_FILE))
+    vectors = load_embeddings(directory, count, dim)
+    row_ids = np.load(directory / ROW_IDS_FILE, mmap_mode="r")
+    if len(row_ids) != count:
+        raise RayIndexError(f"{directory}: {len(row_ids)} ids for {count} vectors; re-encode this shard")
+    for start in range(0, count, ADD_CHUNK):
+        stop = min(count, start + ADD_CHUNK)
+        index.add_with_ids(np.ascontiguousarray(vectors[start:stop], dtype=np.float32), np.ascontiguousarray(row_ids[start:stop]))
+    write_index(index, directory / SHARD_INDEX_FILE)
+    version.push([shard_rel(shard_id, SHARD_INDEX_FILE)])
+    return file_sha256(directory / SHARD_INDEX_FILE)
+
+
+def add_shards(version: Store, trained_sha256: str, jobs: list[tuple[int, int, dict[str, str]]], dim: int, on_done=None) -> dict[int, str]:
+    """Run add_shard for each (shard_id, count, input files -> sha256) as Ray tasks; returns each shard's
+    index sha256. on_done(shard_id, count, sha256) as each finishes."""
+    task = ray.remote(num_cpus=1, max_retries=2)(add_shard)
+    refs = {task.remote(version, trained_sha256, sid, n, files, dim): (sid, n) for sid, n, files in jobs}
+    results = {}
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        sid, n = refs.pop(ready[0])
+        results[sid] = ray.get(ready[0])
+        if on_done:
+            on_done(sid, n, results[sid])
+    return results
+
+
+def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> list[ShardState]:
+    """Shard indexes for every shard not already built from this trained index (each saved in the manifest
+    as it finishes: a killed driver loses no added shard); returns the shard states."""
+    trained_sha = manifest.training.trained_sha256
+    done = {sid for sid in done_shards(manifest, version, "index_sha256", (SHARD_INDEX_FILE,))
+            if manifest.shard_states[sid].trained_sha256 == trained_sha}
+    manifest.reused.add = sorted(done)
+    jobs = [(s.shard_id, st.docs_encoded, manifest.shard_files((EMBEDDINGS_FILE, ROW_IDS_FILE), [s.shard_id]))
+            for s, st in zip(manifest.shards, manifest.shard_states) if s.shard_id not in done]
+    if jobs:
+        connect(config.ray_address, config.s3_endpoint)
+        with progress.stage("add", sum(n for _, n, _ in jobs), "vectors") as update:
+            added = [0]
+
+            def record(sid: int, n: int, index_sha256: str) -> None:
+                state = manifest.shard_states[sid]
+                state.index_sha256, state.trained_sha256 = index_sha256, trained_sha
+                manifest.files_sha256[shard_rel(sid, SHARD_INDEX_FILE)] = index_sha256
+                save_manifest(version, manifest)
+                checkpoint("add", sum(1 for s in manifest.shard_states if s.index_sha256))
+                added[0] += n
+                update(added[0])
+
+            add_shards(version, trained_sha, jobs, manifest.dimension, on_done=record)
+    return manifest.shard_states

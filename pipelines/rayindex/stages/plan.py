@@ -1,0 +1,45 @@
+"""Plan stage: list the input files, check their columns, and cut the rows into a deterministic
+shard plan (the same inputs give the same shards and the same global ids)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from rayindex.config import BuildConfig
+from rayindex.errors import RayIndexError
+from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
+from rayindex.parts import corpus
+from rayindex.parts.model import resolve_model
+from rayindex.parts.shard_plan import number_of_shards, plan_shards
+
+
+class Plan(NamedTuple):
+    files: list[InputFile]
+    shards: list[Shard]
+
+
+def plan(config: BuildConfig) -> Plan:
+    """Files (columns checked, rows counted from metadata or one pass over JSONL) and the shard plan."""
+    infos = [corpus.inspect_file(p) for p in corpus.list_input_files(config.inputs)]
+    required = ([config.id_column] if config.id_column else []) + config.text_fields()
+    corpus.check_columns(infos, required)
+    total = sum(i.num_rows for i in infos)
+    if total == 0:
+        raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
+    shards = plan_shards([(i.path, i.num_rows) for i in infos], number_of_shards(total, config.shards, config.shard_size))
+    by_path = {i.path: i for i in infos}
+    for shard in shards:
+        shard.pieces = [corpus.attach_byte_offsets(p, by_path[p.path]) for p in shard.pieces]
+    files = [InputFile(path=i.path, format=i.format, rows=i.num_rows, **corpus.file_signature(i.path)) for i in infos]
+    return Plan(files, shards)
+
+
+def run(config: BuildConfig, manifest: Manifest) -> Plan:
+    """Record the plan in a new run's manifest (a resumed run keeps the plan it was checked against)."""
+    if manifest.shards:
+        return Plan(manifest.files, manifest.shards)
+    planned = plan(config)
+    manifest.files, manifest.shards = planned.files, planned.shards
+    manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
+    manifest.model = ModelInfo(name=config.model, path=resolve_model(config.model), normalized=config.metric == "ip")
+    return planned

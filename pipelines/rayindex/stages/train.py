@@ -1,0 +1,181 @@
+"""Train stage: choose the index (or take --index, shrunk to what the corpus can train), sample
+uniformly across all shards, train the FAISS index_factory string on one node (k-means on a GPU
+when there is one), save the trained, empty index with its checksum.
+
+On a reindex, the previous version's trained index is kept unless the new corpus drifted from it:
+drift = coarse_mse of a sample of the new corpus under the old quantizer / the same figure on the old
+training sample; past --drift-threshold, or when the versions are not comparable, it trains afresh.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import faiss
+import numpy as np
+import ray
+
+from rayindex.config import BuildConfig
+from rayindex.errors import RayIndexError
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.ray_session import connect
+from rayindex.infra.resources import match_threads_to_ray_cpus, max_node_cpus
+from rayindex.infra.storage import Store, file_sha256
+from rayindex.layout import EMBEDDINGS_FILE, TRAINED_FILE, read_sample, shard_rel
+from rayindex.manifest import Drift, Manifest, TrainedIndex
+from rayindex.parts import index_params
+from rayindex.parts.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
+from rayindex.parts.ivf import coarse_mse, make_index, pre_transforms, read_index, trained_fingerprint, write_index
+from rayindex.versions import previous_version
+
+DRIFT_SAMPLE = 20_000  # vectors of the new corpus on which a reindex measures drift
+
+
+def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list[str]:
+    """Refuse indexes the sample cannot train (with a suggestion); return warnings for weak ones.
+
+    The build has already shrunk an --index the corpus is too small for (index_params.fit_index_to_corpus),
+    so what is refused here is a --train-sample too small for it, or a string that function does not read."""
+    ivf = faiss.extract_index_ivf(index)
+    if n_train < ivf.nlist:
+        raise RayIndexError(
+            f"--index {index_string!r} has {ivf.nlist} centroids but only {n_train} vectors to train them; "
+            f"use --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r} or a bigger --train-sample or corpus"
+        )
+    pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    if pq is not None and n_train < (1 << pq.nbits):
+        raise RayIndexError(
+            f"--index {index_string!r}: its PQ needs at least {1 << pq.nbits} training vectors, the sample has "
+            f"{n_train}; use --index 'IVF{max(1, ivf.nlist)},Flat' or a bigger --train-sample or corpus"
+        )
+    for transform in pre_transforms(index):
+        if isinstance(transform, faiss.OPQMatrix) and n_train < transform.d_in:
+            # FAISS's OPQ training crashes the process (invalid free) below this; refuse instead
+            raise RayIndexError(
+                f"--index {index_string!r}: OPQ needs at least {transform.d_in} training vectors (the dimension), "
+                f"the sample has {n_train}; drop the OPQ prefix or use a bigger --train-sample or corpus"
+            )
+    warnings = []
+    if ivf.nlist > 1 and n_train < MIN_POINTS_PER_CENTROID * ivf.nlist:  # one list needs no clustering
+        warnings.append(
+            f"{n_train} training vectors for {ivf.nlist} centroids is under FAISS's {MIN_POINTS_PER_CENTROID} per "
+            f"centroid; recall may suffer (consider --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r})"
+        )
+    return warnings
+
+
+def train_index(index_string: str, dim: int, metric: str, sample: np.ndarray, seed: int, use_gpu: bool) -> faiss.Index:
+    """Train an empty index on the sample; k-means of the coarse quantizer runs on GPU when asked and possible."""
+    index = make_index(index_string, dim, metric)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+        # the FAISS-recommended way: run the coarse k-means assignment on GPU, keep the index on CPU
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise RayIndexError(f"--index {index_string!r}: FAISS could not train it on {len(sample)} vectors ({exc})") from exc
+    ivf.clustering_index = None
+    return index
+
+
+def train_quantizer(index_string: str, metric: str, version: Store, embeddings: dict[str, str], shard_rels: list[str],
+                    counts: list[int], dim: int, sample_size: int, seed: int, use_gpu: bool) -> dict:
+    """The Ray task: sample (from the shards' embeddings, pulled into this node's mirror and checked),
+    train, write and push trained.faiss; returns the facts the stage records."""
+    match_threads_to_ray_cpus()
+    version.pull(embeddings)
+    n_train = min(sample_size, int(sum(counts)))
+    warnings = check_trainable(make_index(index_string, dim, metric), index_string, n_train)
+    sample = read_sample([version.local(rel) for rel in shard_rels], counts, dim, n_train, seed)
+    index = train_index(index_string, dim, metric, sample, seed, use_gpu)
+    path = version.local(TRAINED_FILE)
+    write_index(index, path)
+    version.push([TRAINED_FILE])
+    return {
+        "sample_size": int(len(sample)),
+        "trained_sha256": file_sha256(path),
+        "trained_fingerprint": trained_fingerprint(index),
+        "nlist": int(faiss.extract_index_ivf(index).nlist),
+        "coarse_mse": coarse_mse(index, sample),
+        "warnings": warnings,
+        "gpu": bool(use_gpu and faiss.get_num_gpus() > 0) if hasattr(faiss, "get_num_gpus") else False,
+    }
+
+
+def choose_index(config: BuildConfig, n_docs: int, dim: int) -> tuple[str, list[str]]:
+    """--index, or the size-based choice (under --max-index-memory), shrunk to what n_docs can train."""
+    try:
+        index_string = config.index or index_params.choose_index_string(n_docs, dim, config.max_index_memory)
+    except ValueError as exc:
+        raise RayIndexError(f"--max-index-memory: {exc}") from exc
+    index_string, fallback = index_params.fit_index_to_corpus(index_string, n_docs, dim)
+    return index_string, [fallback] if fallback else []
+
+
+def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> TrainedIndex | None:
+    """Reindex: the previous version's trained index (copied into this version) unless the corpus drifted
+    from it or the versions are not comparable; None (and the reason in the manifest) to train afresh."""
+    before, old = previous_version(Store(config.output, config.storage_retry), manifest)
+    record = manifest.reindex
+    reason = None
+    if before.index_string != (config.index or before.index_string) or before.dimension != manifest.dimension or before.metric != config.metric:
+        reason = "the index string, dimension or metric differs from the previous version's"
+    elif before.training.coarse_mse is None:
+        reason = "the previous version recorded no drift baseline"
+    if reason is None:
+        old.pull({TRAINED_FILE: before.training.trained_sha256})
+        trained = read_index(old.local(TRAINED_FILE))
+        counts = manifest.shard_counts()
+        version.pull(manifest.shard_files((EMBEDDINGS_FILE,)))
+        sample = read_sample([version.local(shard_rel(s.shard_id)) for s in manifest.shards], counts, manifest.dimension,
+                             min(sum(counts), DRIFT_SAMPLE), config.seed)
+        drift = coarse_mse(trained, sample) / max(before.training.coarse_mse, 1e-12)
+        record.drift = Drift(ratio=round(drift, 4), threshold=record.drift_threshold, baseline_mse=before.training.coarse_mse,
+                             sample=int(len(sample)))
+        if drift > record.drift_threshold:
+            reason = f"drift {drift:.3f} > threshold {record.drift_threshold}: the old centroids no longer fit the corpus"
+    if reason:
+        record.path, record.reason = "full retrain", reason
+        return None
+    shutil.copyfile(old.local(TRAINED_FILE), version.local(TRAINED_FILE))
+    version.push([TRAINED_FILE])
+    record.path = "incremental"
+    record.reason = f"drift {drift:.3f} <= threshold {record.drift_threshold}: reused the trained quantizer of {before.run_id}"
+    # its nprobe too, tuned or not: the same lists hold the same kind of data (a --target-recall reindex tunes again)
+    return before.training.model_copy(update={"reused_from": before.run_id, "warnings": [], "nprobe": before.nprobe})
+
+
+def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> TrainedIndex:
+    """The trained index of this run: kept when its inputs are unchanged and it verifies, reused on a
+    reindex when the corpus did not drift, else trained in a Ray task on one whole node (or one GPU)."""
+    inputs = [s.embeddings_sha256 for s in manifest.shard_states]
+    if manifest.training and manifest.training.embeddings_sha256 == inputs and version.verified(
+            {TRAINED_FILE: manifest.training.trained_sha256}):
+        manifest.reused.train = True
+        return manifest.training
+    trained = reuse_quantizer(config, manifest, version) if manifest.reindex else None
+    if trained is None:
+        connect(config.ray_address, config.s3_endpoint)
+        n_docs, dim = manifest.counts.docs_encoded, manifest.dimension
+        use_gpu = manifest.model.device == "cuda"
+        with progress.stage("train", 1, "indexes"):
+            index_string, warnings = choose_index(config, n_docs, dim)
+            probe = make_index(index_string, dim, config.metric)  # keep it alive: ivf points into it
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
+            sample_size = config.train_sample or index_params.training_sample_size(n_docs, ivf.nlist, uses_pq=hasattr(ivf, "pq"))
+            # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
+            task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)
+            facts = ray.get(task.remote(index_string, config.metric, version, manifest.shard_files((EMBEDDINGS_FILE,)),
+                                        [shard_rel(s.shard_id) for s in manifest.shards], manifest.shard_counts(), dim,
+                                        sample_size, config.seed, use_gpu))
+        facts["warnings"] = warnings + facts["warnings"]
+        trained = TrainedIndex(index_string=index_string, chosen_automatically=config.index is None,
+                               nprobe=index_params.default_nprobe(facts["nlist"]), **facts)
+    trained.embeddings_sha256 = inputs  # trained from these: valid while they are unchanged
+    manifest.training = trained
+    manifest.files_sha256[TRAINED_FILE] = trained.trained_sha256
+    manifest.nprobe, manifest.refine_factor = trained.nprobe, None
+    manifest.warnings.extend(trained.warnings)
+    return trained

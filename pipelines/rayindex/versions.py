@@ -1,0 +1,191 @@
+"""Versions of an output: run ids, each version's manifest, CURRENT (publish, read, open the version
+it names), and pruning old versions.
+
+A build writes everything into versions/<run-id>/ and replaces CURRENT last, atomically, only after
+the manifest says "published": a failed run never becomes the current version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from rayindex.errors import RayIndexError
+from rayindex.infra.storage import Store, file_sha256
+from rayindex.layout import (CURRENT, EMBEDDINGS_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE, VERSIONS, is_serving_file, version_rel,
+                             write_text_atomic)
+from rayindex.manifest import Manifest
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def version_store(root: Store, run_id: str) -> Store:
+    """The store of one version folder: its node-local mirror is that version's cache."""
+    return Store(root.url(version_rel(run_id)), root.retry_s)
+
+
+def check_output_writable(root: Store) -> None:
+    probe = f"{VERSIONS}/.write-test-{os.getpid()}"
+    try:
+        if not root.remote:
+            root.local(VERSIONS).mkdir(parents=True, exist_ok=True)
+        root.write_text(probe, "ok")
+        root.delete(probe)
+    except OSError as exc:
+        raise RayIndexError(f"output {root.output} is not writable ({exc.strerror or exc}); choose another --output") from exc
+
+
+def current_run_id(root: Store) -> str:
+    """The run id CURRENT names; "" when nothing is published."""
+    return (root.read_text(CURRENT) or "").strip()
+
+
+def version_ids(root: Store) -> list[str]:
+    """The output's version folders, oldest first (run ids start with their UTC time)."""
+    return [r for r in root.list_dirs(VERSIONS) if not r.startswith(".")]
+
+
+def read_manifest(root: Store, run_id: str) -> Manifest | None:
+    """The manifest of a version of the output, or None when it has none."""
+    rel = f"{version_rel(run_id)}/{MANIFEST}"
+    text = root.read_text(rel)
+    return None if text is None else Manifest.from_json(text, root.url(rel))
+
+
+def save_manifest(version: Store, manifest: Manifest) -> None:
+    """Write the manifest into the version's store: atomically, after every change."""
+    version.write_text(MANIFEST, manifest.to_json())
+
+
+def done_shards(manifest: Manifest, version: Store, field: str, names: tuple[str, ...]) -> set[int]:
+    """Shards whose recorded outputs (state.<field> set, files verified by sha256) need no recomputing."""
+    done = set()
+    for state in manifest.shard_states:
+        files = manifest.shard_files(names, [state.shard_id])
+        if getattr(state, field) and len(files) == len(names) and version.verified(files):
+            done.add(state.shard_id)
+    return done
+
+
+def previous_version(root: Store, manifest: Manifest) -> tuple[Manifest, Store]:
+    """The manifest and store of the version a reindex starts from."""
+    run_id = manifest.reindex.previous
+    before = read_manifest(root, run_id)
+    if before is None:
+        raise RayIndexError(f"{root.url(version_rel(run_id))} has no manifest: the version this reindex starts from is gone")
+    return before, version_store(root, run_id)
+
+
+def index_infos(manifest: Manifest) -> dict:
+    """What index.faiss is, for whoever opens it with FAISS alone (autofaiss writes the same file):
+    the factory string, the nprobe stored in it, metric, normalization, model, counts, and how a
+    FAISS id maps to a document."""
+    merge, model = manifest.merge, manifest.model
+    return {
+        "index_key": manifest.index_string,
+        "index_param": f"nprobe={manifest.nprobe}",
+        "nprobe": manifest.nprobe,
+        "nlist": manifest.nlist,
+        "refine_factor": manifest.refine_factor,
+        "recall@10": manifest.tuning.recall if manifest.tuning and manifest.tuning.k == 10 else None,
+        "metric_type": {"ip": "METRIC_INNER_PRODUCT", "l2": "METRIC_L2"}[manifest.metric],
+        "normalized": model.normalized,
+        "model": model.name,
+        "vectors dimension": manifest.dimension,
+        "nb vectors": merge.ntotal,
+        "documents": manifest.counts.docs_encoded,
+        "on_disk": merge.on_disk,
+        "read_with": (f"faiss.read_index('{MERGED_FILE}', faiss.IO_FLAG_ONDISK_SAME_DIR): the inverted lists are in {IVFDATA_FILE}"
+                      if merge.on_disk else f"faiss.read_index('{MERGED_FILE}') (faiss.IO_FLAG_MMAP to map it instead of loading it)"),
+        "ids": ("FAISS id = the document's global row number in the shard plan (int64). Shard s holds ids "
+                "[shards[s].global_start, global_end) of manifest.json; shards/NNNNN/row_ids.npy lists them in the order of "
+                "shards/NNNNN/docs.parquet, whose doc_id column is the corpus id (JSON) and text/metadata the document"),
+        "run_id": manifest.run_id,
+        "rayindex": manifest.versions.get("rayindex"),
+    }
+
+
+def describe(version: Store, manifest: Manifest) -> None:
+    """Write index_infos.json beside the index (checksummed in the manifest, pushed to the store)."""
+    path = version.local(INDEX_INFOS_FILE)
+    write_text_atomic(path, json.dumps(index_infos(manifest), indent=2))
+    manifest.files_sha256[INDEX_INFOS_FILE] = file_sha256(path)
+    version.push([INDEX_INFOS_FILE])
+
+
+def publish(root: Store, version: Store, manifest: Manifest) -> None:
+    """Describe the index, mark the manifest published, then point CURRENT at it: an atomic rename
+    locally, a single PUT on S3, always last."""
+    describe(version, manifest)
+    manifest.status = "published"
+    save_manifest(version, manifest)
+    root.write_text(CURRENT, manifest.run_id + "\n")
+
+
+def prune_versions(root: Store, keep: int) -> list[str]:
+    """Delete every version folder but CURRENT's and the newest keep-1 other published ones (older
+    failed runs too); their node-local cache goes with them. Returns the deleted run ids. Run under
+    the output lock, so no version being built is touched."""
+    kept, deleted = {current_run_id(root)}, []
+    for run_id in reversed(version_ids(root)):
+        if run_id in kept:
+            continue
+        try:
+            manifest = read_manifest(root, run_id)
+        except RayIndexError:
+            manifest = None  # a damaged version is not worth keeping
+        if len(kept) < keep and manifest is not None and manifest.status == "published":
+            kept.add(run_id)
+            continue
+        root.delete_tree(version_rel(run_id))
+        if root.remote:
+            shutil.rmtree(version_store(root, run_id).local_root, ignore_errors=True)
+        deleted.append(run_id)
+    return deleted
+
+
+def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, Manifest]:
+    """The local folder of the published version CURRENT names, and its manifest (for an S3 output: the
+    version's serving files, and with_vectors its embeddings too, pulled into the local cache and checked
+    against the manifest's checksums). A clear error when nothing complete is published."""
+    root = Store(str(output))
+    run_id = current_run_id(root)
+    if not run_id:
+        raise RayIndexError(f"{output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
+    manifest = read_manifest(root, run_id)
+    version = version_store(root, run_id)
+    if manifest is None:
+        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {version.url(MANIFEST)} is missing")
+    if manifest.status != "published":
+        raise RayIndexError(f"{version.url('')} is not a complete version (status {manifest.status!r}); publish a build first")
+    if not version.remote:
+        if not version.local(MERGED_FILE).exists():
+            raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {version.local(MERGED_FILE)} is missing")
+        return version.local_root, manifest
+    save_manifest(Store(str(version.local_root)), manifest)
+    try:
+        version.pull({rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
+                     | (manifest.shard_files((EMBEDDINGS_FILE,)) if with_vectors else {}))
+    except FileNotFoundError as exc:
+        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but a file of it is missing in the store ({exc})") from None
+    return version.local_root, manifest
+
+
+def save_published(output: str, version_dir: Path, manifest: Manifest, rewritten: list[str]) -> None:
+    """After changing a published version (rayindex tune): record the rewritten files' checksums,
+    describe it again and write its manifest, to the store too (an s3:// output is not only the cache)."""
+    version = version_store(Store(str(output)), manifest.run_id)
+    for rel in rewritten:
+        manifest.files_sha256[rel] = file_sha256(version_dir / rel)
+    if version.remote:
+        version.push(rewritten)
+    describe(version, manifest)
+    save_manifest(version, manifest)
+    if version.remote:
+        save_manifest(Store(str(version_dir)), manifest)
