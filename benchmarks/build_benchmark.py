@@ -30,15 +30,17 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.build import add_stage, build_index, merge_stage, train_stage
-from pipelines.config import BuildConfig
-from pipelines.docstore import ROW_IDS_FILE
-from pipelines.encode import EMBEDDINGS_FILE, shard_dir
-from pipelines.manifest import Manifest, ShardState, now_iso
-from pipelines.merge import read_merged
-from pipelines.model import load_model
-from pipelines.shard_plan import plan_shards
-from pipelines.stdlib_corpus import stdlib_docstrings
+from rayindex.builder import build, timed
+from rayindex.config import BuildConfig
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.storage import Store
+from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, shard_dir
+from rayindex.manifest import Counts, Manifest, ModelInfo, ShardState, now_iso
+from rayindex.parts.ivf import read_merged
+from rayindex.parts.model import load_model
+from rayindex.parts.shard_plan import plan_shards
+from rayindex.parts.stdlib_corpus import stdlib_docstrings
+from rayindex.stages import add, merge, train
 
 
 def encode_benchmark(n_docs: int, work: Path) -> dict:
@@ -53,7 +55,7 @@ def encode_benchmark(n_docs: int, work: Path) -> dict:
     n_cpus = int(ray.cluster_resources()["CPU"])
     config = BuildConfig(inputs=[str(work / "docs.parquet")], output=str(work / "out"), id_column="id",
                          template="{title}: {body}", shards=n_cpus, index="IVF1,Flat")
-    manifest = build_index(config)
+    manifest = build(config)
     return {"docs": len(texts), "single_s": single, "pipeline_s": manifest.timings_s["encode"]}
 
 
@@ -93,12 +95,15 @@ def index_benchmark(n: int, dim: int, index_string: str, n_shards: int, nprobe: 
     config = BuildConfig(inputs=["synthetic"], output=str(work), index=index_string, on_disk=False)
     manifest = Manifest(run_id="bench", created_at=now_iso(), config=config, config_fingerprint="bench", shards=shards,
                         shard_states=[ShardState(shard_id=s.shard_id, docs_encoded=s.num_rows) for s in shards],
-                        dimension=dim, counts={"docs_encoded": n}, model={"device": "cpu"})
+                        dimension=dim, counts=Counts(docs_encoded=n), model=ModelInfo(name="synthetic", path="", normalized=True,
+                                                                                       device="cpu"))
+    store, progress = Store(str(version)), StageProgress(quiet=True)
     start = time.perf_counter()
-    for run in (train_stage, add_stage, merge_stage):
-        run(config, manifest, version)
+    for name, stage in (("train", train), ("add", add), ("merge", merge)):
+        with timed(name, manifest, store):
+            stage.run(config, manifest, store, progress)
     ours = time.perf_counter() - start
-    sample = manifest.training["sample_size"]
+    sample = manifest.training.sample_size
     ours_recall = recall_at_10(read_merged(version), queries, truth, nprobe)
 
     # the single-process baseline: same index string, same training sample size, same vectors

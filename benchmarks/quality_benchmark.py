@@ -22,12 +22,17 @@ import ray
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.build import add_stage, current_version, merge_stage, train_stage
-from pipelines.encode import shard_dir
-from pipelines.evaluate import evaluate, tune_nprobe
-from pipelines.manifest import Manifest
-from pipelines.merge import MERGED_FILE
-from pipelines.search import open_version
+from rayindex.builder import timed
+from rayindex.config import EvalOptions, TuneOptions
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.storage import Store
+from rayindex.layout import DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, MERGED_FILE, ROW_IDS_FILE, shard_dir
+from rayindex.manifest import Manifest
+from rayindex.query.evaluate import evaluate
+from rayindex.query.search import open_version
+from rayindex.stages import add, merge, train
+from rayindex.stages.tune import tune
+from rayindex.versions import open_current, save_manifest
 
 DEFAULT_SETTINGS = ["IVF64,Flat", "IVF64,SQ8", "IVF64,PQ48np", "IVF64,PQ16np"]
 
@@ -39,14 +44,17 @@ def rebuild(source: Path, index_string: str, root: Path) -> Path:
     for shard in manifest.shards:
         src, dst = shard_dir(source, shard.shard_id), shard_dir(target, shard.shard_id)
         dst.mkdir(parents=True)
-        for name in ("embeddings.f32", "row_ids.npy", "docs.parquet", "doc_hashes.npy"):
+        for name in (EMBEDDINGS_FILE, ROW_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE):
             os.link(src / name, dst / name)
     config = manifest.config.model_copy(update={"index": index_string, "on_disk": False})
-    manifest = manifest.model_copy(update={"config": config, "timings_s": {}, "warnings": [], "tuning": {}})
-    for run in (train_stage, add_stage, merge_stage):
-        run(config, manifest, target)
+    manifest = manifest.model_copy(update={"config": config, "timings_s": {}, "warnings": [], "tuning": None, "training": None,
+                                           "merge": None})
+    store, progress = Store(str(target)), StageProgress(quiet=True)
+    for name, stage in (("train", train), ("add", add), ("merge", merge)):
+        with timed(name, manifest, store):
+            stage.run(config, manifest, store, progress)
     manifest.status = "published"
-    manifest.save(target)
+    save_manifest(store, manifest)
     return target
 
 
@@ -60,17 +68,17 @@ def main() -> None:
     parser.add_argument("--png", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    source = current_version(args.index)
+    source = open_current(args.index)[0]
     ray.init(include_dashboard=False, log_to_driver=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index_string in args.settings.split(";"):
             version = rebuild(source, index_string, Path(tmp))
-            published = open_version(version)
-            result = evaluate(published, args.queries, (1, 10, 100))
+            published = open_version(version, Manifest.load(version))
+            result = evaluate(published, EvalOptions(n_queries=args.queries, ks="1,10,100"))
             result["bytes_per_vector"] = (version / MERGED_FILE).stat().st_size / published.index.ntotal
-            tuning = tune_nprobe(published, args.target_recall, n_queries=args.queries)
-            result["tuned"] = {key: tuning[key] for key in ("reached", "nprobe", "refine_factor", "recall")}
+            tuning, _ = tune(version, published.manifest, TuneOptions(target_recall=args.target_recall, n_queries=args.queries))
+            result["tuned"] = tuning.model_dump(include={"reached", "nprobe", "refine_factor", "recall"})
             results[index_string] = result
     first = next(iter(results.values()))
     dim = Manifest.load(source).dimension
@@ -82,8 +90,8 @@ def main() -> None:
     for name, r in results.items():
         by = {row["nprobe"]: row for row in r["sweep"]}
         table.add_row(name, f"{r['bytes_per_vector']:.0f}", f"{r['bytes_per_vector'] / (4 * dim):.2f}",
-                      *[f"{by[n]['recall@10']:.3f}" if n in by else "-" for n in (1, 4, 16)],
-                      f"{r['sweep'][-1]['recall@10']:.3f}", f"{r['sweep'][-1]['ms_per_query']:.3f}",
+                      *[f"{by[n]['recall'][10]:.3f}" if n in by else "-" for n in (1, 4, 16)],
+                      f"{r['sweep'][-1]['recall'][10]:.3f}", f"{r['sweep'][-1]['ms_per_query']:.3f}",
                       f"{r['tuned']['nprobe']}, x{r['tuned']['refine_factor']}, {r['tuned']['recall']:.3f}"
                       + ("" if r["tuned"]["reached"] else " (not reached)"))
     Console(width=160).print(table)
@@ -98,8 +106,8 @@ def main() -> None:
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
         for name, r in results.items():
-            a.plot([row["nprobe"] for row in r["sweep"]], [row["recall@10"] for row in r["sweep"]], "o-", label=name)
-            b.plot([row["recall@10"] for row in r["sweep"]], [row["ms_per_query"] for row in r["sweep"]], "o-", label=name)
+            a.plot([row["nprobe"] for row in r["sweep"]], [row["recall"][10] for row in r["sweep"]], "o-", label=name)
+            b.plot([row["recall"][10] for row in r["sweep"]], [row["ms_per_query"] for row in r["sweep"]], "o-", label=name)
         a.set(xscale="log", xlabel="nprobe", ylabel="recall@10 vs exact", title="Recall vs nprobe", ylim=(0, 1.02))
         b.set(xlabel="recall@10", ylabel="ms / query (batched)", title="Latency vs recall")
         a.legend(fontsize=8)

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.build import build_index
-from pipelines.config import BuildConfig
-from pipelines.reindex import reindex
-from pipelines.stdlib_corpus import stdlib_docstrings
+from rayindex.api import reindex
+from rayindex.builder import build
+from rayindex.config import BuildConfig
+from rayindex.parts.stdlib_corpus import stdlib_docstrings
 
 
 def corpora(docs: list[dict], delete: float, edit: float, add: float) -> tuple[list[dict], list[dict]]:
@@ -52,26 +52,26 @@ def main() -> None:
         work = Path(tmp)
         pq.write_table(pa.Table.from_pylist(base), work / "base.parquet")
         settings = dict(id_column="id", template="{title}: {body}", shards=args.shards, index=args.index, seed=3)
-        build_index(BuildConfig(inputs=[str(work / "base.parquet")], output=str(work / "out"), **settings))
+        build(BuildConfig(inputs=[str(work / "base.parquet")], output=str(work / "out"), **settings))
         (work / "new").mkdir()
         pq.write_table(pa.Table.from_pylist(new), work / "new" / "docs.parquet")
 
         start = time.perf_counter()
-        incremental = reindex(str(work / "out"), {"inputs": [str(work / "new")]})
+        incremental = reindex(str(work / "out"), work / "new")
         incremental_s = time.perf_counter() - start
         start = time.perf_counter()
-        full = build_index(BuildConfig(inputs=[str(work / "new")], output=str(work / "full"), **settings))
+        full = build(BuildConfig(inputs=[str(work / "new")], output=str(work / "full"), **settings))
         full_s = time.perf_counter() - start
 
     r = incremental.reindex
     rows = {
         "base docs": len(base), "new docs": len(new),
-        "added / changed / deleted / unchanged": f"{r['added']} / {r['changed']} / {r['deleted']} / {r['unchanged']}",
-        "quantizer": f"{r['path']} (drift {r['drift']['ratio']})" if "drift" in r else r["path"],
+        "added / changed / deleted / unchanged": f"{r.added} / {r.changed} / {r.deleted} / {r.unchanged}",
+        "quantizer": f"{r.path} (drift {r.drift.ratio})" if r.drift else r.path,
     }
     figures = {
-        "reindex": {"wall_s": round(incremental_s, 1), "encoded": r["encoded"], **incremental.timings_s},
-        "full": {"wall_s": round(full_s, 1), "encoded": full.counts["docs_encoded"], **full.timings_s},
+        "reindex": {"wall_s": round(incremental_s, 1), "encoded": r.encoded, **incremental.timings_s},
+        "full": {"wall_s": round(full_s, 1), "encoded": full.counts.docs_encoded, **full.timings_s},
     }
     table = Table(title=f"reindex vs full rebuild ({args.index}, {args.shards} shards, 2 cores)")
     for col in ("", "reindex", "full rebuild", "full / reindex"):

@@ -40,14 +40,17 @@ def peak_anon_mb(stop: threading.Event, out: list) -> None:
 
 def run_stage(stage: str, work: Path, n: int, dim: int, index_string: str) -> dict:
     """One stage in this process: returns seconds and peak anonymous MB."""
-    from pipelines.encode import file_sha256, shard_dir
-    from pipelines.index_params import training_sample_size
-    from pipelines.merge import merge_shards
-    from pipelines.shard_index import SHARD_INDEX_FILE, add_shard
-    from pipelines.train import TRAINED_FILE, make_index, train_quantizer
+    from rayindex.infra.storage import Store, file_sha256
+    from rayindex.layout import SHARD_INDEX_FILE, TRAINED_FILE, shard_dir, shard_rel
+    from rayindex.parts.index_params import training_sample_size
+    from rayindex.parts.ivf import make_index
+    from rayindex.stages.add import add_shard
+    from rayindex.stages.merge import merge_shards
+    from rayindex.stages.train import train_quantizer
 
-    shards = [shard_dir(work, k) for k in range((n + SHARD_ROWS - 1) // SHARD_ROWS)]
-    counts = [min(SHARD_ROWS, n - k * SHARD_ROWS) for k in range(len(shards))]
+    version = Store(str(work))  # a version folder laid out as the encode stage leaves it
+    n_shards = (n + SHARD_ROWS - 1) // SHARD_ROWS
+    counts = [min(SHARD_ROWS, n - k * SHARD_ROWS) for k in range(n_shards)]
     stop, peak = threading.Event(), []
     sampler = threading.Thread(target=peak_anon_mb, args=(stop, peak))
     sampler.start()
@@ -57,14 +60,16 @@ def run_stage(stage: str, work: Path, n: int, dim: int, index_string: str) -> di
 
         probe = make_index(index_string, dim, "ip")
         ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
-        train_quantizer(index_string, "ip", shards, counts, dim, training_sample_size(n, ivf.nlist, hasattr(ivf, "pq")), 1234, False, work)
+        train_quantizer(index_string, "ip", version, {}, [shard_rel(k) for k in range(n_shards)], counts, dim,
+                        training_sample_size(n, ivf.nlist, hasattr(ivf, "pq")), 1234, False)
     elif stage == "add":
         sha = file_sha256(work / TRAINED_FILE)
-        for d, count in zip(shards, counts):
-            add_shard(str(work / TRAINED_FILE), sha, str(d), count, dim)
+        for k, count in enumerate(counts):
+            add_shard(version, sha, k, count, {}, dim)
     else:
         (work / "merged").mkdir(exist_ok=True)
-        merge_shards(str(work / TRAINED_FILE), [str(d / SHARD_INDEX_FILE) for d in shards], str(work / "merged"), on_disk=True)
+        merge_shards(str(work / TRAINED_FILE), [str(shard_dir(work, k) / SHARD_INDEX_FILE) for k in range(n_shards)],
+                     str(work / "merged"), on_disk=True, nprobe=1)
     seconds = time.perf_counter() - start
     stop.set()  # the sampler reads once more before it stops
     sampler.join()
@@ -76,8 +81,7 @@ def write_vectors(work: Path, n: int, dim: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from build_benchmark import clustered_vectors
 
-    from pipelines.docstore import ROW_IDS_FILE
-    from pipelines.encode import EMBEDDINGS_FILE, shard_dir
+    from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, shard_dir
 
     for k in range((n + SHARD_ROWS - 1) // SHARD_ROWS):
         count = min(SHARD_ROWS, n - k * SHARD_ROWS)

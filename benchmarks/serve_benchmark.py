@@ -25,11 +25,11 @@ from ray import serve
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.docstore import ROW_IDS_FILE
-from pipelines.encode import shard_dir
-from pipelines.evaluate import drop_self, exact_truth, recall_at
-from pipelines.search import open_published
-from pipelines.serve import ServeSettings, start_serving
+from rayindex.config import ServeConfig
+from rayindex.layout import ROW_IDS_FILE, shard_dir
+from rayindex.parts.recall import drop_self, exact_truth, recall_at
+from rayindex.query.search import open_index
+from rayindex.query.serve import start_serving
 
 
 def query_texts(published, n: int) -> list[str]:
@@ -86,11 +86,11 @@ def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: in
 
 
 def recall_at_10(published, queries: list[str], nprobe: int) -> float:
-    """recall@10 of the text queries against exact search (evaluate.py's ground truth; the queries are
+    """recall@10 of the text queries against exact search (parts/recall.py's ground truth; the queries are
     not corpus rows, so no id is held out: -1 matches nothing)."""
     q = published.encode(queries)
     no_self = np.full(len(q), -1)
-    truth = exact_truth(published, q, no_self, 10)
+    truth = exact_truth(published.version_dir, published.manifest, q, no_self, 10)
     _, found = published.search_vectors(q, 10, nprobe)
     return recall_at(drop_self(found, no_self, 10), truth, 10)
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    published = open_published(args.index)
+    published = open_index(args.index, with_vectors=True)
     nprobe = args.nprobe or published.manifest.nprobe
     queries = query_texts(published, args.queries)
     published.encode(queries[:8])  # warm up the model
@@ -119,7 +119,7 @@ def main() -> None:
     recall = recall_at_10(published, queries, nprobe)
 
     port = free_port()
-    start_serving(ServeSettings(index=args.index), port=port, replica_cpus=0)
+    start_serving(ServeConfig(index=args.index, port=port, replica_cpus=0))
     url = f"http://127.0.0.1:{port}"
     over_http(url, queries[:16], 4, args.k, nprobe)  # warm up
     results = {c: over_http(url, queries, c, args.k, nprobe) for c in (1, 8, 32)}

@@ -2,6 +2,7 @@
 intermediates, the version and CURRENT on s3://, search through a checksummed local cache, an
 outage waited out, an outage for good that fails clearly and resumes, and two runs on one output."""
 
+import hashlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import faiss
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,6 +98,23 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
             open_index_with_cache(output, tmp_path / "cache2")
     finally:
         fs.pipe(f"{output}/versions/{manifest.run_id}/index.faiss", good)
+
+
+def test_tune_on_s3_writes_the_manifest_and_the_index_to_the_store(s3_build, s3_server, tmp_path):
+    """`rayindex tune --index s3://...`: the tuned nprobe reaches the store, not only this node's cache."""
+    output, manifest = s3_build
+    env = dict(client_env(), RAYINDEX_CACHE=str(tmp_path / "cache"))
+    tuned = subprocess.run([RAYINDEX, "tune", "--index", output, "--target-recall", "0.99", "--n-queries", "50"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert tuned.returncode == 0, tuned.stderr
+    stored = Manifest.from_json(s3_server.fs.cat(f"{output}/versions/{manifest.run_id}/manifest.json"), "stored")
+    assert stored.tuning is not None and stored.tuning.target == 0.99 and stored.status == "published"
+    index_bytes = s3_server.fs.cat(f"{output}/versions/{manifest.run_id}/index.faiss")
+    assert hashlib.sha256(index_bytes).hexdigest() == stored.files_sha256["index.faiss"]
+    infos = json.loads(s3_server.fs.cat(f"{output}/versions/{manifest.run_id}/index_infos.json"))
+    assert infos["nprobe"] == stored.nprobe
+    fresh = open_index_with_cache(output, tmp_path / "cache2")  # another node: pulls the tuned files, checked
+    assert fresh.manifest.nprobe == stored.nprobe and faiss.extract_index_ivf(fresh.index).nprobe == stored.nprobe
 
 
 def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, docs):
