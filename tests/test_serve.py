@@ -59,10 +59,11 @@ def test_ask_answers_with_citations_and_sources(client):
     assert set(body["timings_ms"]) == {"retrieve", "generate", "total"}
 
 
-def metrics_text(client, wanted: str, limit_s: float = 60) -> str:
-    """/metrics once it shows `wanted` (Ray's metrics agents export what the replicas record every few seconds)."""
+def metrics_text(client, *wanted: str, limit_s: float = 60) -> str:
+    """/metrics once it shows every wanted line (Ray's metrics agents export what the replicas record
+    every few seconds, each metric on its own schedule)."""
     deadline = time.monotonic() + limit_s
-    while wanted not in (text := client.get("/metrics").text) and time.monotonic() < deadline:
+    while not all(w in (text := client.get("/metrics").text) for w in wanted) and time.monotonic() < deadline:
         time.sleep(1)
     return text
 
@@ -70,10 +71,11 @@ def metrics_text(client, wanted: str, limit_s: float = 60) -> str:
 def test_health_metrics_and_openapi(client, built):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].merge.ntotal
-    metrics = metrics_text(client, 'rayindex_requests_total{endpoint="/search",status="200"}')
-    assert 'rayindex_requests_total{endpoint="/search",status="200"}' in metrics
-    assert "rayindex_request_latency_seconds_bucket" in metrics
-    assert f'rayindex_replicas_serving{{version="{built[1].run_id}"}} 1.0' in metrics
+    wanted = ('rayindex_requests_total{endpoint="/search",status="200"}', "rayindex_request_latency_seconds_bucket",
+              f'rayindex_replicas_serving{{version="{built[1].run_id}"}} 1.0')
+    metrics = metrics_text(client, *wanted)
+    for line in wanted:
+        assert line in metrics, line
     assert client.get("/docs").status_code == 200
     assert "/search" in client.get("/openapi.json").json()["paths"]
 
