@@ -13,6 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve's HTTP proxy of the session's Ray checks bodies before reading them, as `rayindex serve` and
+# cluster.yaml set it up (rayindex.query.gate); set before Ray starts, so the proxy process inherits it.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "rayindex.query.gate:middlewares")
 
 
 def client_env() -> dict:

@@ -26,8 +26,11 @@ def test_cluster_yaml_is_a_valid_launcher_config(cluster_yaml):
     validate_config(prepared)
     assert prepared["provider"]["type"] == "aws" and prepared["head_node_type"] == "head"
     assert 0 < prepared["idle_timeout_minutes"] <= 10
-    for local in cluster_yaml["file_mounts"].values():  # `ray up` runs from the repository root
-        assert (ROOT / local).exists(), local
+    for remote, local in cluster_yaml["file_mounts"].items():  # `ray up` runs from the repository root
+        if local.startswith("~"):
+            assert remote == local == "~/.ray/auth_token"  # the token, from the launching user's home
+        else:
+            assert (ROOT / local).exists(), local
 
 
 def test_the_validator_does_reject_a_broken_config(cluster_yaml):
@@ -45,7 +48,15 @@ def test_gpu_workers_start_at_zero_and_advertise_a_gpu(cluster_yaml):
     assert cluster_yaml["available_node_types"]["cpu_worker"]["min_workers"] == 0
     assert not cluster_yaml["available_node_types"]["head"]["resources"].get("GPU")
     # no GPU is visible before the autoscaler adds one: the head tells the build to ask for GPUs
-    assert f"export {GPU_ENV}=1;" in " ".join(cluster_yaml["head_start_ray_commands"])
+    assert f" {GPU_ENV}=1 " in " ".join(cluster_yaml["head_start_ray_commands"])
+
+
+def test_token_auth_on_every_node_and_the_dashboard_on_localhost(cluster_yaml):
+    head, workers = (" ".join(cluster_yaml[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+    for commands in (head, workers):
+        assert "export RAY_AUTH_MODE=token" in commands
+        assert "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=rayindex.query.gate:middlewares" in commands
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
 
 
 def test_setup_commands_install_the_gpu_extra_on_gpu_nodes_only(cluster_yaml):

@@ -57,7 +57,8 @@ def test_build_prompt_numbers_passages_and_asks_for_citations():
 
 def test_build_prompt_custom_template_and_braces_in_text():
     passages = [{"id": 1, "score": 1.0, "text": "dict literals look like {'a': 1} {x}", "metadata": {}}]
-    assert build_prompt("q?", passages, template="{question}|{context}") == "q?|[1] dict literals look like {'a': 1} {x}"
+    assert build_prompt("q?", passages, template="{question}|{context}") == \
+        'q?|<passage n="1">\n[1] dict literals look like {\'a\': 1} {x}\n</passage>'
     assert "{context}" in PROMPT_TEMPLATE and "{question}" in PROMPT_TEMPLATE
 
 

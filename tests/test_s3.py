@@ -22,6 +22,8 @@ import pytest
 from rayindex.api import reindex
 from rayindex.builder import build
 from rayindex.errors import RayIndexError, user_message
+from rayindex.infra.lock import OutputLock
+from rayindex.infra.storage import Store
 from rayindex.manifest import Manifest
 from rayindex.query.search import open_index
 
@@ -77,7 +79,7 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
     stored = {p.split(f"/versions/{manifest.run_id}/", 1)[1] for p in fs.find(f"{output}/versions/{manifest.run_id}")}
     assert set(manifest.files_sha256) | {"manifest.json"} <= stored
     assert {"trained.faiss", "index.faiss", "shards/00001/embeddings.f32", "shards/00001/index.faiss"} <= stored
-    assert not fs.exists(f"{output}/LOCK")  # released
+    assert OutputLock(Store(output), "reader").current()[1]["released"] is True  # released
 
     target = docs[42]
     cache = tmp_path / "cache"

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -198,3 +199,83 @@ def test_serve_refuses_missing_or_half_written_index(tmp_path, built):
     (half / "versions" / run_id / "index.faiss").unlink()  # as if the merge never finished
     with pytest.raises(RayIndexError, match=r"names .* but .*index\.faiss is missing"):
         start_serving(ServeConfig(index=str(half)))
+
+
+def test_a_damaged_new_version_is_refused_and_the_old_one_served(served, client):
+    """CURRENT moved to a version whose index.faiss has a flipped byte: the replica keeps its version,
+    /healthz says degraded (once CURRENT is back, ok)."""
+    output, _, _ = served
+    serving = client.get("/healthz").json()["version"]
+    damaged = "20991231-235959-abcdef"
+    shutil.copytree(output / "versions" / serving, output / "versions" / damaged)
+    manifest = output / "versions" / damaged / "manifest.json"
+    manifest.write_text(manifest.read_text().replace(serving, damaged))
+    index = output / "versions" / damaged / "index.faiss"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    index.write_bytes(bytes(data))
+    (output / CURRENT).write_text(damaged + "\n")
+    try:
+        deadline = time.monotonic() + 60
+        while (health := client.get("/healthz").json())["status"] != "degraded":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.3)
+        assert health["version"] == serving and health["degraded"]["version"] == damaged
+        assert "index.faiss" in health["degraded"]["reason"] and "checksum" in health["degraded"]["reason"]
+        r = client.post("/search", json={"query": "read a file", "k": 2})
+        assert r.status_code == 200 and r.json()["version"] == serving
+    finally:
+        (output / CURRENT).write_text(serving + "\n")
+        shutil.rmtree(output / "versions" / damaged)
+    deadline = time.monotonic() + 30
+    while client.get("/healthz").json()["status"] != "ok":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
+def test_a_huge_body_is_refused_before_it_is_read(served):
+    """413 from Serve's proxy (rayindex.query.gate) on the declared size: the 100 MB are never sent."""
+    _, url, _ = served
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        start = time.monotonic()
+        conn.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+                     + b'{"query": "' + b"x" * 1000)
+        reply = b""
+        while b"over the limit" not in reply and (chunk := conn.recv(4096)):  # headers and body may come apart
+            reply += chunk
+        elapsed = time.monotonic() - start
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413") and "over the limit" in reply, reply
+    assert elapsed < 5, elapsed
+
+
+def test_ask_is_bounded(client):
+    r = client.post("/ask", json={"question": "How do I decode base64 data?", "k": 21})
+    assert r.status_code == 422 and "k: Value error, must be at most 20" in r.json()["detail"]
+
+
+def test_load_beyond_max_inflight_is_shed_with_retry_after(served):
+    """max_inflight=1: of 12 simultaneous searches, those that find the replica busy get 503 at once, with
+    Retry-After; /healthz answers meanwhile."""
+    _, url, settings = served
+    start_serving(settings.model_copy(update={"max_inflight": 1}))
+    statuses, lock = [], threading.Lock()
+
+    def one(i):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/search", json={"query": f"parse json {i}", "k": 3})
+            with lock:
+                statuses.append((r.status_code, r.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    health = httpx.get(url + "/healthz", timeout=30)
+    for t in threads:
+        t.join()
+    assert health.status_code == 200
+    codes = [s for s, _ in statuses]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, statuses
+    assert all(retry == "1" for s, retry in statuses if s == 503)
+    start_serving(settings)  # back to the fixture's configuration

@@ -1,6 +1,8 @@
 """The build: lock the output -> resume or start a version -> plan, encode, train, add, merge (and tune)
 -> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
-any point resumes where it stopped when the same command runs again.
+any point resumes where it stopped when the same command runs again. Any failure (a full disk
+included) marks the manifest failed and leaves CURRENT as it was; files are written through
+layout.atomic_file, so none is left half-written or as a temp file.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
     check_output_writable(root)
     with OutputLock(root, new_run_id()) as lock, StageProgress(quiet=quiet) as progress:
         manifest, version = start_or_resume(config, root, progress, reindex)
+        manifest.lock_generation = lock.generation
         try:
             with timed("plan", manifest, version):
                 plan.run(config, manifest)
             for name, run in STAGES + ((("tune", tune.run),) if config.target_recall else ()):
                 with timed(name, manifest, version):
                     run(config, manifest, version, progress)
-            lock.check_held()
-            publish(root, version, manifest)
+            publish(root, version, manifest, fence=lock.check_held)
         except BaseException as exc:
             manifest.status, manifest.error = "failed", user_message(exc)
             with contextlib.suppress(Exception):  # the store may be the thing that failed

@@ -76,7 +76,8 @@ class BuildConfig(Settings):
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
     gpu: Optional[bool] = Field(None, description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster "
                                 "has GPUs now).", json_schema_extra=cli("--gpu/--cpu"))
-    ray_address: Optional[str] = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address, or auto to join the one running on this machine "
+                                       "(default: RAY_ADDRESS, else a new local Ray).")
     s3_endpoint: Optional[str] = Field(None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS).")
     storage_retry: float = Field(300.0, gt=0, description="Seconds to keep retrying an unavailable store (with backoff) before failing.")
 
@@ -150,6 +151,10 @@ class AppConfig(IndexLocation, GeneratorConfig):
                                     "(default: 1, or what a Serve config's autoscaling_config decides).")
     replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
     poll_interval: float = Field(2.0, gt=0, description="Seconds between checks of CURRENT for a new version (hot swap).")
+    max_inflight: int = Field(64, ge=1, description="Searches a replica works on at once (two full batches); more are answered "
+                              "503 with Retry-After at once instead of queueing.")
+    request_timeout: float = Field(10.0, gt=0, description="Seconds a search or an answer may take before it is answered 504 "
+                                   "with Retry-After.")
     api_key: Optional[str] = Field(None, description="Bearer token clients must send (default: RAYINDEX_API_KEY).",
                                    json_schema_extra={"cli": None})  # a secret: from the environment, never argv
 
@@ -159,7 +164,9 @@ class ServeConfig(AppConfig):
 
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds to.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    ray_address: Optional[str] = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address, or auto to join the one running on this machine "
+                                       "(default: RAY_ADDRESS, else a new local Ray).")
+    insecure: bool = Field(False, description="Serve on a non-loopback host without RAYINDEX_API_KEY (refused otherwise).")
 
 
 class EvalOptions(Settings):

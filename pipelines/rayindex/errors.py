@@ -1,4 +1,12 @@
-"""The exceptions the CLI, the API and the server turn into one message instead of a traceback."""
+"""The exceptions the CLI, the API and the server turn into one message instead of a traceback, and
+the redaction every message and log line goes through."""
+
+import re
+
+# user:password@ in URLs, and key=value pairs whose key says secret (query strings, presigned URLs, headers)
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<secret>[^/\s@]+)@")
+_SECRET_PARAMS = re.compile(r"(?i)(?P<key>[\w-]*(?:password|passwd|secret|token|api[_-]?key|signature|credential)[\w-]*)"
+                            r"(?P<sep>\s*[=:]\s*)(?P<value>[^&\s,;'\"]+)")
 
 
 class RayIndexError(Exception):
@@ -6,17 +14,29 @@ class RayIndexError(Exception):
     The CLI exits 1 with it."""
 
 
+class DamagedIndex(RayIndexError):
+    """A version's files disagree with each other or with their checksums: its data, not the request, is at
+    fault. A server keeps serving the version it had and reports this one as degraded."""
+
+
 class UsageError(RayIndexError):
     """An option or argument that cannot work, found before any work starts. The CLI exits 2 with it
     (the code Click uses for usage errors)."""
 
 
+def redact(text: str) -> str:
+    """text with credentials replaced by ***: URL passwords (http://user:***@host) and the values of
+    parameters named like secrets (token=***, X-Amz-Signature=***)."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_PARAMS.sub(lambda m: f"{m['key']}{m['sep']}***", text)
+
+
 def user_message(exc: BaseException) -> str:
-    """The message to show: a RayIndexError raised inside a Ray task arrives wrapped in
+    """The message to show, redacted: a RayIndexError raised inside a Ray task arrives wrapped in
     RayTaskError, whose str() carries the remote traceback; show the original message instead."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, RayIndexError):
-        return str(cause)
+        return redact(str(cause))
     if isinstance(exc, RayIndexError):
-        return str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return redact(str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc))
+    return redact(f"{type(exc).__name__}: {exc}")

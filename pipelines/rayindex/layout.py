@@ -2,7 +2,7 @@
 memory-mapping the stored vectors, and writing a file atomically.
 
     <output>/CURRENT                          the published run id (replaced atomically, last)
-    <output>/LOCK                             held by the run in progress
+    <output>/LOCK/<generation>                held by the run in progress (infra/lock.py)
     <output>/versions/<run-id>/manifest.json  the run's complete state (manifest.py)
     <output>/versions/<run-id>/trained.faiss  the trained, empty index
     <output>/versions/<run-id>/index.faiss    the merged index (+ index.ivfdata when merged on disk)
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
 
 CURRENT = "CURRENT"
-LOCK_FILE = "LOCK"
+LOCK_DIR = "LOCK"  # LOCK/<generation>: infra/lock.py
 VERSIONS = "versions"
 MANIFEST = "manifest.json"
 TRAINED_FILE = "trained.faiss"
@@ -39,9 +40,29 @@ SHARD_INDEX_FILE = "index.faiss"  # the shard's own index, before the merge
 SHARD_ENCODE_FILES = (EMBEDDINGS_FILE, ROW_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)
 
 
+RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")  # UTC time and 3 random bytes: versions.new_run_id
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_id(run_id: str, where: str) -> str:
+    """A run id read from the store (CURRENT, a manifest, a folder name), or a clear refusal naming where."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"{where}: {str(run_id)[:60]!r} is not a run id (like 20261129-041502-3fa2c1)")
+    return run_id
+
+
+def safe_rel(rel: str, where: str = "a path") -> str:
+    """A path read from the store (a manifest's file keys) that stays inside its folder: relative,
+    made of plain names (no '..', no absolute path, no backslash); refused otherwise."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if not parts or rel.startswith("/") or "\\" in rel or any(p in (".", "..") or not SAFE_NAME.fullmatch(p) for p in parts):
+        raise ValueError(f"{where}: {str(rel)[:80]!r} is not a relative path inside its version")
+    return rel
+
+
 def version_rel(run_id: str) -> str:
     """A version's folder inside the output."""
-    return f"{VERSIONS}/{run_id}"
+    return f"{VERSIONS}/{check_run_id(run_id, 'run id')}"
 
 
 def shard_rel(shard_id: int, name: str | None = None) -> str:
@@ -110,6 +131,19 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file and folder under directory (and the folder itself): what a version needs on disk
+    before CURRENT may point at it (a power loss must not publish files that were still in the page cache)."""
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
-from rayindex.layout import MANIFEST, shard_rel
+from rayindex.layout import MANIFEST, check_run_id, safe_rel, shard_rel
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
 LAYOUT_VERSION = 2  # bumped when the manifest's or the output's layout changes incompatibly
 
 
@@ -131,6 +133,11 @@ class MergedIndex(BaseModel):
     ntotal: int
     files: list[str]
 
+    @field_validator("files")
+    @classmethod
+    def _inside_the_version(cls, files: list[str]) -> list[str]:
+        return [safe_rel(f, "merge.files") for f in files]
+
 
 class Drift(BaseModel):
     ratio: float
@@ -145,6 +152,11 @@ class Reindex(BaseModel):
     previous: str
     drift_threshold: float
     previous_docs: int
+
+    @field_validator("previous")
+    @classmethod
+    def _a_run_id(cls, previous: str) -> str:
+        return check_run_id(previous, "reindex.previous")
     vectors_not_reused: Optional[str] = None
     unchanged: int = 0
     changed: int = 0
@@ -199,6 +211,22 @@ class Manifest(BaseModel):
     reused: Reused = Field(default_factory=Reused)
     reindex: Optional[Reindex] = None
     pruned: list[str] = Field(default_factory=list)  # versions deleted after this one was published (--keep)
+    lock_generation: Optional[int] = None  # the output lock's generation this run held: its fencing token
+
+    @field_validator("run_id")
+    @classmethod
+    def _a_run_id(cls, run_id: str) -> str:
+        return check_run_id(run_id, "run_id")
+
+    @field_validator("files_sha256")
+    @classmethod
+    def _files_inside_the_version(cls, files: dict[str, str]) -> dict[str, str]:
+        """Keys name files that a reader pulls and opens: each must stay inside the version folder."""
+        for rel, sha in files.items():
+            safe_rel(rel, "files_sha256")
+            if not SHA256.fullmatch(sha):
+                raise ValueError(f"files_sha256[{rel!r}]: {sha[:70]!r} is not a sha256")
+        return files
 
     @property
     def index_string(self) -> Optional[str]:

@@ -13,11 +13,12 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from rayindex.errors import RayIndexError
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (CURRENT, EMBEDDINGS_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE, VERSIONS, is_serving_file, version_rel,
-                             write_text_atomic)
+from rayindex.layout import (CURRENT, EMBEDDINGS_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE, RUN_ID, VERSIONS,
+                             check_run_id, fsync_tree, is_serving_file, version_rel, write_text_atomic)
 from rayindex.manifest import Manifest
 
 
@@ -42,13 +43,20 @@ def check_output_writable(root: Store) -> None:
 
 
 def current_run_id(root: Store) -> str:
-    """The run id CURRENT names; "" when nothing is published."""
-    return (root.read_text(CURRENT) or "").strip()
+    """The run id CURRENT names; "" when nothing is published. Anything but a run id is refused, naming
+    CURRENT: it is used to build paths."""
+    text = (root.read_text(CURRENT) or "").strip()
+    if text:
+        try:
+            check_run_id(text, root.url(CURRENT))
+        except ValueError as exc:
+            raise RayIndexError(f"{exc}; CURRENT must name a version under {root.url(VERSIONS)}: fix or delete it") from None
+    return text
 
 
 def version_ids(root: Store) -> list[str]:
-    """The output's version folders, oldest first (run ids start with their UTC time)."""
-    return [r for r in root.list_dirs(VERSIONS) if not r.startswith(".")]
+    """The output's version folders, oldest first (run ids start with their UTC time); other names are ignored."""
+    return [r for r in root.list_dirs(VERSIONS) if RUN_ID.fullmatch(r)]
 
 
 def read_manifest(root: Store, run_id: str) -> Manifest | None:
@@ -119,12 +127,17 @@ def describe(version: Store, manifest: Manifest) -> None:
     version.push([INDEX_INFOS_FILE])
 
 
-def publish(root: Store, version: Store, manifest: Manifest) -> None:
-    """Describe the index, mark the manifest published, then point CURRENT at it: an atomic rename
-    locally, a single PUT on S3, always last."""
+def publish(root: Store, version: Store, manifest: Manifest, fence: Callable[[], None] = lambda: None) -> None:
+    """Make the version durable (every file and folder fsynced, locally), describe it, mark the manifest
+    published, then point CURRENT at it: an atomic rename locally, a single PUT on S3, always last.
+    fence() (the output lock's check) runs right before each of the two writes that matter."""
+    if not version.remote:
+        fsync_tree(version.local_root)
     describe(version, manifest)
+    fence()
     manifest.status = "published"
     save_manifest(version, manifest)
+    fence()
     root.write_text(CURRENT, manifest.run_id + "\n")
 
 
@@ -151,9 +164,10 @@ def prune_versions(root: Store, keep: int) -> list[str]:
 
 
 def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, Manifest]:
-    """The local folder of the published version CURRENT names, and its manifest (for an S3 output: the
-    version's serving files, and with_vectors its embeddings too, pulled into the local cache and checked
-    against the manifest's checksums). A clear error when nothing complete is published."""
+    """The local folder of the published version CURRENT names, and its manifest, with every serving file
+    (and with_vectors the embeddings too) checked against the manifest's sha256: pulled into the local
+    cache for an S3 output, verified in place for a local one (once per file: file_matches remembers).
+    A clear error naming the file when anything is missing, damaged or not what CURRENT says."""
     root = Store(str(output))
     run_id = current_run_id(root)
     if not run_id:
@@ -162,18 +176,22 @@ def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, 
     version = version_store(root, run_id)
     if manifest is None:
         raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {version.url(MANIFEST)} is missing")
+    if manifest.run_id != run_id:
+        raise RayIndexError(f"{version.url(MANIFEST)} is the manifest of run {manifest.run_id}, not of {run_id} that "
+                            f"{root.url(CURRENT)} names; the output was tampered with or mixed up: rebuild it")
     if manifest.status != "published":
         raise RayIndexError(f"{version.url('')} is not a complete version (status {manifest.status!r}); publish a build first")
-    if not version.remote:
-        if not version.local(MERGED_FILE).exists():
-            raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {version.local(MERGED_FILE)} is missing")
-        return version.local_root, manifest
-    save_manifest(Store(str(version.local_root)), manifest)
+    if MERGED_FILE not in manifest.files_sha256:
+        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but its manifest records no {MERGED_FILE}; rebuild it")
+    files = {rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
+    files |= manifest.shard_files((EMBEDDINGS_FILE,)) if with_vectors else {}
+    if version.remote:
+        save_manifest(Store(str(version.local_root)), manifest)
     try:
-        version.pull({rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
-                     | (manifest.shard_files((EMBEDDINGS_FILE,)) if with_vectors else {}))
+        version.pull(files, verify=True)
     except FileNotFoundError as exc:
-        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but a file of it is missing in the store ({exc})") from None
+        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {exc}: the version is damaged or incomplete, "
+                            "rebuild it (or publish another version)") from None
     return version.local_root, manifest
 
 

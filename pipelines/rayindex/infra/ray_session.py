@@ -7,12 +7,21 @@ import os
 import ray
 
 
+def ray_address(address: str | None) -> str:
+    """The address given, else RAY_ADDRESS (set by `ray job submit` for its drivers), else "local": a new
+    local Ray, as documented. Never Ray's own default of joining the cluster named in
+    /tmp/ray/ray_current_cluster, which a head killed without `ray stop` leaves behind (a build then
+    hung forever on the dead address); `--ray-address auto` asks for that explicitly."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def ensure_ray(address: str | None, env: dict[str, str] | None = None) -> None:
-    """Connect to the given cluster, the one in RAY_ADDRESS, or start a local one. env: variables the
-    workers need too (e.g. the S3 endpoint), passed in the job's runtime environment."""
+    """Connect to (or start) the Ray that ray_address names. env: variables the workers need too (e.g. the
+    S3 endpoint), passed in the job's runtime environment."""
     if ray.is_initialized():
         return
-    ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
+    address = ray_address(address)
+    ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,
              ignore_reinit_error=True, runtime_env={"env_vars": env} if env else None)
 
 

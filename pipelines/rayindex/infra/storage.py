@@ -13,8 +13,10 @@ out); past it the error names the object and says that re-running the same comma
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Callable, TypeVar
 import fsspec
 
 from rayindex.errors import RayIndexError
-from rayindex.layout import write_text_atomic
+from rayindex.layout import fsync_dir, safe_rel, write_text_atomic
 
 T = TypeVar("T")
 DEFAULT_RETRY_S = 300.0
@@ -53,6 +55,37 @@ def cache_root() -> Path:
     return Path(os.environ.get("RAYINDEX_CACHE") or Path.home() / ".cache" / "rayindex")
 
 
+def inside(rel: str, store: "Store") -> str:
+    """rel, refused (naming the store) unless it is a relative path of plain names inside the store."""
+    try:
+        return safe_rel(rel, store.output)
+    except ValueError as exc:
+        raise RayIndexError(f"{exc}: refused, nothing outside the output or its cache is read or written") from None
+
+
+def file_matches(path: Path, sha256: str) -> bool:
+    """Whether the file's content has this sha256. The answer is remembered per node, keyed by the file's
+    size, mtime, ctime and inode (ctime changes on every write and cannot be set back), so checking an
+    unchanged file again costs a stat instead of reading it (measured in docs/storage.md)."""
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    record_file = cache_root() / "verified" / (hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:20] + ".json")
+    try:
+        records = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        records = {}
+    if records.get(path.name) == [*stamp, sha256]:
+        return True
+    if file_sha256(path) != sha256:
+        return False
+    records[path.name] = [*stamp, sha256]
+    try:
+        write_text_atomic(record_file, json.dumps(records))
+    except OSError:
+        pass  # a read-only cache only costs a re-check next time
+    return True
+
+
 class StorageUnavailable(RayIndexError):
     """The store did not answer within the retry deadline."""
 
@@ -79,10 +112,11 @@ class Store:
         return cache_root() / "stores" / f"{name}-{digest}"
 
     def local(self, rel: str) -> Path:
-        return self.local_root / rel
+        """The mirror's path of rel, which must stay inside (names read from the store are checked)."""
+        return self.local_root / inside(rel, self)
 
     def url(self, rel: str) -> str:
-        return f"{self.output.rstrip('/')}/{rel}"
+        return f"{self.output.rstrip('/')}/{inside(rel, self)}" if rel else self.output
 
     def _fs(self):
         # no listing cache: other processes (workers, a concurrent run) write to the same prefix
@@ -131,22 +165,26 @@ class Store:
         """Make these files (rel path -> sha256) present and intact in the mirror.
 
         Remote: a file missing or different locally is downloaded and checked. Local output: nothing
-        to fetch; with verify=True each file is checked (a resumed run trusts no file unchecked)."""
+        to fetch; with verify=True each file is checked (a resumed run trusts no file unchecked; a file
+        checked before and unchanged since costs a stat, file_matches)."""
         fs, root = self._fs() if self.remote else (None, None)
         for rel, sha in files.items():
             path = self.local(rel)
-            if path.exists() and (not verify or file_sha256(path) == sha):
+            if path.exists() and (not verify or file_matches(path, sha)):
                 continue
             if not self.remote:
                 state = "is missing" if not path.exists() else "does not match its checksum in the manifest"
                 raise FileNotFoundError(f"{path} {state}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.download")
-            self.retry(f"read {self.url(rel)}", lambda rel=rel: fs.get_file(f"{root}/{rel}", str(tmp)))
-            if file_sha256(tmp) != sha:
-                tmp.unlink()
-                raise RayIndexError(f"{self.url(rel)} does not match its checksum in the manifest; the version is damaged, rebuild it")
-            os.replace(tmp, path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.download")
+            try:
+                self.retry(f"read {self.url(rel)}", lambda rel=rel: fs.get_file(f"{root}/{rel}", str(tmp)))
+                if not file_matches(tmp, sha):
+                    raise RayIndexError(f"{self.url(rel)} does not match its checksum in the manifest; the version is damaged, "
+                                        "rebuild it")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def verified(self, files: dict[str, str]) -> bool:
         """True when every file is in the store with the recorded content (pulled into the mirror)."""
@@ -181,40 +219,37 @@ class Store:
         self.retry(f"write {self.url(rel)}", lambda: fs.pipe_file(f"{root}/{rel}", text.encode()))
 
     def create_exclusive(self, rel: str, text: str) -> None:
-        """Create the object only if it does not exist (O_EXCL locally, If-None-Match: * on S3);
+        """Create the object with this content only if it does not exist, atomically (a complete temp file
+        hard-linked into place locally, so no reader sees it half-written; If-None-Match: * on S3);
         FileExistsError when it does."""
         if not self.remote:
-            fd = os.open(self.local(rel), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
+            path = self.local(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+            try:
+                with open(staged, "w") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(staged, path)  # fails if path exists: the create is the link, of a complete file
+                fsync_dir(path.parent)
+            finally:
+                staged.unlink(missing_ok=True)
             return
         fs, root = self._fs()
         self.retry(f"create {self.url(rel)}", lambda: fs.pipe_file(f"{root}/{rel}", text.encode(), mode="create"))
 
-    def read_tagged(self, rel: str) -> tuple[str, str] | None:
-        """(text, tag) of the object, where the tag changes whenever the object does (S3: its ETag)."""
+    def list_files(self, rel: str) -> list[str]:
+        """Names of the files directly under rel (empty when rel does not exist)."""
         if not self.remote:
-            text = self.read_text(rel)
-            return None if text is None else (text, text)
+            path = self.local(rel)
+            return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
         fs, root = self._fs()
         try:
-            tag = self.retry(f"read {self.url(rel)}", lambda: fs.info(f"{root}/{rel}", refresh=True)["ETag"])
-            text = self.retry(f"read {self.url(rel)}", lambda: fs.cat_file(f"{root}/{rel}").decode())
+            entries = self.retry(f"list {self.url(rel)}", lambda: fs.ls(f"{root}/{rel}", detail=True, refresh=True))
         except FileNotFoundError:
-            return None
-        return text, tag
-
-    def replace_if(self, rel: str, text: str, tag: str) -> None:
-        """Replace the object only if it is still the one read with this tag (If-Match on S3);
-        FileExistsError when another writer changed it first."""
-        if not self.remote:
-            current = self.read_tagged(rel)
-            if current is None or current[1] != tag:
-                raise FileExistsError(rel)
-            self.write_text(rel, text)
-            return
-        fs, root = self._fs()
-        self.retry(f"write {self.url(rel)}", lambda: fs.pipe_file(f"{root}/{rel}", text.encode(), IfMatch=tag))
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "file")
 
     def delete(self, rel: str) -> None:
         if not self.remote:

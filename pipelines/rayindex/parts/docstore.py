@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rayindex.errors import DamagedIndex
 from rayindex.layout import DOCS_FILE, ROW_IDS_FILE, atomic_file, save_npy
 
 ROW_GROUP_ROWS = 256
@@ -54,13 +55,22 @@ class DocWriter:
 
 
 class DocStore:
-    """Look documents up by global row id across all shards of a version."""
+    """Look documents up by global row id across all shards of a version. Every row returned is checked to
+    be the one asked for: a doc store that disagrees with the index is refused, never served."""
 
     def __init__(self, shard_dirs: list[Path], shard_starts: list[int]):
         self.shard_dirs = shard_dirs
         self.shard_starts = np.asarray(shard_starts, dtype=np.int64)
-        self._row_ids = [np.load(d / ROW_IDS_FILE, mmap_mode="r") for d in shard_dirs]
-        self._files = [pq.ParquetFile(d / DOCS_FILE) for d in shard_dirs]
+        self._row_ids, self._files = [], []
+        for d in shard_dirs:
+            try:
+                self._row_ids.append(np.load(d / ROW_IDS_FILE, mmap_mode="r"))
+            except (OSError, ValueError) as exc:
+                raise DamagedIndex(f"{d / ROW_IDS_FILE} is not a readable id file ({exc}); the version is damaged: rebuild it") from None
+            try:
+                self._files.append(pq.ParquetFile(d / DOCS_FILE))
+            except (OSError, ValueError) as exc:
+                raise DamagedIndex(f"{d / DOCS_FILE} is not a readable doc store ({exc}); the version is damaged: rebuild it") from None
         self._group_ends = [
             np.cumsum([f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]) for f in self._files
         ]
@@ -69,20 +79,22 @@ class DocStore:
     def _read_group_uncached(self, shard: int, group: int) -> pa.Table:
         return self._files[shard].read_row_group(group)
 
-    def get(self, row_id: int) -> dict | None:
+    def get(self, row_id: int) -> dict:
+        """{row_id, id, text, metadata} of the document with this global id."""
         shard = int(np.searchsorted(self.shard_starts, row_id, side="right")) - 1
-        if shard < 0:
-            return None
-        ids = self._row_ids[shard]
+        ids = self._row_ids[shard] if shard >= 0 else np.zeros(0, np.int64)
         pos = int(np.searchsorted(ids, row_id))
+        where = self.shard_dirs[max(shard, 0)] / DOCS_FILE
         if pos >= len(ids) or ids[pos] != row_id:
-            return None
+            raise DamagedIndex(f"id {row_id} is in the index but not in {where.parent / ROW_IDS_FILE}; the version is damaged: rebuild it")
         group = int(np.searchsorted(self._group_ends[shard], pos, side="right"))
         group_start = 0 if group == 0 else int(self._group_ends[shard][group - 1])
-        row = self._read_group(shard, group).slice(pos - group_start, 1).to_pylist()[0]
-        return {
-            "row_id": row["row_id"],
-            "id": json.loads(row["doc_id"]),
-            "text": row["text"],
-            "metadata": json.loads(row["metadata"]),
-        }
+        try:
+            row = self._read_group(shard, group).slice(pos - group_start, 1).to_pylist()[0]
+            doc = {"row_id": row["row_id"], "id": json.loads(row["doc_id"]), "text": row["text"], "metadata": json.loads(row["metadata"])}
+        except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+            raise DamagedIndex(f"{where} row {pos} cannot be read ({exc}); the version is damaged: rebuild it") from None
+        if doc["row_id"] != row_id:
+            raise DamagedIndex(f"{where} row {pos} holds document {doc['row_id']}, not {row_id} as {ROW_IDS_FILE} says; "
+                               "the version is damaged: rebuild it")
+        return doc

@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rayindex.errors import RayIndexError
+from rayindex.errors import DamagedIndex, RayIndexError
 from rayindex.layout import IVFDATA_FILE, MERGED_FILE, atomic_file
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -107,7 +107,7 @@ def read_index(path: str | Path, flags: int = 0) -> faiss.Index:
             return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise RayIndexError(f"{path} is not a readable FAISS index ({reason}); the version is damaged: rebuild it") from None
+        raise DamagedIndex(f"{path} is not a readable FAISS index ({reason}); the version is damaged: rebuild it") from None
 
 
 def read_merged(version_dir: str | Path) -> faiss.Index:

@@ -12,9 +12,9 @@ import faiss
 import numpy as np
 
 from rayindex.config import AskParams, GeneratorConfig, IndexLocation, SearchParams
-from rayindex.errors import RayIndexError
+from rayindex.errors import DamagedIndex, RayIndexError
 from rayindex.infra.storage import use_s3_endpoint
-from rayindex.layout import shard_dir
+from rayindex.layout import MERGED_FILE, shard_dir
 from rayindex.manifest import Manifest
 from rayindex.parts.docstore import DocStore
 from rayindex.parts.ivf import read_merged
@@ -97,6 +97,9 @@ def open_version(version_dir: str | Path, manifest: Manifest) -> PublishedIndex:
     """Open one version folder whose merge is done."""
     version_dir = Path(version_dir)
     index = read_merged(version_dir)
+    if index.ntotal != manifest.merge.ntotal or index.d != manifest.dimension:
+        raise DamagedIndex(f"{version_dir / MERGED_FILE} holds {index.ntotal} vectors of dimension {index.d}, the manifest says "
+                           f"{manifest.merge.ntotal} of {manifest.dimension}; the version is damaged: rebuild it")
     docs = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
     return PublishedIndex(version_dir, manifest, index, docs)
 

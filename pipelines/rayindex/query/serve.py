@@ -36,10 +36,12 @@ from ray.serve import Application
 from ray.serve import metrics as serve_metrics
 
 from rayindex.config import AppConfig, AskParams, SearchParams, ServeConfig
-from rayindex.errors import RayIndexError
+from rayindex.errors import DamagedIndex, RayIndexError, UsageError, user_message
 from rayindex.infra.ray_session import ensure_ray
 from rayindex.infra.storage import Store, is_remote
 from rayindex.layout import CURRENT
+from rayindex.query.gate import (API_KEY_ENV, CALLBACK as GATE_CALLBACK, RETRY_AFTER_S, api_key_from_environment,
+                                 max_body_from_environment, refusal)
 from rayindex.query.generate import GeneratorError, make_generator
 from rayindex.query.search import PublishedIndex, open_index
 from rayindex.versions import current_run_id, open_current
@@ -47,8 +49,8 @@ from rayindex.versions import current_run_id, open_current
 log = logging.getLogger("rayindex.serve")
 
 MAX_QUERY_CHARS = 2_000
-MAX_K = 100  # hits per request: bounds the doc-store reads and the response size
-OPEN_PATHS = {"/healthz"}  # reachable without the API key (load balancer probes)
+MAX_K = 100  # hits per /search: bounds the doc-store reads and the response size
+MAX_ASK_K = 20  # passages per /ask: with the sentence budget (generate.MAX_SENTENCES_SCORED) bounds an answer's work
 METRIC_PREFIX = "rayindex_"
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 METRIC_LABELS = {"endpoint", "status", "version", "le"}  # ours; Serve and Ray add per-replica ones, dropped when summing
@@ -77,7 +79,13 @@ class AskRequest(AskParams):
     question: str = Field(..., max_length=MAX_QUERY_CHARS, description="The question to answer.")
 
     _question_not_blank = field_validator("question")(_not_blank)
-    _k_limit = field_validator("k")(_k_at_most_max)
+
+    @field_validator("k")
+    @classmethod
+    def _k_limit(cls, value: int) -> int:
+        if value > MAX_ASK_K:
+            raise ValueError(f"must be at most {MAX_ASK_K}")
+        return value
 
 
 app = FastAPI(title="rayindex", description="Search and retrieval-augmented answers over a rayindex build.")
@@ -94,14 +102,16 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 @app.middleware("http")
-async def _auth_and_metrics(request: Request, call_next):
+async def _gate_and_metrics(request: Request, call_next):
+    """The proxy's checks again (gate.py; the proxy may run without them), then the request, counted."""
     state = request.app.state
     path = request.url.path
     start = time.perf_counter()
-    api_key = getattr(state, "api_key", None)
-    if api_key and path not in OPEN_PATHS and request.headers.get("authorization") != f"Bearer {api_key}":
-        response = JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token (Authorization: Bearer <RAYINDEX_API_KEY>)"},
-                                headers={"WWW-Authenticate": "Bearer"})
+    refused = refusal(request.method, path, {k.lower(): v for k, v in request.headers.items()}, getattr(state, "api_key", None),
+                      MAX_BODY_BYTES)
+    if refused:
+        status, detail, headers = refused
+        response = JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
     else:
         response = await call_next(request)
     metrics = getattr(state, "metrics", None)
@@ -110,6 +120,11 @@ async def _auth_and_metrics(request: Request, call_next):
         metrics.requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code)})
         metrics.latency.observe(time.perf_counter() - start, tags={"endpoint": endpoint})
     return response
+
+
+def shed(status: int, detail: str) -> JSONResponse:
+    """A fast refusal the client should retry: 503 (busy) or 504 (too slow), with Retry-After."""
+    return JSONResponse(status_code=status, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class ReplicaMetrics:
@@ -165,9 +180,17 @@ def cluster_metrics(application: str, timeout_s: float = 2.0) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Serve's default of 5 ongoing requests per replica starves @serve.batch and makes the proxy back
-# off and retry (measured: 9.6 QPS and 2.9 s p50 at 32 clients); let a replica hold two full batches.
-@serve.deployment(max_ongoing_requests=64)
+# Load is shed in the replica, not queued: Serve hands it up to MAX_ONGOING_REQUESTS requests at once, so
+# /healthz is never stuck in the proxy's queue behind searches; the replica works on max_inflight
+# searches (two full @serve.batch batches: with Serve's default of 5 ongoing requests the batches
+# starve, measured 9.6 QPS and 2.9 s p50 at 32 clients) and answers the rest 503 at once. Past
+# MAX_QUEUED_REQUESTS waiting in the proxy, Serve itself answers 503 with Retry-After.
+MAX_ONGOING_REQUESTS = 1024
+MAX_QUEUED_REQUESTS = 1024
+MAX_BODY_BYTES = max_body_from_environment()
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, max_queued_requests=MAX_QUEUED_REQUESTS)
 @serve.ingress(app)
 class RagService:
     def __init__(self, config: dict):
@@ -175,15 +198,18 @@ class RagService:
         if self.config.s3_endpoint:
             os.environ["AWS_ENDPOINT_URL"] = self.config.s3_endpoint
         self.current: PublishedIndex = self._load(None)
+        self.degraded: dict | None = None  # the newest version CURRENT named that this replica refused, and why
+        self.inflight = 0
         self.generator = make_generator(self.config, self._encode_now)
-        app.state.api_key = self.config.api_key or os.environ.get("RAYINDEX_API_KEY") or None
+        app.state.api_key = self.config.api_key or api_key_from_environment()
         app.state.metrics = ReplicaMetrics()
         app.state.metrics.serving.set(1, tags={"version": self.current.run_id})
         self._stop = threading.Event()
         threading.Thread(target=self._watch_current, daemon=True, name="rayindex-watch-current").start()
 
     def _load(self, previous: PublishedIndex | None) -> PublishedIndex:
-        """Open the version CURRENT names, reusing the loaded model when the new version uses the same one."""
+        """Open the version CURRENT names (every serving file checked against its sha256), reusing the loaded
+        model when the new version uses the same one."""
         loaded = open_index(self.config.index)
         if previous is not None and previous.manifest.model.name == loaded.manifest.model.name:
             loaded.model = previous.model
@@ -193,20 +219,33 @@ class RagService:
     def _watch_current(self) -> None:
         output = Store(self.config.index)
         while not self._stop.wait(self.config.poll_interval):
+            named = None
             try:
-                if current_run_id(output) == self.current.run_id:
+                named = current_run_id(output)
+                if named == self.current.run_id:
+                    self.degraded = None  # CURRENT is back on the version served
                     continue
+                if self.degraded and self.degraded["version"] == named:
+                    continue  # refused it already: look again when CURRENT names another
                 new = self._load(self.current)
-            except Exception as exc:  # keep serving the old version; try again next poll
-                log.warning("cannot load the new version named by %s: %s", output.url(CURRENT), exc)
+            except Exception as exc:  # keep serving the old version
+                self._refuse(named, output, exc)
                 continue
             old = self.current
-            self.current = new  # one assignment: requests see the old or the new version, whole
+            self.current, self.degraded = new, None  # one assignment: requests see the old or the new version, whole
             metrics = app.state.metrics
             metrics.serving.set(0, tags={"version": old.run_id})
             metrics.serving.set(1, tags={"version": new.run_id})
             metrics.swaps.inc()
             log.info("now serving %s (was %s)", new.run_id, old.run_id)
+
+    def _refuse(self, run_id: str | None, output: Store, exc: Exception) -> None:
+        """Report a version this replica will not serve: in /healthz, and in the log once (not every poll)."""
+        reason = user_message(exc)
+        if self.degraded != {"version": run_id, "reason": reason}:
+            log.warning("not serving the version %s names (%s): %s; still serving %s", output.url(CURRENT), run_id, reason,
+                        self.current.run_id)
+        self.degraded = {"version": run_id, "reason": reason}
 
     def _encode_now(self, texts: list[str]) -> np.ndarray:
         return self.current.encode(texts)
@@ -234,43 +273,65 @@ class RagService:
         scores, ids = await self._search_batch((loaded, text, k, nprobe))
         return await asyncio.to_thread(loaded.hits, scores, ids)
 
+    async def _admitted(self, work, loaded: PublishedIndex):
+        """Run a search (or an answer) within max_inflight and request_timeout; the JSON error response
+        instead when it is refused, too slow, asks for the impossible or meets damaged files."""
+        if self.inflight >= self.config.max_inflight:
+            return shed(503, f"busy: {self.inflight} searches in progress on this replica; retry after {RETRY_AFTER_S} s")
+        self.inflight += 1
+        try:
+            return await asyncio.wait_for(work, self.config.request_timeout)
+        except asyncio.TimeoutError:
+            return shed(504, f"no answer within {self.config.request_timeout:g} s; retry after {RETRY_AFTER_S} s")
+        except DamagedIndex as exc:
+            self._refuse(loaded.run_id, Store(self.config.index), exc)
+            return JSONResponse(status_code=503, content={"detail": user_message(exc)})
+        except RayIndexError as exc:
+            return JSONResponse(status_code=422, content={"detail": user_message(exc)})
+        finally:
+            self.inflight -= 1
+
     @app.post("/search")
     async def search(self, request: SearchRequest):
         loaded = self.current  # one version for the whole request
         start = time.perf_counter()
-        try:
+
+        async def work():
             hits = await self._retrieve(loaded, request.query, request.k, request.nprobe)
-        except RayIndexError as exc:
-            return JSONResponse(status_code=422, content={"detail": str(exc)})
-        return {"version": loaded.run_id, "hits": hits, "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)}}
+            return {"version": loaded.run_id, "hits": hits, "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)}}
+
+        return await self._admitted(work(), loaded)
 
     @app.post("/ask")
     async def ask(self, request: AskRequest):
         loaded = self.current
         start = time.perf_counter()
-        try:
+
+        async def work():
             hits = await self._retrieve(loaded, request.question, request.k, request.nprobe)
-        except RayIndexError as exc:
-            return JSONResponse(status_code=422, content={"detail": str(exc)})
-        retrieved = time.perf_counter()
-        sources = [{"n": n, **hit} for n, hit in enumerate(hits, 1)]
-        body = {"version": loaded.run_id, "generator": self.config.generator, "sources": sources}
-        try:
-            answer = await asyncio.to_thread(self.generator.generate, request.question, hits)
-        except GeneratorError as exc:  # the sources are still useful when the generator is down
-            body.update(detail=str(exc), answer=None)
-            return JSONResponse(status_code=exc.status_code, content=body)
-        done = time.perf_counter()
-        body.update(answer=answer, timings_ms={"retrieve": round(1000 * (retrieved - start), 2),
-                                               "generate": round(1000 * (done - retrieved), 2),
-                                               "total": round(1000 * (done - start), 2)})
-        return body
+            retrieved = time.perf_counter()
+            sources = [{"n": n, **hit} for n, hit in enumerate(hits, 1)]
+            body = {"version": loaded.run_id, "generator": self.config.generator, "sources": sources}
+            try:
+                answer = await asyncio.to_thread(self.generator.generate, request.question, hits)
+            except GeneratorError as exc:  # the sources are still useful when the generator is down
+                body.update(detail=str(exc), answer=None)
+                return JSONResponse(status_code=exc.status_code, content=body)
+            done = time.perf_counter()
+            body.update(answer=answer, timings_ms={"retrieve": round(1000 * (retrieved - start), 2),
+                                                   "generate": round(1000 * (done - retrieved), 2),
+                                                   "total": round(1000 * (done - start), 2)})
+            return body
+
+        return await self._admitted(work(), loaded)
 
     @app.get("/healthz")
     async def healthz(self):
+        """Answered by the event loop at once, never queued behind searches; "degraded" (still 200: the
+        replica serves the version it has) when CURRENT names a version it refused."""
         loaded = self.current
-        return {"status": "ok", "version": loaded.run_id, "documents": int(loaded.index.ntotal),
-                "index_string": loaded.manifest.index_string}
+        return {"status": "degraded" if self.degraded else "ok", "version": loaded.run_id, "documents": int(loaded.index.ntotal),
+                "index_string": loaded.manifest.index_string, "in_flight": self.inflight, "degraded": self.degraded}
 
     @app.get("/metrics")
     async def metrics(self):
@@ -291,12 +352,29 @@ def app_builder(config: AppConfig) -> Application:
     return RagService.options(ray_actor_options=options, **replicas).bind(config.model_dump())
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def check_exposure(config: ServeConfig, api_key: str | None) -> None:
+    """Refuse to serve on a non-loopback host without an API key, unless --insecure says it is meant."""
+    if config.host not in LOOPBACK and not api_key and not config.insecure:
+        raise UsageError(f"--host {config.host} serves beyond this machine and RAYINDEX_API_KEY is not set: anyone who reaches "
+                         "the port could search and ask. Set RAYINDEX_API_KEY (clients send Authorization: Bearer <key>), or "
+                         "pass --insecure if the network is private")
+
+
 def start_serving(config: ServeConfig) -> None:
-    """Check the index, start Ray Serve's HTTP proxy on host:port and deploy the app (returns when it is up)."""
-    open_current(config.index)  # fails here, with a clear message, when nothing complete is published
+    """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
+    and deploy the app (returns when it is up)."""
+    api_key = config.api_key or api_key_from_environment()
+    check_exposure(config, api_key)
+    open_current(config.index)  # fails here, with a clear message, when nothing complete and intact is published
     index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
-    app_config = AppConfig(**config.model_dump(include=set(AppConfig.model_fields))
-                           | {"index": index, "api_key": config.api_key or os.environ.get("RAYINDEX_API_KEY")})
+    app_config = AppConfig(**config.model_dump(include=set(AppConfig.model_fields)) | {"index": index, "api_key": api_key})
+    if not ray.is_initialized():  # the Ray started here: its proxy checks bodies and tokens before reading a body
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
+        if api_key:
+            os.environ[API_KEY_ENV] = api_key
     ensure_ray(config.ray_address)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5})
     serve.run(app_builder(app_config), name="rayindex", route_prefix="/")
