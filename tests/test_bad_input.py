@@ -15,7 +15,7 @@ from rayindex.cli import app
 from rayindex.errors import RayIndexError
 from rayindex.layout import CURRENT, MANIFEST, VERSIONS
 from rayindex.manifest import Counts, Manifest
-from rayindex.parts.corpus import document_id
+from rayindex.parts.corpus import check_id
 from rayindex.parts.ivf import make_index
 from rayindex.query.search import open_index
 from rayindex.stages.train import check_trainable
@@ -144,9 +144,9 @@ def test_no_rows_at_all(tmp_path, output):
     ([1, 2], r"holds a list \(\[1, 2\]\)"),
 ])
 def test_ids_are_strings_or_integers(value, message):
-    assert document_id({"id": "a"}, "id", "a.parquet", 0) == "a" and document_id({"id": 7}, "id", "a.parquet", 0) == 7
+    assert check_id("a", "id", "a.parquet row 0") == "a" and check_id(7, "id", "a.parquet row 0") == 7
     with pytest.raises(RayIndexError, match=rf"a\.parquet row 4: id column 'id' {message}"):
-        document_id({"id": value}, "id", "a.parquet", 4)
+        check_id(value, "id", "a.parquet row 4")
 
 
 def test_wrong_id_type_names_file_line_and_column(tmp_path, docs, output):

@@ -76,12 +76,27 @@ def test_every_figure_is_labelled():
             assert rate["basis"] == "measured" or rate["source"].startswith("estimate")
     assert cpu["hours"]["encode"]["basis"] == "measured" and cpu["hours"]["merge"]["basis"] == "estimate"
     assert cpu["hours"]["total"]["basis"] == "estimate"  # the merge rate is an estimate
-    assert gpu["hours"]["encode"]["basis"] == "estimate" and gpu["hours"]["train"]["basis"] == "estimate"
+    # 4 CPUs per GPU feed 12,254 docs/s, under the GPU's estimated 20,000: the measured data path bounds it
+    assert gpu["encode_bound"] == "CPU data path" and gpu["hours"]["encode"]["basis"] == "measured"
+    assert gpu["hours"]["train"]["basis"] == "estimate"
     assert all(r["basis"] == "estimate" for r in ESTIMATED_GPU.values())
-    assert all("2026-11-27" in r["source"] for r in MEASURED_CPU.values() if r["basis"] == "measured")
-    assert "encode_docs_per_s_per_gpu" not in cpu["throughputs"]
+    assert all(("2026-11-27" in r["source"] or "2026-11-29" in r["source"]) for r in MEASURED_CPU.values() if r["basis"] == "measured")
+    assert "gpu_forward_docs_per_s" not in cpu["throughputs"]
     hnsw = plan_capacity(1e9, index_string="OPQ48_192,IVF131072_HNSW32,PQ48np")
     assert hnsw["hours"]["add"]["basis"] == "estimate"  # HNSW assignment cost is not measured
+
+
+def test_a_gpu_encodes_at_the_smaller_of_its_forward_pass_and_its_cpus_data_path():
+    feed = MEASURED_CPU["encode_data_path_docs_per_s_per_core"]["value"]
+    forward = ESTIMATED_GPU["gpu_forward_docs_per_s"]["value"]
+    starved = plan_capacity(1e9, index_string=PQ48, gpus=1, cpus_per_gpu=1)
+    fed = plan_capacity(1e9, index_string=PQ48, gpus=1, cpus_per_gpu=64)
+    assert starved["encode_bound"] == "CPU data path" and fed["encode_bound"] == "GPU forward pass"
+    assert value(starved, "hours", "encode") == pytest.approx(1e9 / min(feed, forward) / 3600)
+    assert value(fed, "hours", "encode") == pytest.approx(1e9 / forward / 3600)
+    assert starved["hours"]["encode"]["basis"] == "measured" and fed["hours"]["encode"]["basis"] == "estimate"
+    assert "bound by the CPU data path" in starved["hours"]["encode"]["how"]
+    assert plan_capacity(1e9, index_string=PQ48)["encode_bound"] == "CPU forward pass (no GPU)"
 
 
 def test_given_throughputs_override_and_are_labelled():

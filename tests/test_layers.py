@@ -15,10 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "rayindex"
 # layer allows it. stages and query share a rank and may not import each other.
 LAYERS = [
     ("foundation", 0, {"errors", "config", "layout", "manifest"}),
-    ("infrastructure", 1, {"infra.storage", "infra.lock", "infra.ray_session", "infra.progress", "infra.faults", "infra.resources"}),
+    ("infrastructure", 1, {"infra.storage", "infra.lock", "infra.ray_session", "infra.progress", "infra.faults", "infra.resources",
+                        "infra.prefetch"}),
     ("versions", 2, {"versions"}),
     ("parts", 3, {"parts.corpus", "parts.shard_plan", "parts.index_params", "parts.capacity", "parts.model", "parts.docstore",
-                  "parts.ivf", "parts.recall", "parts.refine", "parts.reuse", "parts.stdlib_corpus"}),
+                  "parts.ivf", "parts.recall", "parts.refine", "parts.reuse", "parts.stdlib_corpus", "parts.documents"}),
     ("stages", 4, {"stages.plan", "stages.encode", "stages.train", "stages.add", "stages.merge", "stages.tune"}),
     ("query", 4, {"query.search", "query.evaluate", "query.generate", "query.serve", "query.gate"}),
     ("build", 5, {"builder", "incremental"}),

@@ -1,26 +1,91 @@
 """The encode stage (stages/encode.py): per shard, the model's embeddings of the composed texts, the ids,
 the doc store and the hashes, each file checksummed in the manifest; a re-run keeps verified shards."""
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from rayindex.builder import start_or_resume
 from rayindex.config import BuildConfig
+from rayindex.errors import RayIndexError
+from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
 from rayindex.layout import SHARD_ENCODE_FILES, load_embeddings, shard_dir, shard_rel
 from rayindex.parts.docstore import DocStore
-from rayindex.parts.model import load_model
+from rayindex.parts.corpus import RowBatch
+from rayindex.parts.documents import prepare
+from rayindex.parts.model import load_model, tokenize
 from rayindex.stages import encode, plan
 
 from conftest import build_config, write_parquet
 
 
-def test_encoder_resources_split_cpus_and_take_one_gpu_each():
+def test_encoder_resources_split_cpus_and_give_each_gpu_its_nodes_cpus():
     assert encode.encoder_resources(False, 8, 0, None, 3) == (3, {"num_cpus": 2})  # never more actors than shards
     assert encode.encoder_resources(False, 2, 0, None, 10) == (2, {"num_cpus": 1})
     assert encode.encoder_resources(False, 8, 0, 1, 10) == (1, {"num_cpus": 8})  # one actor gets every core
-    assert encode.encoder_resources(True, 16, 4, None, 10) == (4, {"num_gpus": 1, "num_cpus": 1})
+    # a GPU encoder reserves its node's CPUs per GPU (reading and tokenizing feed the GPU), or --encoder-cpus
+    assert encode.encoder_resources(True, 64, 4, None, 10, gpu_node_cpus_per_gpu=12) == (4, {"num_gpus": 1, "num_cpus": 12.0})
+    assert encode.encoder_resources(True, 64, 4, None, 10, encoder_cpus=6, gpu_node_cpus_per_gpu=12) == (4, {"num_gpus": 1, "num_cpus": 6})
+    assert encode.encoder_resources(True, 2, 0, None, 10) == (1, {"num_gpus": 1, "num_cpus": 1.0})  # no GPU node up yet
+    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 2}}, {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}},
+             {"Alive": True, "Resources": {"CPU": 2}}, {"Alive": False, "Resources": {"CPU": 1, "GPU": 1}}]
+    assert encode.cpus_per_gpu(nodes) == 8 and encode.cpus_per_gpu(nodes[2:3]) is None
+
+
+def test_tokenize_once_gives_the_models_own_inputs_and_counts_truncation(docs):
+    """The Rust tokenizer called directly produces exactly what sentence-transformers' preprocess feeds the
+    model; truncated texts are counted from the same pass (a 10 MB text cut before tokenizing)."""
+    model = load_model("all-MiniLM-L6-v2")
+    texts = [f"{d['title']}: {d['body']}" for d in docs[:200]] + ["word " * 2_000_000]
+    tokenized = tokenize(model, texts)
+    features = model.preprocess(texts[:200])
+    mask = features["attention_mask"].numpy().astype(bool)
+    for name in ("input_ids", "token_type_ids"):
+        assert np.array_equal(tokenized.ids[name][: int(tokenized.lengths[:200].sum())], features[name].numpy()[mask])
+    longer = sum(len(model.tokenizer(t, verbose=False)["input_ids"]) > 256 for t in texts[:200])
+    assert tokenized.truncated == longer + 1 and tokenized.lengths[-1] == 256
+
+
+def test_documents_are_assembled_column_by_column(tmp_path):
+    """Texts as --text-column and --template always made them (blank values left out, nulls as ""), rows
+    without text skipped and counted, ids typed (1 and "1" differ), metadata as JSON."""
+    table = pa.table({"id": ["a", "b", "c", "d"], "title": ["T", None, "  ", "x\ny"], "body": ["b", "only body", None, "café"],
+                      "n": [1, None, 3, 4], "tags": [["x"], [], None, ["y", "z"]]})
+    batch = RowBatch(np.arange(10, 14), table)
+    joined = prepare(batch, ["title", "body"], None, "id", lambda i: f"row {i}")
+    assert joined.texts.to_pylist() == ["T: b", "only body", "x\ny: café"] and joined.skipped == {"empty_or_null_text": 1}
+    assert joined.row_ids.tolist() == [10, 11, 13] and joined.doc_ids.to_pylist() == ["a", "b", "d"]
+    assert [json.loads(m) for m in joined.metadata.to_pylist()] == [{"n": 1, "tags": ["x"]}, {"n": None, "tags": []},
+                                                                   {"n": 4, "tags": ["y", "z"]}]
+    templated = prepare(batch, ["title", "body"], "{title} / {body}!", "id", lambda i: f"row {i}")
+    assert templated.texts.to_pylist() == ["T / b!", " / only body!", "x\ny / café!"]
+    ints = prepare(RowBatch(np.arange(2), pa.table({"id": [1, 2], "text": ["one", "two"]})), ["text"], None, "id", str)
+    strings = prepare(RowBatch(np.arange(2), pa.table({"id": ["1", "2"], "text": ["one", "two"]})), ["text"], None, "id", str)
+    assert ints.doc_id_is_int.to_pylist() == [True, True] and strings.doc_id_is_int.to_pylist() == [False, False]
+    assert not set(ints.id_hashes.tolist()) & set(strings.id_hashes.tolist())  # 1 and "1" are different ids
+    with pytest.raises(RayIndexError, match=r"row 0: id column 'id' holds a float \(1\.5\)"):
+        prepare(RowBatch(np.arange(1), pa.table({"id": [1.5], "text": ["x"]})), ["text"], None, "id", lambda i: f"row {i}")
+
+
+def test_prefetch_overlaps_bounds_and_hands_errors_over():
+    made = []
+
+    def producer():
+        for i in range(10):
+            made.append(i)
+            yield i
+        raise ValueError("the producer failed")
+
+    got = []
+    with pytest.raises(ValueError, match="the producer failed"):
+        for item in prefetched(producer(), depth=2):
+            got.append(item)
+            assert len(made) - len(got) <= 3  # at most depth waiting, one being made
+    assert got == list(range(10))
 
 
 @pytest.fixture(scope="module")

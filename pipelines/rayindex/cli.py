@@ -203,7 +203,8 @@ def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
     from rayindex.parts.capacity import format_plan, plan_capacity
 
     o = settings(PlanOptions, options)
-    console.print(format_plan(plan_capacity(o.docs, o.dim, o.index, gpus=o.gpus, max_index_bytes=o.max_index_memory, cores=o.cores)))
+    console.print(format_plan(plan_capacity(o.docs, o.dim, o.index, gpus=o.gpus, max_index_bytes=o.max_index_memory, cores=o.cores,
+                                            cpus_per_gpu=o.cpus_per_gpu)))
 
 
 @command()

@@ -60,6 +60,8 @@ class BuildConfig(Settings):
                                                    "all-MiniLM-L6-v2, offline).")
     batch_size: int = Field(64, ge=1, description="Encoding batch size.")
     encoders: Optional[int] = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")
+    encoder_cpus: Optional[float] = Field(None, gt=0, description="CPUs each GPU encoder reserves for reading and tokenizing "
+                                          "(default: a GPU node's CPUs divided by its GPUs).")
     index: Optional[str] = Field(None, description='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" '
                                                    "(default: chosen from the corpus size).")
     metric: Literal["ip", "l2"] = Field("ip", description="ip (inner product of normalized embeddings) or l2.")
@@ -97,7 +99,7 @@ class BuildConfig(Settings):
 
     def fingerprint(self) -> str:
         """Hash of the settings that change the result (not where Ray runs), to resume only identical runs."""
-        relevant = self.model_dump(exclude={"ray_address", "encoders", "gpu", "on_disk", "memory_budget", "s3_endpoint",
+        relevant = self.model_dump(exclude={"ray_address", "encoders", "encoder_cpus", "gpu", "on_disk", "memory_budget", "s3_endpoint",
                                             "storage_retry"})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -197,4 +199,5 @@ class PlanOptions(Settings):
     max_index_memory: Optional[Bytes] = Field(None, ge=1, description="RAM budget of the index, e.g. 64G (drives the index choice).",
                                               json_schema_extra=cli(metavar="SIZE", as_text=True))
     gpus: int = Field(0, ge=0, description="GPUs for encoding and training.")
+    cpus_per_gpu: float = Field(4, gt=0, description="CPUs of a GPU node per GPU: they feed its encoder (read, tokenize).")
     cores: int = Field(2, ge=1, description="CPU cores for encoding (no GPUs) and adding.")

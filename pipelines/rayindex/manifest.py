@@ -71,6 +71,7 @@ class ShardState(BaseModel):
     skipped: dict[str, int] = Field(default_factory=dict)
     vectors_reused: int = 0  # reindex: unchanged documents whose vectors were copied from the previous version
     ids_changed: int = 0  # reindex: documents encoded again because their content changed
+    encode_seconds: Optional[float] = None  # the encoder's time on this shard (reading to writing; no actor start)
     embeddings_sha256: Optional[str] = None
     index_sha256: Optional[str] = None
     trained_sha256: Optional[str] = None  # the trained index this shard's index was built from

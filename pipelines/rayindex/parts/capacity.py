@@ -20,6 +20,9 @@ from rayindex.parts.index_params import (
 )
 
 BENCH = "benchmarks/build_benchmark.py --json docs/benchmark-build.json, 2026-11-27, 2 cores, no GPU"
+ENCODE_BENCH = "benchmarks/encode_benchmark.py --json docs/benchmark-encode.json, 2026-11-29, 2 cores, no GPU"
+DATA_PATH_DOCS = 126_240
+DATA_PATH_PER_CORE = DATA_PATH_DOCS / 20.6045 / 2  # the encoders' steady time, 2 actors on 2 cores: 3,063 docs/s per core
 
 # Throughputs per core (per GPU below), each with where it comes from.
 MEASURED_CPU: dict[str, dict] = {
@@ -42,6 +45,13 @@ MEASURED_CPU: dict[str, dict] = {
         "basis": "measured",
         "source": f"{BENCH}: train of IVF1024,PQ48np on 65,536 x 384 vectors in 8.43 s, 2 threads",
     },
+    "encode_data_path_docs_per_s_per_core": {
+        # reading, text assembly, hashing, tokenizing and writing, the forward pass made free: what a CPU
+        # core feeds a GPU with (the model's forward pass is what the GPU does)
+        "value": DATA_PATH_PER_CORE,
+        "basis": "measured",
+        "source": f"{ENCODE_BENCH}: {DATA_PATH_DOCS:,} GCIDE entries in 20.6 s of encoder time, forward pass stubbed",
+    },
     "merge_bytes_per_s": {
         # the benchmark merged 11.2 MB in RAM in 0.05 s (checks included): too small to extrapolate;
         # at scale the on-disk merge reads and writes the inverted lists once, bound by the disk
@@ -52,10 +62,11 @@ MEASURED_CPU: dict[str, dict] = {
 }
 
 ESTIMATED_GPU: dict[str, dict] = {
-    "encode_docs_per_s_per_gpu": {
-        "value": 3000.0,
+    "gpu_forward_docs_per_s": {
+        "value": 20_000.0,
         "basis": "estimate",
-        "source": "estimate, not measured: all-MiniLM-L6-v2 fp16 on one datacenter GPU, ~110-token docs",
+        "source": "estimate, not measured: all-MiniLM-L6-v2 fp16 forward pass on one current datacenter GPU, ~100-token "
+                  "docs (benchmarks/encode_benchmark.py --gpu measures it where a GPU is lent)",
     },
     "train_vectors_x_centroids_per_s_per_gpu": {
         # k-means is matrix products: ~2*d*niter flops per vector x centroid; a few TFLOP/s effective
@@ -93,12 +104,14 @@ def _basis(*bases: str) -> str:
 
 def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None, gpus: int = 0,
                   max_index_bytes: int | None = None, throughputs: dict | None = None, cores: int = 2,
-                  train_cores: int | None = None, avg_doc_bytes: int = 1000) -> dict:
+                  train_cores: int | None = None, avg_doc_bytes: int = 1000, cpus_per_gpu: float = 4) -> dict:
     """Sizes and stage hours of building an index over n_docs documents.
 
     cores: CPU cores of the cluster (encode without GPU, add); train_cores: cores of the biggest node,
-    which the train task reserves (default: cores). With gpus > 0, encode runs one actor per GPU and
-    training runs its k-means on one GPU (estimated rates). throughputs overrides entries of
+    which the train task reserves (default: cores). With gpus > 0, encode runs one actor per GPU, fed by
+    cpus_per_gpu CPUs (the encoder's reservation: a GPU node's CPUs divided by its GPUs): a GPU encodes at
+    the smaller of its forward pass (estimated) and what those CPUs' data path delivers (measured), and
+    the plan says which bounds it; training runs its k-means on one GPU (estimated). throughputs overrides entries of
     MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source).
     """
     n = int(n_docs)
@@ -126,14 +139,21 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
                                  "fp32 embeddings + shard indexes + merged lists + doc store"),
     }
 
+    bound = None
     if gpus > 0:
-        encode = rates["encode_docs_per_s_per_gpu"]
-        encode_rate, encode_how = encode["value"] * gpus, f"n / ({encode['value']:.0f} docs/s x {gpus} GPU)"
+        forward, feed = rates["gpu_forward_docs_per_s"], rates["encode_data_path_docs_per_s_per_core"]
+        fed = feed["value"] * cpus_per_gpu  # what an encoder's CPUs read, assemble and tokenize per second
+        bound = "CPU data path" if fed < forward["value"] else "GPU forward pass"
+        per_gpu, limiting = min(fed, forward["value"]), feed if fed < forward["value"] else forward
+        encode_rate, encode_basis = per_gpu * gpus, limiting["basis"]
+        encode_how = (f"n / ({per_gpu:,.0f} docs/s x {gpus} GPU): min(GPU forward {forward['value']:,.0f}, data path "
+                      f"{feed['value']:,.0f} docs/s/core x {cpus_per_gpu:g} CPUs per GPU = {fed:,.0f}); bound by the {bound}")
         train = rates["train_vectors_x_centroids_per_s_per_gpu"]
         train_rate, train_how = train["value"], f"{n_train:,} x {spec.nlist:,} / {train['value']:.3g} per s on 1 GPU"
     else:
         encode = rates["encode_docs_per_s_per_core"]
-        encode_rate, encode_how = encode["value"] * cores, f"n / ({encode['value']:.1f} docs/s x {cores} cores)"
+        encode_rate, encode_basis = encode["value"] * cores, encode["basis"]
+        encode_how = f"n / ({encode['value']:.1f} docs/s x {cores} cores)"
         train = rates["train_vectors_x_centroids_per_s_per_core"]
         train_rate = train["value"] * train_cores
         train_how = f"{n_train:,} x {spec.nlist:,} / ({train['value']:.3g} per s x {train_cores} cores)"
@@ -142,7 +162,7 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
     add_scale = max(1.0, assign_nlist / MEASURED_NLIST)  # coarse assignment: one distance per centroid
     merge = rates["merge_bytes_per_s"]
     hours = {
-        "encode": _item(n / encode_rate / 3600, _basis(encode["basis"]), encode_how),
+        "encode": _item(n / encode_rate / 3600, _basis(encode_basis), encode_how),
         "train": _item(n_train * spec.nlist / train_rate / 3600, _basis(train["basis"]), train_how),
         "add": _item(n * add_scale / (add["value"] * cores) / 3600,
                      _basis(add["basis"], "estimate" if spec.hnsw_m else "measured"),
@@ -169,6 +189,7 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
         "train_sample": n_train,
         "cores": cores,
         "gpus": gpus,
+        "encode_bound": bound or "CPU forward pass (no GPU)",
         "bytes": size,
         "hours": hours,
         "throughputs": rates,
@@ -200,6 +221,7 @@ def format_plan(plan: dict) -> Table:
         table.add_row(name, _human_bytes(item["value"]), item["basis"], item["how"])
     for name, item in plan["hours"].items():
         table.add_row(f"hours: {name}", _human_hours(item["value"]), item["basis"], item["how"])
+    table.add_row("encode bound by", plan["encode_bound"], "", "what limits the encode stage's rate on these nodes")
     for name, rate in plan["throughputs"].items():
         table.add_row(name, f"{rate['value']:,.4g}", rate["basis"], rate["source"])
     return table

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayindex.errors import RayIndexError
@@ -183,22 +184,35 @@ class InputUnavailable(RayIndexError):
 
 @dataclass
 class RowBatch:
-    """Rows of one piece: global row ids and the raw records (dicts of column -> value)."""
+    """Rows of one piece, as a table: global row ids, the columns, which rows were blank JSONL lines (no
+    record at all), and how many rows had text that was not Unicode (replaced with U+FFFD, kept)."""
 
     row_ids: np.ndarray
-    records: list[dict | None]  # None: a blank JSONL line
+    table: pa.Table
+    blank_lines: np.ndarray | None = None
     non_utf8: int = 0
+    raw_ids: list | None = None  # JSONL: the id column's values as parsed (a JSONL column has no one type)
+
+    def where(self, piece: Piece) -> Callable[[int], str]:
+        """'file row N' (or 'file line N') of the batch's i-th row, for error messages."""
+        jsonl = file_format(piece.path) == "jsonl"
+
+        def at(i: int) -> str:
+            row = int(self.row_ids[i]) - piece.global_start + piece.row_start
+            return f"{piece.path} line {row + 1}" if jsonl else f"{piece.path} row {row}"
+
+        return at
 
 
-def read_piece(piece: Piece, batch_rows: int = 2048) -> Iterator[RowBatch]:
-    """Stream the rows of a piece in batches of at most batch_rows."""
+def read_piece(piece: Piece, batch_rows: int = 2048, id_column: str | None = None) -> Iterator[RowBatch]:
+    """Stream the rows of a piece in batches of at most batch_rows (id_column: kept as parsed for JSONL)."""
     fmt = file_format(piece.path)
     fs, fs_path = _filesystem(piece.path)
     try:
         if fmt == "parquet":
             yield from _read_parquet_piece(piece, fs, fs_path, batch_rows)
         else:
-            yield from _read_jsonl_piece(piece, fs, fs_path, batch_rows)
+            yield from _read_jsonl_piece(piece, fs, fs_path, batch_rows, id_column)
     except RayIndexError:
         raise
     except (FileNotFoundError, PermissionError, ValueError) as exc:
@@ -221,11 +235,11 @@ def _read_parquet_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iter
                 for off in range(0, table.num_rows, batch_rows):
                     chunk = table.slice(off, batch_rows)
                     first = piece.global_start + (a - lo) + off
-                    yield RowBatch(np.arange(first, first + chunk.num_rows, dtype=np.int64), chunk.to_pylist())
+                    yield RowBatch(np.arange(first, first + chunk.num_rows, dtype=np.int64), chunk)
             group_start += group_rows
 
 
-def _read_jsonl_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iterator[RowBatch]:
+def _read_jsonl_piece(piece: Piece, fs, fs_path: str, batch_rows: int, id_column: str | None) -> Iterator[RowBatch]:
     with fs.open(fs_path, "rb") as fh:
         fh.seek(piece.byte_start or 0)
         row = piece.byte_start_row or 0
@@ -245,19 +259,34 @@ def _read_jsonl_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iterat
                 non_utf8 += replaced
             row += 1
             if len(records) == batch_rows:
-                start = piece.global_start + first_row - piece.row_start
-                yield RowBatch(np.arange(start, start + len(records), dtype=np.int64), records, non_utf8)
+                yield _jsonl_batch(records, piece.global_start + first_row - piece.row_start, non_utf8, id_column)
                 records, non_utf8, first_row = [], 0, row
         if records:
-            start = piece.global_start + first_row - piece.row_start
-            yield RowBatch(np.arange(start, start + len(records), dtype=np.int64), records, non_utf8)
+            yield _jsonl_batch(records, piece.global_start + first_row - piece.row_start, non_utf8, id_column)
 
 
-def document_id(record: dict, column: str, path: str, row: int) -> str | int:
-    """The record's id. Ids are strings or integers: search returns them and duplicates are found by them;
+def _jsonl_batch(records: list[dict | None], start: int, non_utf8: int, id_column: str | None) -> RowBatch:
+    """JSONL records as a table: a column per key (null where a record lacks it). A column whose values
+    mix types (a JSONL file has no schema) keeps strings as they are and the other values as JSON text;
+    the id column's values are also kept as parsed (1 and "1" are different ids)."""
+    blank = np.array([r is None for r in records], dtype=bool)
+    names = list(dict.fromkeys(k for r in records if r for k in r))
+    columns = {}
+    for name in names:
+        values = [None if r is None else r.get(name) for r in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
+                                     pa.string())
+    table = pa.table(columns) if columns else pa.table({"__empty": pa.nulls(len(records))}).drop(["__empty"])
+    raw_ids = None if id_column is None else [None if r is None else r.get(id_column) for r in records]
+    return RowBatch(np.arange(start, start + len(records), dtype=np.int64), table, blank, non_utf8, raw_ids)
+
+
+def check_id(value, column: str, where: str) -> str | int:
+    """A corpus id as parsed: a string or an integer. Search returns ids and duplicates are found by them;
     a float is not an id (a float column is usually integer ids with NaN where one is missing)."""
-    value = record.get(column)
-    where = f"{path} line {row + 1}" if file_format(path) == "jsonl" else f"{path} row {row}"
     if value is None:
         raise RayIndexError(f"{where}: id column {column!r} is null; every document needs an id")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -266,16 +295,6 @@ def document_id(record: dict, column: str, path: str, row: int) -> str | int:
             "or integers: fix or cast that column, or leave out --id-column to number the rows"
         )
     return value
-
-
-def compose_text(record: dict, text_columns: list[str], template: str | None) -> str | None:
-    """The text to embed, or None when every text column is null or blank (the row is skipped)."""
-    values = {c: record.get(c) for c in text_columns}
-    if all(v is None or (isinstance(v, str) and not v.strip()) for v in values.values()):
-        return None
-    if template:
-        return template.format(**{k: "" if v is None else v for k, v in values.items()})
-    return ": ".join(str(v) for v in values.values() if v is not None and str(v).strip())
 
 
 def file_signature(path: str) -> dict:

@@ -17,7 +17,10 @@ from rayindex.errors import DamagedIndex
 from rayindex.layout import DOCS_FILE, ROW_IDS_FILE, atomic_file, save_npy
 
 ROW_GROUP_ROWS = 256
-SCHEMA = pa.schema([("row_id", pa.int64()), ("doc_id", pa.string()), ("text", pa.string()), ("metadata", pa.string())])
+# doc_id: the corpus id as text, doc_id_int: it was an integer (1 and "1" are different ids);
+# metadata: the row's other columns as a JSON object
+SCHEMA = pa.schema([("row_id", pa.int64()), ("doc_id", pa.string()), ("doc_id_int", pa.bool_()), ("text", pa.string()),
+                    ("metadata", pa.string())])
 
 
 class DocWriter:
@@ -31,16 +34,9 @@ class DocWriter:
         self._writer = pq.ParquetWriter(docs_tmp, SCHEMA)
         self._row_ids: list[np.ndarray] = []
 
-    def write(self, row_ids: np.ndarray, doc_ids: list, texts: list[str], metadata: list[dict]) -> None:
-        table = pa.table(
-            {
-                "row_id": pa.array(row_ids, pa.int64()),
-                "doc_id": [json.dumps(d, ensure_ascii=False, default=str) for d in doc_ids],
-                "text": texts,
-                "metadata": [json.dumps(m, ensure_ascii=False, default=str) for m in metadata],
-            },
-            schema=SCHEMA,
-        )
+    def write(self, row_ids: np.ndarray, doc_ids: pa.Array, doc_id_is_int: pa.Array, texts: pa.Array, metadata: pa.Array) -> None:
+        """Append documents, whole columns at a time."""
+        table = pa.Table.from_arrays([pa.array(row_ids, pa.int64()), doc_ids, doc_id_is_int, texts, metadata], schema=SCHEMA)
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         self._row_ids.append(np.asarray(row_ids, dtype=np.int64))
 
@@ -91,7 +87,8 @@ class DocStore:
         group_start = 0 if group == 0 else int(self._group_ends[shard][group - 1])
         try:
             row = self._read_group(shard, group).slice(pos - group_start, 1).to_pylist()[0]
-            doc = {"row_id": row["row_id"], "id": json.loads(row["doc_id"]), "text": row["text"], "metadata": json.loads(row["metadata"])}
+            doc = {"row_id": row["row_id"], "id": int(row["doc_id"]) if row["doc_id_int"] else row["doc_id"], "text": row["text"],
+                   "metadata": json.loads(row["metadata"])}
         except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
             raise DamagedIndex(f"{where} row {pos} cannot be read ({exc}); the version is damaged: rebuild it") from None
         if doc["row_id"] != row_id:

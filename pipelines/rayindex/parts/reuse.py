@@ -1,27 +1,19 @@
 """Vectors of an earlier version, looked up by document: a reindex encodes only documents whose
 id is new or whose content (text and metadata) changed, and copies the others' embeddings.
 
-Each document has two 64-bit hashes in its shard: its id (doc_hashes.npy) and its id together
-with its content (content_hashes.npy). A document whose content hash is in the previous version is
+Each document has two 64-bit hashes in its shard (parts/documents.py): its id (doc_hashes.npy) and its
+id together with its content, text and metadata (content_hashes.npy). A document whose content hash is in the previous version is
 unchanged; one whose id hash is there but not its content hash was changed; the rest are new.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rayindex.infra.storage import Store
 from rayindex.layout import CONTENT_HASHES_FILE, DOC_HASHES_FILE, load_embeddings
-
-
-def content_hash(doc_id, text: str, metadata: dict) -> int:
-    """64-bit hash of a document's id, text and metadata: equal exactly when a reindex may reuse its vector."""
-    payload = json.dumps([doc_id, text, metadata], sort_keys=True, ensure_ascii=False, default=str).encode()
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little", signed=False)
 
 
 @dataclass

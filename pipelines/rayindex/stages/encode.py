@@ -2,6 +2,13 @@
 normalized float32 embeddings, global row ids and doc-store rows, written into the shard folder;
 then the counts, and the checks on them (no documents left, duplicate ids).
 
+The data path of a shard: Arrow batches from the corpus, made into documents column by column
+(parts/documents.py), tokenized once by the model's own preprocessing (parts/model.py tokenize), all
+in a producer thread ahead of the forward pass, which runs on length-sorted batches (embed); at most
+PREFETCH_CHUNKS batches wait in memory. Threads in the actor rather than a Ray Data pipeline: the work
+of a shard stays in one process (no token arrays through the object store) and the shard stays the
+unit that is written, checksummed and resumed (docs/build.md).
+
 On a reindex, documents whose id and content are unchanged since the previous version get their
 vector copied from it instead of encoded (parts/reuse.py).
 """
@@ -9,10 +16,12 @@ vector copied from it instead of encoded (parts/reuse.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import os
+import time
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from rayindex.config import BuildConfig
@@ -25,37 +34,50 @@ from rayindex.infra.storage import Store, file_sha256
 from rayindex.layout import (CONTENT_HASHES_FILE, DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, ROW_IDS_FILE, SHARD_ENCODE_FILES,
                              atomic_file, save_npy, shard_dir, shard_rel)
 from rayindex.manifest import Counts, EncodedShard, Manifest, Shard, ShardState
-from rayindex.parts.corpus import InputUnavailable, compose_text, document_id, read_piece
+from rayindex.infra.prefetch import prefetched
+from rayindex.parts.corpus import InputUnavailable, read_piece
 from rayindex.parts.docstore import DocStore, DocWriter
+from rayindex.parts.documents import Documents, prepare
 from rayindex.parts.ivf import make_index
-from rayindex.parts.model import TRUNCATED, clip_to_model
-from rayindex.parts.reuse import PreviousVectors, content_hash
+from rayindex.parts.model import TRUNCATED, Tokenized, embed, embedding_dimension, load_model, tokenize
+from rayindex.parts.reuse import PreviousVectors
 from rayindex.versions import done_shards, previous_version, save_manifest
 
+PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
 
-def doc_id_hash(doc_id) -> int:
-    """64-bit hash of a document id, to find duplicates without holding the ids themselves."""
-    digest = hashlib.blake2b(json.dumps(doc_id, sort_keys=True, default=str).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=False)
+
+class Chunk(NamedTuple):
+    """A batch of documents ready for the forward pass: what the producer thread made of a corpus batch."""
+
+    rows_read: int
+    documents: Documents
+    found: np.ndarray  # reindex: documents whose vectors are copied from the previous version
+    reused: np.ndarray  # their vectors
+    changed: int  # reindex: documents encoded again because their content changed
+    tokenized: Tokenized | None  # the documents not found, tokenized
 
 
 class ShardEncoder:
-    """Ray actor: the model stays loaded while shards stream through it."""
+    """Ray actor: the model stays loaded while shards stream through it. In each shard, a producer thread
+    reads, assembles, hashes and tokenizes the next batches (infra/prefetch.py) while this thread runs the
+    forward pass and writes the results: the CPU work overlaps the model's."""
 
     def __init__(self, config: BuildConfig, use_gpu: bool, threads: int, previous: PreviousVectors | None = None):
+        # the Rust tokenizer's parallelism (off in jobs/runtime_env.yaml for forked processes) is on here,
+        # sized to the CPUs this actor reserved; RAYON_NUM_THREADS is read when its pool starts, below
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        from rayindex.parts.model import load_model
-
         self.model = load_model(config.model, self.device, fp16=self.device == "cuda")
         self.config = config
         self.previous = previous  # a reindex: vectors of unchanged documents are copied, not encoded
         self.rows = 0
 
     def dimension(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        return embedding_dimension(self.model)
 
     def device_used(self) -> str:
         """"cuda", or "cpu" also on a node that advertises a GPU torch cannot use (fake clusters)."""
@@ -75,83 +97,90 @@ class ShardEncoder:
 
         return version.retry(f"read the input of shard {shard.shard_id}", attempt, retry_on=(InputUnavailable,))
 
+    def _chunks(self, shard: Shard):
+        """The producer's side: each corpus batch read, made into documents (columnar), looked up in the
+        previous version (reindex) and tokenized, once."""
+        cfg = self.config
+        for piece in shard.pieces:
+            for batch in read_piece(piece, id_column=cfg.id_column):
+                docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece))
+                found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, self.dimension()), "<f4"), 0
+                if self.previous is not None and len(docs):
+                    found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes)
+                todo = np.flatnonzero(~found)
+                tokenized = tokenize(self.model, docs.texts.take(pa.array(todo)).to_pylist()) if len(todo) else None
+                yield Chunk(len(batch.row_ids), docs, found, reused, changed, tokenized)
+
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
         """Output files appear only when complete, and are pushed to the output store before the shard
         counts as done."""
         cfg = self.config
         out = version.local(shard_rel(shard.shard_id))
         out.mkdir(parents=True, exist_ok=True)
-        fields = cfg.text_fields()
         skipped: dict[str, int] = {}
-        hashes: list[int] = []
-        contents: list[int] = []
+        id_hashes: list[np.ndarray] = []
+        contents: list[np.ndarray] = []
         rows_read = encoded = reused = changed = 0
+        started = time.monotonic()
         with contextlib.ExitStack() as files:
             writer = files.enter_context(DocWriter(out))
             emb_file = open(files.enter_context(atomic_file(out / EMBEDDINGS_FILE)), "wb")
             files.callback(emb_file.close)  # closed before atomic_file fsyncs and renames it
-            for piece in shard.pieces:
-                for batch in read_piece(piece):
-                    rows_read += len(batch.row_ids)
-                    if batch.non_utf8:
-                        skipped["non_utf8_replaced (kept)"] = skipped.get("non_utf8_replaced (kept)", 0) + batch.non_utf8
-                    keep_ids, doc_ids, texts, metas = [], [], [], []
-                    for row_id, record in zip(batch.row_ids.tolist(), batch.records):
-                        text = None if record is None else compose_text(record, fields, cfg.template)
-                        if text is None:
-                            reason = "blank_line" if record is None else "empty_or_null_text"
-                            skipped[reason] = skipped.get(reason, 0) + 1
-                            continue
-                        row = row_id - piece.global_start + piece.row_start
-                        doc_id = row_id if cfg.id_column is None else document_id(record, cfg.id_column, piece.path, row)
-                        keep_ids.append(row_id)
-                        doc_ids.append(doc_id)
-                        texts.append(text)
-                        metas.append({k: v for k, v in record.items() if k != cfg.id_column and k not in fields})
-                    if texts:
-                        model_texts, truncated = clip_to_model(self.model, texts)
-                        if truncated:  # kept: embedded from their first max_seq_length tokens
-                            skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + truncated
-                        id_hashes = np.array([doc_id_hash(d) for d in doc_ids], dtype=np.uint64)
-                        content_hashes = np.array([content_hash(*doc) for doc in zip(doc_ids, texts, metas)], dtype=np.uint64)
-                        vectors = np.empty((len(texts), self.dimension()), dtype="<f4")
-                        found = np.zeros(len(texts), dtype=bool)
-                        if self.previous is not None:
-                            found, vectors[found], n_changed = self.previous.lookup(content_hashes, id_hashes)
-                            reused += int(found.sum())
-                            changed += n_changed
-                        if not found.all():
-                            vectors[~found] = self.model.encode(
-                                [t for t, hit in zip(model_texts, found) if not hit],
-                                batch_size=cfg.batch_size,
-                                normalize_embeddings=cfg.metric == "ip",
-                                convert_to_numpy=True,
-                                show_progress_bar=False,
-                            )
-                        emb_file.write(vectors.tobytes())
-                        writer.write(np.asarray(keep_ids, np.int64), doc_ids, texts, metas)
-                        hashes.extend(id_hashes.tolist())
-                        contents.extend(content_hashes.tolist())
-                        encoded += len(texts)
-                    self.rows += len(batch.row_ids)
-            save_npy(files.enter_context(atomic_file(out / DOC_HASHES_FILE)), np.asarray(hashes, dtype=np.uint64))
-            save_npy(files.enter_context(atomic_file(out / CONTENT_HASHES_FILE)), np.asarray(contents, dtype=np.uint64))
+            for chunk in prefetched(self._chunks(shard), depth=PREFETCH_CHUNKS):
+                docs = chunk.documents
+                rows_read += chunk.rows_read
+                for reason, n in docs.skipped.items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+                if len(docs):
+                    vectors = np.empty((len(docs), self.dimension()), dtype="<f4")
+                    vectors[chunk.found] = chunk.reused
+                    if chunk.tokenized is not None:
+                        vectors[~chunk.found] = embed(self.model, chunk.tokenized, cfg.batch_size, normalize=cfg.metric == "ip")
+                        if chunk.tokenized.truncated:  # kept: embedded from their first max_seq_length tokens
+                            skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.tokenized.truncated
+                    emb_file.write(vectors.tobytes())
+                    writer.write(docs.row_ids, docs.doc_ids, docs.doc_id_is_int, docs.texts, docs.metadata)
+                    id_hashes.append(docs.id_hashes)
+                    contents.append(docs.content_hashes)
+                    encoded += len(docs)
+                    reused += int(chunk.found.sum())
+                    changed += chunk.changed
+                self.rows += chunk.rows_read
+            save_npy(files.enter_context(atomic_file(out / DOC_HASHES_FILE)), concatenated(id_hashes))
+            save_npy(files.enter_context(atomic_file(out / CONTENT_HASHES_FILE)), concatenated(contents))
+        seconds = time.monotonic() - started
         shard_files = {shard_rel(shard.shard_id, name): file_sha256(out / name) for name in SHARD_ENCODE_FILES}
         version.push(list(shard_files))
         return EncodedShard(shard_id=shard.shard_id, rows_read=rows_read, docs_encoded=encoded, skipped=skipped,
-                            vectors_reused=reused, ids_changed=changed,
+                            vectors_reused=reused, ids_changed=changed, encode_seconds=round(seconds, 3),
                             embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)], files=shard_files)
 
 
-def encoder_resources(use_gpu: bool, cluster_cpus: float, cluster_gpus: float, encoders: int | None, n_shards: int) -> tuple[int, dict]:
+def concatenated(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype="<u8")
+
+
+def cpus_per_gpu(nodes: list[dict]) -> float | None:
+    """CPUs per GPU of the alive GPU nodes (the smallest ratio: an encoder must fit on every GPU node), or
+    None when no GPU node is up (GPU workers autoscaling from zero)."""
+    ratios = [n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in nodes
+              if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
+    return min(ratios) if ratios else None
+
+
+def encoder_resources(use_gpu: bool, cluster_cpus: float, cluster_gpus: float, encoders: int | None, n_shards: int,
+                      encoder_cpus: float | None = None, gpu_node_cpus_per_gpu: float | None = None) -> tuple[int, dict]:
     """How many encoder actors (never more than shards), and the resources each asks Ray for.
 
-    On CPU the cores are split between the actors, so one shard still gets every core."""
+    On GPUs one actor per GPU, with the CPUs it reads and tokenizes on: --encoder-cpus, else a GPU node's
+    CPUs divided by its GPUs (1 when no GPU node is up yet to tell). On CPU the cores are split between
+    the actors, so one shard still gets every core."""
     if use_gpu:
         count = min(encoders or max(1, int(cluster_gpus)), n_shards)
-        return max(1, count), {"num_gpus": 1, "num_cpus": 1}
+        cpus = encoder_cpus or max(1.0, float(int(gpu_node_cpus_per_gpu or 1)))
+        return max(1, count), {"num_gpus": 1, "num_cpus": cpus}
     count = max(1, min(encoders or max(1, int(cluster_cpus)), n_shards))
-    return count, {"num_cpus": max(1, int(cluster_cpus) // count)}
+    return count, {"num_cpus": encoder_cpus or max(1, int(cluster_cpus) // count)}
 
 
 def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_gpu: bool, on_progress=None,
@@ -165,9 +194,10 @@ def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_
     earlier version, whose vectors of unchanged documents are copied instead of encoded.
     """
     resources = ray.cluster_resources()
-    count, per_actor = encoder_resources(use_gpu, resources.get("CPU", 1), resources.get("GPU", 0), config.encoders, len(shards))
+    count, per_actor = encoder_resources(use_gpu, resources.get("CPU", 1), resources.get("GPU", 0), config.encoders, len(shards),
+                                         config.encoder_cpus, cpus_per_gpu(ray.nodes()))
     actor_cls = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=2, **per_actor)(ShardEncoder)
-    actors = [actor_cls.remote(config, use_gpu, int(per_actor["num_cpus"]), previous) for _ in range(count)]
+    actors = [actor_cls.remote(config, use_gpu, max(1, int(per_actor["num_cpus"])), previous) for _ in range(count)]
     try:
         dim, device = ray.get([actors[0].dimension.remote(), actors[0].device_used.remote()])
         if check_dimension:

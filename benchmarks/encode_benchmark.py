@@ -1,0 +1,250 @@
+"""Encode throughput: rayindex's encode stage against one process calling SentenceTransformer.encode, on the
+same texts and the same cores, in one run.
+
+(a) the real model: the encode stage (plan + encode through Ray: actors, reading Parquet, text assembly,
+    hashes, tokenizing, forward pass, writing embeddings and the doc store) vs one process calling
+    SentenceTransformer.encode(texts, batch_size=64) on the already assembled texts;
+(b) both again with the forward pass made free: a stub stands in for SentenceTransformer.forward (it
+    returns random vectors of the right size, in the actors through Ray's worker_process_setup_hook and
+    in the baseline process), so what remains is the data path: reading, assembly, hashing, tokenizing,
+    writing. This stub exists in this benchmark only;
+(c) the tokenizer alone (the model's fast tokenizer, batches of 2,048, truncation on), with its
+    parallelism on and off: the floor of any data path that tokenizes once.
+
+Rates are docs/s over the same documents. The stage's rate is given two ways: over the stage's wall time
+(actor start and model load included, a fixed cost per build) and over the encoders' own time per shard
+(reading to writing, ShardState.encode_seconds: the steady data path), which is what the targets compare.
+
+    apt-get install dict-gcide          # the default corpus: 114,890 GCIDE dictionary entries
+    python benchmarks/encode_benchmark.py [--corpus gcide|stdlib|FILE.parquet] [--docs N] [--json docs/benchmark-encode.json]
+    python benchmarks/encode_benchmark.py --gpu ...   # on a GPU machine: GPU utilization, forward-only rate, fp16 vs fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from rich.console import Console
+from rich.table import Table
+
+GCIDE = Path("/usr/share/dictd")
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def dictd_number(text: str) -> int:
+    value = 0
+    for ch in text:
+        value = value * 64 + B64.index(ch)
+    return value
+
+
+def gcide_entries() -> list[dict]:
+    """Every entry of Debian's dict-gcide (one per distinct offset in gcide.index): headword and definition."""
+    data = gzip.open(GCIDE / "gcide.dict.dz").read()
+    seen, entries = set(), []
+    for line in (GCIDE / "gcide.index").read_text(encoding="utf-8", errors="replace").splitlines():
+        word, offset, length = line.split("\t")
+        span = (dictd_number(offset), dictd_number(length))
+        if word.startswith("00-database") or span in seen:
+            continue
+        seen.add(span)
+        entries.append({"id": f"{word}#{len(entries)}", "word": word,
+                        "definition": data[span[0]:span[0] + span[1]].decode("utf-8", "replace").strip()})
+    return entries
+
+
+def corpus(name: str, limit: int | None) -> tuple[list[dict], str]:
+    if name == "gcide":
+        if not (GCIDE / "gcide.index").exists():
+            raise SystemExit("dict-gcide is not installed (apt-get install dict-gcide); or use --corpus stdlib")
+        rows, what = gcide_entries(), "GCIDE dictionary entries (Debian dict-gcide)"
+    elif name == "stdlib":
+        from rayindex.parts.stdlib_corpus import stdlib_docstrings
+
+        rows = [{"id": d["id"], "word": d["title"], "definition": d["body"]} for d in stdlib_docstrings()]
+        what = "Python standard library docstrings"
+    else:
+        rows, what = pq.read_table(name).to_pylist(), name
+    return rows[:limit] if limit else rows, what
+
+
+def free_forward() -> None:
+    """The stub (this benchmark only): SentenceTransformer.forward returns random vectors of the right
+    size, so only the data path around the forward pass costs anything."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from rayindex.parts.model import embedding_dimension
+
+    def forward(self, features, **kwargs):
+        return {**features, "sentence_embedding": torch.rand(features["input_ids"].shape[0], embedding_dimension(self))}
+
+    SentenceTransformer.forward = forward
+
+
+def one_process(texts: list[str]) -> float:
+    """Seconds of SentenceTransformer.encode(texts, batch_size=64) in this process (model load included)."""
+    from rayindex.parts.model import load_model
+
+    start = time.perf_counter()
+    load_model("all-MiniLM-L6-v2").encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+    return time.perf_counter() - start
+
+
+def stage(parquet: Path, work: Path, encoders: int | None, gpu: bool, setup_hook=None) -> dict:
+    """The encode stage (plan + encode, as `rayindex build` runs them) in a fresh local Ray."""
+    from rayindex.builder import start_or_resume
+    from rayindex.config import BuildConfig
+    from rayindex.infra.progress import StageProgress
+    from rayindex.infra.storage import Store
+    from rayindex.stages import encode, plan
+
+    runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else None
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    try:
+        config = BuildConfig(inputs=[str(parquet)], output=str(work), id_column="id", template="{word}: {definition}",
+                             shard_size=10_000, encoders=encoders, gpu=gpu, index="IVF1,Flat")
+        progress = StageProgress(quiet=True)
+        manifest, version = start_or_resume(config, Store(config.output), progress)
+        plan.run(config, manifest)
+        start = time.perf_counter()
+        encode.run(config, manifest, version, progress)
+        wall = time.perf_counter() - start
+        actors = min(len(manifest.shards), encoders or max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1))))
+    finally:
+        ray.shutdown()
+    shard_seconds = sum(s.encode_seconds for s in manifest.shard_states)
+    return {"docs": manifest.counts.docs_encoded, "wall_s": wall, "steady_s": shard_seconds / actors, "actors": actors,
+            "shards": len(manifest.shards), "truncated": manifest.counts.skipped.get("truncated_to_max_seq_length (kept)", 0)}
+
+
+def tokenizer_alone(texts: list[str], parallel: bool) -> float:
+    """Seconds for the fast tokenizer alone over the texts (truncation on), in a fresh process (the
+    tokenizer's parallelism is fixed when its thread pool starts)."""
+    code = ("import json, sys, time; from rayindex.parts.model import load_model\n"
+            "texts = json.load(sys.stdin); tok = load_model('all-MiniLM-L6-v2').tokenizer\n"
+            "start = time.perf_counter()\n"
+            "for i in range(0, len(texts), 2048): tok(texts[i:i + 2048], truncation=True, max_length=256)\n"
+            "print(time.perf_counter() - start)")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true" if parallel else "false")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_sampler(samples: list, stop: threading.Event) -> None:
+    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                            stdout=subprocess.PIPE, text=True)
+    while not stop.is_set():
+        line = proc.stdout.readline()
+        if line.strip().isdigit():
+            samples.append(int(line.strip()))
+    proc.terminate()
+
+
+def gpu_figures(texts: list[str]) -> dict:
+    """Forward-only docs/s on the GPU (fp16 and fp32, tokenized beforehand) and fp16 vectors' recall@10
+    against fp32 exact search on the same texts."""
+    import faiss
+
+    from rayindex.parts.model import embed, load_model, tokenize
+
+    out = {}
+    vectors = {}
+    for fp16 in (True, False):
+        model = load_model("all-MiniLM-L6-v2", "cuda", fp16=fp16)
+        chunks = [tokenize(model, texts[i:i + 2048]) for i in range(0, len(texts), 2048)]
+        embed(model, chunks[0], 256, True)  # warm up
+        start = time.perf_counter()
+        vectors[fp16] = np.concatenate([embed(model, c, 256, True) for c in chunks])
+        out["forward_only_fp16_docs_per_s" if fp16 else "forward_only_fp32_docs_per_s"] = len(texts) / (time.perf_counter() - start)
+    queries = vectors[False][:: max(1, len(texts) // 1000)]
+    exact = faiss.IndexFlatIP(vectors[False].shape[1])
+    exact.add(vectors[False])
+    half = faiss.IndexFlatIP(vectors[True].shape[1])
+    half.add(vectors[True])
+    _, truth = exact.search(queries, 10)
+    _, found = half.search(queries.astype(np.float16).astype(np.float32), 10)
+    out["fp16_recall_at_10_vs_fp32"] = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="gcide")
+    parser.add_argument("--docs", type=int, help="only the first N documents")
+    parser.add_argument("--real-docs", type=int, default=3000, help="documents for (a), the real model (on 2 CPU cores it "
+                        "encodes ~30 docs/s: the whole corpus would take an hour per side)")
+    parser.add_argument("--encoders", type=int, help="encoder actors (default: the build's, one per CPU or GPU)")
+    parser.add_argument("--gpu", action="store_true", help="encode on the GPU; also sample utilization and measure forward-only")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows, what = corpus(args.corpus, args.docs)
+    texts = [f"{r['word']}: {r['definition']}" for r in rows]
+    console = Console(width=150)
+    console.print(f"{len(texts):,} {what}; {os.cpu_count()} cores")
+    results: dict = {"corpus": what, "docs": len(texts), "cores": os.cpu_count(), "gpu": args.gpu}
+    with tempfile.TemporaryDirectory() as tmp:
+        parquet = Path(tmp) / "corpus.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=10_000)
+        samples, stop = [], threading.Event()
+        if args.gpu:
+            threading.Thread(target=gpu_sampler, args=(samples, stop), daemon=True).start()
+        real = parquet if args.gpu else Path(tmp) / "real.parquet"
+        if not args.gpu:
+            pq.write_table(pa.Table.from_pylist(rows[:args.real_docs]), real, row_group_size=10_000)
+        results["a_stage"] = stage(real, Path(tmp) / "a", args.encoders, args.gpu)
+        stop.set()
+        if samples:
+            results["gpu_utilization_pct"] = {"mean": float(np.mean(samples)), "p50": float(np.median(samples))}
+        results["a_one_process_s"] = one_process(texts if args.gpu else texts[:args.real_docs])
+        results["b_stage"] = stage(parquet, Path(tmp) / "b", args.encoders, args.gpu, setup_hook=free_forward)
+        free_forward()  # from here on, in this process too: the baseline's data path
+        results["b_one_process_s"] = one_process(texts)
+        results["c_tokenizer_parallel_s"] = tokenizer_alone(texts, True)
+        results["c_tokenizer_serial_s"] = tokenizer_alone(texts, False)
+    if args.gpu:
+        results.update(gpu_figures(texts[:20_000]))
+    n, cores = len(texts), os.cpu_count()
+
+    def rate(seconds: float) -> float:
+        return n / seconds
+
+    table = Table(title=f"encode, {cores} cores{', GPU' if args.gpu else ''}: docs/s (docs/s per core)")
+    for col in ("", "pipeline, steady", "pipeline, stage wall", "one process", "steady / one process", "steady / tokenizer floor"):
+        table.add_column(col, justify="right")
+    floor = rate(results["c_tokenizer_parallel_s"])
+    for label, key in (("(a) real model", "a"), ("(b) forward free: data path", "b")):
+        st = results[f"{key}_stage"]
+        docs = st["docs"]
+        one, steady, wall = docs / results[f"{key}_one_process_s"], docs / st["steady_s"], docs / st["wall_s"]
+        label = f"{label}, {docs:,} docs"
+        results[f"{key}_ratios"] = {"steady_vs_one_process": steady / one, "wall_vs_one_process": wall / one, "steady_vs_floor": steady / floor}
+        table.add_row(label, f"{steady:,.0f} ({steady / cores:,.0f})", f"{wall:,.0f}", f"{one:,.0f}", f"{steady / one:.2f}",
+                      f"{steady / floor:.2f}")
+    table.add_row(f"(c) tokenizer alone, parallel / serial, {n:,} docs", f"{floor:,.0f} / {rate(results['c_tokenizer_serial_s']):,.0f}",
+                  "", "", "", "1.00")
+    console.print(table)
+    console.print("(b) uses a stub for SentenceTransformer.forward (random vectors): it measures the data path, not the model.")
+    if args.gpu:
+        console.print({k: v for k, v in results.items() if k.startswith(("forward_only", "fp16", "gpu_util"))})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
