@@ -34,13 +34,14 @@ from rayindex.builder import build, timed
 from rayindex.config import BuildConfig
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, shard_dir
+from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Counts, Manifest, ModelInfo, ShardState, now_iso
 from rayindex.parts.ivf import read_merged
 from rayindex.parts.model import load_model
 from rayindex.parts.shard_plan import plan_shards
 from rayindex.parts.stdlib_corpus import stdlib_docstrings
 from rayindex.stages import add, merge, train
+from rayindex.versions import new_run_id
 
 
 def encode_benchmark(n_docs: int, work: Path) -> dict:
@@ -91,11 +92,11 @@ def index_benchmark(n: int, dim: int, index_string: str, n_shards: int, nprobe: 
         d = shard_dir(version, shard.shard_id)
         d.mkdir(parents=True)
         x[shard.global_start:shard.global_end].astype("<f4").tofile(d / EMBEDDINGS_FILE)
-        np.save(d / ROW_IDS_FILE, ids[shard.global_start:shard.global_end])
+        np.save(d / VECTOR_IDS_FILE, ids[shard.global_start:shard.global_end])
     config = BuildConfig(inputs=["synthetic"], output=str(work), index=index_string, on_disk=False)
-    manifest = Manifest(run_id="bench", created_at=now_iso(), config=config, config_fingerprint="bench", shards=shards,
-                        shard_states=[ShardState(shard_id=s.shard_id, docs_encoded=s.num_rows) for s in shards],
-                        dimension=dim, counts=Counts(docs_encoded=n), model=ModelInfo(name="synthetic", path="", normalized=True,
+    manifest = Manifest(run_id=new_run_id(), created_at=now_iso(), config=config, config_fingerprint="bench", shards=shards,
+                        shard_states=[ShardState(shard_id=s.shard_id, docs_encoded=s.num_rows, passages=s.num_rows) for s in shards],
+                        dimension=dim, metric="cosine", counts=Counts(docs_encoded=n, passages=n), model=ModelInfo(name="synthetic", path="", normalized=True,
                                                                                        device="cpu"))
     store, progress = Store(str(version)), StageProgress(quiet=True)
     start = time.perf_counter()

@@ -26,7 +26,7 @@ from rayindex.builder import timed
 from rayindex.config import EvalOptions, TuneOptions
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.layout import DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, MERGED_FILE, ROW_IDS_FILE, shard_dir
+from rayindex.layout import DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, MERGED_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Manifest
 from rayindex.query.evaluate import evaluate
 from rayindex.query.search import open_version
@@ -44,7 +44,7 @@ def rebuild(source: Path, index_string: str, root: Path) -> Path:
     for shard in manifest.shards:
         src, dst = shard_dir(source, shard.shard_id), shard_dir(target, shard.shard_id)
         dst.mkdir(parents=True)
-        for name in (EMBEDDINGS_FILE, ROW_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE):
+        for name in (EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE):
             os.link(src / name, dst / name)
     config = manifest.config.model_copy(update={"index": index_string, "on_disk": False})
     manifest = manifest.model_copy(update={"config": config, "timings_s": {}, "warnings": [], "tuning": None, "training": None,

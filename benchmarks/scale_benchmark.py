@@ -58,9 +58,9 @@ def run_stage(stage: str, work: Path, n: int, dim: int, index_string: str) -> di
     if stage == "train":
         import faiss
 
-        probe = make_index(index_string, dim, "ip")
+        probe = make_index(index_string, dim, "cosine")
         ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
-        train_quantizer(index_string, "ip", version, {}, [shard_rel(k) for k in range(n_shards)], counts, dim,
+        train_quantizer(index_string, "cosine", version, {}, [shard_rel(k) for k in range(n_shards)], counts, dim,
                         training_sample_size(n, ivf.nlist, hasattr(ivf, "pq")), 1234, False)
     elif stage == "add":
         sha = file_sha256(work / TRAINED_FILE)
@@ -81,14 +81,14 @@ def write_vectors(work: Path, n: int, dim: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from build_benchmark import clustered_vectors
 
-    from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, shard_dir
+    from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, shard_dir
 
     for k in range((n + SHARD_ROWS - 1) // SHARD_ROWS):
         count = min(SHARD_ROWS, n - k * SHARD_ROWS)
         d = shard_dir(work, k)
         d.mkdir(parents=True, exist_ok=True)
         clustered_vectors(count, dim, seed=k).astype("<f4").tofile(d / EMBEDDINGS_FILE)
-        np.save(d / ROW_IDS_FILE, np.arange(k * SHARD_ROWS, k * SHARD_ROWS + count, dtype=np.int64))
+        np.save(d / VECTOR_IDS_FILE, np.arange(k * SHARD_ROWS, k * SHARD_ROWS + count, dtype=np.int64))
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rayindex.config import ServeConfig
-from rayindex.layout import ROW_IDS_FILE, shard_dir
+from rayindex.layout import VECTOR_IDS_FILE, shard_dir
 from rayindex.parts.recall import drop_self, exact_truth, recall_at
 from rayindex.query.search import open_index
 from rayindex.query.serve import start_serving
@@ -37,7 +37,7 @@ def query_texts(published, n: int) -> list[str]:
     step = max(1, int(published.index.ntotal) // n)
     texts = []
     for shard in published.manifest.shards:
-        row_ids = np.load(shard_dir(published.version_dir, shard.shard_id) / ROW_IDS_FILE)
+        row_ids = np.load(shard_dir(published.version_dir, shard.shard_id) / VECTOR_IDS_FILE)
         texts += [published.docs.get(int(r))["text"].split(". ")[0][:200] for r in row_ids[::step]]
     return texts[:n]
 

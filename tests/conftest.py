@@ -97,7 +97,7 @@ def corpus_dir(tmp_path_factory, docs) -> Path:
 
 def build_config(inputs, output, **overrides) -> BuildConfig:
     values = dict(inputs=[str(i) for i in inputs], output=str(output), id_column="id", template="{title}: {body}",
-                  shards=3, index="IVF8,PQ16np", seed=7)
+                  shards=3, index="IVF8,PQ16np", seed=7, tune=False)
     values.update(overrides)
     return BuildConfig(**values)
 

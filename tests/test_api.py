@@ -59,7 +59,7 @@ def test_plain_faiss_gets_the_manifests_nprobe_and_the_same_top10(which, request
     assert infos["index_key"] == manifest.index_string and infos["nprobe"] == manifest.nprobe
     assert infos["metric_type"] == "METRIC_INNER_PRODUCT" and infos["normalized"] is True
     assert infos["vectors dimension"] == 384 and infos["nb vectors"] == manifest.merge.ntotal
-    assert infos["model"] == manifest.model.name and "row_ids.npy" in infos["ids"]
+    assert infos["model"] == manifest.model.name and "vector_ids.npy" in infos["ids"]
     assert ("IO_FLAG_ONDISK_SAME_DIR" in infos["read_with"]) == manifest.merge.on_disk
     assert manifest.files_sha256[INDEX_INFOS_FILE]
 

@@ -106,10 +106,11 @@ def test_a_single_document_gets_a_smaller_index_and_the_cli_says_so(ray_address,
     result = CliRunner().invoke(app, ["build", str(tmp_path / "one.parquet"), "-o", str(out), "--id-column", "id", "--template",
                                       "{title}: {body}", "--index", "IVF256,PQ16", "--quiet"])
     assert result.exit_code == 0, result.output
-    why = ("--index 'IVF256,PQ16' needs more documents to train than the 1 there are, so the build uses 'IVF1,Flat' "
+    published = open_index(out)
+    vectors = published.manifest.counts.passages  # the document's passages
+    why = (f"--index 'IVF256,PQ16' needs more vectors to train than the {vectors} there are, so the build uses 'IVF1,Flat' "
            "(IVF256 needs at least 256 vectors (39 per list to train well): IVF1; PQ16's codebooks need at least 256 vectors: Flat)")
     assert f"warning: {why}" in " ".join(result.output.split())  # rich wraps lines
-    published = open_index(out)
     assert published.manifest.index_string == "IVF1,Flat" and published.manifest.warnings[0].startswith(why)
     hits = published.search(f"{docs[0]['title']}: {docs[0]['body']}", k=3)
     assert [h["id"] for h in hits] == [docs[0]["id"]]
@@ -119,9 +120,9 @@ def test_a_sample_too_small_for_opq_is_refused_not_crashed():
     """FAISS 1.15's OPQ training crashes the process under d points; the build shrinks an --index the
     corpus cannot train, and check_trainable stays the guard for a too-small --train-sample."""
     with pytest.raises(RayIndexError, match=r"OPQ needs at least 384 training vectors .* the sample has 300; .*--train-sample"):
-        check_trainable(make_index("OPQ16,IVF4,PQ16np", 384, "ip"), "OPQ16,IVF4,PQ16np", 300)
+        check_trainable(make_index("OPQ16,IVF4,PQ16np", 384, "cosine"), "OPQ16,IVF4,PQ16np", 300)
     with pytest.raises(RayIndexError, match=r"has 64 centroids but only 50 vectors to train them; use --index 'IVF1,Flat'"):
-        check_trainable(make_index("IVF64,Flat", 384, "ip"), "IVF64,Flat", 50)
+        check_trainable(make_index("IVF64,Flat", 384, "cosine"), "IVF64,Flat", 50)
 
 
 def test_no_text_at_all(tmp_path, docs, output):
@@ -156,8 +157,8 @@ def test_wrong_id_type_names_file_line_and_column(tmp_path, docs, output):
 
 
 def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tmp_path):
-    """Rows that are repaired (non-UTF-8 bytes, unpaired surrogates), truncated (a 10 MB document) or
-    skipped (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
+    """Rows that are repaired (non-UTF-8 bytes, unpaired surrogates), truncated (a 10 MB document, with
+    --no-passages) or skipped (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
     huge = " ".join(f"word{i % 997} and more" for i in range(700_000))  # 10 MB: the model reads its first 256 tokens
     assert len(huge) > 10_000_000
     write_parquet(tmp_path / "in" / "a.parquet", [{"id": i, "title": f"parquet doc {i}", "body": "int ids"} for i in (1, 2)])
@@ -172,9 +173,10 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
         json.dumps({"id": "huge", "title": "huge", "body": huge}).encode(),
     ]
     (tmp_path / "in" / "b.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    manifest = build(build_config([tmp_path / "in"], tmp_path / "out", index=None))
-    assert manifest.counts == Counts(rows_read=10, docs_encoded=6, skipped={
-        "non_utf8_replaced (kept)": 2, "blank_line": 1, "empty_or_null_text": 3, "truncated_to_max_seq_length (kept)": 1})
+    manifest = build(build_config([tmp_path / "in"], tmp_path / "out", index=None, passages=False))
+    assert manifest.counts.model_dump(exclude={"tokens_encoded"}) == Counts(rows_read=10, docs_encoded=6, passages=6, skipped={
+        "non_utf8_replaced (kept)": 2, "blank_line": 1, "empty_or_null_text": 3, "truncated_to_max_seq_length (kept)": 1}
+    ).model_dump(exclude={"tokens_encoded"})
     published = open_index(tmp_path / "out")
     assert published.search("caf\ufffd: cr\ufffdme br\ufffdl\ufffde", k=1)[0]["id"] == "latin-1"
     assert published.search("half a pair \ufffd: kept", k=1)[0]["id"] == "surrogate"

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayindex.layout import CURRENT, MANIFEST, ROW_IDS_FILE, load_embeddings, shard_dir
+from rayindex.layout import CURRENT, MANIFEST, VECTOR_IDS_FILE, load_embeddings, shard_dir
 from rayindex.manifest import Manifest
 from rayindex.query.search import open_index
 from rayindex.versions import open_current
@@ -20,14 +20,17 @@ def test_build_publishes_a_complete_version(built, docs):
     assert on_disk.status == "published"
     assert on_disk.counts.rows_read == len(docs) + 2
     assert on_disk.counts.docs_encoded == len(docs)
-    assert on_disk.counts.skipped == {"empty_or_null_text": 2, "truncated_to_max_seq_length (kept)": 40}  # 40 docstrings exceed 256 tokens
+    assert on_disk.counts.skipped == {"empty_or_null_text": 2}  # nothing truncated: long docstrings are split into passages
+    assert on_disk.counts.passages > len(docs) + 40  # 40 docstrings exceed the model's window of 256 tokens
+    assert on_disk.passages.tokens == 254 and on_disk.passages.overlap == 31  # the window less [CLS] and [SEP]; an eighth
     assert [s.docs_encoded for s in on_disk.shard_states] and sum(s.docs_encoded for s in on_disk.shard_states) == len(docs)
+    assert sum(s.passages for s in on_disk.shard_states) == on_disk.counts.passages == on_disk.merge.ntotal
     assert all(s.embeddings_sha256 and s.index_sha256 for s in on_disk.shard_states)
     assert {s.trained_sha256 for s in on_disk.shard_states} == {on_disk.training.trained_sha256}
     assert set(on_disk.timings_s) == {"plan", "encode", "train", "add", "merge"}
     assert on_disk.index_string == "IVF8,PQ16np" and on_disk.nlist == 8 and on_disk.dimension == 384
     assert {"ray", "torch", "sentence-transformers", "pyarrow"} <= set(on_disk.versions)
-    assert on_disk.merge.ntotal == len(docs)
+    assert on_disk.metric == "cosine" and on_disk.model.normalized  # all-MiniLM-L6-v2's similarity function
     assert on_disk.model.path.endswith("model")  # the packaged all-MiniLM-L6-v2, not a hub download
 
 
@@ -45,10 +48,10 @@ def test_search_hits_carry_text_and_metadata(built, docs):
     output, _ = built
     by_id = {d["id"]: d for d in docs}
     hits = open_index(output).search("encode and decode base64 data", k=3)
-    assert len(hits) == 3
+    assert len(hits) == 3 and len({h["id"] for h in hits}) == 3  # one hit per document
     for hit in hits:
         doc = by_id[hit["id"]]
-        assert hit["text"] == f"{doc['title']}: {doc['body']}"
+        assert hit["text"] == f"{doc['title']}: {doc['body']}"[hit["start"]:hit["end"]]  # the passage, by its span
         assert hit["metadata"] == {"module": doc["module"], "kind": doc["kind"]}
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
 
@@ -58,10 +61,10 @@ def test_search_recall_against_exact_search(built):
     output, manifest = built
     index = open_index(output)
     vectors = np.concatenate([
-        np.asarray(load_embeddings(shard_dir(index.version_dir, s.shard_id), st.docs_encoded, 384))
+        np.asarray(load_embeddings(shard_dir(index.version_dir, s.shard_id), st.passages, 384))
         for s, st in zip(manifest.shards, manifest.shard_states)
     ])
-    ids = np.concatenate([np.load(shard_dir(index.version_dir, s.shard_id) / ROW_IDS_FILE) for s in manifest.shards])
+    ids = np.concatenate([np.load(shard_dir(index.version_dir, s.shard_id) / VECTOR_IDS_FILE) for s in manifest.shards])
     queries = vectors[::9]
     exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
     _, approx = index.search_vectors(queries, 10, nprobe=8)

@@ -136,3 +136,13 @@ def test_plan_cli_prints_the_billion_document_plan():
     too_small = subprocess.run([rayindex, "plan", "--docs", "1e9", "--max-index-memory", "1G"], capture_output=True, text=True,
                                timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert too_small.returncode == 2 and "error:" in too_small.stderr
+
+
+def test_passages_count_as_vectors_and_the_doc_store_keeps_each_text_once_plus_overlap():
+    docs = plan_capacity(1e8, index_string=PQ48)
+    passages = plan_capacity(1e8, index_string=PQ48, passages_per_doc=4)
+    assert passages["n_vectors"] == 4e8 and passages["n_docs"] == 1e8
+    assert value(passages, "bytes", "codes") == 4 * value(docs, "bytes", "codes")
+    assert value(passages, "hours", "encode") == pytest.approx(4 * value(docs, "hours", "encode"))
+    assert value(passages, "bytes", "doc_store") == 1e8 * 1000 * 1.125 + 4e8 * 8
+    assert "in 400,000,000 passages" in str(format_plan(passages).title)

@@ -88,7 +88,7 @@ def test_fit_index_to_corpus(index_string, n, fitted):
     assert got == fitted
     assert (why is None) == (fitted == index_string)
     if why:
-        assert why.startswith(f"--index {index_string!r} needs more documents to train than the {n} there are, so the build uses {fitted!r}")
+        assert why.startswith(f"--index {index_string!r} needs more vectors to train than the {n} there are, so the build uses {fitted!r}")
         faiss.index_factory(384, fitted)  # what it falls back to is a valid index
 
 

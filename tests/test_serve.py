@@ -46,8 +46,25 @@ def test_search_returns_the_document(client, docs, built):
     body = r.json()
     assert body["version"] == built[1].run_id
     assert body["hits"][0]["id"] == target["id"]
-    assert set(body["hits"][0]) == {"id", "score", "text", "metadata"}
+    assert set(body["hits"][0]) == {"id", "score", "passage", "start", "end", "text", "metadata"}
+    assert len({h["id"] for h in body["hits"]}) == 3  # one hit per document
     assert client.post("/search", json={"query": "base64", "k": 2, "nprobe": 8}).json()["hits"]
+
+
+def test_search_filters_on_metadata_and_returns_passages_per_document(client, docs):
+    r = client.post("/search", json={"query": "open a file and read its lines", "k": 5, "filter": {"kind": "class"}})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) == 5 and all(h["metadata"]["kind"] == "class" for h in hits)
+    modules = sorted({d["module"] for d in docs})[:3]
+    hits = client.post("/search", json={"query": "module", "k": 10, "filter": {"module": {"in": modules}}}).json()["hits"]
+    assert hits and all(h["metadata"]["module"] in modules for h in hits)
+    several = client.post("/search", json={"query": "format a string", "k": 4, "per_document": 3}).json()["hits"]
+    assert len({h["id"] for h in several}) == 4 and len(several) >= 4
+    r = client.post("/search", json={"query": "x", "filter": {"colour": "red"}})
+    assert r.status_code == 422 and "no metadata column 'colour'" in r.json()["detail"]
+    r = client.post("/search", json={"query": "x", "filter": "kind=class"})
+    assert r.status_code == 422 and "filter" in r.json()["detail"]
 
 
 def test_ask_answers_with_citations_and_sources(client):
@@ -56,6 +73,7 @@ def test_ask_answers_with_citations_and_sources(client):
     body = r.json()
     assert body["generator"] == "extractive"
     assert [s["n"] for s in body["sources"]] == [1, 2, 3]
+    assert all(0 <= s["start"] < s["end"] for s in body["sources"])  # each cites a span of its document
     assert any(f"[{n}]" in body["answer"] for n in (1, 2, 3))
     assert set(body["timings_ms"]) == {"retrieve", "generate", "total"}
 
@@ -71,7 +89,8 @@ def metrics_text(client, *wanted: str, limit_s: float = 60) -> str:
 
 def test_health_metrics_and_openapi(client, built):
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].merge.ntotal
+    assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].counts.docs_encoded
+    assert health["vectors"] == built[1].merge.ntotal
     wanted = ('rayindex_requests_total{endpoint="/search",status="200"}', "rayindex_request_latency_seconds_bucket",
               f'rayindex_replicas_serving{{version="{built[1].run_id}"}} 1.0')
     metrics = metrics_text(client, *wanted)

@@ -9,7 +9,8 @@ import pytest
 
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_dir, shard_rel
+from rayindex.layout import (EMBEDDINGS_FILE, PASSAGE_BITS, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, load_embeddings, shard_dir,
+                             shard_rel)
 from rayindex.manifest import Manifest
 from rayindex.parts.ivf import index_ids
 from rayindex.stages import add
@@ -26,13 +27,13 @@ def test_add_shard_holds_the_shards_vectors_under_their_global_ids(version_copy)
     version_dir, manifest = version_copy
     shard, state = manifest.shards[1], manifest.shard_states[1]
     (shard_dir(version_dir, 1) / SHARD_INDEX_FILE).unlink()
-    inputs = manifest.shard_files((EMBEDDINGS_FILE, ROW_IDS_FILE), [1])
-    sha = add.add_shard(Store(str(version_dir)), manifest.training.trained_sha256, 1, state.docs_encoded, inputs, 384)
+    inputs = manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE), [1])
+    sha = add.add_shard(Store(str(version_dir)), manifest.training.trained_sha256, 1, state.passages, inputs, 384)
     assert sha == file_sha256(shard_dir(version_dir, 1) / SHARD_INDEX_FILE) == state.index_sha256  # deterministic
     index = faiss.read_index(str(shard_dir(version_dir, 1) / SHARD_INDEX_FILE))
-    ids = np.load(shard_dir(version_dir, 1) / ROW_IDS_FILE)
-    assert np.array_equal(np.sort(index_ids(index)), ids) and ids[0] == shard.global_start
-    vectors = np.asarray(load_embeddings(shard_dir(version_dir, 1), state.docs_encoded, 384))
+    ids = np.load(shard_dir(version_dir, 1) / VECTOR_IDS_FILE)
+    assert np.array_equal(np.sort(index_ids(index)), ids) and ids[0] == shard.global_start << PASSAGE_BITS
+    vectors = np.asarray(load_embeddings(shard_dir(version_dir, 1), state.passages, 384))
     _, found = index.search(vectors[:5], 1, params=faiss.SearchParametersIVF(nprobe=8))
     assert found[:, 0].tolist() == ids[:5].tolist()  # IVF8,PQ16: each vector finds itself at full nprobe
 
@@ -44,7 +45,7 @@ def test_add_shard_refuses_a_trained_index_that_is_not_the_manifests(version_cop
     data[-1] ^= 0xFF
     trained.write_bytes(bytes(data))
     with pytest.raises(FileNotFoundError, match="does not match its checksum"):
-        add.add_shard(Store(str(version_dir)), manifest.training.trained_sha256, 0, manifest.shard_states[0].docs_encoded, {}, 384)
+        add.add_shard(Store(str(version_dir)), manifest.training.trained_sha256, 0, manifest.shard_states[0].passages, {}, 384)
 
 
 def test_a_rerun_keeps_verified_shard_indexes(version_copy):

@@ -13,7 +13,7 @@ from rayindex.errors import RayIndexError
 from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.layout import SHARD_ENCODE_FILES, load_embeddings, shard_dir, shard_rel
+from rayindex.layout import SHARD_ENCODE_FILES, VECTOR_IDS_FILE, load_embeddings, shard_dir, shard_rel
 from rayindex.parts.docstore import DocStore
 from rayindex.parts.corpus import RowBatch
 from rayindex.parts.documents import prepare
@@ -104,11 +104,15 @@ def encoded(ray_address, docs, tmp_path_factory):
 def test_embeddings_are_the_models_vectors_of_the_composed_texts(encoded, docs):
     config, manifest, version = encoded
     assert manifest.counts.docs_encoded == 50 and manifest.dimension == 384 and manifest.model.device == "cpu"
-    texts = [f"{d['title']}: {d['body']}" for d in docs[:50]]
-    expected = load_model(config.model).encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-    stored = np.concatenate([np.asarray(load_embeddings(shard_dir(version.local_root, s.shard_id), st.docs_encoded, 384))
-                             for s, st in zip(manifest.shards, manifest.shard_states)])
-    np.testing.assert_allclose(stored, expected, atol=1e-5)
+    dirs = [shard_dir(version.local_root, s.shard_id) for s in manifest.shards]
+    store = DocStore(dirs, [s.global_start for s in manifest.shards])
+    passages = [store.get(int(i)) for d in dirs for i in np.load(d / VECTOR_IDS_FILE)]
+    texts = {d["id"]: f"{d['title']}: {d['body']}" for d in docs[:50]}
+    assert [p["text"] for p in passages] == [texts[p["id"]][p["start"]:p["end"]] for p in passages]
+    assert len(passages) > 50 and {p["id"] for p in passages} == set(texts)  # the long docstrings are split
+    expected = load_model(config.model).encode([p["text"] for p in passages], normalize_embeddings=True, convert_to_numpy=True)
+    stored = np.concatenate([np.asarray(load_embeddings(d, st.passages, 384)) for d, st in zip(dirs, manifest.shard_states)])
+    np.testing.assert_allclose(stored, expected, atol=1e-5)  # each passage's vector is the model's vector of its text
 
 
 def test_each_shard_has_its_files_checksummed_and_its_doc_store(encoded, docs):
@@ -117,7 +121,8 @@ def test_each_shard_has_its_files_checksummed_and_its_doc_store(encoded, docs):
         for name in SHARD_ENCODE_FILES:
             assert version.verified({shard_rel(shard.shard_id, name): manifest.files_sha256[shard_rel(shard.shard_id, name)]})
     store = DocStore([shard_dir(version.local_root, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
-    assert store.get(37)["id"] == docs[37]["id"] and store.get(37)["metadata"] == {"module": docs[37]["module"], "kind": docs[37]["kind"]}
+    first = store.get(37 << 20)  # document row 37's first passage
+    assert first["id"] == docs[37]["id"] and first["metadata"] == {"module": docs[37]["module"], "kind": docs[37]["kind"]}
 
 
 def test_a_rerun_keeps_the_verified_shards(encoded):

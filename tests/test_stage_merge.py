@@ -10,7 +10,7 @@ import pytest
 
 from rayindex.errors import RayIndexError
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_dir
+from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_dir
 from rayindex.parts.ivf import read_merged, trained_fingerprint
 from rayindex.stages.add import add_shard
 from rayindex.stages.merge import check_shard, merge_shards
@@ -23,8 +23,8 @@ def vectors(built):
     output, manifest = built
     version = Path(output) / "versions" / manifest.run_id
     dirs = [shard_dir(version, s.shard_id) for s in manifest.shards]
-    x = np.concatenate([np.asarray(load_embeddings(d, st.docs_encoded, 384)) for d, st in zip(dirs, manifest.shard_states)])
-    ids = np.concatenate([np.load(d / ROW_IDS_FILE) for d in dirs])
+    x = np.concatenate([np.asarray(load_embeddings(d, st.passages, 384)) for d, st in zip(dirs, manifest.shard_states)])
+    ids = np.concatenate([np.load(d / VECTOR_IDS_FILE) for d in dirs])
     return version, manifest, x, ids
 
 
@@ -76,7 +76,7 @@ def make_shards(root: Path, x: np.ndarray, ids: np.ndarray, n_shards: int) -> li
         d = root / f"{k:05d}"
         d.mkdir(parents=True)
         part_x.astype("<f4").tofile(d / EMBEDDINGS_FILE)
-        np.save(d / ROW_IDS_FILE, part_ids)
+        np.save(d / VECTOR_IDS_FILE, part_ids)
         dirs.append(d)
     return dirs
 
@@ -85,14 +85,14 @@ def make_shards(root: Path, x: np.ndarray, ids: np.ndarray, n_shards: int) -> li
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_merge_equals_monolithic_for_other_index_types(vectors, tmp_path, index_string, on_disk):
     _, _, x, ids = vectors
-    trained = train_index(index_string, 384, "ip", x, seed=3, use_gpu=False)
+    trained = train_index(index_string, 384, "cosine", x, seed=3, use_gpu=False)
     version = Store(str(tmp_path))  # a version folder: trained.faiss and shards/NNNNN/
     trained_path = tmp_path / TRAINED_FILE
     faiss.write_index(trained, str(trained_path))
     dirs = make_shards(tmp_path / "shards", x, ids, 4)
     for k, d in enumerate(dirs):
-        add_shard(version, file_sha256(trained_path), k, len(np.load(d / ROW_IDS_FILE)), {}, 384)
-        check_shard(str(d / SHARD_INDEX_FILE), trained_fingerprint(trained), np.sort(np.load(d / ROW_IDS_FILE)))
+        add_shard(version, file_sha256(trained_path), k, len(np.load(d / VECTOR_IDS_FILE)), {}, 384)
+        check_shard(str(d / SHARD_INDEX_FILE), trained_fingerprint(trained), np.sort(np.load(d / VECTOR_IDS_FILE)))
     (tmp_path / "out").mkdir()
     merge_shards(str(trained_path), [str(d / SHARD_INDEX_FILE) for d in dirs], str(tmp_path / "out"), on_disk, nprobe=1)
     exact = "OPQ" not in index_string and "PCA" not in index_string
@@ -101,7 +101,7 @@ def test_merge_equals_monolithic_for_other_index_types(vectors, tmp_path, index_
 
 def test_refuses_shard_from_another_trained_index_even_with_same_centroids(vectors, tmp_path):
     _, _, x, ids = vectors
-    a = train_index("IVF4,PQ16np", 384, "ip", x, seed=3, use_gpu=False)
+    a = train_index("IVF4,PQ16np", 384, "cosine", x, seed=3, use_gpu=False)
     # same coarse centroids, PQ codebooks trained on other points: FAISS's merge_from would accept it
     b = faiss.IndexIVFPQ(faiss.clone_index(faiss.downcast_index(a.quantizer)), 384, 4, 16, 8, faiss.METRIC_INNER_PRODUCT)
     b.do_polysemous_training = False
@@ -114,11 +114,11 @@ def test_refuses_shard_from_another_trained_index_even_with_same_centroids(vecto
 
 def test_refuses_ids_that_are_not_the_shards_rows(vectors, tmp_path):
     _, _, x, ids = vectors
-    a = train_index("IVF4,Flat", 384, "ip", x, seed=3, use_gpu=False)
+    a = train_index("IVF4,Flat", 384, "cosine", x, seed=3, use_gpu=False)
     shard = faiss.clone_index(a)
     shard.add_with_ids(x[:10], np.arange(10, dtype=np.int64))  # local ids 0..9, not the global rows 100..109
     faiss.write_index(shard, str(tmp_path / "s.faiss"))
-    with pytest.raises(RayIndexError, match="global row ids"):
+    with pytest.raises(RayIndexError, match="not the shard's vector ids"):
         check_shard(str(tmp_path / "s.faiss"), trained_fingerprint(a), np.arange(100, 110))
     dup = faiss.clone_index(a)
     dup.add_with_ids(x[:3], np.array([100, 101, 101], dtype=np.int64))

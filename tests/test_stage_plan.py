@@ -40,7 +40,7 @@ def test_plan_is_deterministic_and_reads_exact_rows(tmp_path, docs, monkeypatch)
     for shard in shards:
         for piece in shard.pieces:
             for batch in corpus.read_piece(piece, batch_rows=13):
-                for row_id, record in zip(batch.row_ids.tolist(), batch.records):
+                for row_id, record in zip(batch.row_ids.tolist(), batch.table.to_pylist()):
                     seen.append(row_id)
                     assert record["id"] == docs[row_id]["id"]
     assert seen == list(range(200))

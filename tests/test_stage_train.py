@@ -30,24 +30,24 @@ def test_choose_index_takes_the_size_rule_or_shrinks_a_given_string():
 def test_check_trainable_refuses_with_a_suggestion():
     """FAISS 1.15's OPQ training crashes the process under d points: refused instead."""
     with pytest.raises(RayIndexError, match=r"OPQ needs at least 384 training vectors .* the sample has 300; .*--train-sample"):
-        train.check_trainable(make_index("OPQ16,IVF4,PQ16np", 384, "ip"), "OPQ16,IVF4,PQ16np", 300)
+        train.check_trainable(make_index("OPQ16,IVF4,PQ16np", 384, "cosine"), "OPQ16,IVF4,PQ16np", 300)
     with pytest.raises(RayIndexError, match=r"has 64 centroids but only 50 vectors to train them; use --index 'IVF1,Flat'"):
-        train.check_trainable(make_index("IVF64,Flat", 384, "ip"), "IVF64,Flat", 50)
-    assert "recall may suffer" in train.check_trainable(make_index("IVF8,Flat", 384, "ip"), "IVF8,Flat", 100)[0]
+        train.check_trainable(make_index("IVF64,Flat", 384, "cosine"), "IVF64,Flat", 50)
+    assert "recall may suffer" in train.check_trainable(make_index("IVF8,Flat", 384, "cosine"), "IVF8,Flat", 100)[0]
 
 
 @pytest.fixture(scope="module")
 def sample(built):
     output, manifest = built
     version = output / "versions" / manifest.run_id
-    return np.concatenate([np.asarray(load_embeddings(shard_dir(version, s.shard_id), st.docs_encoded, 384))
+    return np.concatenate([np.asarray(load_embeddings(shard_dir(version, s.shard_id), st.passages, 384))
                            for s, st in zip(manifest.shards, manifest.shard_states)])
 
 
 def test_training_is_deterministic_for_a_seed(sample):
-    a = train.train_index("IVF4,PQ16np", 384, "ip", sample, seed=5, use_gpu=False)
-    b = train.train_index("IVF4,PQ16np", 384, "ip", sample, seed=5, use_gpu=False)
-    c = train.train_index("IVF4,PQ16np", 384, "ip", sample, seed=6, use_gpu=False)
+    a = train.train_index("IVF4,PQ16np", 384, "cosine", sample, seed=5, use_gpu=False)
+    b = train.train_index("IVF4,PQ16np", 384, "cosine", sample, seed=5, use_gpu=False)
+    c = train.train_index("IVF4,PQ16np", 384, "cosine", sample, seed=6, use_gpu=False)
     assert trained_fingerprint(a) == trained_fingerprint(b) != trained_fingerprint(c)
     assert faiss.extract_index_ivf(a).nprobe == 1 and a.ntotal == 0
 

@@ -1,5 +1,5 @@
-"""The build: lock the output -> resume or start a version -> plan, encode, train, add, merge (and tune)
--> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
+"""The build: lock the output -> resume or start a version -> plan, encode, train, add, merge, tune (by
+default only where it is cheap) -> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
 included) marks the manifest failed and leaves CURRENT as it was; files are written through
 layout.atomic_file, so none is left half-written or as a temp file.
@@ -20,7 +20,7 @@ from rayindex.stages import add, encode, merge, plan, train, tune
 from rayindex.versions import (check_output_writable, current_run_id, new_run_id, prune_versions, publish, read_manifest,
                                save_manifest, version_ids, version_store)
 
-STAGES = (("encode", encode.run), ("train", train.run), ("add", add.run), ("merge", merge.run))
+STAGES = (("encode", encode.run), ("train", train.run), ("add", add.run), ("merge", merge.run), ("tune", tune.run))
 
 
 def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = None, keep: int | None = None) -> Manifest:
@@ -37,7 +37,9 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
         try:
             with timed("plan", manifest, version):
                 plan.run(config, manifest)
-            for name, run in STAGES + ((("tune", tune.run),) if config.target_recall else ()):
+            for name, run in STAGES:
+                if name == "tune" and not tune.wanted(config, manifest.counts.passages):
+                    continue
                 with timed(name, manifest, version):
                     run(config, manifest, version, progress)
             publish(root, version, manifest, fence=lock.check_held)
@@ -85,6 +87,6 @@ def start_or_resume(config: BuildConfig, root: Store, progress: StageProgress, r
     version = version_store(root, run_id)
     version.local_root.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_id=run_id, created_at=now_iso(), config=config, config_fingerprint=config.fingerprint(),
-                        metric=config.metric, versions=library_versions(), reindex=reindex)
+                        versions=library_versions(), reindex=reindex)
     save_manifest(version, manifest)
     return manifest, version

@@ -80,7 +80,8 @@ def print_published(manifest, output: str) -> None:
 
     console.print(summary_table(manifest))
     console.print(
-        f"Published [bold]{manifest.run_id}[/]: {manifest.counts.docs_encoded:,} docs, index {manifest.index_string!r}"
+        f"Published [bold]{manifest.run_id}[/]: {manifest.counts.docs_encoded:,} docs in {manifest.counts.passages:,} passages, "
+        f"metric {manifest.metric}, index {manifest.index_string!r}"
         f"{' (chosen automatically)' if manifest.training.chosen_automatically else ''}, nprobe {manifest.nprobe}, "
         f"{'on-disk' if manifest.merge.on_disk else 'in-RAM'} merge, skipped {manifest.counts.skipped or 'none'}.", soft_wrap=True
     )
@@ -128,22 +129,24 @@ def search(
     query: str = typer.Argument(..., help="What to look for."),
     location: Annotated[dict, From(IndexLocation)] = None,
     params: Annotated[dict, From(SearchParams)] = None,
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, text, metadata}."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata}."),
 ) -> None:
     """Search the published index (an s3:// index is cached locally by version, checked by checksum)."""
     from rayindex.query.search import open_index
 
     search_params = settings(SearchParams, params)
-    hits = open_index(where_is(location).index).search(query, search_params.k, search_params.nprobe)
+    hits = open_index(where_is(location).index).search(query, search_params.k, search_params.nprobe, search_params.per_document,
+                                                       search_params.filter)
     if as_json:
         sys.stdout.write(json.dumps(hits, ensure_ascii=False, default=str) + "\n")
         return
     table = Table(title=f"{len(hits)} hits for {query!r}")
-    for col in ("#", "score", "id", "text"):
+    for col in ("#", "score", "id", "chars", "passage text"):
         table.add_column(col, overflow="fold")
     for rank, hit in enumerate(hits, 1):
         text = " ".join(hit["text"].split())
-        table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["id"]), text[:160] + ("…" if len(text) > 160 else ""))
+        table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["id"]), f"{hit['start']}-{hit['end']}",
+                      text[:160] + ("…" if len(text) > 160 else ""))
     console.print(table)
 
 
@@ -204,7 +207,7 @@ def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
 
     o = settings(PlanOptions, options)
     console.print(format_plan(plan_capacity(o.docs, o.dim, o.index, gpus=o.gpus, max_index_bytes=o.max_index_memory, cores=o.cores,
-                                            cpus_per_gpu=o.cpus_per_gpu)))
+                                            cpus_per_gpu=o.cpus_per_gpu, passages_per_doc=o.passages_per_doc)))
 
 
 @command()
@@ -244,14 +247,15 @@ def ask(
     opened = []  # the generator is made (and its settings checked) before the index is opened
     generator = make_generator(settings(GeneratorConfig, generation), lambda texts: opened[0].encode(texts))
     opened.append(open_index(where_is(location).index))
-    result = opened[0].ask(question, ask_params.k, ask_params.nprobe, generator)
+    result = opened[0].ask(question, ask_params.k, ask_params.nprobe, generator, ask_params.per_document, ask_params.filter)
     if as_json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False, default=str) + "\n")
         return
     console.print(result["answer"], highlight=False)
     for source in result["sources"]:
         text = " ".join(source["text"].split())
-        console.print(f"[{source['n']}] {source['id']} ({source['score']:.3f}) {text[:100]}{'…' if len(text) > 100 else ''}",
+        console.print(f"[{source['n']}] {source['id']} chars {source['start']}-{source['end']} ({source['score']:.3f}) "
+                      f"{text[:100]}{'…' if len(text) > 100 else ''}",
                       highlight=False, markup=False)
 
 

@@ -38,6 +38,14 @@ def cli(*decls: str, metavar: str | None = None, as_text: bool = False) -> dict:
     return {"cli": {"decls": list(decls), "metavar": metavar, "as_text": as_text}}
 
 
+def _metric_name(value):
+    """"ip", the name before metrics followed the model, is cosine: the inner product of normalized vectors."""
+    return "cosine" if value == "ip" else value
+
+
+Metric = Annotated[Literal["cosine", "dot", "l2"], BeforeValidator(_metric_name)]
+
+
 class Settings(BaseModel):
     """Unknown keys are refused: a typo in an option, a Serve config's args or an API call is an error."""
 
@@ -64,7 +72,19 @@ class BuildConfig(Settings):
                                           "(default: a GPU node's CPUs divided by its GPUs).")
     index: Optional[str] = Field(None, description='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" '
                                                    "(default: chosen from the corpus size).")
-    metric: Literal["ip", "l2"] = Field("ip", description="ip (inner product of normalized embeddings) or l2.")
+    metric: Optional[Metric] = Field(None, description="cosine (inner product of normalized embeddings), dot (inner product) or "
+                                     "l2 (default: the model's similarity function; ip means cosine).")
+    passages: bool = Field(True, description="Split documents longer than a passage into overlapping passages, one vector each "
+                           "(--no-passages: one vector per document, cut at the model's window).",
+                           json_schema_extra=cli("--passages/--no-passages"))
+    passage_tokens: Optional[int] = Field(None, ge=8, description="Tokens per passage, the model's own (default: the model's "
+                                          "window less its special and prompt tokens).")
+    passage_overlap: Optional[int] = Field(None, ge=0, description="Tokens a passage shares with the one before (default: "
+                                           "--passage-tokens / 8).")
+    document_prompt: Optional[str] = Field(None, description='Text put before every document, e.g. "passage: " for E5 (default: '
+                                           "the model's configured document/passage prompt, if any).")
+    query_prompt: Optional[str] = Field(None, description='Text put before every query, e.g. "query: " (default: the model\'s '
+                                        "configured query prompt, if any).")
     max_index_memory: Optional[Bytes] = Field(None, ge=1, description="RAM budget of the index when --index is not given, "
                                               "e.g. 8G: picks code size, OPQ, HNSW coarse quantizer.",
                                               json_schema_extra=cli(metavar="SIZE", as_text=True))
@@ -73,8 +93,10 @@ class BuildConfig(Settings):
                                     json_schema_extra=cli("--on-disk/--in-ram"))
     memory_budget: Optional[Bytes] = Field(None, ge=1, description="Merge on disk when the shard indexes exceed this, e.g. 8G "
                                            "(default: half the RAM).", json_schema_extra=cli(metavar="SIZE", as_text=True))
-    target_recall: Optional[float] = Field(None, gt=0, le=1, description="Tune nprobe to the smallest reaching this recall@10 vs "
-                                           "exact search (stored in the manifest and the index; search/serve use it).")
+    target_recall: float = Field(0.95, gt=0, le=1, description="Tune nprobe to the smallest reaching this recall@10 vs exact "
+                                 "search (stored in the manifest and the index; search/serve use it).")
+    tune: Optional[bool] = Field(None, description="Tune nprobe for --target-recall after the merge (default: when the index "
+                                 "holds at most 2M vectors, where it takes seconds).", json_schema_extra=cli("--tune/--no-tune"))
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
     gpu: Optional[bool] = Field(None, description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster "
                                 "has GPUs now).", json_schema_extra=cli("--gpu/--cpu"))
@@ -87,6 +109,8 @@ class BuildConfig(Settings):
     def _text_given(self) -> "BuildConfig":
         if not self.template and not self.text_columns:
             raise ValueError("give at least one --text-column or a --template")
+        if self.passage_tokens is not None and self.passage_overlap is not None and self.passage_overlap >= self.passage_tokens:
+            raise ValueError(f"--passage-overlap {self.passage_overlap} must be smaller than --passage-tokens {self.passage_tokens}")
         if not self.inputs:
             raise ValueError("give at least one input path")
         return self
@@ -124,9 +148,23 @@ class IndexLocation(Settings):
     s3_endpoint: Optional[str] = Field(None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS).")
 
 
+def _json_object(value):
+    """A filter given as JSON text (the command line) parsed; objects pass as they are."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({exc.msg}): give e.g. '{{\"section\": \"8\"}}'") from None
+    return value
+
+
 class SearchParams(Settings):
-    k: int = Field(10, ge=1, description="Number of hits.", json_schema_extra=cli("-k"))
+    k: int = Field(10, ge=1, description="Number of documents.", json_schema_extra=cli("-k"))
     nprobe: Optional[int] = Field(None, ge=1, description="Inverted lists to visit (default: the build's, stored in the index).")
+    per_document: int = Field(1, ge=1, le=100, description="Passages per document among the hits (best first).")
+    filter: Optional[Annotated[dict, BeforeValidator(_json_object)]] = Field(
+        None, description='Only documents whose metadata match, as JSON: {"section": "8"} or {"section": {"in": ["8", "9"]}}.',
+        json_schema_extra=cli(metavar="JSON", as_text=True))
 
 
 class AskParams(SearchParams):
@@ -201,3 +239,5 @@ class PlanOptions(Settings):
     gpus: int = Field(0, ge=0, description="GPUs for encoding and training.")
     cpus_per_gpu: float = Field(4, gt=0, description="CPUs of a GPU node per GPU: they feed its encoder (read, tokenize).")
     cores: int = Field(2, ge=1, description="CPU cores for encoding (no GPUs) and adding.")
+    passages_per_doc: float = Field(1.0, ge=1, description="Passages per document on average (a build reports its own: "
+                                    "counts.passages / counts.docs_encoded in the manifest); vectors = docs x this.")

@@ -32,12 +32,39 @@ EVAL_FILE = "eval.json"
 
 EMBEDDINGS_FILE = "embeddings.f32"  # raw little-endian float32, rows x dim, in row_ids order
 FP16_FILE = "embeddings.f16"  # the same rows as float16, written when re-ranking is on
-ROW_IDS_FILE = "row_ids.npy"  # int64 global ids, increasing: the FAISS ids of the shard's vectors
-DOCS_FILE = "docs.parquet"  # the doc store: row_id, doc_id, text, metadata
-DOC_HASHES_FILE = "doc_hashes.npy"  # 64-bit hashes of the corpus ids (duplicate check)
-CONTENT_HASHES_FILE = "content_hashes.npy"  # 64-bit hashes of id + text + metadata (reindex)
+VECTOR_IDS_FILE = "vector_ids.npy"  # int64, increasing: the FAISS ids of the shard's vectors (passage_ids)
+DOCS_FILE = "docs.parquet"  # the doc store, a row per passage: vector_id, doc_id, passage, span, text, metadata
+DOC_HASHES_FILE = "doc_hashes.npy"  # 64-bit hashes of the corpus ids, one per document (duplicate check)
+CONTENT_HASHES_FILE = "content_hashes.npy"  # 64-bit hashes of id + text + metadata, one per document (reindex)
 SHARD_INDEX_FILE = "index.faiss"  # the shard's own index, before the merge
-SHARD_ENCODE_FILES = (EMBEDDINGS_FILE, ROW_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)
+SHARD_ENCODE_FILES = (EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)
+
+
+# A vector's FAISS id: its document's global row shifted left, or'ed with its passage number in the
+# document. Unique int64 ids for 2^43 documents of up to 2^20 passages; id >> PASSAGE_BITS is the row.
+PASSAGE_BITS = 20
+MAX_PASSAGES = 1 << PASSAGE_BITS
+
+
+def numbered(counts: np.ndarray) -> np.ndarray:
+    """0..counts[0]-1, 0..counts[1]-1, ... end to end: each item's number within its group."""
+    counts = np.asarray(counts, np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def passage_ids(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The ids of every passage of these documents (global rows, passages per document), in order."""
+    return (np.repeat(np.asarray(rows, np.int64), counts) << PASSAGE_BITS) | numbered(counts)
+
+
+def document_rows(ids: np.ndarray) -> np.ndarray:
+    """The global row of the document each vector id belongs to."""
+    return np.asarray(ids, np.int64) >> PASSAGE_BITS
+
+
+def document_starts(ids: np.ndarray) -> np.ndarray:
+    """Where each document's passages start in a shard's increasing vector ids (its passage 0)."""
+    return np.flatnonzero((np.asarray(ids, np.int64) & (MAX_PASSAGES - 1)) == 0)
 
 
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")  # UTC time and 3 random bytes: versions.new_run_id
@@ -81,7 +108,7 @@ def is_serving_file(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
     if "/" not in rel:
         return name in (MERGED_FILE, IVFDATA_FILE, INDEX_INFOS_FILE)
-    return name in (DOCS_FILE, ROW_IDS_FILE, FP16_FILE)
+    return name in (DOCS_FILE, VECTOR_IDS_FILE, FP16_FILE)
 
 
 def load_embeddings(directory: str | Path, count: int, dim: int, name: str = EMBEDDINGS_FILE) -> np.ndarray:

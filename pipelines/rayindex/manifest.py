@@ -16,12 +16,12 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from rayindex.config import BuildConfig
+from rayindex.config import BuildConfig, Metric
 from rayindex.errors import RayIndexError
 from rayindex.layout import MANIFEST, check_run_id, safe_rel, shard_rel
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-LAYOUT_VERSION = 2  # bumped when the manifest's or the output's layout changes incompatibly
+LAYOUT_VERSION = 3  # bumped when the manifest's or the output's layout changes incompatibly
 
 
 class Piece(BaseModel):
@@ -62,12 +62,24 @@ class ModelInfo(BaseModel):
     normalized: bool
     dimension: Optional[int] = None
     device: Optional[str] = None  # what the encoders used: "cuda" or "cpu"
+    max_seq_length: Optional[int] = None
+    document_prompt: Optional[str] = None  # put before every document when it was encoded
+    query_prompt: Optional[str] = None  # what search puts before every query
+
+
+class PassageSplit(BaseModel):
+    """How documents were split into passages (parts/passages.py): tokens per passage and overlap."""
+
+    tokens: int
+    overlap: int
 
 
 class ShardState(BaseModel):
     shard_id: int
     rows_read: int = 0
     docs_encoded: int = 0
+    passages: int = 0  # vectors: one per passage (one per document without passages)
+    tokens_encoded: int = 0  # tokens through the model (special and prompt tokens included; copied vectors not)
     skipped: dict[str, int] = Field(default_factory=dict)
     vectors_reused: int = 0  # reindex: unchanged documents whose vectors were copied from the previous version
     ids_changed: int = 0  # reindex: documents encoded again because their content changed
@@ -86,6 +98,8 @@ class EncodedShard(ShardState):
 class Counts(BaseModel):
     rows_read: int = 0
     docs_encoded: int = 0
+    passages: int = 0
+    tokens_encoded: int = 0
     skipped: dict[str, int] = Field(default_factory=dict)  # reason -> rows
 
 
@@ -192,8 +206,9 @@ class Manifest(BaseModel):
     error: Optional[str] = None
     config: BuildConfig
     config_fingerprint: str
-    metric: Literal["ip", "l2"] = "ip"
+    metric: Optional[Metric] = None  # resolved by the encode stage: --metric, else the model's similarity function
     model: Optional[ModelInfo] = None
+    passages: Optional[PassageSplit] = None  # None: one vector per document
     files: list[InputFile] = Field(default_factory=list)
     shards: list[Shard] = Field(default_factory=list)
     shard_states: list[ShardState] = Field(default_factory=list)
@@ -213,6 +228,13 @@ class Manifest(BaseModel):
     reindex: Optional[Reindex] = None
     pruned: list[str] = Field(default_factory=list)  # versions deleted after this one was published (--keep)
     lock_generation: Optional[int] = None  # the output lock's generation this run held: its fencing token
+
+    @field_validator("layout_version")
+    @classmethod
+    def _this_layout(cls, version: int) -> int:
+        if version != LAYOUT_VERSION:
+            raise ValueError(f"layout {version}, this rayindex reads layout {LAYOUT_VERSION}")
+        return version
 
     @field_validator("run_id")
     @classmethod
@@ -268,8 +290,8 @@ class Manifest(BaseModel):
         return {rel: sha for rel, sha in self.files_sha256.items() if rel in wanted}
 
     def shard_counts(self) -> list[int]:
-        """Vectors per shard, in shard order."""
-        return [s.docs_encoded for s in self.shard_states]
+        """Vectors (passages) per shard, in shard order."""
+        return [s.passages for s in self.shard_states]
 
 
 def library_versions() -> dict[str, str]:

@@ -17,7 +17,8 @@ from typing import Callable
 
 from rayindex.errors import RayIndexError
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (CURRENT, EMBEDDINGS_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE, RUN_ID, VERSIONS,
+from rayindex.layout import (CURRENT, DOCS_FILE, EMBEDDINGS_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE, PASSAGE_BITS,
+                             RUN_ID, VECTOR_IDS_FILE, VERSIONS,
                              check_run_id, fsync_tree, is_serving_file, version_rel, write_text_atomic)
 from rayindex.manifest import Manifest
 
@@ -102,18 +103,23 @@ def index_infos(manifest: Manifest) -> dict:
         "nlist": manifest.nlist,
         "refine_factor": manifest.refine_factor,
         "recall@10": manifest.tuning.recall if manifest.tuning and manifest.tuning.k == 10 else None,
-        "metric_type": {"ip": "METRIC_INNER_PRODUCT", "l2": "METRIC_L2"}[manifest.metric],
+        "metric_type": "METRIC_L2" if manifest.metric == "l2" else "METRIC_INNER_PRODUCT",
+        "metric": manifest.metric,
         "normalized": model.normalized,
         "model": model.name,
+        "query_prompt": model.query_prompt,
+        "document_prompt": model.document_prompt,
         "vectors dimension": manifest.dimension,
         "nb vectors": merge.ntotal,
         "documents": manifest.counts.docs_encoded,
+        "passages": manifest.passages.model_dump() if manifest.passages else None,
         "on_disk": merge.on_disk,
         "read_with": (f"faiss.read_index('{MERGED_FILE}', faiss.IO_FLAG_ONDISK_SAME_DIR): the inverted lists are in {IVFDATA_FILE}"
                       if merge.on_disk else f"faiss.read_index('{MERGED_FILE}') (faiss.IO_FLAG_MMAP to map it instead of loading it)"),
-        "ids": ("FAISS id = the document's global row number in the shard plan (int64). Shard s holds ids "
-                "[shards[s].global_start, global_end) of manifest.json; shards/NNNNN/row_ids.npy lists them in the order of "
-                "shards/NNNNN/docs.parquet, whose doc_id column is the corpus id (JSON) and text/metadata the document"),
+        "ids": (f"FAISS id = (document row << {PASSAGE_BITS}) | passage number (int64): id >> {PASSAGE_BITS} is the document's "
+                "global row number in the shard plan. Shard s holds rows [shards[s].global_start, global_end) of manifest.json; "
+                f"shards/NNNNN/{VECTOR_IDS_FILE} lists its ids in the order of shards/NNNNN/{DOCS_FILE}, a row per passage: "
+                "doc_id (the corpus id), passage, start/end (the passage's character span in the document), text, metadata (JSON)"),
         "run_id": manifest.run_id,
         "rayindex": manifest.versions.get("rayindex"),
     }

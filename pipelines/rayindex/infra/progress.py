@@ -69,7 +69,7 @@ def summary_table(manifest) -> Table:
         "plan": (counts.rows_read, "rows"),
         "encode": (counts.docs_encoded, "docs"),
         "train": (manifest.training.sample_size if manifest.training else 0, "vectors"),
-        "add": (counts.docs_encoded, "vectors"),
+        "add": (counts.passages, "vectors"),
         "merge": (manifest.merge.ntotal if manifest.merge else 0, "vectors"),
     }
     table = Table(title=f"rayindex build {manifest.run_id} ({manifest.status})")

@@ -80,7 +80,8 @@ ESTIMATED_GPU: dict[str, dict] = {
 # taken as as costly as the measured flat IVF1024 assignment
 HNSW_ASSIGN_EQUIVALENT_NLIST = 1024
 MEASURED_NLIST = 1024  # the nlist the add throughput was measured at
-DOC_ROW_ID_BYTES = 8  # row_ids.npy: one int64 per document
+DOC_ROW_ID_BYTES = 8  # vector_ids.npy: one int64 per passage
+PASSAGE_OVERLAP = 1 / 8  # the default overlap: text stored twice in the doc store
 
 
 def _item(value: float, basis: str, how: str) -> dict:
@@ -104,8 +105,12 @@ def _basis(*bases: str) -> str:
 
 def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None, gpus: int = 0,
                   max_index_bytes: int | None = None, throughputs: dict | None = None, cores: int = 2,
-                  train_cores: int | None = None, avg_doc_bytes: int = 1000, cpus_per_gpu: float = 4) -> dict:
-    """Sizes and stage hours of building an index over n_docs documents.
+                  train_cores: int | None = None, avg_doc_bytes: int = 1000, cpus_per_gpu: float = 4,
+                  passages_per_doc: float = 1.0) -> dict:
+    """Sizes and stage hours of building an index over n_docs documents split into passages_per_doc
+    passages each on average: every vector-sized quantity (embeddings, codes, ids, index choice,
+    training, encode, add, merge) counts passages, n = n_docs x passages_per_doc; the doc store keeps each
+    document's text once plus the passages' overlap (an eighth, the default) and a row id per passage.
 
     cores: CPU cores of the cluster (encode without GPU, add); train_cores: cores of the biggest node,
     which the train task reserves (default: cores). With gpus > 0, encode runs one actor per GPU, fed by
@@ -114,7 +119,7 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
     the plan says which bounds it; training runs its k-means on one GPU (estimated). throughputs overrides entries of
     MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source).
     """
-    n = int(n_docs)
+    n = int(n_docs * passages_per_doc)
     index_string = index_string or choose_index_string(n, dim, max_index_bytes)
     spec = parse_index_string(index_string, dim)
     n_train = training_sample_size(n, spec.nlist, uses_pq=spec.encoding == "PQ")
@@ -124,7 +129,8 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
 
     inverted_lists = parts["codes"] + parts["ids"]
     loaded = sum(parts.values())
-    docs = n * (avg_doc_bytes + DOC_ROW_ID_BYTES)
+    overlap = PASSAGE_OVERLAP if passages_per_doc > 1 else 0.0
+    docs = int(n_docs) * avg_doc_bytes * (1 + overlap) + n * DOC_ROW_ID_BYTES
     size = {
         "embeddings_fp32": _item(n * dim * 4, "computed", "n x dim x 4: what encode writes (embeddings.f32)"),
         "embeddings_fp16": _item(n * dim * 2, "computed", "n x dim x 2, if stored as fp16"),
@@ -134,7 +140,8 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
         "index_ram_mmap": _item(loaded - inverted_lists, "computed",
                                 "centroids, HNSW graph, codebooks, transforms, list headers; probed lists come through the page cache"),
         "index_ram_loaded": _item(loaded, "computed", "everything in RAM (faiss.read_index without mmap)"),
-        "doc_store": _item(docs, "estimate", f"n x ({avg_doc_bytes} bytes avg_doc_bytes + 8 byte row id)"),
+        "doc_store": _item(docs, "estimate", f"n_docs x {avg_doc_bytes} bytes avg_doc_bytes x {1 + overlap:g} (passage overlap) + "
+                                             "n x 8 byte vector id"),
         "build_disk_peak": _item(n * dim * 4 + 2 * inverted_lists + docs, "estimate",
                                  "fp32 embeddings + shard indexes + merged lists + doc store"),
     }
@@ -182,7 +189,9 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
     if max_index_bytes is not None and loaded > max_index_bytes:
         warnings.append(f"{index_string!r} needs {loaded:,} bytes loaded, over max_index_bytes {max_index_bytes:,}")
     return {
-        "n_docs": n,
+        "n_docs": int(n_docs),
+        "n_vectors": n,
+        "passages_per_doc": passages_per_doc,
         "dim": dim,
         "index_string": index_string,
         "nlist": spec.nlist,
@@ -212,7 +221,8 @@ def _human_hours(value: float) -> str:
 
 def format_plan(plan: dict) -> Table:
     """The plan as a rich table: quantity, value, basis, how it was obtained."""
-    table = Table(title=f"{plan['n_docs']:,} docs x {plan['dim']} dims: {plan['index_string']} "
+    passages = f" in {plan['n_vectors']:,} passages" if plan["n_vectors"] != plan["n_docs"] else ""
+    table = Table(title=f"{plan['n_docs']:,} docs{passages} x {plan['dim']} dims: {plan['index_string']} "
                         f"(nlist {plan['nlist']:,}, train sample {plan['train_sample']:,})",
                   caption="\n".join(plan["warnings"]) or None)
     for column in ("quantity", "value", "basis", "how"):

@@ -199,7 +199,7 @@ def fit_index_to_corpus(index_string: str, n_docs: int, dim: int) -> tuple[str, 
     except ValueError:  # PQm divided the dimension of a dropped transform, not the model's
         notes.append(f"{code} does not divide the dimension {dim}: Flat")
         fitted = ",".join([*kept, ivf, "Flat"])
-    return fitted, (f"--index {index_string!r} needs more documents to train than the {n_docs} there are, so the build "
+    return fitted, (f"--index {index_string!r} needs more vectors to train than the {n_docs} there are, so the build "
                     f"uses {fitted!r} ({'; '.join(notes)}); index more documents to get the index asked for")
 
 

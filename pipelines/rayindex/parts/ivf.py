@@ -16,7 +16,7 @@ import numpy as np
 from rayindex.errors import DamagedIndex, RayIndexError
 from rayindex.layout import IVFDATA_FILE, MERGED_FILE, atomic_file
 
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+METRICS = {"cosine": faiss.METRIC_INNER_PRODUCT, "dot": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 EXAMPLES = "e.g. IVF1024,PQ48, OPQ48,IVF1024,PQ48, IVF256,Flat or IVF1,Flat (exact)"
 
 

@@ -1,5 +1,6 @@
-"""Which sentence-transformers model to load, loading it (offline for the packaged one), and running it:
-texts through the model's own preprocessing once (tokenize), then the forward pass on length-sorted
+"""Which sentence-transformers model to load, loading it (offline for the packaged one), what it says of
+itself (similarity function, prompts, window: VectorSettings), and running it: texts through the model's
+own tokenizer once (tokenize, or split_passages for passages), then the forward pass on length-sorted
 batches (embed): the vectors model.encode gives, with the tokenizing done where the caller chooses
 (another thread, ahead of the forward pass)."""
 
@@ -12,7 +13,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rayindex.config import PACKAGED_MODEL
+from rayindex.config import PACKAGED_MODEL, BuildConfig
+from rayindex.errors import RayIndexError
+from rayindex.parts.passages import default_overlap, windows
 
 PACKAGED_ALIASES = {PACKAGED_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}
 
@@ -46,6 +49,51 @@ def embedding_dimension(model) -> int:
     """The model's output dimension (sentence-transformers 6 renamed the method)."""
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return int(getter())
+
+
+class VectorSettings(NamedTuple):
+    """How documents become vectors, resolved against the model: what the manifest records and search uses."""
+
+    metric: str  # cosine (vectors normalized), dot or l2
+    document_prompt: str | None
+    query_prompt: str | None
+    passage_tokens: int | None  # content tokens per passage; None: one vector per document
+    passage_overlap: int | None
+    max_seq_length: int
+
+
+SIMILARITY_METRICS = {"cosine": "cosine", "dot": "dot", "dot_product": "dot", "euclidean": "l2"}
+
+
+def vector_settings(model, config: BuildConfig) -> VectorSettings:
+    """The build's options, each defaulting to what the model says of itself: the metric to its
+    similarity function (cosine when it names none), the prompts to its configured ones (query; then
+    document, passage or corpus, as sentence-transformers' encode_document picks), the passage size to
+    its window less its special and prompt tokens. A passage larger than that window is refused."""
+    similarity = getattr(model, "similarity_fn_name", None) or "cosine"
+    metric = config.metric or SIMILARITY_METRICS.get(similarity)
+    if metric is None:
+        raise RayIndexError(f"the model's similarity function {similarity!r} has no FAISS metric; give --metric cosine, dot or l2")
+    prompts = getattr(model, "prompts", None) or {}
+    document_prompt = config.document_prompt if config.document_prompt is not None else \
+        next((prompts[n] for n in ("document", "passage", "corpus") if prompts.get(n)), None)
+    query_prompt = config.query_prompt if config.query_prompt is not None else (prompts.get("query") or None)
+    limit = int(model.max_seq_length)
+    size = overlap = None
+    if config.passages:
+        window = limit - model.tokenizer.num_special_tokens_to_add(pair=False) - len(prompt_token_ids(model, document_prompt))
+        size = config.passage_tokens or window
+        if size > window:
+            raise RayIndexError(f"--passage-tokens {size} is larger than the model's window: at most {window} tokens fit "
+                                f"(max_seq_length {limit} less special and prompt tokens)")
+        overlap = default_overlap(size) if config.passage_overlap is None else config.passage_overlap
+        if overlap >= size:
+            raise RayIndexError(f"--passage-overlap {overlap} must be smaller than the passage size {size}")
+    return VectorSettings(metric, document_prompt or None, query_prompt or None, size, overlap, limit)
+
+
+def prompt_token_ids(model, prompt: str | None) -> list[int]:
+    return model.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
 
 
 TRUNCATED = "truncated_to_max_seq_length (kept)"  # the manifest's counts.skipped reason
@@ -116,6 +164,70 @@ def tokenize(model, texts: list[str], prompt: str | None = None) -> Tokenized:
 
 
 INPUTS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}  # model input -> Encoding field
+
+
+class Passages(NamedTuple):
+    """Documents split into passages, tokenized once: every passage's model inputs (a Tokenized, in
+    document order), how many passages each document has, and each passage's character span."""
+
+    tokenized: Tokenized
+    counts: np.ndarray  # passages per document
+    char_starts: np.ndarray
+    char_ends: np.ndarray
+
+
+def special_frame(backend) -> tuple[list[int], list[int]]:
+    """The special tokens the Rust tokenizer puts before and after a single sequence's content (BERT:
+    [CLS] / [SEP]), read from its special-tokens mask on a one-word text."""
+    encoding = backend.encode("a", add_special_tokens=True)
+    content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+    return encoding.ids[:content[0]], encoding.ids[content[-1] + 1:]
+
+
+def split_passages(model, texts: list[str], size: int, overlap: int, prompt: str | None = None) -> Passages:
+    """Each text tokenized once, whole, by the Rust tokenizer (a batch, in parallel threads), cut into
+    passages.windows of `size` tokens overlapping by `overlap`; each passage's input is its tokens framed
+    by the model's special tokens, after the prompt's: the sequence the tokenizer gives for the prompt and
+    the passage's text, without tokenizing the passage again. A text of at most `size` tokens is one
+    passage, the whole text (no offsets or word ids read: the common case costs what tokenize does)."""
+    tokenizer = model.tokenizer
+    backend = backend_tokenizer(model)
+    if backend is None:
+        raise RayIndexError(f"passages need a model with a fast (Rust) tokenizer, which {type(tokenizer).__name__} is not; "
+                            "build with --no-passages")
+    backend.no_truncation()
+    backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    prefix, suffix = special_frame(backend)
+    head = np.array(prefix + prompt_token_ids(model, prompt), np.int64)
+    tail = np.array(suffix, np.int64)
+    pieces, counts, char_starts, char_ends = [], [], [], []
+    for text, encoding in zip(texts, encodings):
+        ids = np.asarray(encoding.ids, np.int64)
+        if len(ids) <= size:
+            pieces += [head, ids, tail]
+            counts.append(1)
+            char_starts.append(0)
+            char_ends.append(len(text))
+            continue
+        offsets = np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+        words = np.asarray([-1 if w is None else w for w in encoding.word_ids], np.int64)
+        word_start = np.ones(len(ids), bool)
+        word_start[1:] = words[1:] != words[:-1]
+        spans = windows(text, offsets[:, 0], offsets[:, 1], word_start, size, overlap)
+        for span in spans:
+            pieces += [head, ids[span.token_start:span.token_end], tail]
+            char_starts.append(span.char_start)
+            char_ends.append(span.char_end)
+        counts.append(len(spans))
+    lengths = np.fromiter((len(p) for p in pieces[1::3]), np.int64) + len(head) + len(tail)
+    input_ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    names = [n for n in getattr(tokenizer, "model_input_names", ("input_ids", "attention_mask")) if n in INPUTS]
+    flat = {n: input_ids if n == "input_ids" else np.ones_like(input_ids) if n == "attention_mask" else np.zeros_like(input_ids)
+            for n in names}
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tokenized = Tokenized(flat, starts, lengths, 0, tokenizer.pad_token_id or 0, tokenizer.padding_side == "left")
+    return Passages(tokenized, np.asarray(counts, np.int64), np.asarray(char_starts, np.int64), np.asarray(char_ends, np.int64))
 
 
 def _tokenized_by_sentence_transformers(model, texts: list[str], cut: list) -> Tokenized:

@@ -8,6 +8,7 @@ it cannot count as a free hit.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,8 +16,9 @@ from typing import Callable, Iterator
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from rayindex.layout import ROW_IDS_FILE, load_embeddings, sample_rows, shard_dir
+from rayindex.layout import VECTOR_IDS_FILE, load_embeddings, sample_rows, shard_dir
 from rayindex.manifest import Manifest, SweepPoint
+from rayindex.parts.docstore import DocStore
 from rayindex.parts.ivf import METRICS
 
 BLOCK = 65_536  # vectors per ground-truth block
@@ -32,27 +34,49 @@ def corpus_blocks(version_dir: Path, manifest: Manifest, block: int = BLOCK) -> 
 
 
 def positions_to_ids(version_dir: Path, manifest: Manifest, positions: np.ndarray) -> np.ndarray:
-    """Positions in corpus_blocks order -> global row ids, without loading all ids."""
+    """Positions in corpus_blocks order -> vector ids, without loading all ids."""
     starts = np.concatenate([[0], np.cumsum(manifest.shard_counts())])
     ids = np.full(positions.shape, -1, dtype=np.int64)
     for k, shard in enumerate(manifest.shards):
         inside = (positions >= starts[k]) & (positions < starts[k + 1])
         if inside.any():
-            row_ids = np.load(shard_dir(version_dir, shard.shard_id) / ROW_IDS_FILE, mmap_mode="r")
+            row_ids = np.load(shard_dir(version_dir, shard.shard_id) / VECTOR_IDS_FILE, mmap_mode="r")
             ids[inside] = row_ids[positions[inside] - starts[k]]
     return ids
 
 
 def sample_queries(version_dir: Path, manifest: Manifest, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n stored embeddings drawn uniformly across shards, and their row ids."""
+    """n stored embeddings drawn uniformly across shards, and their vector ids."""
     counts = manifest.shard_counts()
     vectors, ids = [], []
     for shard, count, rows in zip(manifest.shards, counts, sample_rows(counts, n, seed)):
         if len(rows):
             d = shard_dir(version_dir, shard.shard_id)
             vectors.append(np.asarray(load_embeddings(d, count, manifest.dimension)[rows]))
-            ids.append(np.load(d / ROW_IDS_FILE, mmap_mode="r")[rows])
+            ids.append(np.load(d / VECTOR_IDS_FILE, mmap_mode="r")[rows])
     return np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32), np.concatenate(ids)
+
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+
+
+def sentence_queries(version_dir: Path, manifest: Manifest, n: int, seed: int, encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """n queries that look like a user's, not like a stored vector: from n passages drawn uniformly, one
+    sentence each (of 5+ words, else the passage's first 200 characters), encoded as queries (encode: the
+    model with its query prompt). A stored vector as query sits next to itself and its overlapping
+    neighbours, which flatters a low nprobe: measured on 400 man pages, nprobe 8 of 128 lists reached
+    recall@10 0.96 on stored vectors but 0.80 (by document) on sentences from the documents."""
+    rng = np.random.default_rng(seed)
+    docs = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
+    texts = []
+    for shard, count, rows in zip(manifest.shards, manifest.shard_counts(), sample_rows(manifest.shard_counts(), n, seed)):
+        if len(rows):
+            ids = np.load(shard_dir(version_dir, shard.shard_id) / VECTOR_IDS_FILE, mmap_mode="r")[rows]
+            for vector_id in ids.tolist():
+                text = docs.get(vector_id)["text"]
+                sentences = [t.strip() for t in SENTENCE.split(text) if len(t.split()) >= 5]
+                texts.append(" ".join((sentences[rng.integers(len(sentences))] if sentences else text[:200]).split()))
+    return np.ascontiguousarray(encode(texts), dtype=np.float32)
 
 
 def drop_self(found: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
@@ -82,7 +106,7 @@ def select_nprobe(points: list[SweepPoint], target: float, k: int = 10) -> Sweep
 
 
 def exact_truth(version_dir: Path, manifest: Manifest, queries: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
-    """Row ids of the exact k nearest neighbours of each query, its own document left out."""
+    """Vector ids of the exact k nearest neighbours of each query, its own vector left out (-1: none)."""
     _, positions = knn_ground_truth(queries, corpus_blocks(version_dir, manifest), k + 1, METRICS[manifest.metric])
     return drop_self(positions_to_ids(version_dir, manifest, positions), self_ids, k)
 

@@ -1,6 +1,6 @@
-"""`rayindex eval`: recall@k against exact search and latency per query for a sweep of nprobe
-(parts/recall.py), hit@k / MRR of the whole pipeline on labelled queries, written to eval.json and
-PNG plots in the version folder."""
+"""`rayindex eval`: recall@k against exact search (over the stored passage vectors) and latency per
+query for a sweep of nprobe (parts/recall.py), document-level hit@k / MRR of the whole pipeline on
+labelled queries, written to eval.json and PNG plots in the version folder."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ EVAL_SEED = 7
 
 
 def labelled_metrics(published: PublishedIndex, labelled: list[dict], ks: list[int], nprobe: int | None) -> dict:
-    """hit@k and MRR of the whole pipeline (encode, search, doc store) on {query, id} pairs."""
+    """Document-level hit@k and MRR of the whole pipeline (encode, search, one hit per document, doc store)
+    on {query, id} pairs: a query hits at rank r when its document is the r-th document returned, by any
+    of its passages."""
     vectors = published.encode([item["query"] for item in labelled])
-    _, found = published.search_vectors(vectors, max(ks), nprobe)
+    found = published.search_documents(vectors, max(ks), nprobe)
     ranks = []
-    for item, row in zip(labelled, found):
-        corpus_ids = [published.docs.get(int(r))["id"] if r >= 0 else None for r in row]
+    for item, hits in zip(labelled, found):
+        corpus_ids = [published.docs.get(vector_id)["id"] for _, vector_id in hits]
         ranks.append(corpus_ids.index(item["id"]) + 1 if item["id"] in corpus_ids else None)
     result = {f"hit@{k}": float(np.mean([r is not None and r <= k for r in ranks])) for k in ks}
     result["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
@@ -67,7 +69,8 @@ def evaluate(published: PublishedIndex, options: EvalOptions | None = None) -> d
     refine = published.manifest.refine_factor or 1
     points = measure_sweep(lambda q, k, nprobe, r: published.search_vectors(q, k, nprobe, r), queries, self_ids, truth, ks,
                            nprobe_sweep(published.manifest.nlist), refine)
-    result = {"version": published.run_id, "index_string": published.manifest.index_string, "documents": ntotal,
+    result = {"version": published.run_id, "index_string": published.manifest.index_string, "vectors": ntotal,
+              "documents": published.manifest.counts.docs_encoded,
               "queries": len(queries), "held_out": "own document removed", "ks": ks, "threads": faiss.omp_get_max_threads(),
               "sweep": [p.model_dump() for p in points], "default_nprobe": published.manifest.nprobe}
     if options.queries:

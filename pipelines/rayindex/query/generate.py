@@ -1,8 +1,9 @@
 """Answer generators for retrieval-augmented answers.
 
-A passage is a search hit: {"id", "score", "text", "metadata"}. Passages are numbered [1]..[n] in
-list order, and every generator cites them by those numbers, so the caller can map a citation back
-to a hit without parsing anything else.
+A passage is a search hit: {"id", "score", "passage", "start", "end", "text", "metadata"} (text: the
+passage's; start/end: its span in document id). Passages are numbered [1]..[n] in list order, and every
+generator cites them by those numbers, so the caller can map a citation back to a hit (a document and
+a span in it) without parsing anything else.
 
 Three generators, one method (``generate(question, passages) -> str``):
 

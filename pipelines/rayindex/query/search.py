@@ -1,10 +1,12 @@
 """Search a published index: open the version CURRENT names (memory-mapped), encode queries with
-the model the build used (from the manifest), and return hits with the doc store's text and metadata;
-`ask` answers a question from the hits with a generator (generate.py).
+the model and query prompt the build recorded, search passages (optionally only those whose metadata
+matches a filter: filters.py) and return documents, each by its best passage with its span, text and
+the document's metadata; `ask` answers a question from the hits with a generator (generate.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +16,16 @@ import numpy as np
 from rayindex.config import AskParams, GeneratorConfig, IndexLocation, SearchParams
 from rayindex.errors import DamagedIndex, RayIndexError
 from rayindex.infra.storage import use_s3_endpoint
-from rayindex.layout import MERGED_FILE, shard_dir
+from rayindex.layout import MERGED_FILE, PASSAGE_BITS, shard_dir
 from rayindex.manifest import Manifest
 from rayindex.parts.docstore import DocStore
 from rayindex.parts.ivf import read_merged
 from rayindex.parts.refine import Refiner, search_ivf
+from rayindex.query.filters import MetadataFilter, id_selector
 from rayindex.versions import open_current
+
+
+FETCH_LIMIT = 4_096  # passages fetched per query at most while looking for k distinct documents
 
 
 @dataclass
@@ -33,17 +39,19 @@ class PublishedIndex:
     docs: DocStore
     model: object = None
     refiner: Refiner | None = field(default=None, repr=False)
+    filters: MetadataFilter | None = field(default=None, repr=False)
 
     @property
     def run_id(self) -> str:
         return self.manifest.run_id
 
     def encode(self, queries: list[str]) -> np.ndarray:
+        """Query vectors: the build's model, with its query prompt and its normalization."""
         if self.model is None:
             from rayindex.parts.model import load_model
 
             self.model = load_model(self.manifest.model.name)
-        return self.model.encode(queries, normalize_embeddings=self.manifest.model.normalized,
+        return self.model.encode(queries, prompt=self.manifest.model.query_prompt, normalize_embeddings=self.manifest.model.normalized,
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
     def check_nprobe(self, nprobe: int | None) -> int:
@@ -53,44 +61,115 @@ class PublishedIndex:
             raise RayIndexError(f"nprobe {nprobe} is out of range: this index has {self.manifest.nlist} lists (1..{self.manifest.nlist})")
         return nprobe
 
-    def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None,
-                       refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search at nprobe (default: the manifest's); with a refine factor above 1 (default: the
-        manifest's), k x factor candidates are re-ranked with exact distances (parts/refine.py)."""
+    def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None, refine: int | None = None,
+                       selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest passages: FAISS search at nprobe (default: the manifest's) among the ids the
+        selector accepts; with a refine factor above 1 (default: the manifest's), k x factor candidates
+        are re-ranked with exact distances (parts/refine.py)."""
         nprobe = self.check_nprobe(nprobe)
         refine = self.manifest.refine_factor if refine is None else refine
         if refine and refine > 1 and self.refiner is None:
             self.refiner = Refiner(self.version_dir, self.manifest)
-        return search_ivf(self.index, vectors, k, nprobe, self.refiner, refine)
+        return search_ivf(self.index, vectors, k, nprobe, self.refiner, refine, selector)
 
-    def search(self, query: str, k: int | None = None, nprobe: int | None = None) -> list[dict]:
-        """The k best documents for the query: {id, score, text, metadata} each."""
-        params = SearchParams(**{n: v for n, v in (("k", k), ("nprobe", nprobe)) if v is not None})
+    def matching_ids(self, filter: dict) -> np.ndarray:
+        """The vector ids of the passages whose document's metadata match the filter (filters.py)."""
+        if self.filters is None:
+            self.filters = MetadataFilter(self.docs)
+        return self.filters.matching_ids(filter)
+
+    def search_documents(self, vectors: np.ndarray, k: int, nprobe: int | None = None, per_document: int = 1,
+                         filter: dict | None = None) -> list[list[tuple[float, int]]]:
+        """Per query, up to k documents' best passages (at most per_document each) as (score, vector id),
+        best first. Passages are fetched until k documents are found (fetch grows x4, up to FETCH_LIMIT or
+        every vector); with a filter only matching passages are scanned, and a query that finds fewer than
+        k within nprobe lists searches again with twice the lists (up to all), so k matching hits come
+        back whenever k exist."""
+        nprobe = self.check_nprobe(nprobe)
+        selector = None
+        if filter:
+            matching = self.matching_ids(filter)
+            if not len(matching):
+                return [[] for _ in range(len(vectors))]
+            selector = id_selector(matching)
+            # the lists probed hold len(matching) / ntotal as many candidates as without the filter: probe
+            # that many times more lists (measured on 400 man pages, 60% matching: filtered recall@10 0.91 at
+            # the tuned nprobe 32, 0.98 at 64)
+            nprobe = min(self.manifest.nlist, math.ceil(nprobe * int(self.index.ntotal) / len(matching)))
+        ntotal = int(self.index.ntotal)
+        passages_per_doc = max(1, -(-self.manifest.counts.passages // max(1, self.manifest.counts.docs_encoded)))
+        fetch = min(ntotal, k * max(per_document, 2 * passages_per_doc))
+        results: list = [None] * len(vectors)
+        todo = np.arange(len(vectors))
+        while len(todo):
+            scores, ids = self.search_vectors(vectors[todo], fetch, nprobe, selector=selector)
+            again = []
+            for row, q in enumerate(todo):
+                results[q], documents = best_per_document(scores[row], ids[row], per_document, k)
+                exhausted = bool((ids[row] < 0).any())  # the lists probed hold fewer than `fetch` passages
+                can_fetch_more = not exhausted and fetch < min(ntotal, FETCH_LIMIT)
+                can_widen = exhausted and selector is not None and nprobe < self.manifest.nlist
+                if documents < k and (can_fetch_more or can_widen):
+                    again.append(q)
+            if not again:
+                break
+            todo = np.asarray(again)
+            if selector is not None and nprobe < self.manifest.nlist:
+                nprobe = min(self.manifest.nlist, nprobe * 2)
+            fetch = min(ntotal, FETCH_LIMIT, fetch * 4) if fetch < min(ntotal, FETCH_LIMIT) else fetch
+        return results
+
+    def search(self, query: str, k: int | None = None, nprobe: int | None = None, per_document: int | None = None,
+               filter: dict | None = None) -> list[dict]:
+        """The k best documents for the query, each by its best passage(s): {id, score, passage, start, end,
+        text, metadata} (text: the passage; start/end: its span in the document)."""
+        given = (("k", k), ("nprobe", nprobe), ("per_document", per_document), ("filter", filter))
+        params = SearchParams(**{n: v for n, v in given if v is not None})
         if not query.strip():
             raise RayIndexError("the query is empty")
-        scores, ids = self.search_vectors(self.encode([query]), params.k, params.nprobe)
-        return self.hits(scores[0], ids[0])
+        found = self.search_documents(self.encode([query]), params.k, params.nprobe, params.per_document, params.filter)
+        return self.hits(found[0])
 
-    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[dict]:
-        """One query's results as {id, score, text, metadata}, from the doc store."""
+    def hits(self, found: list[tuple[float, int]]) -> list[dict]:
+        """One query's results from the doc store: the document's id and metadata, the passage's text and span."""
         hits = []
-        for score, row_id in zip(scores.tolist(), ids.tolist()):
-            if row_id < 0:
-                continue  # fewer than k results
-            doc = self.docs.get(row_id)
-            hits.append({"id": doc["id"], "score": score, "text": doc["text"], "metadata": doc["metadata"]})
+        for score, vector_id in found:
+            passage = self.docs.get(vector_id)
+            hits.append({"id": passage["id"], "score": score, "passage": passage["passage"], "start": passage["start"],
+                         "end": passage["end"], "text": passage["text"], "metadata": passage["metadata"]})
         return hits
 
-    def ask(self, question: str, k: int | None = None, nprobe: int | None = None, generator: GeneratorConfig | object | None = None) -> dict:
-        """{answer, sources}: the question answered from the k best passages, which the answer cites as [n].
+    def ask(self, question: str, k: int | None = None, nprobe: int | None = None, generator: GeneratorConfig | object | None = None,
+            per_document: int | None = None, filter: dict | None = None) -> dict:
+        """{answer, sources}: the question answered from the k best passages (one per document), which the
+        answer cites as [n]; each source names its document and the passage's span in it.
         generator: a GeneratorConfig, or a generator made by query.generate.make_generator (default: extractive)."""
         from rayindex.query.generate import make_generator
 
-        params = AskParams(**{n: v for n, v in (("k", k), ("nprobe", nprobe)) if v is not None})
+        given = (("k", k), ("nprobe", nprobe), ("per_document", per_document), ("filter", filter))
+        params = AskParams(**{n: v for n, v in given if v is not None})
         if generator is None or isinstance(generator, GeneratorConfig):
             generator = make_generator(generator or GeneratorConfig(), self.encode)
-        hits = self.search(question, params.k, params.nprobe)
+        hits = self.search(question, params.k, params.nprobe, params.per_document, params.filter)
         return {"answer": generator.generate(question, hits), "sources": [{"n": n, **hit} for n, hit in enumerate(hits, 1)]}
+
+
+def best_per_document(scores: np.ndarray, ids: np.ndarray, per_document: int, k: int) -> tuple[list[tuple[float, int]], int]:
+    """The ranked passages kept at most per_document per document (id >> PASSAGE_BITS) and from k
+    documents at most; and how many documents that is."""
+    kept, taken = [], {}
+    for score, vector_id in zip(scores.tolist(), ids.tolist()):
+        if vector_id < 0:
+            break
+        row = vector_id >> PASSAGE_BITS
+        if row not in taken:
+            if len(taken) == k:
+                continue
+            taken[row] = 0
+        if taken[row] < per_document:
+            taken[row] += 1
+            kept.append((score, vector_id))
+    return kept, len(taken)
 
 
 def open_version(version_dir: str | Path, manifest: Manifest) -> PublishedIndex:

@@ -13,7 +13,7 @@ from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import match_threads_to_ray_cpus
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import EMBEDDINGS_FILE, ROW_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_rel
+from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_rel
 from rayindex.manifest import Manifest, ShardState
 from rayindex.parts.ivf import read_index, write_index
 from rayindex.versions import done_shards, save_manifest
@@ -30,7 +30,7 @@ def add_shard(version: Store, trained_sha256: str, shard_id: int, count: int, in
     directory = version.local(shard_rel(shard_id))
     index = read_index(version.local(TRAINED_FILE))
     vectors = load_embeddings(directory, count, dim)
-    row_ids = np.load(directory / ROW_IDS_FILE, mmap_mode="r")
+    row_ids = np.load(directory / VECTOR_IDS_FILE, mmap_mode="r")
     if len(row_ids) != count:
         raise RayIndexError(f"{directory}: {len(row_ids)} ids for {count} vectors; re-encode this shard")
     for start in range(0, count, ADD_CHUNK):
@@ -63,7 +63,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     done = {sid for sid in done_shards(manifest, version, "index_sha256", (SHARD_INDEX_FILE,))
             if manifest.shard_states[sid].trained_sha256 == trained_sha}
     manifest.reused.add = sorted(done)
-    jobs = [(s.shard_id, st.docs_encoded, manifest.shard_files((EMBEDDINGS_FILE, ROW_IDS_FILE), [s.shard_id]))
+    jobs = [(s.shard_id, st.passages, manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE), [s.shard_id]))
             for s, st in zip(manifest.shards, manifest.shard_states) if s.shard_id not in done]
     if jobs:
         connect(config.ray_address, config.s3_endpoint)

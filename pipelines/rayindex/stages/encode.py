@@ -1,11 +1,11 @@
-"""Encode stage: a pool of Ray actors, each loading the model once, turns every shard into
-normalized float32 embeddings, global row ids and doc-store rows, written into the shard folder;
-then the counts, and the checks on them (no documents left, duplicate ids).
+"""Encode stage: a pool of Ray actors, each loading the model once, turns every shard into float32
+embeddings (one per passage: parts/passages.py), their vector ids and doc-store rows, written into the
+shard folder; then the counts, and the checks on them (no documents left, duplicate ids).
 
 The data path of a shard: Arrow batches from the corpus, made into documents column by column
-(parts/documents.py), tokenized once by the model's own preprocessing (parts/model.py tokenize), all
-in a producer thread ahead of the forward pass, which runs on length-sorted batches (embed); at most
-PREFETCH_CHUNKS batches wait in memory. Threads in the actor rather than a Ray Data pipeline: the work
+(parts/documents.py), tokenized once by the model's own tokenizer and split into passages
+(parts/model.py split_passages; tokenize with --no-passages), all in a producer thread ahead of the
+forward pass, which runs on length-sorted batches (embed); at most PREFETCH_CHUNKS batches wait in memory. Threads in the actor rather than a Ray Data pipeline: the work
 of a shard stays in one process (no token arrays through the object store) and the shard stays the
 unit that is written, checksummed and resumed (docs/build.md).
 
@@ -31,15 +31,16 @@ from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import use_gpus
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (CONTENT_HASHES_FILE, DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, ROW_IDS_FILE, SHARD_ENCODE_FILES,
-                             atomic_file, save_npy, shard_dir, shard_rel)
-from rayindex.manifest import Counts, EncodedShard, Manifest, Shard, ShardState
+from rayindex.layout import (CONTENT_HASHES_FILE, DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, MAX_PASSAGES, SHARD_ENCODE_FILES,
+                             VECTOR_IDS_FILE, atomic_file, document_starts, passage_ids, save_npy, shard_dir, shard_rel)
+from rayindex.manifest import Counts, EncodedShard, Manifest, PassageSplit, Shard, ShardState
 from rayindex.infra.prefetch import prefetched
 from rayindex.parts.corpus import InputUnavailable, read_piece
 from rayindex.parts.docstore import DocStore, DocWriter
 from rayindex.parts.documents import Documents, prepare
 from rayindex.parts.ivf import make_index
-from rayindex.parts.model import TRUNCATED, Tokenized, embed, embedding_dimension, load_model, tokenize
+from rayindex.parts.model import (TRUNCATED, Tokenized, VectorSettings, embed, embedding_dimension, load_model, split_passages,
+                                  tokenize, vector_settings)
 from rayindex.parts.reuse import PreviousVectors
 from rayindex.versions import done_shards, previous_version, save_manifest
 
@@ -51,10 +52,14 @@ class Chunk(NamedTuple):
 
     rows_read: int
     documents: Documents
+    tokenized: Tokenized  # every passage of the documents, in order
+    passages: np.ndarray  # passages per document
+    char_starts: np.ndarray  # each passage's span in its document's text
+    char_ends: np.ndarray
+    truncated: int  # --no-passages: documents cut at the model's window
     found: np.ndarray  # reindex: documents whose vectors are copied from the previous version
-    reused: np.ndarray  # their vectors
+    reused: np.ndarray  # their passages' vectors
     changed: int  # reindex: documents encoded again because their content changed
-    tokenized: Tokenized | None  # the documents not found, tokenized
 
 
 class ShardEncoder:
@@ -79,6 +84,11 @@ class ShardEncoder:
     def dimension(self) -> int:
         return embedding_dimension(self.model)
 
+    def settings(self) -> VectorSettings:
+        """The build's metric, prompts and passage size resolved against the model (refused when they
+        cannot work with it)."""
+        return vector_settings(self.model, self.config)
+
     def device_used(self) -> str:
         """"cuda", or "cpu" also on a node that advertises a GPU torch cannot use (fake clusters)."""
         return self.device
@@ -98,29 +108,39 @@ class ShardEncoder:
         return version.retry(f"read the input of shard {shard.shard_id}", attempt, retry_on=(InputUnavailable,))
 
     def _chunks(self, shard: Shard):
-        """The producer's side: each corpus batch read, made into documents (columnar), looked up in the
-        previous version (reindex) and tokenized, once."""
-        cfg = self.config
+        """The producer's side: each corpus batch read, made into documents (columnar), tokenized and split
+        into passages once, and looked up in the previous version (reindex)."""
+        cfg, settings = self.config, self.settings()
         for piece in shard.pieces:
             for batch in read_piece(piece, id_column=cfg.id_column):
                 docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece))
+                texts = docs.texts.to_pylist()
+                if settings.passage_tokens:
+                    split = split_passages(self.model, texts, settings.passage_tokens, settings.passage_overlap, settings.document_prompt)
+                    tokenized, passages, starts, ends, truncated = split.tokenized, split.counts, split.char_starts, split.char_ends, 0
+                    if len(passages) and passages.max() >= MAX_PASSAGES:
+                        too_long = int(np.argmax(passages))
+                        raise RayIndexError(f"{batch.where(piece)(too_long)}: {passages[too_long]:,} passages, more than the "
+                                            f"{MAX_PASSAGES - 1:,} a document may have; raise --passage-tokens or split the document")
+                else:
+                    tokenized = tokenize(self.model, texts, settings.document_prompt)
+                    passages, starts = np.ones(len(texts), np.int64), np.zeros(len(texts), np.int64)
+                    ends, truncated = np.fromiter(map(len, texts), np.int64, len(texts)), tokenized.truncated
                 found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, self.dimension()), "<f4"), 0
                 if self.previous is not None and len(docs):
-                    found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes)
-                todo = np.flatnonzero(~found)
-                tokenized = tokenize(self.model, docs.texts.take(pa.array(todo)).to_pylist()) if len(todo) else None
-                yield Chunk(len(batch.row_ids), docs, found, reused, changed, tokenized)
+                    found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes, passages)
+                yield Chunk(len(batch.row_ids), docs, tokenized, passages, starts, ends, truncated, found, reused, changed)
 
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
         """Output files appear only when complete, and are pushed to the output store before the shard
         counts as done."""
-        cfg = self.config
+        cfg, normalize = self.config, self.settings().metric == "cosine"
         out = version.local(shard_rel(shard.shard_id))
         out.mkdir(parents=True, exist_ok=True)
         skipped: dict[str, int] = {}
         id_hashes: list[np.ndarray] = []
         contents: list[np.ndarray] = []
-        rows_read = encoded = reused = changed = 0
+        rows_read = encoded = passages = tokens = reused = changed = 0
         started = time.monotonic()
         with contextlib.ExitStack() as files:
             writer = files.enter_context(DocWriter(out))
@@ -131,18 +151,21 @@ class ShardEncoder:
                 rows_read += chunk.rows_read
                 for reason, n in docs.skipped.items():
                     skipped[reason] = skipped.get(reason, 0) + n
+                if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
+                    skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
                 if len(docs):
-                    vectors = np.empty((len(docs), self.dimension()), dtype="<f4")
-                    vectors[chunk.found] = chunk.reused
-                    if chunk.tokenized is not None:
-                        vectors[~chunk.found] = embed(self.model, chunk.tokenized, cfg.batch_size, normalize=cfg.metric == "ip")
-                        if chunk.tokenized.truncated:  # kept: embedded from their first max_seq_length tokens
-                            skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.tokenized.truncated
+                    copied = np.repeat(chunk.found, chunk.passages)
+                    vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
+                    vectors[copied] = chunk.reused
+                    if not copied.all():
+                        vectors[~copied] = embed(self.model, chunk.tokenized, cfg.batch_size, normalize, np.flatnonzero(~copied))
+                        tokens += int(chunk.tokenized.lengths[~copied].sum())
                     emb_file.write(vectors.tobytes())
-                    writer.write(docs.row_ids, docs.doc_ids, docs.doc_id_is_int, docs.texts, docs.metadata)
+                    write_passages(writer, docs, chunk)
                     id_hashes.append(docs.id_hashes)
                     contents.append(docs.content_hashes)
                     encoded += len(docs)
+                    passages += len(copied)
                     reused += int(chunk.found.sum())
                     changed += chunk.changed
                 self.rows += chunk.rows_read
@@ -151,9 +174,24 @@ class ShardEncoder:
         seconds = time.monotonic() - started
         shard_files = {shard_rel(shard.shard_id, name): file_sha256(out / name) for name in SHARD_ENCODE_FILES}
         version.push(list(shard_files))
-        return EncodedShard(shard_id=shard.shard_id, rows_read=rows_read, docs_encoded=encoded, skipped=skipped,
+        return EncodedShard(shard_id=shard.shard_id, rows_read=rows_read, docs_encoded=encoded, passages=passages, tokens_encoded=tokens,
+                            skipped=skipped,
                             vectors_reused=reused, ids_changed=changed, encode_seconds=round(seconds, 3),
                             embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)], files=shard_files)
+
+
+def write_passages(writer: DocWriter, docs: Documents, chunk: Chunk) -> None:
+    """The doc-store rows of a chunk: a row per passage, its text cut from its document's by its span,
+    the document's id and metadata repeated."""
+    of_document = pa.array(np.repeat(np.arange(len(docs)), chunk.passages))
+    passage_texts = docs.texts  # one passage per document: the whole text
+    if len(of_document) > len(docs):
+        texts = docs.texts.to_pylist()
+        passage_texts = pa.array([texts[d][a:b] for d, a, b in zip(of_document.to_numpy().tolist(), chunk.char_starts.tolist(),
+                                                                    chunk.char_ends.tolist())], pa.string())
+    ids = passage_ids(docs.row_ids, chunk.passages)
+    writer.write(ids, docs.doc_ids.take(of_document), docs.doc_id_is_int.take(of_document), ids & (MAX_PASSAGES - 1),
+                 chunk.char_starts, chunk.char_ends, passage_texts, docs.metadata.take(of_document))
 
 
 def concatenated(parts: list[np.ndarray]) -> np.ndarray:
@@ -184,12 +222,13 @@ def encoder_resources(use_gpu: bool, cluster_cpus: float, cluster_gpus: float, e
 
 
 def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_gpu: bool, on_progress=None,
-                  check_dimension=None, on_shard_done=None, previous: PreviousVectors | None = None) -> tuple[int, str]:
-    """Run every shard through an actor pool; returns the embedding dimension and the device the
-    encoders used ("cpu" on a node that advertises a GPU torch cannot use).
+                  on_model=None, on_shard_done=None, previous: PreviousVectors | None = None) -> None:
+    """Run every shard through an actor pool.
 
-    check_dimension(dim) runs once the model is loaded and before any shard is encoded (to refuse
-    an unusable --index early); on_progress(rows_done) is called while encoding runs, and
+    on_model(dim, device, settings) runs once the model is loaded and before any shard is encoded, with
+    the embedding dimension, the device the encoders use ("cpu" on a node that advertises a GPU torch
+    cannot use) and the VectorSettings (to record them, and refuse an unusable --index early);
+    on_progress(rows_done) is called while encoding runs, and
     on_shard_done(EncodedShard) as each shard finishes (in completion order). previous: a reindex's
     earlier version, whose vectors of unchanged documents are copied instead of encoded.
     """
@@ -199,9 +238,9 @@ def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_
     actor_cls = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=2, **per_actor)(ShardEncoder)
     actors = [actor_cls.remote(config, use_gpu, max(1, int(per_actor["num_cpus"])), previous) for _ in range(count)]
     try:
-        dim, device = ray.get([actors[0].dimension.remote(), actors[0].device_used.remote()])
-        if check_dimension:
-            check_dimension(dim)
+        described = ray.get([actors[0].dimension.remote(), actors[0].device_used.remote(), actors[0].settings.remote()])
+        if on_model:
+            on_model(*described)
         pending = list(shards)
         running: dict = {}
         idle = list(actors)
@@ -217,7 +256,6 @@ def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_
                     on_shard_done(state)
             if on_progress:
                 on_progress(sum(ray.get([a.rows_done.remote() for a in actors])))
-        return dim, device
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -241,44 +279,64 @@ def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None
     dups = ordered[1:][ordered[1:] == ordered[:-1]]
     if not len(dups):
         return
-    version.pull(manifest.shard_files((ROW_IDS_FILE, DOCS_FILE)))  # only now: the doc store names the duplicate
+    version.pull(manifest.shard_files((VECTOR_IDS_FILE, DOCS_FILE)))  # only now: the doc store names the duplicate
     store = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
     places, doc_id = [], None
     for shard, shard_hashes in zip(manifest.shards, per_shard):
-        row_ids = np.load(shard_dir(version_dir, shard.shard_id) / ROW_IDS_FILE)
-        for row_id in row_ids[shard_hashes == dups[0]][:2]:
-            doc_id = store.get(int(row_id))["id"]
-            places.append(locate_row(manifest.shards, int(row_id)))
+        vector_ids = np.load(shard_dir(version_dir, shard.shard_id) / VECTOR_IDS_FILE)
+        firsts = vector_ids[document_starts(vector_ids)]  # each document's passage 0, in document order
+        for vector_id in firsts[shard_hashes == dups[0]][:2]:
+            passage = store.get(int(vector_id))
+            doc_id = passage["id"]
+            places.append(locate_row(manifest.shards, passage["row_id"]))
     raise RayIndexError(
         f"duplicate id {doc_id!r} in column {id_column!r} ({len(dups)} duplicate(s) in all), at: {'; '.join(places[:2])}. "
         "Ids must be unique: fix the corpus or pick another --id-column"
     )
 
 
+VECTOR_SETTINGS = ("model", "metric", "passages", "passage_tokens", "passage_overlap", "document_prompt")  # what a vector depends on
+
+
 def previous_vectors(config: BuildConfig, manifest: Manifest) -> PreviousVectors | None:
     """The reindex's previous version as a vector source, when its vectors are comparable (same model,
-    metric) and it recorded content hashes; otherwise every document is encoded (and the manifest says why)."""
+    metric, passages and document prompt) and it recorded content hashes; otherwise every document is
+    encoded (and the manifest says why)."""
     before, old = previous_version(Store(config.output, config.storage_retry), manifest)
     have_hashes = any(rel.endswith(CONTENT_HASHES_FILE) for rel in before.files_sha256)
-    if before.model.name != config.model or before.metric != config.metric or not have_hashes:
-        manifest.reindex.vectors_not_reused = "the previous version used another model or metric, or has no content hashes"
+    differing = [name for name in VECTOR_SETTINGS if getattr(before.config, name) != getattr(config, name)]
+    if differing or not have_hashes:
+        manifest.reindex.vectors_not_reused = (f"the previous version's {', '.join(differing)} differ" if differing
+                                               else "the previous version has no content hashes")
         return None
-    return PreviousVectors(old, before.shard_files((EMBEDDINGS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)),
+    return PreviousVectors(old, before.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)),
                            [shard_rel(s.shard_id) for s in before.shards], before.shard_counts(), before.dimension)
+
+
+def record_settings(manifest: Manifest, dim: int, device: str, settings: VectorSettings) -> None:
+    """What the model made of the build's options, in the manifest: search and reindex read it there."""
+    manifest.dimension, manifest.metric = dim, settings.metric
+    manifest.model = manifest.model.model_copy(update={
+        "dimension": dim, "device": device, "normalized": settings.metric == "cosine", "max_seq_length": settings.max_seq_length,
+        "document_prompt": settings.document_prompt, "query_prompt": settings.query_prompt})
+    manifest.passages = (PassageSplit(tokens=settings.passage_tokens, overlap=settings.passage_overlap)
+                         if settings.passage_tokens else None)
 
 
 def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> Counts:
     """Embeddings, ids and doc store for every shard not already done (each finished shard saved in the
-    manifest at once: a killed driver loses none); then the counts and the checks on them."""
+    manifest at once: a killed driver loses none); then the counts, and the checks on them."""
     connect(config.ray_address, config.s3_endpoint)
     use_gpu = use_gpus(config.gpu)
     done = done_shards(manifest, version, "embeddings_sha256", SHARD_ENCODE_FILES)
     manifest.reused.encode = sorted(done)
     todo = [s for s in manifest.shards if s.shard_id not in done]
 
-    def check_index_early(dim: int) -> None:
+    def on_model(dim: int, device: str, settings: VectorSettings) -> None:
+        record_settings(manifest, dim, device, settings)
+        save_manifest(version, manifest)
         if config.index:  # a typo in --index should fail before the encode; too few documents only shrink it (train)
-            make_index(config.index, dim, config.metric)
+            make_index(config.index, dim, settings.metric)
 
     def record(encoded: EncodedShard) -> None:
         manifest.files_sha256.update(encoded.files)
@@ -289,10 +347,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     if todo:
         previous = previous_vectors(config, manifest) if manifest.reindex else None
         with progress.stage("encode", sum(s.num_rows for s in todo), "docs") as update:
-            dim, device = encode_shards(config, todo, version, use_gpu, on_progress=update, check_dimension=check_index_early,
-                                        on_shard_done=record, previous=previous)
-        manifest.dimension = dim
-        manifest.model = manifest.model.model_copy(update={"dimension": dim, "device": device})
+            encode_shards(config, todo, version, use_gpu, on_progress=update, on_model=on_model, on_shard_done=record, previous=previous)
     manifest.counts = count_documents(manifest.shard_states)
     if manifest.counts.docs_encoded == 0:
         total_rows = sum(s.num_rows for s in manifest.shards)
@@ -313,4 +368,5 @@ def count_documents(states: list[ShardState]) -> Counts:
     for s in states:
         for reason, n in s.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    return Counts(rows_read=sum(s.rows_read for s in states), docs_encoded=sum(s.docs_encoded for s in states), skipped=skipped)
+    return Counts(rows_read=sum(s.rows_read for s in states), docs_encoded=sum(s.docs_encoded for s in states),
+                  passages=sum(s.passages for s in states), tokens_encoded=sum(s.tokens_encoded for s in states), skipped=skipped)

@@ -21,13 +21,13 @@ from rayindex.errors import RayIndexError
 from rayindex.infra.faults import checkpoint
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import IVFDATA_FILE, MERGED_FILE, ROW_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, shard_dir
+from rayindex.layout import IVFDATA_FILE, MERGED_FILE, VECTOR_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, shard_dir
 from rayindex.manifest import Manifest, MergedIndex
 from rayindex.parts.ivf import index_ids, read_index, set_nprobe, trained_fingerprint, write_index
 
 
 def check_shard(path: str, expected_fingerprint: str, expected_ids: np.ndarray) -> None:
-    """Refuse a shard built from another trained index or holding ids other than its own rows."""
+    """Refuse a shard built from another trained index or holding ids other than its own vectors' (vector_ids.npy)."""
     index = read_index(path, faiss.IO_FLAG_MMAP)
     if trained_fingerprint(index) != expected_fingerprint:
         raise RayIndexError(
@@ -37,7 +37,7 @@ def check_shard(path: str, expected_fingerprint: str, expected_ids: np.ndarray) 
     ids = np.sort(index_ids(index))
     if len(ids) != len(expected_ids) or not np.array_equal(ids, expected_ids):
         dup = ids[1:][ids[1:] == ids[:-1]]
-        detail = f"id {dup[0]} appears twice" if len(dup) else "its ids are not the shard's global row ids"
+        detail = f"id {dup[0]} appears twice" if len(dup) else "its ids are not the shard's vector ids"
         raise RayIndexError(f"{path}: {detail}; ids must be global and unique, rebuild that shard")
 
 
@@ -72,13 +72,13 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     if manifest.merge and version.verified({f: manifest.files_sha256.get(f, "") for f in manifest.merge.files}):
         manifest.reused.merge = True
         return manifest.merge
-    version.pull({TRAINED_FILE: manifest.training.trained_sha256} | manifest.shard_files((SHARD_INDEX_FILE, ROW_IDS_FILE)))
+    version.pull({TRAINED_FILE: manifest.training.trained_sha256} | manifest.shard_files((SHARD_INDEX_FILE, VECTOR_IDS_FILE)))
     version_dir = version.local_root
     shard_dirs = [shard_dir(version_dir, s.shard_id) for s in manifest.shards]
     shard_paths = [str(d / SHARD_INDEX_FILE) for d in shard_dirs]
-    with progress.stage("merge", manifest.counts.docs_encoded, "vectors"):
+    with progress.stage("merge", manifest.counts.passages, "vectors"):
         for d, path in zip(shard_dirs, shard_paths):
-            check_shard(path, manifest.training.trained_fingerprint, np.load(d / ROW_IDS_FILE))
+            check_shard(path, manifest.training.trained_fingerprint, np.load(d / VECTOR_IDS_FILE))
         on_disk = choose_on_disk(config, sum(os.path.getsize(p) for p in shard_paths))
         merged = merge_shards(str(version_dir / TRAINED_FILE), shard_paths, str(version_dir), on_disk, manifest.nprobe)
         for name in merged.files:

@@ -41,5 +41,5 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     planned = plan(config)
     manifest.files, manifest.shards = planned.files, planned.shards
     manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
-    manifest.model = ModelInfo(name=config.model, path=resolve_model(config.model), normalized=config.metric == "ip")
+    manifest.model = ModelInfo(name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine"))
     return planned

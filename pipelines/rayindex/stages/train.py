@@ -104,13 +104,13 @@ def train_quantizer(index_string: str, metric: str, version: Store, embeddings: 
     }
 
 
-def choose_index(config: BuildConfig, n_docs: int, dim: int) -> tuple[str, list[str]]:
-    """--index, or the size-based choice (under --max-index-memory), shrunk to what n_docs can train."""
+def choose_index(config: BuildConfig, n_vectors: int, dim: int) -> tuple[str, list[str]]:
+    """--index, or the size-based choice (under --max-index-memory), shrunk to what n_vectors can train."""
     try:
-        index_string = config.index or index_params.choose_index_string(n_docs, dim, config.max_index_memory)
+        index_string = config.index or index_params.choose_index_string(n_vectors, dim, config.max_index_memory)
     except ValueError as exc:
         raise RayIndexError(f"--max-index-memory: {exc}") from exc
-    index_string, fallback = index_params.fit_index_to_corpus(index_string, n_docs, dim)
+    index_string, fallback = index_params.fit_index_to_corpus(index_string, n_vectors, dim)
     return index_string, [fallback] if fallback else []
 
 
@@ -120,7 +120,7 @@ def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> 
     before, old = previous_version(Store(config.output, config.storage_retry), manifest)
     record = manifest.reindex
     reason = None
-    if before.index_string != (config.index or before.index_string) or before.dimension != manifest.dimension or before.metric != config.metric:
+    if before.index_string != (config.index or before.index_string) or before.dimension != manifest.dimension or before.metric != manifest.metric:
         reason = "the index string, dimension or metric differs from the previous version's"
     elif before.training.coarse_mse is None:
         reason = "the previous version recorded no drift baseline"
@@ -158,16 +158,16 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     trained = reuse_quantizer(config, manifest, version) if manifest.reindex else None
     if trained is None:
         connect(config.ray_address, config.s3_endpoint)
-        n_docs, dim = manifest.counts.docs_encoded, manifest.dimension
+        n_vectors, dim = manifest.counts.passages, manifest.dimension
         use_gpu = manifest.model.device == "cuda"
         with progress.stage("train", 1, "indexes"):
-            index_string, warnings = choose_index(config, n_docs, dim)
-            probe = make_index(index_string, dim, config.metric)  # keep it alive: ivf points into it
+            index_string, warnings = choose_index(config, n_vectors, dim)
+            probe = make_index(index_string, dim, manifest.metric)  # keep it alive: ivf points into it
             ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
-            sample_size = config.train_sample or index_params.training_sample_size(n_docs, ivf.nlist, uses_pq=hasattr(ivf, "pq"))
+            sample_size = config.train_sample or index_params.training_sample_size(n_vectors, ivf.nlist, uses_pq=hasattr(ivf, "pq"))
             # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
             task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)
-            facts = ray.get(task.remote(index_string, config.metric, version, manifest.shard_files((EMBEDDINGS_FILE,)),
+            facts = ray.get(task.remote(index_string, manifest.metric, version, manifest.shard_files((EMBEDDINGS_FILE,)),
                                         [shard_rel(s.shard_id) for s in manifest.shards], manifest.shard_counts(), dim,
                                         sample_size, config.seed, use_gpu))
         facts["warnings"] = warnings + facts["warnings"]

@@ -1,0 +1,80 @@
+"""Metadata filters at search time: {"section": "8"} (equality) or {"section": {"in": ["8", "9"]}},
+several columns all required, turned into the sorted vector ids of the passages that match and a FAISS
+IDSelector over them, so the IVF scan itself skips the others (no post-filtering that returns fewer
+than k). Each column's value -> ids map is built once per open version, from the doc store's metadata,
+when a filter first names it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+
+from rayindex.errors import RayIndexError
+from rayindex.parts.docstore import DocStore
+
+MAX_IN_VALUES = 1_000  # values in one {"in": [...]}: bounds the work a request can ask for
+
+
+def canonical(value) -> str:
+    """A metadata value as it is matched: strings as they are, anything else as JSON (so "8" and 8 match)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def wanted_values(column: str, condition) -> list[str]:
+    """The values a filter condition accepts: one value, or {"in": [values]}; refused naming the column."""
+    if isinstance(condition, dict):
+        if set(condition) != {"in"} or not isinstance(condition["in"], list) or not condition["in"]:
+            raise RayIndexError(f'filter.{column}: give a value or {{"in": [values]}} (a non-empty list), not {json.dumps(condition)[:80]}')
+        if len(condition["in"]) > MAX_IN_VALUES:
+            raise RayIndexError(f"filter.{column}: at most {MAX_IN_VALUES} values in \"in\"")
+        return [canonical(v) for v in condition["in"]]
+    if isinstance(condition, list):
+        raise RayIndexError(f'filter.{column}: for several values write {{"in": {json.dumps(condition)[:60]}}}')
+    return [canonical(condition)]
+
+
+class MetadataFilter:
+    """Matching vector ids for filters on one version's doc store."""
+
+    def __init__(self, docs: DocStore):
+        self.docs = docs
+        self._columns: dict[str, dict[str, np.ndarray]] = {}
+
+    def _column(self, name: str) -> dict[str, np.ndarray]:
+        """value -> sorted vector ids of the passages whose document has it in this metadata column."""
+        if name not in self._columns:
+            by_value: dict[str, list[int]] = {}
+            for ids, metadata in self.docs.column("metadata"):
+                for vector_id, text in zip(ids.tolist(), metadata.to_pylist()):
+                    value = json.loads(text).get(name, Missing)
+                    if value is not Missing:
+                        by_value.setdefault(canonical(value), []).append(vector_id)
+            if not by_value:
+                raise RayIndexError(f"filter: this index has no metadata column {name!r} (metadata holds the corpus columns that "
+                                    "are neither the id nor the text)")
+            self._columns[name] = {v: np.sort(np.asarray(ids, np.int64)) for v, ids in by_value.items()}
+        return self._columns[name]
+
+    def matching_ids(self, conditions: dict) -> np.ndarray:
+        """Sorted vector ids matching every condition."""
+        if not isinstance(conditions, dict) or not conditions:
+            raise RayIndexError('filter: give an object of metadata column -> value, e.g. {"section": "8"}')
+        matched = None
+        for column, condition in conditions.items():
+            values = self._column(column)
+            ids = [values[v] for v in wanted_values(column, condition) if v in values]
+            column_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+            matched = column_ids if matched is None else np.intersect1d(matched, column_ids, assume_unique=True)
+        return matched
+
+
+class Missing:
+    """A column absent from a document's metadata (distinct from a null value)."""
+
+
+def id_selector(ids: np.ndarray) -> faiss.IDSelector:
+    """A FAISS selector over these ids (a hash set with a Bloom-style pre-check; its ids are copied)."""
+    return faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
