@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import client_env, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
+SHORT_BODY = 120  # characters kept of each document's body (see cli_docs)
 
 
 def run(args, **kwargs):
@@ -19,15 +21,22 @@ def run(args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory, docs):
+def cli_docs(docs) -> list[dict]:
+    """The documents of small_corpus: the first 80, each body cut to its first SHORT_BODY characters (what the
+    model costs grows with the text; nothing here depends on its length)."""
+    return [dict(d, body=d["body"][:SHORT_BODY]) for d in docs[:80]]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, cli_docs):
     root = tmp_path_factory.mktemp("cli")
-    return write_parquet(root / "docs.parquet", docs[:80])
+    return write_parquet(root / "docs.parquet", cli_docs)
 
 
 BUILD_OPTIONS = ["--id-column", "id", "--template", "{title}: {body}", "--shards", "2", "--index", "IVF2,Flat", "--quiet"]
 
 
-def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, docs):
+def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, cli_docs):
     out = tmp_path / "out"
     built = run([RAYINDEX, "build", str(small_corpus), "-o", str(out), *BUILD_OPTIONS, "--ray-address", ray_address,
                  "--memory-budget", "1K"])
@@ -36,16 +45,18 @@ def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, docs):
     assert "Published" in built.stdout and "80 docs" in built.stdout
     assert "on-disk merge" in built.stdout  # the shard indexes exceed the 1 KiB budget
     assert len(list(out.glob("versions/*/index.ivfdata"))) == 1
-    target = docs[17]
-    found = run([RAYINDEX, "search", "--index", str(out), f"{target['title']}: {target['body']}", "-k", "3", "--json"])
+    target = cli_docs[17]
+    with ThreadPoolExecutor(3) as pool:  # three readers of the published index at once: each process loads the model
+        found, table, asked = pool.map(run, [
+            [RAYINDEX, "search", "--index", str(out), f"{target['title']}: {target['body']}", "-k", "3", "--json"],
+            [RAYINDEX, "search", "--index", str(out), "compress data with zlib", "-k", "2", "--nprobe", "2"],
+            [RAYINDEX, "ask", "--index", str(out), f"What does {target['title']} do?", "-k", "3", "--json"]])
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert hits[0]["id"] == target["id"]
-    assert set(hits[0]) == {"id", "score", "text", "metadata"}
+    assert set(hits[0]) == {"id", "score", "passage", "start", "end", "text", "metadata"}
     assert hits[0]["metadata"] == {"module": target["module"], "kind": target["kind"]}
-    table = run([RAYINDEX, "search", "--index", str(out), "compress data with zlib", "-k", "2", "--nprobe", "2"])
     assert table.returncode == 0 and "2 hits" in table.stdout
-    asked = run([RAYINDEX, "ask", "--index", str(out), f"What does {target['title']} do?", "-k", "3", "--json"])
     assert asked.returncode == 0, asked.stderr
     answer = json.loads(asked.stdout)
     assert [s["n"] for s in answer["sources"]] == [1, 2, 3] and any(f"[{n}]" in answer["answer"] for n in (1, 2, 3))
@@ -67,7 +78,7 @@ def test_cli_errors_are_messages_not_tracebacks_with_exit_codes(tmp_path):
     assert "Traceback" not in missing.stderr + missing.stdout
     no_index = run([RAYINDEX, "search", "--index", str(tmp_path / "nothing"), "hello"])
     assert no_index.returncode == 1 and "has no published index" in no_index.stderr
-    for args, named in ((["build", "x.jsonl", "--metric", "cosine"], "metric"),
+    for args, named in ((["build", "x.jsonl", "--metric", "hamming"], "metric"),
                         (["build", "x.jsonl", "--memory-budget", "lots"], "--memory-budget"),
                         (["build", "x.jsonl", "--shards", "0"], "--shards"),
                         (["search", "hello", "-k", "0"], "-k"),
@@ -84,6 +95,8 @@ def test_build_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--output", "--id-column", "--text-column", "--template", "--shards", "--shard-size", "--model",
                    "--index", "--on-disk", "--memory-budget", "--train-sample", "--gpu", "--ray-address", "--encoders",
-                   "--max-index-memory", "--target-recall", "--s3-endpoint", "--storage-retry", "--seed", "--metric"):
+                   "--max-index-memory", "--target-recall", "--s3-endpoint", "--storage-retry", "--seed", "--metric",
+                   "--passages", "--no-passages", "--passage-tokens", "--passage-overlap", "--document-prompt", "--query-prompt",
+                   "--tune"):
         assert option in result.stdout, option
     assert "50000" in result.stdout and "[default: (text)]" in result.stdout  # defaults shown, from BuildConfig

@@ -30,23 +30,32 @@ from rayindex.query.search import open_index
 from conftest import build_config, client_env, free_port
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
+SHORT_BODY = 120  # characters kept of each document's body (see s3_docs)
 
 
 @pytest.fixture(scope="module")
-def s3_corpus(s3_server, docs):
+def s3_docs(docs) -> list[dict]:
+    """The documents of the S3 corpus: the first 100, each body cut to its first SHORT_BODY characters. What
+    is proven here does not depend on the texts' length, and the model, which encodes them in each build,
+    costs in proportion to it (a whole docstring runs up to its 256 tokens)."""
+    return [dict(d, body=d["body"][:SHORT_BODY]) for d in docs[:100]]
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server, s3_docs):
     fs, bucket = s3_server.fs, s3_server.bucket
     with fs.open(f"{bucket}/corpus/part-0.parquet", "wb") as fh:
-        pq.write_table(pa.Table.from_pylist(docs[:60]), fh, row_group_size=25)
+        pq.write_table(pa.Table.from_pylist(s3_docs[:60]), fh, row_group_size=25)
     with fs.open(f"{bucket}/corpus/part-1.jsonl", "wb") as fh:
-        fh.write("".join(json.dumps(d) + "\n" for d in docs[60:100]).encode())
+        fh.write("".join(json.dumps(d) + "\n" for d in s3_docs[60:100]).encode())
     return f"s3://{bucket}/corpus"
 
 
-def test_build_from_s3_folder_and_search(s3_corpus, ray_address, tmp_path, docs):
+def test_build_from_s3_folder_and_search(s3_corpus, ray_address, tmp_path, s3_docs):
     manifest = build(build_config([s3_corpus], tmp_path, shards=2, index="IVF2,Flat"))
     assert [f.path for f in manifest.files] == [f"{s3_corpus}/part-0.parquet", f"{s3_corpus}/part-1.jsonl"]
     assert manifest.counts.docs_encoded == 100
-    target = docs[77]  # from the JSONL part, read by a worker straight from S3
+    target = s3_docs[77]  # from the JSONL part, read by a worker straight from S3
     hits = open_index(tmp_path).search(f"{target['title']}: {target['body']}", k=3, nprobe=2)
     assert hits[0]["id"] == target["id"]
 
@@ -70,7 +79,7 @@ def s3_build(s3_corpus, s3_server, ray_address):
     return output, build(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
 
 
-def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server, tmp_path, docs):
+def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server, tmp_path, s3_docs):
     """Intermediates, the version and CURRENT on S3; `rayindex search` in a new process with an empty
     cache pulls the serving files (checked against the manifest's sha256) and memory-maps them."""
     output, manifest = s3_build
@@ -81,7 +90,7 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
     assert {"trained.faiss", "index.faiss", "shards/00001/embeddings.f32", "shards/00001/index.faiss"} <= stored
     assert OutputLock(Store(output), "reader").current()[1]["released"] is True  # released
 
-    target = docs[42]
+    target = s3_docs[42]
     cache = tmp_path / "cache"
     env = dict(client_env(), RAYINDEX_CACHE=str(cache))
     search = subprocess.run([RAYINDEX, "search", "--index", output, "--json", "-k", "3", "--s3-endpoint", os.environ["AWS_ENDPOINT_URL"],
@@ -89,7 +98,7 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)[0]["id"] == target["id"]
     cached = {str(p.relative_to(p.parents[2])) if "shards" in p.parts else p.name for p in cache.rglob("*") if p.is_file()}
-    assert {"index.faiss", "index_infos.json", "manifest.json", "shards/00000/docs.parquet", "shards/00000/row_ids.npy"} <= cached
+    assert {"index.faiss", "index_infos.json", "manifest.json", "shards/00000/docs.parquet", "shards/00000/vector_ids.npy"} <= cached
     assert "shards/00000/embeddings.f32" not in cached  # only what serving reads
 
     # a damaged object in the store is refused on download, naming it
@@ -119,7 +128,7 @@ def test_tune_on_s3_writes_the_manifest_and_the_index_to_the_store(s3_build, s3_
     assert fresh.manifest.nprobe == stored.nprobe and faiss.extract_index_ivf(fresh.index).nprobe == stored.nprobe
 
 
-def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, docs):
+def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, s3_docs):
     from ray import serve
 
     from rayindex.config import ServeConfig
@@ -129,7 +138,7 @@ def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, docs
     port = free_port()
     start_serving(ServeConfig(index=output, poll_interval=0.5, port=port, replica_cpus=0))
     try:
-        target = docs[7]
+        target = s3_docs[7]
         r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": f"{target['title']}: {target['body']}", "k": 2}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["version"] == manifest.run_id and r.json()["hits"][0]["id"] == target["id"]
@@ -177,30 +186,91 @@ def wait_for_encoded_shard(s3_server, output: str, timeout: float = 180) -> str:
     raise AssertionError("no shard finished encoding")
 
 
-def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address):
+# An outage as conftest's stop() and start() make one, without their waits. stop() sends SIGTERM, under
+# which SeaweedFS shuts down gracefully and its S3 API answers 5xx, and kills it once 20 s have passed (its
+# filer's gRPC stop alone times out after 15 s); start() on the same data folder then waits for the
+# restarted master, which as a single raft node leads again only after an election timeout (10 s by
+# default). Here what is left of the server is killed once the test is done with the outage, and it
+# restarts with a 1 s election timeout.
+FAST_RESTART = "-master.electionTimeout=1s"
+
+
+def store_goes_down(s3_server) -> None:
+    """SIGTERM: from now on the store answers 5xx while it shuts down, then nothing (returns once it fails:
+    asked by a client that does not retry, unlike the build's, which waits each error out for seconds)."""
+    import s3fs
+
+    s3_server.proc.terminate()
+    probe = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True,
+                              config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5})
+    probe.retries = 1
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            probe.ls(s3_server.bucket, refresh=True)
+        except Exception:
+            return
+        assert time.monotonic() < deadline, "the store still answers 30 s after SIGTERM"
+        time.sleep(0.05)
+
+
+def store_comes_back(s3_server) -> None:
+    """What is left of the stopping store killed, and the store started again on its data."""
+    s3_server.proc.kill()
+    s3_server.proc.wait()
+    if FAST_RESTART not in s3_server.command:
+        s3_server.command.append(FAST_RESTART)
+    s3_server.start()
+
+
+def store_goes_down_after_the_first_shard(monkeypatch, s3_server, output: str) -> tuple[threading.Event, list]:
+    """The store goes down (store_goes_down) once the build's driver has recorded its first encoded shard in
+    the manifest on S3, before it hands the next shard to the encoder: at the driver's fault-injection point
+    (infra/faults.py, after each shard's manifest save), so the next shard's input read always meets the
+    outage. Returns an event set once the store is down, and the run id (read from S3 then)."""
+    from rayindex.stages import encode
+
+    down, run_id = threading.Event(), []
+    checkpoint = encode.checkpoint
+
+    def outage_then_checkpoint(stage: str, done: int) -> None:
+        if not down.is_set():
+            run_id.append(wait_for_encoded_shard(s3_server, output))  # the manifest just saved: at once
+            store_goes_down(s3_server)
+            down.set()
+        checkpoint(stage, done)
+
+    monkeypatch.setattr(encode, "checkpoint", outage_then_checkpoint)
+    return down, run_id
+
+
+def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address, monkeypatch):
     output = s3_output(s3_server, "outage")
+    down, _ = store_goes_down_after_the_first_shard(monkeypatch, s3_server, output)
     thread, result = run_in_thread(lambda: build(build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat",
                                                                     storage_retry=120)))
-    wait_for_encoded_shard(s3_server, output)
-    s3_server.stop()
-    time.sleep(8)  # the store is down while shards are being written and the manifest saved
-    s3_server.start()
+    try:
+        assert down.wait(timeout=180), "no shard finished encoding"
+        time.sleep(3)  # the store is down (3 s, then the restart's ~5 s) while the next shard is read, written and recorded
+    finally:
+        store_comes_back(s3_server)
     thread.join(timeout=300)
     assert isinstance(result[0], Manifest), result
     assert s3_server.fs.cat(f"{output}/CURRENT").decode().strip() == result[0].run_id
     assert result[0].counts.docs_encoded == 100 and not result[0].resumed
 
 
-def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_corpus, s3_server, ray_address):
+def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_corpus, s3_server, ray_address, monkeypatch):
     output = s3_output(s3_server, "gone")
     config = build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat", storage_retry=4)
+    down, recorded = store_goes_down_after_the_first_shard(monkeypatch, s3_server, output)
     thread, result = run_in_thread(lambda: build(config))
-    run_id = wait_for_encoded_shard(s3_server, output)
-    s3_server.stop()
     try:
+        assert down.wait(timeout=180), "no shard finished encoding"
         thread.join(timeout=300)
     finally:
-        s3_server.start()
+        store_comes_back(s3_server)
+    run_id = recorded[0]
     error = result[0]
     assert isinstance(error, RayIndexError), error
     message = user_message(error)  # what the CLI prints: it names the object (input or output) it could not reach
