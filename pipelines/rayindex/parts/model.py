@@ -45,6 +45,12 @@ def load_model(name: str, device: str = "cpu", fp16: bool = False):
     return model
 
 
+def encode_queries(model, texts: list[str], prompt: str | None, normalize: bool) -> np.ndarray:
+    """Query vectors as search makes them: the build's query prompt and normalization (from its manifest)."""
+    return model.encode(texts, prompt=prompt, normalize_embeddings=normalize, convert_to_numpy=True,
+                        show_progress_bar=False).astype(np.float32)
+
+
 def embedding_dimension(model) -> int:
     """The model's output dimension (sentence-transformers 6 renamed the method)."""
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension

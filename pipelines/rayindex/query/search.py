@@ -47,12 +47,11 @@ class PublishedIndex:
 
     def encode(self, queries: list[str]) -> np.ndarray:
         """Query vectors: the build's model, with its query prompt and its normalization."""
-        if self.model is None:
-            from rayindex.parts.model import load_model
+        from rayindex.parts.model import encode_queries, load_model
 
+        if self.model is None:
             self.model = load_model(self.manifest.model.name)
-        return self.model.encode(queries, prompt=self.manifest.model.query_prompt, normalize_embeddings=self.manifest.model.normalized,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        return encode_queries(self.model, queries, self.manifest.model.query_prompt, self.manifest.model.normalized)
 
     def check_nprobe(self, nprobe: int | None) -> int:
         """nprobe, or the version's default, refused when outside 1..nlist."""
@@ -97,6 +96,7 @@ class PublishedIndex:
             # the tuned nprobe 32, 0.98 at 64)
             nprobe = min(self.manifest.nlist, math.ceil(nprobe * int(self.index.ntotal) / len(matching)))
         ntotal = int(self.index.ntotal)
+        fetch_cap = min(ntotal, FETCH_LIMIT)
         passages_per_doc = max(1, -(-self.manifest.counts.passages // max(1, self.manifest.counts.docs_encoded)))
         fetch = min(ntotal, k * max(per_document, 2 * passages_per_doc))
         results: list = [None] * len(vectors)
@@ -107,7 +107,7 @@ class PublishedIndex:
             for row, q in enumerate(todo):
                 results[q], documents = best_per_document(scores[row], ids[row], per_document, k)
                 exhausted = bool((ids[row] < 0).any())  # the lists probed hold fewer than `fetch` passages
-                can_fetch_more = not exhausted and fetch < min(ntotal, FETCH_LIMIT)
+                can_fetch_more = not exhausted and fetch < fetch_cap
                 can_widen = exhausted and selector is not None and nprobe < self.manifest.nlist
                 if documents < k and (can_fetch_more or can_widen):
                     again.append(q)
@@ -116,15 +116,14 @@ class PublishedIndex:
             todo = np.asarray(again)
             if selector is not None and nprobe < self.manifest.nlist:
                 nprobe = min(self.manifest.nlist, nprobe * 2)
-            fetch = min(ntotal, FETCH_LIMIT, fetch * 4) if fetch < min(ntotal, FETCH_LIMIT) else fetch
+            fetch = max(fetch, min(fetch_cap, fetch * 4))  # never below a first fetch already past the cap
         return results
 
     def search(self, query: str, k: int | None = None, nprobe: int | None = None, per_document: int | None = None,
                filter: dict | None = None) -> list[dict]:
         """The k best documents for the query, each by its best passage(s): {id, score, passage, start, end,
         text, metadata} (text: the passage; start/end: its span in the document)."""
-        given = (("k", k), ("nprobe", nprobe), ("per_document", per_document), ("filter", filter))
-        params = SearchParams(**{n: v for n, v in given if v is not None})
+        params = settings_given(SearchParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
         if not query.strip():
             raise RayIndexError("the query is empty")
         found = self.search_documents(self.encode([query]), params.k, params.nprobe, params.per_document, params.filter)
@@ -146,12 +145,16 @@ class PublishedIndex:
         generator: a GeneratorConfig, or a generator made by query.generate.make_generator (default: extractive)."""
         from rayindex.query.generate import make_generator
 
-        given = (("k", k), ("nprobe", nprobe), ("per_document", per_document), ("filter", filter))
-        params = AskParams(**{n: v for n, v in given if v is not None})
+        params = settings_given(AskParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
         if generator is None or isinstance(generator, GeneratorConfig):
             generator = make_generator(generator or GeneratorConfig(), self.encode)
         hits = self.search(question, params.k, params.nprobe, params.per_document, params.filter)
         return {"answer": generator.generate(question, hits), "sources": [{"n": n, **hit} for n, hit in enumerate(hits, 1)]}
+
+
+def settings_given(model: type[SearchParams], **values) -> SearchParams:
+    """The parameters a caller gave (not None), validated; the model's defaults for the rest."""
+    return model(**{name: value for name, value in values.items() if value is not None})
 
 
 def best_per_document(scores: np.ndarray, ids: np.ndarray, per_document: int, k: int) -> tuple[list[tuple[float, int]], int]:

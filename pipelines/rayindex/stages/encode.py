@@ -56,6 +56,7 @@ class Chunk(NamedTuple):
     passages: np.ndarray  # passages per document
     char_starts: np.ndarray  # each passage's span in its document's text
     char_ends: np.ndarray
+    passage_texts: pa.Array  # each passage's text: its document's, cut by its span
     truncated: int  # --no-passages: documents cut at the model's window
     found: np.ndarray  # reindex: documents whose vectors are copied from the previous version
     reused: np.ndarray  # their passages' vectors
@@ -80,14 +81,17 @@ class ShardEncoder:
         self.config = config
         self.previous = previous  # a reindex: vectors of unchanged documents are copied, not encoded
         self.rows = 0
+        self._settings: VectorSettings | None = None
 
     def dimension(self) -> int:
         return embedding_dimension(self.model)
 
     def settings(self) -> VectorSettings:
         """The build's metric, prompts and passage size resolved against the model (refused when they
-        cannot work with it)."""
-        return vector_settings(self.model, self.config)
+        cannot work with it); resolved on first use, where a refusal is a task's error, not the actor's."""
+        if self._settings is None:
+            self._settings = vector_settings(self.model, self.config)
+        return self._settings
 
     def device_used(self) -> str:
         """"cuda", or "cpu" also on a node that advertises a GPU torch cannot use (fake clusters)."""
@@ -129,7 +133,8 @@ class ShardEncoder:
                 found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, self.dimension()), "<f4"), 0
                 if self.previous is not None and len(docs):
                     found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes, passages)
-                yield Chunk(len(batch.row_ids), docs, tokenized, passages, starts, ends, truncated, found, reused, changed)
+                passage_texts = cut_passages(docs.texts, texts, passages, starts, ends)
+                yield Chunk(len(batch.row_ids), docs, tokenized, passages, starts, ends, passage_texts, truncated, found, reused, changed)
 
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
         """Output files appear only when complete, and are pushed to the output store before the shard
@@ -180,18 +185,21 @@ class ShardEncoder:
                             embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)], files=shard_files)
 
 
+def cut_passages(texts: pa.Array, as_list: list[str], passages: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
+    """Each passage's text, cut from its document's (as_list: the texts already in Python) by its span;
+    the texts themselves when every document is one passage."""
+    if len(starts) == len(as_list):
+        return texts
+    of_document = np.repeat(np.arange(len(as_list)), passages)
+    return pa.array([as_list[d][a:b] for d, a, b in zip(of_document.tolist(), starts.tolist(), ends.tolist())], pa.string())
+
+
 def write_passages(writer: DocWriter, docs: Documents, chunk: Chunk) -> None:
-    """The doc-store rows of a chunk: a row per passage, its text cut from its document's by its span,
-    the document's id and metadata repeated."""
+    """The doc-store rows of a chunk: a row per passage, the document's id and metadata repeated."""
     of_document = pa.array(np.repeat(np.arange(len(docs)), chunk.passages))
-    passage_texts = docs.texts  # one passage per document: the whole text
-    if len(of_document) > len(docs):
-        texts = docs.texts.to_pylist()
-        passage_texts = pa.array([texts[d][a:b] for d, a, b in zip(of_document.to_numpy().tolist(), chunk.char_starts.tolist(),
-                                                                    chunk.char_ends.tolist())], pa.string())
     ids = passage_ids(docs.row_ids, chunk.passages)
     writer.write(ids, docs.doc_ids.take(of_document), docs.doc_id_is_int.take(of_document), ids & (MAX_PASSAGES - 1),
-                 chunk.char_starts, chunk.char_ends, passage_texts, docs.metadata.take(of_document))
+                 chunk.char_starts, chunk.char_ends, chunk.passage_texts, docs.metadata.take(of_document))
 
 
 def concatenated(parts: list[np.ndarray]) -> np.ndarray:

@@ -21,7 +21,7 @@ from rayindex.infra.storage import Store, file_sha256
 from rayindex.layout import EMBEDDINGS_FILE, IVFDATA_FILE, MERGED_FILE, VECTOR_IDS_FILE, is_serving_file
 from rayindex.manifest import Manifest, Tuning
 from rayindex.parts.ivf import read_index, set_nprobe, write_index
-from rayindex.parts.model import load_model
+from rayindex.parts.model import encode_queries, load_model
 from rayindex.parts.recall import exact_truth, measure_sweep, nprobe_sweep, select_nprobe, sentence_queries
 from rayindex.parts.refine import Refiner, search_ivf, write_fp16_embeddings
 
@@ -77,8 +77,7 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
 def query_encoder(manifest: Manifest):
     """The build's model as search runs it: its query prompt and normalization."""
     model = load_model(manifest.model.name)
-    return lambda texts: model.encode(texts, prompt=manifest.model.query_prompt, normalize_embeddings=manifest.model.normalized,
-                                      convert_to_numpy=True, show_progress_bar=False, batch_size=64)
+    return lambda texts: encode_queries(model, texts, manifest.model.query_prompt, manifest.model.normalized)
 
 
 def store_nprobe(version_dir: Path, manifest: Manifest) -> None:
