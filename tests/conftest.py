@@ -3,12 +3,15 @@ and one real build over them that several test modules inspect."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,3 +164,74 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+SHORT_BODY = 120  # characters kept of each document's body (see s3_docs)
+
+
+@pytest.fixture(scope="session")
+def s3_docs(docs) -> list[dict]:
+    """The documents of the S3 corpus: the first 100, each body cut to its first SHORT_BODY characters. What
+    is proven on S3 does not depend on the texts' length, and the model, which encodes them in each build,
+    costs in proportion to it (a whole docstring runs up to its 256 tokens)."""
+    return [dict(d, body=d["body"][:SHORT_BODY]) for d in docs[:100]]
+
+
+@pytest.fixture(scope="session")
+def s3_corpus(s3_server, s3_docs):
+    fs, bucket = s3_server.fs, s3_server.bucket
+    with fs.open(f"{bucket}/corpus/part-0.parquet", "wb") as fh:
+        pq.write_table(pa.Table.from_pylist(s3_docs[:60]), fh, row_group_size=25)
+    with fs.open(f"{bucket}/corpus/part-1.jsonl", "wb") as fh:
+        fh.write("".join(json.dumps(d) + "\n" for d in s3_docs[60:100]).encode())
+    return f"s3://{bucket}/corpus"
+
+
+def s3_output(s3_server, name: str) -> str:
+    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def s3_build(s3_corpus, s3_server, ray_address):
+    """A build whose corpus, intermediates, version and CURRENT are all on S3 (test_s3.py, test_docstore.py):
+    (output, manifest)."""
+    from rayindex.builder import build
+
+    output = s3_output(s3_server, "out")
+    return output, build(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
+
+
+@contextlib.contextmanager
+def searches_meanwhile(url: str, payload: dict, clients: int):
+    """`clients` threads POSTing payload to <url>/search until the block ends; yields (responses' bodies,
+    failures: status codes or errors)."""
+    import httpx
+
+    results, failures, stop = [], [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/search", json=payload)
+                    (results.append(r.json()) if r.status_code == 200 else failures.append(r.status_code))
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield results, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def wait_for_version(client, run_id: str, timeout_s: float = 60) -> None:
+    """Until /healthz reports run_id (and a second more, for requests under way to finish)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and client.get("/healthz").json()["version"] != run_id:
+        time.sleep(0.2)
+    time.sleep(1)

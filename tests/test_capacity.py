@@ -146,3 +146,17 @@ def test_passages_count_as_vectors_and_the_doc_store_keeps_each_text_once_plus_o
     assert value(passages, "hours", "encode") == pytest.approx(4 * value(docs, "hours", "encode"))
     assert value(passages, "bytes", "doc_store") == 1e8 * 1000 * 1.125 + 4e8 * 8
     assert "in 400,000,000 passages" in str(format_plan(passages).title)
+
+
+def test_serving_plan_splits_the_lists_and_counts_the_scan():
+    one = plan_capacity(1e9, index_string=PQ48)
+    sixteen = plan_capacity(1e9, index_string=PQ48, serving_shards=16, cores=32, nprobe=64)
+    lists = one["bytes"]["inverted_lists_disk"]["value"]
+    assert sixteen["serving"]["shard_lists"]["value"] == lists / 16
+    assert one["serving"]["router_ram"]["value"] == one["bytes"]["index_ram_mmap"]["value"]  # no inverted list on the router
+    assert sixteen["serving"]["doc_store_copied"]["value"] == 0
+    # QPS = cores x scan rate (per code byte) / codes per query: x16 cores, nprobe 64 instead of the default 128
+    default_nprobe = one["nlist"] // 8 if one["nlist"] // 8 <= 128 else 128
+    ratio = sixteen["serving"]["queries_per_s"]["value"] / one["serving"]["queries_per_s"]["value"]
+    assert abs(ratio - 16 * default_nprobe / 64) < 1e-9
+    assert "serving (16 shards): shard_lists" in str(format_plan(sixteen).columns[0]._cells)

@@ -14,7 +14,7 @@ import pytest
 
 from rayindex.errors import RayIndexError, redact, user_message
 from rayindex.infra.storage import Store
-from rayindex.layout import CURRENT, DOCS_FILE, MANIFEST, MERGED_FILE, VECTOR_IDS_FILE, VERSIONS, atomic_file, shard_rel
+from rayindex.layout import CURRENT, INDEX_INFOS_FILE, MANIFEST, MERGED_FILE, VERSIONS, atomic_file
 from rayindex.manifest import Manifest
 from rayindex.query.gate import authorized, refusal
 from rayindex.query.generate import build_prompt
@@ -67,7 +67,7 @@ def test_the_store_itself_refuses_paths_out_of_it(tmp_path):
             Store(str(tmp_path)).local(rel)
 
 
-@pytest.mark.parametrize("rel", [MERGED_FILE, shard_rel(1, DOCS_FILE), shard_rel(2, VECTOR_IDS_FILE)])
+@pytest.mark.parametrize("rel", [MERGED_FILE, INDEX_INFOS_FILE])
 def test_a_flipped_byte_in_a_serving_file_is_refused_naming_it(output, rel):
     out, manifest = output
     open_index(out)  # verified once, remembered: a damaged file must still be caught (its ctime changed)

@@ -19,9 +19,11 @@ LAYERS = [
                         "infra.prefetch"}),
     ("versions", 2, {"versions"}),
     ("parts", 3, {"parts.corpus", "parts.shard_plan", "parts.index_params", "parts.capacity", "parts.model", "parts.docstore",
-                  "parts.ivf", "parts.recall", "parts.refine", "parts.reuse", "parts.stdlib_corpus", "parts.documents", "parts.passages"}),
-    ("stages", 4, {"stages.plan", "stages.encode", "stages.train", "stages.add", "stages.merge", "stages.tune"}),
-    ("query", 4, {"query.search", "query.filters", "query.evaluate", "query.generate", "query.serve", "query.gate"}),
+                  "parts.ivf", "parts.recall", "parts.refine", "parts.reuse", "parts.stdlib_corpus", "parts.documents", "parts.passages",
+                  "parts.ivf_parts"}),
+    ("stages", 4, {"stages.plan", "stages.encode", "stages.train", "stages.add", "stages.merge", "stages.tune", "stages.partition"}),
+    ("query", 4, {"query.search", "query.filters", "query.evaluate", "query.generate", "query.serve", "query.gate",
+                  "query.sharded"}),
     ("build", 5, {"builder", "incremental"}),
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]

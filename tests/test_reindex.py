@@ -18,8 +18,9 @@ from rayindex.incremental import parse_interval, run_every
 from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.layout import CURRENT, MANIFEST, TRAINED_FILE, VERSIONS
+from rayindex.layout import CURRENT, DOCS_FILE, MANIFEST, TRAINED_FILE, VERSIONS, shard_dir
 from rayindex.manifest import Manifest
+from rayindex.parts.docstore import footer_sha256
 from rayindex.query.search import open_index, open_version
 from rayindex.stages import add, merge
 
@@ -58,6 +59,8 @@ def test_only_new_and_changed_documents_are_encoded(reindexed, docs):
     assert second.training.reused_from == first.run_id
     assert second.training.trained_fingerprint == first.training.trained_fingerprint
     assert (out / CURRENT).read_text().strip() == second.run_id
+    assert [s.docs_footer_sha256 for s in second.shard_states] == [  # the doc store written again, its footer recorded
+        footer_sha256(shard_dir(out / VERSIONS / second.run_id, s.shard_id) / DOCS_FILE) for s in second.shards]
 
     index = open_index(out)
     assert index.search(f"{docs[205]['title']}: {docs[205]['body']}", k=1, nprobe=4)[0]["id"] == docs[205]["id"]  # added

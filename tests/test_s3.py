@@ -10,13 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import faiss
 import httpx
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from rayindex.api import reindex
@@ -27,28 +24,9 @@ from rayindex.infra.storage import Store
 from rayindex.manifest import Manifest
 from rayindex.query.search import open_index
 
-from conftest import build_config, client_env, free_port
+from conftest import build_config, client_env, free_port, s3_output
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
-SHORT_BODY = 120  # characters kept of each document's body (see s3_docs)
-
-
-@pytest.fixture(scope="module")
-def s3_docs(docs) -> list[dict]:
-    """The documents of the S3 corpus: the first 100, each body cut to its first SHORT_BODY characters. What
-    is proven here does not depend on the texts' length, and the model, which encodes them in each build,
-    costs in proportion to it (a whole docstring runs up to its 256 tokens)."""
-    return [dict(d, body=d["body"][:SHORT_BODY]) for d in docs[:100]]
-
-
-@pytest.fixture(scope="module")
-def s3_corpus(s3_server, s3_docs):
-    fs, bucket = s3_server.fs, s3_server.bucket
-    with fs.open(f"{bucket}/corpus/part-0.parquet", "wb") as fh:
-        pq.write_table(pa.Table.from_pylist(s3_docs[:60]), fh, row_group_size=25)
-    with fs.open(f"{bucket}/corpus/part-1.jsonl", "wb") as fh:
-        fh.write("".join(json.dumps(d) + "\n" for d in s3_docs[60:100]).encode())
-    return f"s3://{bucket}/corpus"
 
 
 def test_build_from_s3_folder_and_search(s3_corpus, ray_address, tmp_path, s3_docs):
@@ -68,20 +46,10 @@ def test_s3_glob_and_missing_key(s3_corpus, ray_address, tmp_path):
         build(build_config([f"{s3_corpus}/nope.parquet"], tmp_path))
 
 
-def s3_output(s3_server, name: str) -> str:
-    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="module")
-def s3_build(s3_corpus, s3_server, ray_address):
-    """A build whose corpus, intermediates, version and CURRENT are all on S3: (output, manifest)."""
-    output = s3_output(s3_server, "out")
-    return output, build(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
-
-
 def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server, tmp_path, s3_docs):
     """Intermediates, the version and CURRENT on S3; `rayindex search` in a new process with an empty
-    cache pulls the serving files (checked against the manifest's sha256) and memory-maps them."""
+    cache pulls the serving files (checked against the manifest's sha256), memory-maps them and reads
+    the hits' passages from the doc store on S3."""
     output, manifest = s3_build
     fs = s3_server.fs
     assert fs.cat(f"{output}/CURRENT").decode().strip() == manifest.run_id
@@ -97,9 +65,9 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
                              f"{target['title']}: {target['body']}"], capture_output=True, text=True, env=env, timeout=300)
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)[0]["id"] == target["id"]
-    cached = {str(p.relative_to(p.parents[2])) if "shards" in p.parts else p.name for p in cache.rglob("*") if p.is_file()}
-    assert {"index.faiss", "index_infos.json", "manifest.json", "shards/00000/docs.parquet", "shards/00000/vector_ids.npy"} <= cached
-    assert "shards/00000/embeddings.f32" not in cached  # only what serving reads
+    cached = {p.name for p in cache.rglob("*") if p.is_file()}
+    assert {"index.faiss", "index_infos.json", "manifest.json"} <= cached
+    assert not cached & {"docs.parquet", "vector_ids.npy", "embeddings.f32"}  # only what serving holds whole: no doc store
 
     # a damaged object in the store is refused on download, naming it
     good = fs.cat(f"{output}/versions/{manifest.run_id}/index.faiss")

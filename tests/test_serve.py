@@ -17,7 +17,7 @@ from rayindex.errors import RayIndexError
 from rayindex.layout import CURRENT
 from rayindex.query.serve import start_serving
 
-from conftest import build_config, free_port, write_parquet
+from conftest import build_config, free_port, searches_meanwhile, wait_for_version, write_parquet
 from test_generate import base_url, chat_server  # noqa: F401 - the OpenAI-compatible stand-in server fixture
 
 
@@ -133,33 +133,9 @@ def test_hot_swap_under_concurrent_requests(served, client, docs, tmp_path, buil
     old_ids = {d["id"] for d in docs}
     new_docs = [dict(d, id=f"v2-{d['id']}") for d in docs[:40]]
     write_parquet(tmp_path / "v2" / "docs.parquet", new_docs)
-    results, failures, stop = [], [], threading.Event()
-
-    def hammer():
-        with httpx.Client(base_url=url, timeout=60) as c:
-            while not stop.is_set():
-                try:
-                    r = c.post("/search", json={"query": "read a file", "k": 5})
-                    if r.status_code != 200:
-                        failures.append(r.status_code)
-                    else:
-                        results.append(r.json())
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with searches_meanwhile(url, {"query": "read a file", "k": 5}, clients=4) as (results, failures):
         new = build(build_config([tmp_path / "v2"], output, shards=1, index="IVF1,Flat"))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and client.get("/healthz").json()["version"] != new.run_id:
-            time.sleep(0.2)
-        time.sleep(1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        wait_for_version(client, new.run_id)
     assert (Path(output) / CURRENT).read_text().strip() == new.run_id
     assert failures == []
     versions = {r["version"] for r in results}

@@ -13,8 +13,8 @@ from rayindex.errors import RayIndexError
 from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.layout import SHARD_ENCODE_FILES, VECTOR_IDS_FILE, load_embeddings, shard_dir, shard_rel
-from rayindex.parts.docstore import DocStore
+from rayindex.layout import DOCS_FILE, SHARD_ENCODE_FILES, VECTOR_IDS_FILE, load_embeddings, shard_dir, shard_rel
+from rayindex.parts.docstore import DocStore, footer_sha256
 from rayindex.parts.corpus import RowBatch
 from rayindex.parts.documents import prepare
 from rayindex.parts.model import load_model, tokenize
@@ -105,7 +105,7 @@ def test_embeddings_are_the_models_vectors_of_the_composed_texts(encoded, docs):
     config, manifest, version = encoded
     assert manifest.counts.docs_encoded == 50 and manifest.dimension == 384 and manifest.model.device == "cpu"
     dirs = [shard_dir(version.local_root, s.shard_id) for s in manifest.shards]
-    store = DocStore(dirs, [s.global_start for s in manifest.shards])
+    store = DocStore.of_version(version, manifest)
     passages = [store.get(int(i)) for d in dirs for i in np.load(d / VECTOR_IDS_FILE)]
     texts = {d["id"]: f"{d['title']}: {d['body']}" for d in docs[:50]}
     assert [p["text"] for p in passages] == [texts[p["id"]][p["start"]:p["end"]] for p in passages]
@@ -120,7 +120,9 @@ def test_each_shard_has_its_files_checksummed_and_its_doc_store(encoded, docs):
     for shard in manifest.shards:
         for name in SHARD_ENCODE_FILES:
             assert version.verified({shard_rel(shard.shard_id, name): manifest.files_sha256[shard_rel(shard.shard_id, name)]})
-    store = DocStore([shard_dir(version.local_root, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
+        state = manifest.shard_states[shard.shard_id]
+        assert state.docs_footer_sha256 == footer_sha256(shard_dir(version.local_root, shard.shard_id) / DOCS_FILE)
+    store = DocStore.of_version(version, manifest)
     first = store.get(37 << 20)  # document row 37's first passage
     assert first["id"] == docs[37]["id"] and first["metadata"] == {"module": docs[37]["module"], "kind": docs[37]["kind"]}
 

@@ -1,5 +1,5 @@
 """The build: lock the output -> resume or start a version -> plan, encode, train, add, merge, tune (by
-default only where it is cheap) -> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
+default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
 included) marks the manifest failed and leaves CURRENT as it was; files are written through
 layout.atomic_file, so none is left half-written or as a temp file.
@@ -16,11 +16,12 @@ from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.manifest import Manifest, Reindex, Resumption, library_versions, now_iso
-from rayindex.stages import add, encode, merge, plan, train, tune
+from rayindex.stages import add, encode, merge, partition, plan, train, tune
 from rayindex.versions import (check_output_writable, current_run_id, new_run_id, prune_versions, publish, read_manifest,
                                save_manifest, version_ids, version_store)
 
-STAGES = (("encode", encode.run), ("train", train.run), ("add", add.run), ("merge", merge.run), ("tune", tune.run))
+STAGES = (("encode", encode.run), ("train", train.run), ("add", add.run), ("merge", merge.run), ("tune", tune.run),
+          ("partition", partition.run))
 
 
 def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = None, keep: int | None = None) -> Manifest:
@@ -38,7 +39,7 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
             with timed("plan", manifest, version):
                 plan.run(config, manifest)
             for name, run in STAGES:
-                if name == "tune" and not tune.wanted(config, manifest.counts.passages):
+                if name == "tune" and not tune.wanted(config, manifest.counts.passages) or name == "partition" and not config.serving_shards:
                     continue
                 with timed(name, manifest, version):
                     run(config, manifest, version, progress)

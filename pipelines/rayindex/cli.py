@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rayindex.config import (AskParams, BuildConfig, EvalOptions, GeneratorConfig, IndexLocation, PlanOptions, ReindexOptions,
-                             SearchParams, ServeConfig, TuneOptions)
+from rayindex.config import (AskParams, BuildConfig, EvalOptions, GeneratorConfig, IndexLocation, PartitionOptions, PlanOptions,
+                             ReindexOptions, SearchParams, ServeConfig, TuneOptions)
 from rayindex.errors import UsageError, user_message
 from rayindex.options import From, settings, with_options
 
@@ -201,13 +201,34 @@ def tune(
 
 
 @command()
+def partition(
+    location: Annotated[dict, From(IndexLocation)] = None,
+    options: Annotated[dict, From(PartitionOptions)] = None,
+) -> None:
+    """Split the published version's inverted lists for `rayindex serve --shards N` (parts balanced by size, recorded in its manifest)."""
+    from rayindex.stages.partition import partition_published
+
+    where = where_is(location)
+    shards = settings(PartitionOptions, options).shards
+    manifest, parts = partition_published(where.index, shards)
+    table = Table(title=f"{manifest.run_id}: inverted lists split for {shards} serving shards")
+    for col in ("shard", "lists", "vectors", "share"):
+        table.add_column(col, justify="right")
+    for number, part in enumerate(parts):
+        table.add_row(str(number), f"{len(part.lists):,}", f"{part.vectors:,}", f"{part.vectors / max(1, manifest.merge.ntotal):.1%}")
+    console.print(table)
+    console.print(f"Serve it: rayindex serve --index {where.index} --shards {shards}")
+
+
+@command()
 def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
     """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine (estimates labelled)."""
     from rayindex.parts.capacity import format_plan, plan_capacity
 
     o = settings(PlanOptions, options)
     console.print(format_plan(plan_capacity(o.docs, o.dim, o.index, gpus=o.gpus, max_index_bytes=o.max_index_memory, cores=o.cores,
-                                            cpus_per_gpu=o.cpus_per_gpu, passages_per_doc=o.passages_per_doc)))
+                                            cpus_per_gpu=o.cpus_per_gpu, passages_per_doc=o.passages_per_doc,
+                                            serving_shards=o.serving_shards, nprobe=o.nprobe)))
 
 
 @command()

@@ -97,6 +97,8 @@ class BuildConfig(Settings):
                                  "search (stored in the manifest and the index; search/serve use it).")
     tune: Optional[bool] = Field(None, description="Tune nprobe for --target-recall after the merge (default: when the index "
                                  "holds at most 2M vectors, where it takes seconds).", json_schema_extra=cli("--tune/--no-tune"))
+    serving_shards: Optional[int] = Field(None, ge=1, description="Also split the merged inverted lists into this many parts, "
+                                          "balanced by size, for `rayindex serve --shards N` (each serving shard maps one part).")
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
     gpu: Optional[bool] = Field(None, description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster "
                                 "has GPUs now).", json_schema_extra=cli("--gpu/--cpu"))
@@ -124,7 +126,7 @@ class BuildConfig(Settings):
     def fingerprint(self) -> str:
         """Hash of the settings that change the result (not where Ray runs), to resume only identical runs."""
         relevant = self.model_dump(exclude={"ray_address", "encoders", "encoder_cpus", "gpu", "on_disk", "memory_budget", "s3_endpoint",
-                                            "storage_retry"})
+                                            "storage_retry", "serving_shards"})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -190,6 +192,16 @@ class AppConfig(IndexLocation, GeneratorConfig):
     replicas: Optional[int] = Field(None, ge=1, description="Serve replicas, each memory-mapping the index and loading the model "
                                     "(default: 1, or what a Serve config's autoscaling_config decides).")
     replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    shards: Optional[int] = Field(None, ge=1, description="Serve through this many shard deployments, each memory-mapping one part of "
+                                  "the inverted lists (the version must be split that way: build --serving-shards N, or "
+                                  "`rayindex partition --shards N`); the router keeps only the coarse quantizer.")
+    shard_replicas: int = Field(1, ge=1, description="Replicas of each shard deployment (the minimum when autoscaling).")
+    shard_max_replicas: Optional[int] = Field(None, ge=1, description="Autoscale each shard deployment up to this many replicas "
+                                              "(Serve autoscaling on ongoing requests).")
+    shard_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per shard replica.")
+    shard_timeout: float = Field(5.0, gt=0, description="Seconds the router waits for the shards' answers to a search.")
+    on_shard_failure: Literal["fail", "partial"] = Field("fail", description="A shard that does not answer in time: fail the request "
+                                                         "(503, Retry-After) or answer from the others, marked partial: true.")
     poll_interval: float = Field(2.0, gt=0, description="Seconds between checks of CURRENT for a new version (hot swap).")
     max_inflight: int = Field(64, ge=1, description="Searches a replica works on at once (two full batches); more are answered "
                               "503 with Retry-After at once instead of queueing.")
@@ -230,6 +242,10 @@ class TuneOptions(Settings):
     n_queries: int = Field(500, ge=1, description="Held-out queries sampled from the corpus.")
 
 
+class PartitionOptions(Settings):
+    shards: int = Field(ge=1, description="Serving shards to split the published version's inverted lists for.")
+
+
 class PlanOptions(Settings):
     docs: float = Field(description="Number of documents, e.g. 1e9.", gt=0)
     dim: int = Field(384, ge=1, description="Embedding dimension.")
@@ -241,3 +257,5 @@ class PlanOptions(Settings):
     cores: int = Field(2, ge=1, description="CPU cores for encoding (no GPUs) and adding.")
     passages_per_doc: float = Field(1.0, ge=1, description="Passages per document on average (a build reports its own: "
                                     "counts.passages / counts.docs_encoded in the manifest); vectors = docs x this.")
+    serving_shards: int = Field(1, ge=1, description="Serving shards the inverted lists are split over (rayindex serve --shards).")
+    nprobe: Optional[int] = Field(None, ge=1, description="nprobe of the searches to plan for (default: the build's default).")

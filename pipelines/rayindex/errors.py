@@ -19,6 +19,11 @@ class DamagedIndex(RayIndexError):
     fault. A server keeps serving the version it had and reports this one as degraded."""
 
 
+class Unavailable(RayIndexError):
+    """A part of the service did not answer in time (a serving shard, the store): the request may succeed
+    when retried. A server answers 503 with Retry-After."""
+
+
 class UsageError(RayIndexError):
     """An option or argument that cannot work, found before any work starts. The CLI exits 2 with it
     (the code Click uses for usage errors)."""

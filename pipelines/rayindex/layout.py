@@ -8,6 +8,7 @@ memory-mapping the stored vectors, and writing a file atomically.
     <output>/versions/<run-id>/index.faiss    the merged index (+ index.ivfdata when merged on disk)
     <output>/versions/<run-id>/index_infos.json  what the index is, for whoever opens it with FAISS alone
     <output>/versions/<run-id>/shards/NNNNN/  one shard: embeddings, ids, doc store, hashes, its index
+    <output>/versions/<run-id>/parts/<N>/PPP.faiss (+ .ivfdata)  the merged lists split for N serving shards
 """
 
 from __future__ import annotations
@@ -102,13 +103,17 @@ def shard_dir(version_dir: str | Path, shard_id: int) -> Path:
     return Path(version_dir) / shard_rel(shard_id)
 
 
+def serving_part_files(shards: int, part: int) -> tuple[str, str]:
+    """A serving part's index file and on-disk lists (paths in the version) when the merged lists are split
+    for `shards` serving shards: read the index with faiss.IO_FLAG_ONDISK_SAME_DIR, the lists are beside it."""
+    return f"parts/{shards}/{part:03d}.faiss", f"parts/{shards}/{part:03d}.ivfdata"
+
+
 def is_serving_file(rel: str) -> bool:
-    """What search and serving read: the merged index and its description, the doc store, the fp16
-    vectors for re-ranking."""
-    name = rel.rsplit("/", 1)[-1]
-    if "/" not in rel:
-        return name in (MERGED_FILE, IVFDATA_FILE, INDEX_INFOS_FILE)
-    return name in (DOCS_FILE, VECTOR_IDS_FILE, FP16_FILE)
+    """What a replica holds whole before it answers: the merged index and its description. The doc store
+    is read on demand where the version lives (parts/docstore.py), and the fp16 vectors and ids that
+    re-ranking reads are wanted only by a version that re-ranks (versions.open_current)."""
+    return rel in (MERGED_FILE, IVFDATA_FILE, INDEX_INFOS_FILE)
 
 
 def load_embeddings(directory: str | Path, count: int, dim: int, name: str = EMBEDDINGS_FILE) -> np.ndarray:

@@ -21,7 +21,7 @@ from rayindex.errors import RayIndexError
 from rayindex.layout import MANIFEST, check_run_id, safe_rel, shard_rel
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-LAYOUT_VERSION = 3  # bumped when the manifest's or the output's layout changes incompatibly
+LAYOUT_VERSION = 4  # bumped when the manifest's or the output's layout changes incompatibly
 
 
 class Piece(BaseModel):
@@ -87,6 +87,7 @@ class ShardState(BaseModel):
     embeddings_sha256: Optional[str] = None
     index_sha256: Optional[str] = None
     trained_sha256: Optional[str] = None  # the trained index this shard's index was built from
+    docs_footer_sha256: Optional[str] = None  # of docs.parquet's footer (docstore.footer_sha256): checked when a reader opens it
 
 
 class EncodedShard(ShardState):
@@ -152,6 +153,20 @@ class MergedIndex(BaseModel):
     @classmethod
     def _inside_the_version(cls, files: list[str]) -> list[str]:
         return [safe_rel(f, "merge.files") for f in files]
+
+
+class ServingPart(BaseModel):
+    """One part of the merged inverted lists for sharded serving (parts/ivf_parts.py): the lists it owns,
+    their vectors, its files (index, on-disk lists)."""
+
+    lists: list[int]
+    vectors: int
+    files: list[str]
+
+    @field_validator("files")
+    @classmethod
+    def _inside_the_version(cls, files: list[str]) -> list[str]:
+        return [safe_rel(f, "serving.files") for f in files]
 
 
 class Drift(BaseModel):
@@ -228,6 +243,7 @@ class Manifest(BaseModel):
     reindex: Optional[Reindex] = None
     pruned: list[str] = Field(default_factory=list)  # versions deleted after this one was published (--keep)
     lock_generation: Optional[int] = None  # the output lock's generation this run held: its fencing token
+    serving: dict[int, list[ServingPart]] = Field(default_factory=dict)  # serving shards -> the merged lists split that many ways
 
     @field_validator("layout_version")
     @classmethod

@@ -17,8 +17,8 @@ from typing import Callable
 
 from rayindex.errors import RayIndexError
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (CURRENT, DOCS_FILE, EMBEDDINGS_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE, PASSAGE_BITS,
-                             RUN_ID, VECTOR_IDS_FILE, VERSIONS,
+from rayindex.layout import (CURRENT, DOCS_FILE, EMBEDDINGS_FILE, FP16_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE,
+                             PASSAGE_BITS, RUN_ID, VECTOR_IDS_FILE, VERSIONS,
                              check_run_id, fsync_tree, is_serving_file, version_rel, write_text_atomic)
 from rayindex.manifest import Manifest
 
@@ -169,15 +169,9 @@ def prune_versions(root: Store, keep: int) -> list[str]:
     return deleted
 
 
-def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, Manifest]:
-    """The local folder of the published version CURRENT names, and its manifest, with every serving file
-    (and with_vectors the embeddings too) checked against the manifest's sha256: pulled into the local
-    cache for an S3 output, verified in place for a local one (once per file: file_matches remembers).
-    A clear error naming the file when anything is missing, damaged or not what CURRENT says."""
-    root = Store(str(output))
-    run_id = current_run_id(root)
-    if not run_id:
-        raise RayIndexError(f"{output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
+def published_version(root: Store, run_id: str) -> tuple[Store, Manifest]:
+    """The store and manifest of a published version, refused with a message naming the file when the
+    manifest is missing, of another run, or not published."""
     manifest = read_manifest(root, run_id)
     version = version_store(root, run_id)
     if manifest is None:
@@ -187,18 +181,40 @@ def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, 
                             f"{root.url(CURRENT)} names; the output was tampered with or mixed up: rebuild it")
     if manifest.status != "published":
         raise RayIndexError(f"{version.url('')} is not a complete version (status {manifest.status!r}); publish a build first")
-    if MERGED_FILE not in manifest.files_sha256:
-        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but its manifest records no {MERGED_FILE}; rebuild it")
-    files = {rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
-    files |= manifest.shard_files((EMBEDDINGS_FILE,)) if with_vectors else {}
+    return version, manifest
+
+
+def pull_version_files(root: Store, version: Store, manifest: Manifest, files: dict[str, str]) -> Path:
+    """These files of a published version present and verified in the node-local mirror (pulled from an
+    S3 output, checked in place for a local one: once per file, file_matches remembers); its folder."""
     if version.remote:
         save_manifest(Store(str(version.local_root)), manifest)
     try:
         version.pull(files, verify=True)
     except FileNotFoundError as exc:
-        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {exc}: the version is damaged or incomplete, "
+        raise RayIndexError(f"{root.url(CURRENT)} names {manifest.run_id}, but {exc}: the version is damaged or incomplete, "
                             "rebuild it (or publish another version)") from None
-    return version.local_root, manifest
+    return version.local_root
+
+
+def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, Manifest]:
+    """The local folder of the published version CURRENT names, and its manifest, with every serving file
+    (layout.is_serving_file; the fp16 vectors and ids when the version re-ranks; with_vectors the
+    embeddings and ids too) checked against the manifest's sha256: pulled into the local cache for an
+    S3 output, verified in place for a local one (once per file: file_matches remembers). The doc store
+    is not among them: it is read on demand where the version lives (parts/docstore.py).
+    A clear error naming the file when anything is missing, damaged or not what CURRENT says."""
+    root = Store(str(output))
+    run_id = current_run_id(root)
+    if not run_id:
+        raise RayIndexError(f"{output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
+    version, manifest = published_version(root, run_id)
+    if MERGED_FILE not in manifest.files_sha256:
+        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but its manifest records no {MERGED_FILE}; rebuild it")
+    files = {rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
+    files |= manifest.shard_files((FP16_FILE, VECTOR_IDS_FILE)) if (manifest.refine_factor or 1) > 1 else {}
+    files |= manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE)) if with_vectors else {}
+    return pull_version_files(root, version, manifest, files), manifest
 
 
 def save_published(output: str, version_dir: Path, manifest: Manifest, rewritten: list[str]) -> None:

@@ -6,6 +6,10 @@ files). A stage running against a remote output pushes what it wrote, and a stag
 pulls what it needs into its own mirror, each file verified by its sha256 from the manifest. So
 resuming on another machine, and serving from S3, both go through the same checksummed mirror.
 
+A mirror records the URL of the store it mirrors (ORIGIN_FILE), so a reader holding only the
+folder finds the store again (Store.of_folder): the doc store is not mirrored but read from the store
+on demand, by byte ranges (Store.random_access, parts/docstore.py).
+
 Every remote call is retried with backoff until a deadline (an outage of the store is waited
 out); past it the error names the object and says that re-running the same command resumes.
 """
@@ -13,22 +17,27 @@ out); past it the error names the object and says that re-running the same comma
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import BinaryIO, Callable, TypeVar
 
 import fsspec
 
-from rayindex.errors import RayIndexError
+from rayindex.errors import RayIndexError, Unavailable
 from rayindex.layout import fsync_dir, safe_rel, write_text_atomic
 
 T = TypeVar("T")
 DEFAULT_RETRY_S = 300.0
+ORIGIN_FILE = ".origin"  # in a mirror: the URL of the store it mirrors (Store.of_folder)
+ON_DEMAND_ADVICE = "It is read from the store on demand: the request fails until the store answers again"
+RESUME_ADVICE = "Nothing was published; re-run the same command when the store is back and the run resumes where it stopped"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -86,8 +95,8 @@ def file_matches(path: Path, sha256: str) -> bool:
     return True
 
 
-class StorageUnavailable(RayIndexError):
-    """The store did not answer within the retry deadline."""
+class StorageUnavailable(Unavailable):
+    """The store did not answer within the retry deadline (a server answers 503, not the request's fault)."""
 
 
 @dataclass(frozen=True)
@@ -118,13 +127,29 @@ class Store:
     def url(self, rel: str) -> str:
         return f"{self.output.rstrip('/')}/{inside(rel, self)}" if rel else self.output
 
+    @classmethod
+    def of_folder(cls, folder: str | Path, retry_s: float = DEFAULT_RETRY_S) -> "Store":
+        """The store whose node-local folder this is: the remote store a mirror mirrors (the URL that
+        pull and push record in it), else the folder itself (a local output)."""
+        try:
+            return cls((Path(folder) / ORIGIN_FILE).read_text().strip(), retry_s)
+        except FileNotFoundError:
+            return cls(str(folder), retry_s)
+
+    def _record_origin(self) -> None:
+        """Name this store in its mirror (of_folder), once."""
+        marker = self.local_root / ORIGIN_FILE
+        if not marker.exists():
+            write_text_atomic(marker, self.output)
+
     def _fs(self):
         # no listing cache: other processes (workers, a concurrent run) write to the same prefix
         fs, root = fsspec.core.url_to_fs(self.output, use_listings_cache=False, skip_instance_cache=True)
         return fs, root.rstrip("/")
 
-    def retry(self, what: str, fn: Callable[[], T], retry_on: tuple[type[Exception], ...] = ()) -> T:
-        """fn() retried with exponential backoff (0.5 s .. 15 s, jittered) until retry_s has passed.
+    def retry(self, what: str, fn: Callable[[], T], retry_on: tuple[type[Exception], ...] = (), advice: str = RESUME_ADVICE) -> T:
+        """fn() retried with exponential backoff (0.5 s .. 15 s, jittered) until retry_s has passed, then
+        StorageUnavailable naming what and ending with advice.
 
         Missing objects and refused preconditions are answers, not outages: they are raised at once,
         as are RayIndexErrors other than those in retry_on."""
@@ -135,28 +160,27 @@ class Store:
                 return fn()
             except retry_on as exc:
                 if time.monotonic() + delay > deadline:
-                    raise self.gave_up(what, exc) from exc
+                    raise self.gave_up(what, exc, advice) from exc
             except (FileNotFoundError, FileExistsError, PermissionError, RayIndexError):
                 raise
             except Exception as exc:  # connection refused/reset, timeouts, 5xx: the store is down or overloaded
                 if is_precondition_failure(exc):
                     raise FileExistsError(what) from exc
                 if time.monotonic() + delay > deadline:
-                    raise self.gave_up(what, exc) from exc
+                    raise self.gave_up(what, exc, advice) from exc
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 15.0)
 
-    def gave_up(self, what: str, exc: Exception) -> StorageUnavailable:
+    def gave_up(self, what: str, exc: Exception, advice: str = RESUME_ADVICE) -> StorageUnavailable:
         return StorageUnavailable(
-            f"storage unavailable: could not {what} within {self.retry_s:.0f} s ({type(exc).__name__}: {exc}). "
-            "Nothing was published; re-run the same command when the store is back and the run resumes where it stopped"
-        )
+            f"storage unavailable: could not {what} within {self.retry_s:.0f} s ({type(exc).__name__}: {exc}). {advice}")
 
     # -- whole files between the mirror and the store ------------------------------------------
     def push(self, rels: list[str]) -> None:
         """Upload these mirror files to the store (no-op for a local output)."""
         if not self.remote:
             return
+        self._record_origin()
         fs, root = self._fs()
         for rel in rels:
             self.retry(f"write {self.url(rel)}", lambda rel=rel: fs.put_file(str(self.local(rel)), f"{root}/{rel}"))
@@ -168,6 +192,8 @@ class Store:
         to fetch; with verify=True each file is checked (a resumed run trusts no file unchecked; a file
         checked before and unchanged since costs a stat, file_matches)."""
         fs, root = self._fs() if self.remote else (None, None)
+        if self.remote:
+            self._record_origin()
         for rel, sha in files.items():
             path = self.local(rel)
             if path.exists() and (not verify or file_matches(path, sha)):
@@ -195,6 +221,29 @@ class Store:
             if isinstance(exc, StorageUnavailable):
                 raise
             return False
+
+    def random_access(self) -> Callable[[str], BinaryIO]:
+        """A function opening files of this store (rel paths) for random reads, without copying them: in
+        place for a local output; for a remote one as objects whose every read is a byte-range GET
+        retried until the deadline (then failing naming the object), all through one client, made on
+        first use (making one costs ~0.2-0.5 s, measured). FileNotFoundError for a missing file."""
+        if not self.remote:
+            return lambda rel: open(self.local(rel), "rb")
+        client: list = []
+        making = threading.Lock()
+
+        def open_remote(rel: str) -> BinaryIO:
+            with making:
+                if not client:
+                    client.append(self._fs())
+            fs, root = client[0]
+            url = self.url(rel)
+            # no read-ahead cache: readers ask for exactly the bytes they use (a Parquet footer, a row group's
+            # column chunks in one coalesced read), and anything read ahead of a random lookup is wasted
+            remote = self.retry(f"open {url}", lambda: fs.open(f"{root}/{rel}", "rb", cache_type="none"))
+            return RetriedReads(remote, lambda read: self.retry(f"read {url}", read, advice=ON_DEMAND_ADVICE))
+
+        return open_remote
 
     # -- small objects: manifests, CURRENT, the lock -------------------------------------------
     def read_text(self, rel: str) -> str | None:
@@ -281,6 +330,45 @@ class Store:
             return
         fs, root = self._fs()
         self.retry(f"delete {self.url(rel)}", lambda: fs.rm(f"{root}/{rel}", recursive=True) if fs.exists(f"{root}/{rel}") else None)
+
+
+class RetriedReads(io.RawIOBase):
+    """A remote file whose every read is retried (retry: Store.retry with the object's name) from the
+    position it started at."""
+
+    def __init__(self, file: BinaryIO, retry: Callable[[Callable[[], bytes]], bytes]):
+        super().__init__()
+        self._file, self._retry = file, retry
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._file.tell()
+
+        def attempt() -> bytes:
+            self._file.seek(start)
+            return self._file.read(size)
+
+        return self._retry(attempt)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def is_precondition_failure(exc: BaseException) -> bool:

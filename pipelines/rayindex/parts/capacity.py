@@ -14,12 +14,20 @@ from rich.table import Table
 from rayindex.parts.index_params import (
     MIN_POINTS_PER_CENTROID,
     choose_index_string,
+    default_nprobe,
     index_memory_parts,
     parse_index_string,
     training_sample_size,
 )
 
 BENCH = "benchmarks/build_benchmark.py --json docs/benchmark-build.json, 2026-11-27, 2 cores, no GPU"
+SHARDED_BENCH = "benchmarks/sharded_benchmark.py --json docs/benchmark-sharded.json, 2026-11-29, 2 cores"
+SCAN_MEASURED_CODE_BYTES = 16  # PQ16: the code size the scan rate was measured at
+# one thread scanning one serving part of the 100M-vector benchmark index (IVF2048,PQ16, nprobe 16, warm
+# page cache): 160 queries probing 278,866,161 codes in 4.57 s; 4 parts one after the other took 4.93 s
+SCAN_CODES_PER_S_PER_CORE = 278_866_161 / 4.57
+SCAN_SOURCE = (f"{SHARDED_BENCH}'s index: search_preassigned of 160 queries over 278.9M PQ16 codes in 4.57 s, one thread, "
+               "in process (serving adds Serve's fan-out)")
 ENCODE_BENCH = "benchmarks/encode_benchmark.py --json docs/benchmark-encode.json, 2026-11-29, 2 cores, no GPU"
 DATA_PATH_DOCS = 126_240
 DATA_PATH_PER_CORE = DATA_PATH_DOCS / 20.6045 / 2  # the encoders' steady time, 2 actors on 2 cores: 3,063 docs/s per core
@@ -51,6 +59,12 @@ MEASURED_CPU: dict[str, dict] = {
         "value": DATA_PATH_PER_CORE,
         "basis": "measured",
         "source": f"{ENCODE_BENCH}: {DATA_PATH_DOCS:,} GCIDE entries in 20.6 s of encoder time, forward pass stubbed",
+    },
+    "scan_codes_per_s_per_core": {
+        # a PQ scan costs one table lookup per code byte: scaled by code bytes / 16 for other codes (plan_serving)
+        "value": SCAN_CODES_PER_S_PER_CORE,
+        "basis": "measured",
+        "source": SCAN_SOURCE,
     },
     "merge_bytes_per_s": {
         # the benchmark merged 11.2 MB in RAM in 0.05 s (checks included): too small to extrapolate;
@@ -84,6 +98,29 @@ DOC_ROW_ID_BYTES = 8  # vector_ids.npy: one int64 per passage
 PASSAGE_OVERLAP = 1 / 8  # the default overlap: text stored twice in the doc store
 
 
+def plan_serving(n: int, spec, loaded_bytes: int, inverted_list_bytes: int, shards: int, nprobe: int | None,
+                 cores: int, rates: dict) -> dict:
+    """Serving `n` vectors over `shards` serving shards (query/sharded.py): what the router and each shard
+    hold, and the searches per second that `cores` cores scanning inverted lists sustain. A query scans
+    nprobe lists of n / nlist codes each, wherever they are: sharding spreads that work, it does not add to it."""
+    nprobe = nprobe or default_nprobe(spec.nlist)
+    scan = rates["scan_codes_per_s_per_core"]
+    rate = scan["value"] * SCAN_MEASURED_CODE_BYTES / spec.code_bytes
+    codes_per_query = nprobe * n / spec.nlist
+    resident = loaded_bytes - inverted_list_bytes
+    return {
+        "router_ram": _item(resident, "computed", "trained.faiss: coarse centroids, transforms, codebooks (no inverted list)"),
+        "shard_lists": _item(inverted_list_bytes / shards, "computed", f"inverted lists / {shards} shards: each shard's files, "
+                                                                        "memory-mapped (its page cache when hot)"),
+        "shard_ram_anon": _item(resident, "computed", "a part index holds the trained index too, and its lists' headers"),
+        "doc_store_copied": _item(0, "computed", "read by id on demand from the output store (docs/storage.md)"),
+        "queries_per_s": _item(rate * cores / codes_per_query, scan["basis"],
+                               f"{cores} cores x {rate:,.3g} codes/s ({scan['value']:,.3g} at {SCAN_MEASURED_CODE_BYTES} code bytes, "
+                               f"x {SCAN_MEASURED_CODE_BYTES}/{spec.code_bytes}) / (nprobe {nprobe} x n / nlist = "
+                               f"{codes_per_query:,.0f} codes per query)"),
+    }
+
+
 def _item(value: float, basis: str, how: str) -> dict:
     return {"value": value, "basis": basis, "how": how}
 
@@ -106,7 +143,7 @@ def _basis(*bases: str) -> str:
 def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None, gpus: int = 0,
                   max_index_bytes: int | None = None, throughputs: dict | None = None, cores: int = 2,
                   train_cores: int | None = None, avg_doc_bytes: int = 1000, cpus_per_gpu: float = 4,
-                  passages_per_doc: float = 1.0) -> dict:
+                  passages_per_doc: float = 1.0, serving_shards: int = 1, nprobe: int | None = None) -> dict:
     """Sizes and stage hours of building an index over n_docs documents split into passages_per_doc
     passages each on average: every vector-sized quantity (embeddings, codes, ids, index choice,
     training, encode, add, merge) counts passages, n = n_docs x passages_per_doc; the doc store keeps each
@@ -117,7 +154,8 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
     cpus_per_gpu CPUs (the encoder's reservation: a GPU node's CPUs divided by its GPUs): a GPU encodes at
     the smaller of its forward pass (estimated) and what those CPUs' data path delivers (measured), and
     the plan says which bounds it; training runs its k-means on one GPU (estimated). throughputs overrides entries of
-    MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source).
+    MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source). Serving over serving_shards
+    shards at nprobe (default: the build's): plan_serving.
     """
     n = int(n_docs * passages_per_doc)
     index_string = index_string or choose_index_string(n, dim, max_index_bytes)
@@ -201,6 +239,8 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
         "encode_bound": bound or "CPU forward pass (no GPU)",
         "bytes": size,
         "hours": hours,
+        "serving": plan_serving(n, spec, loaded, inverted_lists, serving_shards, nprobe, cores, rates),
+        "serving_shards": serving_shards,
         "throughputs": rates,
         "warnings": warnings,
     }
@@ -232,6 +272,9 @@ def format_plan(plan: dict) -> Table:
     for name, item in plan["hours"].items():
         table.add_row(f"hours: {name}", _human_hours(item["value"]), item["basis"], item["how"])
     table.add_row("encode bound by", plan["encode_bound"], "", "what limits the encode stage's rate on these nodes")
+    for name, item in plan["serving"].items():
+        value = f"{item['value']:,.0f}" if name == "queries_per_s" else _human_bytes(item["value"])
+        table.add_row(f"serving ({plan['serving_shards']} shards): {name}", value, item["basis"], item["how"])
     for name, rate in plan["throughputs"].items():
         table.add_row(name, f"{rate['value']:,.4g}", rate["basis"], rate["source"])
     return table

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from rayindex.infra.storage import Store
 from rayindex.layout import VECTOR_IDS_FILE, load_embeddings, sample_rows, shard_dir
 from rayindex.manifest import Manifest, SweepPoint
 from rayindex.parts.docstore import DocStore
@@ -67,7 +68,7 @@ def sentence_queries(version_dir: Path, manifest: Manifest, n: int, seed: int, e
     neighbours, which flatters a low nprobe: measured on 400 man pages, nprobe 8 of 128 lists reached
     recall@10 0.96 on stored vectors but 0.80 (by document) on sentences from the documents."""
     rng = np.random.default_rng(seed)
-    docs = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
+    docs = DocStore.of_version(Store.of_folder(version_dir), manifest)
     texts = []
     for shard, count, rows in zip(manifest.shards, manifest.shard_counts(), sample_rows(manifest.shard_counts(), n, seed)):
         if len(rows):

@@ -15,8 +15,8 @@ import numpy as np
 
 from rayindex.config import AskParams, GeneratorConfig, IndexLocation, SearchParams
 from rayindex.errors import DamagedIndex, RayIndexError
-from rayindex.infra.storage import use_s3_endpoint
-from rayindex.layout import MERGED_FILE, PASSAGE_BITS, shard_dir
+from rayindex.infra.storage import Store, use_s3_endpoint
+from rayindex.layout import MERGED_FILE, PASSAGE_BITS
 from rayindex.manifest import Manifest
 from rayindex.parts.docstore import DocStore
 from rayindex.parts.ivf import read_merged
@@ -30,16 +30,22 @@ FETCH_LIMIT = 4_096  # passages fetched per query at most while looking for k di
 
 @dataclass
 class PublishedIndex:
-    """One version of an index, open for search: the memory-mapped FAISS index, the doc store, and the
-    model (loaded on first use)."""
+    """One version of an index, open for search: the memory-mapped FAISS index (or, as the router of sharded
+    serving, the shards that hold its lists: query/sharded.py), the doc store, and the model (loaded on
+    first use)."""
 
     version_dir: Path
     manifest: Manifest
-    index: faiss.Index
+    index: faiss.Index | None
     docs: DocStore
     model: object = None
     refiner: Refiner | None = field(default=None, repr=False)
     filters: MetadataFilter | None = field(default=None, repr=False)
+    shards: object = None  # query/sharded.py ShardedSearch: searches go to the serving shards
+
+    @property
+    def ntotal(self) -> int:
+        return self.manifest.merge.ntotal
 
     @property
     def run_id(self) -> str:
@@ -61,14 +67,18 @@ class PublishedIndex:
         return nprobe
 
     def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None, refine: int | None = None,
-                       selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest passages: FAISS search at nprobe (default: the manifest's) among the ids the
-        selector accepts; with a refine factor above 1 (default: the manifest's), k x factor candidates
-        are re-ranked with exact distances (parts/refine.py)."""
+                       matching: np.ndarray | None = None, missing: set | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest passages: FAISS search at nprobe (default: the manifest's) among the `matching` ids
+        (all when None); with a refine factor above 1 (default: the manifest's), k x factor candidates are
+        re-ranked with exact distances (parts/refine.py). Sharded: the serving shards that did not answer
+        are added to `missing` when partial answers are allowed."""
         nprobe = self.check_nprobe(nprobe)
+        if self.shards is not None:
+            return self.shards.search(vectors, k, nprobe, matching, missing)
         refine = self.manifest.refine_factor if refine is None else refine
         if refine and refine > 1 and self.refiner is None:
             self.refiner = Refiner(self.version_dir, self.manifest)
+        selector = id_selector(matching) if matching is not None else None
         return search_ivf(self.index, vectors, k, nprobe, self.refiner, refine, selector)
 
     def matching_ids(self, filter: dict) -> np.ndarray:
@@ -78,43 +88,42 @@ class PublishedIndex:
         return self.filters.matching_ids(filter)
 
     def search_documents(self, vectors: np.ndarray, k: int, nprobe: int | None = None, per_document: int = 1,
-                         filter: dict | None = None) -> list[list[tuple[float, int]]]:
+                         filter: dict | None = None, missing: set | None = None) -> list[list[tuple[float, int]]]:
         """Per query, up to k documents' best passages (at most per_document each) as (score, vector id),
         best first. Passages are fetched until k documents are found (fetch grows x4, up to FETCH_LIMIT or
         every vector); with a filter only matching passages are scanned, and a query that finds fewer than
         k within nprobe lists searches again with twice the lists (up to all), so k matching hits come
-        back whenever k exist."""
+        back whenever k exist. missing: as for search_vectors."""
         nprobe = self.check_nprobe(nprobe)
-        selector = None
+        matching = None
         if filter:
             matching = self.matching_ids(filter)
             if not len(matching):
                 return [[] for _ in range(len(vectors))]
-            selector = id_selector(matching)
             # the lists probed hold len(matching) / ntotal as many candidates as without the filter: probe
             # that many times more lists (measured on 400 man pages, 60% matching: filtered recall@10 0.91 at
             # the tuned nprobe 32, 0.98 at 64)
-            nprobe = min(self.manifest.nlist, math.ceil(nprobe * int(self.index.ntotal) / len(matching)))
-        ntotal = int(self.index.ntotal)
+            nprobe = min(self.manifest.nlist, math.ceil(nprobe * self.ntotal / len(matching)))
+        ntotal = self.ntotal
         fetch_cap = min(ntotal, FETCH_LIMIT)
         passages_per_doc = max(1, -(-self.manifest.counts.passages // max(1, self.manifest.counts.docs_encoded)))
         fetch = min(ntotal, k * max(per_document, 2 * passages_per_doc))
         results: list = [None] * len(vectors)
         todo = np.arange(len(vectors))
         while len(todo):
-            scores, ids = self.search_vectors(vectors[todo], fetch, nprobe, selector=selector)
+            scores, ids = self.search_vectors(vectors[todo], fetch, nprobe, matching=matching, missing=missing)
             again = []
             for row, q in enumerate(todo):
                 results[q], documents = best_per_document(scores[row], ids[row], per_document, k)
                 exhausted = bool((ids[row] < 0).any())  # the lists probed hold fewer than `fetch` passages
                 can_fetch_more = not exhausted and fetch < fetch_cap
-                can_widen = exhausted and selector is not None and nprobe < self.manifest.nlist
+                can_widen = exhausted and matching is not None and nprobe < self.manifest.nlist
                 if documents < k and (can_fetch_more or can_widen):
                     again.append(q)
             if not again:
                 break
             todo = np.asarray(again)
-            if selector is not None and nprobe < self.manifest.nlist:
+            if matching is not None and nprobe < self.manifest.nlist:
                 nprobe = min(self.manifest.nlist, nprobe * 2)
             fetch = max(fetch, min(fetch_cap, fetch * 4))  # never below a first fetch already past the cap
         return results
@@ -175,15 +184,18 @@ def best_per_document(scores: np.ndarray, ids: np.ndarray, per_document: int, k:
     return kept, len(taken)
 
 
-def open_version(version_dir: str | Path, manifest: Manifest) -> PublishedIndex:
-    """Open one version folder whose merge is done."""
+def open_version(version_dir: str | Path, manifest: Manifest, shards: object = None) -> PublishedIndex:
+    """Open one version folder whose merge is done: its merged index memory-mapped, or, given the serving
+    shards that hold its lists (query/sharded.py), none."""
     version_dir = Path(version_dir)
-    index = read_merged(version_dir)
-    if index.ntotal != manifest.merge.ntotal or index.d != manifest.dimension:
-        raise DamagedIndex(f"{version_dir / MERGED_FILE} holds {index.ntotal} vectors of dimension {index.d}, the manifest says "
-                           f"{manifest.merge.ntotal} of {manifest.dimension}; the version is damaged: rebuild it")
-    docs = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
-    return PublishedIndex(version_dir, manifest, index, docs)
+    index = None
+    if shards is None:
+        index = read_merged(version_dir)
+        if index.ntotal != manifest.merge.ntotal or index.d != manifest.dimension:
+            raise DamagedIndex(f"{version_dir / MERGED_FILE} holds {index.ntotal} vectors of dimension {index.d}, the manifest says "
+                               f"{manifest.merge.ntotal} of {manifest.dimension}; the version is damaged: rebuild it")
+    docs = DocStore.of_version(Store.of_folder(version_dir), manifest)  # read on demand, where the version lives
+    return PublishedIndex(version_dir, manifest, index, docs, shards=shards)
 
 
 def open_index(index: str | Path = IndexLocation.model_fields["index"].default, s3_endpoint: str | None = None,

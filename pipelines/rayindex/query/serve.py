@@ -37,14 +37,15 @@ from ray.serve import Application
 from ray.serve import metrics as serve_metrics
 
 from rayindex.config import AppConfig, AskParams, SearchParams, ServeConfig
-from rayindex.errors import DamagedIndex, RayIndexError, UsageError, user_message
-from rayindex.infra.ray_session import ensure_ray
+from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, UsageError, user_message
+from rayindex.infra.ray_session import ensure_ray, ray_address
 from rayindex.infra.storage import Store, is_remote
 from rayindex.layout import CURRENT
 from rayindex.query.gate import (API_KEY_ENV, CALLBACK as GATE_CALLBACK, RETRY_AFTER_S, api_key_from_environment,
                                  max_body_from_environment, refusal)
 from rayindex.query.generate import GeneratorError, make_generator
 from rayindex.query.search import PublishedIndex, open_index
+from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, current_split, open_router
 from rayindex.versions import current_run_id, open_current
 
 log = logging.getLogger("rayindex.serve")
@@ -194,8 +195,9 @@ MAX_BODY_BYTES = max_body_from_environment()
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, max_queued_requests=MAX_QUEUED_REQUESTS)
 @serve.ingress(app)
 class RagService:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, shards: list | None = None):
         self.config = AppConfig(**config)
+        self.shard_handles = shards or []  # sharded serving: the shard deployments (query/sharded.py), one per part
         if self.config.s3_endpoint:
             os.environ["AWS_ENDPOINT_URL"] = self.config.s3_endpoint
         self.current: PublishedIndex = self._load(None)
@@ -210,8 +212,13 @@ class RagService:
 
     def _load(self, previous: PublishedIndex | None) -> PublishedIndex:
         """Open the version CURRENT names (every serving file checked against its sha256), reusing the loaded
-        model when the new version uses the same one."""
-        loaded = open_index(self.config.index)
+        model when the new version uses the same one. Sharded: the router's side of the version, once every
+        shard has it loaded (or has been asked to)."""
+        if self.config.shards:
+            loaded = open_router(self.config, self.shard_handles)
+            loaded.shards.prepare()
+        else:
+            loaded = open_index(self.config.index)
         if previous is not None and previous.manifest.model.name == loaded.manifest.model.name:
             loaded.model = previous.model
         loaded.encode(["warm-up"])  # load the model and touch the index before taking traffic
@@ -251,12 +258,12 @@ class RagService:
     def _encode_now(self, texts: list[str]) -> np.ndarray:
         return self.current.encode(texts)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _search_batch(self, items: list[tuple[PublishedIndex, str, SearchParams]]) -> list[list[tuple[float, int]]]:
-        """Concurrent requests' queries encoded in one model call and searched in one FAISS call per
-        (version, nprobe, passages per document, filter) group: FAISS parallelizes over a batch, while many
-        single-query searches from threads each start OpenMP teams and oversubscribe the cores (measured:
-        6 QPS at 32 clients)."""
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=BATCHES_IN_FLIGHT)
+    async def _search_batch(self, items: list[tuple[PublishedIndex, str, SearchParams]]) -> list[tuple[list, set]]:
+        """Concurrent requests' queries encoded in one model call and searched in one FAISS call (sharded: one
+        call per shard) per (version, nprobe, passages per document, filter) group: FAISS parallelizes over a
+        batch, while many single-query searches from threads each start OpenMP teams and oversubscribe the
+        cores (measured: 6 QPS at 32 clients). Each request gets its hits and the shards that did not answer."""
         out: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, (loaded, _, params) in enumerate(items):
@@ -265,17 +272,29 @@ class RagService:
         for positions in groups.values():
             loaded, _, params = items[positions[0]]
             vectors = await asyncio.to_thread(loaded.encode, [items[i][1] for i in positions])
-            found = await asyncio.to_thread(loaded.search_documents, vectors, params.k, params.nprobe, params.per_document, params.filter)
+            missing: set = set()
+            try:
+                found = await asyncio.to_thread(loaded.search_documents, vectors, params.k, params.nprobe, params.per_document,
+                                                params.filter, missing)
+            except Exception as exc:  # this group's requests fail alike; the batch's other groups still answer
+                for i in positions:
+                    out[i] = exc
+                continue
             for row, i in enumerate(positions):
-                out[i] = found[row]
+                out[i] = (found[row], missing)
         return out
 
-    async def _retrieve(self, loaded: PublishedIndex, text: str, params: SearchParams) -> list[dict]:
+    async def _retrieve(self, loaded: PublishedIndex, text: str, params: SearchParams) -> tuple[list[dict], dict]:
+        """The hits, and what a sharded response adds: {partial, missing_shards} ({} when not sharded)."""
         params = params.model_copy(update={"nprobe": loaded.check_nprobe(params.nprobe)})
         if params.filter:  # a bad filter is this request's 422 here, not an error for the whole batch
             await asyncio.to_thread(loaded.matching_ids, params.filter)
-        found = await self._search_batch((loaded, text, params))
-        return await asyncio.to_thread(loaded.hits, found)
+        result = await self._search_batch((loaded, text, params))
+        if isinstance(result, Exception):
+            raise result
+        found, missing = result
+        hits = await asyncio.to_thread(loaded.hits, found)
+        return hits, ({"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {})
 
     async def _admitted(self, work, loaded: PublishedIndex):
         """Run a search (or an answer) within max_inflight and request_timeout; the JSON error response
@@ -287,6 +306,8 @@ class RagService:
             return await asyncio.wait_for(work, self.config.request_timeout)
         except asyncio.TimeoutError:
             return shed(504, f"no answer within {self.config.request_timeout:g} s; retry after {RETRY_AFTER_S} s")
+        except Unavailable as exc:
+            return shed(503, f"{user_message(exc)}; retry after {RETRY_AFTER_S} s")
         except DamagedIndex as exc:
             self._refuse(loaded.run_id, Store(self.config.index), exc)
             return JSONResponse(status_code=503, content={"detail": user_message(exc)})
@@ -301,8 +322,9 @@ class RagService:
         start = time.perf_counter()
 
         async def work():
-            hits = await self._retrieve(loaded, request.query, request)
-            return {"version": loaded.run_id, "hits": hits, "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)}}
+            hits, sharding = await self._retrieve(loaded, request.query, request)
+            return {"version": loaded.run_id, "hits": hits, **sharding,
+                    "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)}}
 
         return await self._admitted(work(), loaded)
 
@@ -312,10 +334,10 @@ class RagService:
         start = time.perf_counter()
 
         async def work():
-            hits = await self._retrieve(loaded, request.question, request)
+            hits, sharding = await self._retrieve(loaded, request.question, request)
             retrieved = time.perf_counter()
             sources = [{"n": n, **hit} for n, hit in enumerate(hits, 1)]
-            body = {"version": loaded.run_id, "generator": self.config.generator, "sources": sources}
+            body = {"version": loaded.run_id, "generator": self.config.generator, "sources": sources, **sharding}
             try:
                 answer = await asyncio.to_thread(self.generator.generate, request.question, hits)
             except GeneratorError as exc:  # the sources are still useful when the generator is down
@@ -335,7 +357,7 @@ class RagService:
         replica serves the version it has) when CURRENT names a version it refused."""
         loaded = self.current
         return {"status": "degraded" if self.degraded else "ok", "version": loaded.run_id,
-                "documents": loaded.manifest.counts.docs_encoded, "vectors": int(loaded.index.ntotal),
+                "documents": loaded.manifest.counts.docs_encoded, "vectors": loaded.ntotal, "shards": self.config.shards,
                 "index_string": loaded.manifest.index_string, "in_flight": self.inflight, "degraded": self.degraded}
 
     @app.get("/metrics")
@@ -348,13 +370,18 @@ class RagService:
 def app_builder(config: AppConfig) -> Application:
     """The application, for `serve run rayindex.query.serve:app_builder index=...`, a Serve config's
     import_path (with `args:`), and `rayindex serve`. Replicas get the S3 endpoint of the config (or of
-    this process): an s3:// index is pulled into each replica's node-local cache."""
+    this process): an s3:// index's serving files are pulled into each replica's node-local cache.
+    shards=N: N ShardServer deployments (shard-0..N-1: replicas, autoscaling) behind the RagService router."""
     endpoint = config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    options = {"num_cpus": config.replica_cpus}
-    if endpoint:
-        options["runtime_env"] = {"env_vars": {"AWS_ENDPOINT_URL": endpoint}}
+    runtime_env = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": endpoint}}} if endpoint else {}
     replicas = {"num_replicas": config.replicas} if config.replicas else {}  # else Serve's default or the config's autoscaling
-    return RagService.options(ray_actor_options=options, **replicas).bind(config.model_dump())
+    shards = None
+    if config.shards:
+        scaling = ({"autoscaling_config": {"min_replicas": config.shard_replicas, "max_replicas": config.shard_max_replicas}}
+                   if config.shard_max_replicas else {"num_replicas": config.shard_replicas})
+        shards = [ShardServer.options(name=f"shard-{part}", ray_actor_options={"num_cpus": config.shard_cpus, **runtime_env}, **scaling)
+                  .bind(config.model_dump(), config.shards, part) for part in range(config.shards)]
+    return RagService.options(ray_actor_options={"num_cpus": config.replica_cpus, **runtime_env}, **replicas).bind(config.model_dump(), shards)
 
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -368,18 +395,34 @@ def check_exposure(config: ServeConfig, api_key: str | None) -> None:
                          "pass --insecure if the network is private")
 
 
+def check_fits(config: AppConfig, cpus: float) -> None:
+    """Refuse replicas that reserve more CPUs than this (local, fixed-size) Ray has, naming the options."""
+    wanted = config.replica_cpus * (config.replicas or 1) + config.shard_cpus * (config.shards or 0) * config.shard_replicas
+    if wanted > cpus:
+        raise UsageError(f"the replicas reserve {wanted:g} CPUs ({config.replicas or 1} x --replica-cpus {config.replica_cpus:g}"
+                         + (f" + {config.shards} shards x {config.shard_replicas} x --shard-cpus {config.shard_cpus:g}" if config.shards else "")
+                         + f"), this Ray has {cpus:g}: lower --replica-cpus/--shard-cpus (fractions are fine), or join a bigger "
+                         "cluster with --ray-address")
+
+
 def start_serving(config: ServeConfig) -> None:
     """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
     and deploy the app (returns when it is up)."""
     api_key = config.api_key or api_key_from_environment()
     check_exposure(config, api_key)
-    open_current(config.index)  # fails here, with a clear message, when nothing complete and intact is published
+    if config.shards:  # fails here, with a clear message, when nothing complete and intact is published
+        current_split(config.index, config.shards)
+    else:
+        open_current(config.index)
     index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
     app_config = AppConfig(**config.model_dump(include=set(AppConfig.model_fields)) | {"index": index, "api_key": api_key})
     if not ray.is_initialized():  # the Ray started here: its proxy checks bodies and tokens before reading a body
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
         if api_key:
             os.environ[API_KEY_ENV] = api_key
+    started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
     ensure_ray(config.ray_address)
+    if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
+        check_fits(app_config, ray.cluster_resources().get("CPU", 0))
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5})
     serve.run(app_builder(app_config), name="rayindex", route_prefix="/")

@@ -36,7 +36,7 @@ from rayindex.layout import (CONTENT_HASHES_FILE, DOC_HASHES_FILE, DOCS_FILE, EM
 from rayindex.manifest import Counts, EncodedShard, Manifest, PassageSplit, Shard, ShardState
 from rayindex.infra.prefetch import prefetched
 from rayindex.parts.corpus import InputUnavailable, read_piece
-from rayindex.parts.docstore import DocStore, DocWriter
+from rayindex.parts.docstore import DocStore, DocWriter, footer_sha256
 from rayindex.parts.documents import Documents, prepare
 from rayindex.parts.ivf import make_index
 from rayindex.parts.model import (TRUNCATED, Tokenized, VectorSettings, embed, embedding_dimension, load_model, split_passages,
@@ -182,7 +182,8 @@ class ShardEncoder:
         return EncodedShard(shard_id=shard.shard_id, rows_read=rows_read, docs_encoded=encoded, passages=passages, tokens_encoded=tokens,
                             skipped=skipped,
                             vectors_reused=reused, ids_changed=changed, encode_seconds=round(seconds, 3),
-                            embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)], files=shard_files)
+                            embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)],
+                            docs_footer_sha256=footer_sha256(out / DOCS_FILE), files=shard_files)
 
 
 def cut_passages(texts: pa.Array, as_list: list[str], passages: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
@@ -287,8 +288,8 @@ def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None
     dups = ordered[1:][ordered[1:] == ordered[:-1]]
     if not len(dups):
         return
-    version.pull(manifest.shard_files((VECTOR_IDS_FILE, DOCS_FILE)))  # only now: the doc store names the duplicate
-    store = DocStore([shard_dir(version_dir, s.shard_id) for s in manifest.shards], [s.global_start for s in manifest.shards])
+    version.pull(manifest.shard_files((VECTOR_IDS_FILE,)))  # only now: the doc store names the duplicate
+    store = DocStore.of_version(version, manifest)
     places, doc_id = [], None
     for shard, shard_hashes in zip(manifest.shards, per_shard):
         vector_ids = np.load(shard_dir(version_dir, shard.shard_id) / VECTOR_IDS_FILE)

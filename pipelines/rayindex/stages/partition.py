@@ -1,0 +1,67 @@
+"""Partition stage: split the merged index's inverted lists for N serving shards (parts/ivf_parts.py),
+by list number, balanced by list size; each part's index and on-disk lists written into the version
+(parts/<N>/) and checksummed, the split recorded in the manifest (manifest.serving[N]), where the
+router and the shards of `rayindex serve --shards N` find it. Runs at the end of a build given
+--serving-shards N, and on a published version (`rayindex partition --shards N`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rayindex.config import BuildConfig
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.storage import Store, file_sha256
+from rayindex.layout import TRAINED_FILE, serving_part_files
+from rayindex.manifest import Manifest, ServingPart
+from rayindex.parts.ivf import read_index, read_merged
+from rayindex.parts.ivf_parts import list_sizes, plan_parts, write_part
+from rayindex.versions import open_current, save_published, version_store
+
+
+def partition(version_dir: Path, manifest: Manifest, shards: int) -> tuple[list[ServingPart], list[str]]:
+    """Write the parts of the merged lists for `shards` serving shards; returns them and their files."""
+    merged, trained = read_merged(version_dir), read_index(version_dir / TRAINED_FILE)
+    owner = plan_parts(list_sizes(merged), shards)
+    parts, written = [], []
+    for part in range(shards):
+        lists = np.flatnonzero(owner == part)
+        files = serving_part_files(shards, part)
+        vectors = write_part(trained, merged, lists, manifest.nprobe, version_dir / files[0], version_dir / files[1])
+        parts.append(ServingPart(lists=lists.tolist(), vectors=vectors, files=list(files)))
+        written += files
+    return parts, written
+
+
+def record(manifest: Manifest, version_dir: Path, shards: int, parts: list[ServingPart]) -> None:
+    """The split into the manifest, its files' checksums with it."""
+    for part in parts:
+        for rel in part.files:
+            manifest.files_sha256[rel] = file_sha256(version_dir / rel)
+    manifest.serving[shards] = parts
+
+
+def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> None:
+    """The split for --serving-shards, kept when its recorded files still verify."""
+    shards = config.serving_shards
+    recorded = manifest.serving.get(shards)
+    if recorded and version.verified({rel: manifest.files_sha256.get(rel, "") for part in recorded for rel in part.files}):
+        return
+    version.pull({TRAINED_FILE: manifest.training.trained_sha256} | {rel: manifest.files_sha256[rel] for rel in manifest.merge.files})
+    with progress.stage("partition", manifest.counts.passages, "vectors"):
+        parts, written = partition(version.local_root, manifest, shards)
+        record(manifest, version.local_root, shards, parts)
+        version.push(written)
+
+
+def partition_published(output: str, shards: int) -> tuple[Manifest, list[ServingPart]]:
+    """`rayindex partition`: split the published version CURRENT names (its merged index and trained.faiss
+    pulled and checked), write the parts into it and record them in its manifest (in the store too)."""
+    version_dir, manifest = open_current(output)
+    version_store(Store(str(output)), manifest.run_id).pull({TRAINED_FILE: manifest.training.trained_sha256}, verify=True)
+    parts, written = partition(version_dir, manifest, shards)
+    manifest.serving[shards] = parts
+    save_published(str(output), version_dir, manifest, written)
+    return manifest, parts
