@@ -227,6 +227,29 @@ def monolithic(root: Path, queries: np.ndarray) -> np.ndarray:
     return index.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=NPROBE))[1]
 
 
+def plot(summary: dict, path: Path) -> None:
+    """QPS (each run and the median) and the inverted lists resident per shard, 1 shard vs 4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{row['shards']} shard{'s' if row['shards'] > 1 else ''}" for row in summary["rows"]]
+    fig, (qps, ram) = plt.subplots(1, 2, figsize=(8, 3.5))
+    bars = qps.bar(labels, [row["qps"] for row in summary["rows"]], color=["#999", "#1f77b4"])
+    qps.bar_label(bars, fmt="%.1f")
+    for x, row in enumerate(summary["rows"]):
+        qps.scatter([x] * len(row["qps_runs"]), row["qps_runs"], color="black", s=10, zorder=3)
+    qps.set(ylabel="searches/s (median of runs, dots: runs)", title=f"QPS, 4 vs 1: x{summary['qps_ratio_4_vs_1']}")
+    bars = ram.bar(labels, [max(row["lists_mb_per_shard"]) for row in summary["rows"]], color=["#999", "#1f77b4"])
+    ram.bar_label(bars, fmt="%.0f")
+    ram.set(ylabel="MB resident per shard replica", title=f"inverted lists per shard, x{summary['lists_mb_ratio_4_vs_1']}")
+    fig.suptitle(f"{summary['vectors'] / 1e6:.0f}M vectors, {summary['index']}, nprobe {summary['nprobe']}, 2 cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vectors", type=int, default=100_000_000)
@@ -279,6 +302,7 @@ def main() -> None:
     print(f"4 shards vs 1: QPS x{summary['qps_ratio_4_vs_1']}, inverted lists resident per shard x{summary['lists_mb_ratio_4_vs_1']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        plot(summary, Path(args.json).with_suffix(".png"))
 
 
 if __name__ == "__main__":
