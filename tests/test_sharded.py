@@ -163,10 +163,12 @@ def test_a_killed_shard_gives_partial_answers_then_recovers(sharded):
     body = client.post("/search", json={"query": "read a file", "k": 5, "nprobe": 8}).json()
     assert time.monotonic() - start < 10  # never hangs: the shard timeout is 3 s
     assert body["partial"] is True and body["missing_shards"] == [0] and body["hits"]
+    assert list(client.get("/healthz").json()["failing_shards"]) == ["0"]
     deadline = time.monotonic() + 120
     while client.post("/search", json={"query": "read a file", "k": 5, "nprobe": 8}).json()["partial"]:
         assert time.monotonic() < deadline, "shard 0 was not replaced within 120 s"
         time.sleep(1)
+    assert client.get("/healthz").json()["failing_shards"] == {}
 
 
 def test_hot_swap_reaches_every_shard_at_once(sharded, docs, tmp_path):
@@ -198,14 +200,15 @@ def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     from rayindex.query.sharded import open_part
     from rayindex.versions import version_store
 
-    output, manifest = s3_build
+    output = s3_build[0]
     done = subprocess.run([RAYINDEX, "partition", "--index", output, "--shards", "2"], capture_output=True, text=True,
                           env=client_env(), timeout=300)
     assert done.returncode == 0, done.stderr
-    published = read_manifest(Store(output), manifest.run_id)
-    cache = version_store(Store(output), manifest.run_id).local_root
+    run_id = current_run_id(Store(output))  # the version CURRENT names (test_s3 may have published after the fixture's)
+    published = read_manifest(Store(output), run_id)
+    cache = version_store(Store(output), run_id).local_root
     shutil.rmtree(cache / "parts", ignore_errors=True)  # what a fresh shard node has
-    parts = [open_part(output, manifest.run_id, 2, part) for part in range(2)]
+    parts = [open_part(output, run_id, 2, part) for part in range(2)]
     assert sorted(p.relative_to(cache).as_posix() for p in (cache / "parts").rglob("*.*")) == \
         sorted(rel for part in published.serving[2] for rel in part.files)
     merged = open_index(output)

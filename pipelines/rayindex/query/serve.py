@@ -354,10 +354,12 @@ class RagService:
     @app.get("/healthz")
     async def healthz(self):
         """Answered by the event loop at once, never queued behind searches; "degraded" (still 200: the
-        replica serves the version it has) when CURRENT names a version it refused."""
+        replica serves the version it has) when CURRENT names a version it refused. Sharded: failing_shards,
+        the shards whose last call failed, and why."""
         loaded = self.current
         return {"status": "degraded" if self.degraded else "ok", "version": loaded.run_id,
                 "documents": loaded.manifest.counts.docs_encoded, "vectors": loaded.ntotal, "shards": self.config.shards,
+                **({"failing_shards": {str(k): why for k, why in sorted(loaded.shards.failing.items())}} if loaded.shards else {}),
                 "index_string": loaded.manifest.index_string, "in_flight": self.inflight, "degraded": self.degraded}
 
     @app.get("/metrics")

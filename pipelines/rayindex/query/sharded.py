@@ -193,6 +193,7 @@ class ShardedSearch:
         self.run_id, self.trained, self.owner, self.handles = run_id, trained, owner, handles
         self.timeout_s, self.partial_ok = timeout_s, partial_ok
         self.larger_is_better = larger_is_better(trained)
+        self.failing: dict[int, str] = {}  # shard -> why its last call failed (cleared by its next answer): /healthz
 
     def prepare(self) -> None:
         """Ask every shard to load this version before the router swaps to it (one replica each; the others
@@ -215,7 +216,9 @@ class ShardedSearch:
         for shard, call in calls.items():
             try:
                 results.append(call.result(timeout_s=max(0.0, deadline - time.monotonic())))
+                self.failing.pop(shard, None)
             except Exception as exc:  # a dead replica, a timeout, a part that cannot load
+                self.failing[shard] = user_message(exc)
                 if not self.partial_ok:
                     for other in calls.values():
                         other.cancel()
