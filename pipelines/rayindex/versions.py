@@ -169,6 +169,14 @@ def prune_versions(root: Store, keep: int) -> list[str]:
     return deleted
 
 
+def current_published_id(root: Store) -> str:
+    """The run id CURRENT names, refused with a message when nothing is published yet."""
+    run_id = current_run_id(root)
+    if not run_id:
+        raise RayIndexError(f"{root.output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
+    return run_id
+
+
 def published_version(root: Store, run_id: str) -> tuple[Store, Manifest]:
     """The store and manifest of a published version, refused with a message naming the file when the
     manifest is missing, of another run, or not published."""
@@ -205,9 +213,7 @@ def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, 
     is not among them: it is read on demand where the version lives (parts/docstore.py).
     A clear error naming the file when anything is missing, damaged or not what CURRENT says."""
     root = Store(str(output))
-    run_id = current_run_id(root)
-    if not run_id:
-        raise RayIndexError(f"{output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
+    run_id = current_published_id(root)
     version, manifest = published_version(root, run_id)
     if MERGED_FILE not in manifest.files_sha256:
         raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but its manifest records no {MERGED_FILE}; rebuild it")

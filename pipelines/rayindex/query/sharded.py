@@ -30,13 +30,13 @@ from ray import serve
 from rayindex.config import AppConfig
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
 from rayindex.infra.storage import Store
-from rayindex.layout import CURRENT, TRAINED_FILE
+from rayindex.layout import CURRENT, MANIFEST, TRAINED_FILE
 from rayindex.manifest import Manifest, ServingPart
 from rayindex.parts.ivf import read_index
 from rayindex.parts.ivf_parts import coarse_assign, empty_results, larger_is_better, merge_part_results, parts_needed, search_part
 from rayindex.query.filters import id_selector
 from rayindex.query.search import PublishedIndex, open_version
-from rayindex.versions import current_run_id, published_version, pull_version_files
+from rayindex.versions import current_published_id, current_run_id, published_version, pull_version_files
 
 log = logging.getLogger("rayindex.sharded")
 
@@ -85,11 +85,11 @@ def open_part(output: str, run_id: str, shards: int, part: int) -> LoadedPart:
     start = time.perf_counter()
     root = Store(output)
     version, manifest = published_version(root, run_id)
-    split = serving_split(manifest, shards, version.url("manifest.json"))
+    split = serving_split(manifest, shards, version.url(MANIFEST))
     files = split[part].files
     missing = [rel for rel in files if rel not in manifest.files_sha256]
     if missing:
-        raise DamagedIndex(f"{version.url('manifest.json')} records no checksum for {missing[0]}; run `rayindex partition` again")
+        raise DamagedIndex(f"{version.url(MANIFEST)} records no checksum for {missing[0]}; run `rayindex partition` again")
     version_dir = pull_version_files(root, version, manifest, {rel: manifest.files_sha256[rel] for rel in files})
     index = read_index(version_dir / files[0], faiss.IO_FLAG_ONDISK_SAME_DIR)
     if index.ntotal != split[part].vectors:
@@ -126,10 +126,7 @@ class ShardServer:
         faiss.omp_set_num_threads(max(1, int(cpus) // BATCHES_IN_FLIGHT))
         self.versions: OrderedDict[str, LoadedPart] = OrderedDict()
         self._loading = threading.Lock()
-        run_id = current_run_id(Store(self.config.index))
-        if not run_id:
-            raise RayIndexError(f"{self.config.index} has no published index; run `rayindex build` first")
-        self.prepare(run_id)
+        self.prepare(current_published_id(Store(self.config.index)))
         threading.Thread(target=self._watch_current, daemon=True, name="rayindex-shard-watch").start()
 
     def part_of(self, run_id: str) -> LoadedPart:
@@ -234,11 +231,8 @@ class ShardedSearch:
 def current_split(output: str, shards: int) -> tuple[Store, Store, Manifest, list[ServingPart]]:
     """The output's store, the store and manifest of the version CURRENT names, and its split for `shards`."""
     root = Store(output)
-    run_id = current_run_id(root)
-    if not run_id:
-        raise RayIndexError(f"{output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
-    version, manifest = published_version(root, run_id)
-    return root, version, manifest, serving_split(manifest, shards, version.url("manifest.json"))
+    version, manifest = published_version(root, current_published_id(root))
+    return root, version, manifest, serving_split(manifest, shards, version.url(MANIFEST))
 
 
 def open_router(config: AppConfig, handles: list) -> PublishedIndex:
@@ -246,7 +240,7 @@ def open_router(config: AppConfig, handles: list) -> PublishedIndex:
     quantizer, pre-transforms) pulled and checked, the split checked, the doc store; no inverted list."""
     root, version, manifest, split = current_split(config.index, config.shards)
     if manifest.refine_factor and manifest.refine_factor > 1:
-        raise RayIndexError(f"{version.url('manifest.json')}: re-ranking (refine factor {manifest.refine_factor}) needs every vector's "
+        raise RayIndexError(f"{version.url(MANIFEST)}: re-ranking (refine factor {manifest.refine_factor}) needs every vector's "
                             "fp16 copy where the shards' results meet; serve this version without --shards, or tune it without re-ranking")
     version_dir = pull_version_files(root, version, manifest, {TRAINED_FILE: manifest.training.trained_sha256})
     sharded = ShardedSearch(manifest.run_id, read_index(version_dir / TRAINED_FILE), list_owner(split, manifest.nlist), handles, config.shard_timeout,
