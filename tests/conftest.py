@@ -19,6 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Serve's HTTP proxy of the session's Ray checks bodies before reading them, as `rayindex serve` and
 # cluster.yaml set it up (rayindex.query.gate); set before Ray starts, so the proxy process inherits it.
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "rayindex.query.gate:middlewares")
+# Ray's metrics agents export what the processes record every 10 s by default; the tests that wait for a
+# counter in /metrics (test_serve, test_deploy) wait out one export each time, and under load a missed
+# round doubled that: 2 s makes the wait short and the deadlines (120 s) many rounds long.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 
 def client_env() -> dict:
@@ -229,7 +233,7 @@ def searches_meanwhile(url: str, payload: dict, clients: int):
             t.join()
 
 
-def wait_for_version(client, run_id: str, timeout_s: float = 60) -> None:
+def wait_for_version(client, run_id: str, timeout_s: float = 120) -> None:
     """Until /healthz reports run_id (and a second more, for requests under way to finish)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and client.get("/healthz").json()["version"] != run_id:

@@ -101,7 +101,7 @@ def test_serve_deploy_with_the_sample_config_counts_both_replicas(serve_port, in
             assert c.post("/search", json={"query": f"read a file {i}", "k": 2}).status_code == 200
     expected = sent + 1  # and the warm-up search
     line = 'rayindex_requests_total{endpoint="/search",status="200"}'
-    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    deadline = time.monotonic() + 120  # Ray exports metrics every 2 s here (conftest)
     while True:
         metrics = httpx.get(url + "/metrics", timeout=30).text
         counted = next((float(m.split()[-1]) for m in metrics.splitlines() if m.startswith(line + " ")), 0.0)
