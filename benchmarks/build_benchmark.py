@@ -34,13 +34,13 @@ from rayindex.builder import build, timed
 from rayindex.config import BuildConfig
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
+from rayindex.ivf.index import read_merged
 from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Counts, Manifest, ModelInfo, ShardState, now_iso
-from rayindex.parts.ivf import read_merged
-from rayindex.parts.model import load_model
-from rayindex.parts.shard_plan import plan_shards
-from rayindex.parts.stdlib_corpus import stdlib_docstrings
 from rayindex.stages import add, merge, train
+from rayindex.text.model import load_model
+from rayindex.text.shard_plan import plan_shards
+from rayindex.text.stdlib_corpus import stdlib_docstrings
 from rayindex.versions import new_run_id
 
 
@@ -54,8 +54,14 @@ def encode_benchmark(n_docs: int, work: Path) -> dict:
 
     pq.write_table(pa.Table.from_pylist(docs), work / "docs.parquet")
     n_cpus = int(ray.cluster_resources()["CPU"])
-    config = BuildConfig(inputs=[str(work / "docs.parquet")], output=str(work / "out"), id_column="id",
-                         template="{title}: {body}", shards=n_cpus, index="IVF1,Flat")
+    config = BuildConfig(
+        inputs=[str(work / "docs.parquet")],
+        output=str(work / "out"),
+        id_column="id",
+        template="{title}: {body}",
+        shards=n_cpus,
+        index="IVF1,Flat",
+    )
     manifest = build(config)
     return {"docs": len(texts), "single_s": single, "pipeline_s": manifest.timings_s["encode"]}
 
@@ -67,7 +73,11 @@ def clustered_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     basis = np.random.default_rng(99).standard_normal((32, dim)).astype(np.float32) / np.sqrt(32)
     centres = np.random.default_rng(98).standard_normal((2000, dim)).astype(np.float32)
     spread = rng.standard_normal((n, 32)).astype(np.float32) @ basis
-    x = centres[rng.integers(0, len(centres), n)] + 0.5 * spread + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
+    x = (
+        centres[rng.integers(0, len(centres), n)]
+        + 0.5 * spread
+        + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
+    )
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -91,13 +101,21 @@ def index_benchmark(n: int, dim: int, index_string: str, n_shards: int, nprobe: 
     for shard in shards:
         d = shard_dir(version, shard.shard_id)
         d.mkdir(parents=True)
-        x[shard.global_start:shard.global_end].astype("<f4").tofile(d / EMBEDDINGS_FILE)
-        np.save(d / VECTOR_IDS_FILE, ids[shard.global_start:shard.global_end])
+        x[shard.global_start : shard.global_end].astype("<f4").tofile(d / EMBEDDINGS_FILE)
+        np.save(d / VECTOR_IDS_FILE, ids[shard.global_start : shard.global_end])
     config = BuildConfig(inputs=["synthetic"], output=str(work), index=index_string, on_disk=False)
-    manifest = Manifest(run_id=new_run_id(), created_at=now_iso(), config=config, config_fingerprint="bench", shards=shards,
-                        shard_states=[ShardState(shard_id=s.shard_id, docs_encoded=s.num_rows, passages=s.num_rows) for s in shards],
-                        dimension=dim, metric="cosine", counts=Counts(docs_encoded=n, passages=n), model=ModelInfo(name="synthetic", path="", normalized=True,
-                                                                                       device="cpu"))
+    manifest = Manifest(
+        run_id=new_run_id(),
+        created_at=now_iso(),
+        config=config,
+        config_fingerprint="bench",
+        shards=shards,
+        shard_states=[ShardState(shard_id=s.shard_id, docs_encoded=s.num_rows, passages=s.num_rows) for s in shards],
+        dimension=dim,
+        metric="cosine",
+        counts=Counts(docs_encoded=n, passages=n),
+        model=ModelInfo(name="synthetic", path="", normalized=True, device="cpu"),
+    )
     store, progress = Store(str(version)), StageProgress(quiet=True)
     start = time.perf_counter()
     for name, stage in (("train", train), ("add", add), ("merge", merge)):
@@ -113,8 +131,15 @@ def index_benchmark(n: int, dim: int, index_string: str, n_shards: int, nprobe: 
     index.train(x[np.sort(np.random.default_rng(config.seed).choice(n, sample, replace=False))])
     index.add_with_ids(x, ids)
     single = time.perf_counter() - start
-    return {"vectors": n, "train_sample": sample, "ours_s": ours, "single_s": single, "ours_recall": ours_recall,
-            "single_recall": recall_at_10(index, queries, truth, nprobe), "stages": dict(manifest.timings_s)}
+    return {
+        "vectors": n,
+        "train_sample": sample,
+        "ours_s": ours,
+        "single_s": single,
+        "ours_recall": ours_recall,
+        "single_recall": recall_at_10(index, queries, truth, nprobe),
+        "stages": dict(manifest.timings_s),
+    }
 
 
 def main() -> None:
@@ -129,22 +154,41 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         enc = encode_benchmark(args.docs, Path(tmp))
-        idx = index_benchmark(args.vectors, args.dim, args.index, int(ray.cluster_resources()["CPU"]), args.nprobe, Path(tmp))
+        idx = index_benchmark(
+            args.vectors, args.dim, args.index, int(ray.cluster_resources()["CPU"]), args.nprobe, Path(tmp)
+        )
     table = Table(title=f"rayindex build benchmark ({os.cpu_count()} cores)")
     for col in ("measure", "rayindex", "single process", "ratio", "target"):
         table.add_column(col)
     enc_ratio = enc["single_s"] / enc["pipeline_s"]
-    table.add_row(f"(a) encode {enc['docs']} docs, docs/s", f"{enc['docs'] / enc['pipeline_s']:.1f}",
-                  f"{enc['docs'] / enc['single_s']:.1f}", f"{enc_ratio:.2f}", ">= 0.9")
+    table.add_row(
+        f"(a) encode {enc['docs']} docs, docs/s",
+        f"{enc['docs'] / enc['pipeline_s']:.1f}",
+        f"{enc['docs'] / enc['single_s']:.1f}",
+        f"{enc_ratio:.2f}",
+        ">= 0.9",
+    )
     idx_ratio = idx["ours_s"] / idx["single_s"]
-    table.add_row(f"(b) train+add+merge {idx['vectors']:,} x {args.dim}, s", f"{idx['ours_s']:.1f}",
-                  f"{idx['single_s']:.1f}", f"{idx_ratio:.2f}", "<= 1.15")
-    table.add_row(f"(b) recall@10 at nprobe {args.nprobe}", f"{idx['ours_recall']:.3f}", f"{idx['single_recall']:.3f}",
-                  f"{idx['ours_recall'] - idx['single_recall']:+.3f}", "equal")
+    table.add_row(
+        f"(b) train+add+merge {idx['vectors']:,} x {args.dim}, s",
+        f"{idx['ours_s']:.1f}",
+        f"{idx['single_s']:.1f}",
+        f"{idx_ratio:.2f}",
+        "<= 1.15",
+    )
+    table.add_row(
+        f"(b) recall@10 at nprobe {args.nprobe}",
+        f"{idx['ours_recall']:.3f}",
+        f"{idx['single_recall']:.3f}",
+        f"{idx['ours_recall'] - idx['single_recall']:+.3f}",
+        "equal",
+    )
     Console().print(table)
     print("our stage times (s):", json.dumps(idx["stages"]))
     if args.json:
-        args.json.write_text(json.dumps({"encode": enc, "index": idx, "args": vars(args) | {"json": str(args.json)}}, indent=2))
+        args.json.write_text(
+            json.dumps({"encode": enc, "index": idx, "args": vars(args) | {"json": str(args.json)}}, indent=2)
+        )
 
 
 if __name__ == "__main__":

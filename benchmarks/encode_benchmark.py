@@ -16,8 +16,10 @@ Rates are docs/s over the same documents. The stage's rate is given two ways: ov
 (reading to writing, ShardState.encode_seconds: the steady data path), which is what the targets compare.
 
     apt-get install dict-gcide          # the default corpus: 114,890 GCIDE dictionary entries
-    python benchmarks/encode_benchmark.py [--corpus gcide|stdlib|FILE.parquet] [--docs N] [--json docs/benchmark-encode.json]
-    python benchmarks/encode_benchmark.py --gpu ...   # on a GPU machine: GPU utilization, forward-only rate, fp16 vs fp32
+    python benchmarks/encode_benchmark.py [--corpus gcide|stdlib|FILE.parquet] [--docs N] [--json
+    docs/benchmark-encode.json]
+    python benchmarks/encode_benchmark.py --gpu ...   # on a GPU machine: GPU utilization, forward-only rate, fp16 vs
+    fp32
 """
 
 from __future__ import annotations
@@ -63,8 +65,13 @@ def gcide_entries() -> list[dict]:
         if word.startswith("00-database") or span in seen:
             continue
         seen.add(span)
-        entries.append({"id": f"{word}#{len(entries)}", "word": word,
-                        "definition": data[span[0]:span[0] + span[1]].decode("utf-8", "replace").strip()})
+        entries.append(
+            {
+                "id": f"{word}#{len(entries)}",
+                "word": word,
+                "definition": data[span[0] : span[0] + span[1]].decode("utf-8", "replace").strip(),
+            }
+        )
     return entries
 
 
@@ -74,7 +81,7 @@ def corpus(name: str, limit: int | None) -> tuple[list[dict], str]:
             raise SystemExit("dict-gcide is not installed (apt-get install dict-gcide); or use --corpus stdlib")
         rows, what = gcide_entries(), "GCIDE dictionary entries (Debian dict-gcide)"
     elif name == "stdlib":
-        from rayindex.parts.stdlib_corpus import stdlib_docstrings
+        from rayindex.text.stdlib_corpus import stdlib_docstrings
 
         rows = [{"id": d["id"], "word": d["title"], "definition": d["body"]} for d in stdlib_docstrings()]
         what = "Python standard library docstrings"
@@ -89,7 +96,7 @@ def free_forward() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from rayindex.parts.model import embedding_dimension
+    from rayindex.text.model import embedding_dimension
 
     def forward(self, features, **kwargs):
         return {**features, "sentence_embedding": torch.rand(features["input_ids"].shape[0], embedding_dimension(self))}
@@ -99,7 +106,7 @@ def free_forward() -> None:
 
 def one_process(texts: list[str]) -> float:
     """Seconds of SentenceTransformer.encode(texts, batch_size=64) in this process (model load included)."""
-    from rayindex.parts.model import load_model
+    from rayindex.text.model import load_model
 
     start = time.perf_counter()
     load_model("all-MiniLM-L6-v2").encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
@@ -117,38 +124,61 @@ def stage(parquet: Path, work: Path, encoders: int | None, gpu: bool, setup_hook
     runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else None
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     try:
-        config = BuildConfig(inputs=[str(parquet)], output=str(work), id_column="id", template="{word}: {definition}",
-                             shard_size=10_000, encoders=encoders, gpu=gpu, index="IVF1,Flat")
+        config = BuildConfig(
+            inputs=[str(parquet)],
+            output=str(work),
+            id_column="id",
+            template="{word}: {definition}",
+            shard_size=10_000,
+            encoders=encoders,
+            gpu=gpu,
+            index="IVF1,Flat",
+        )
         progress = StageProgress(quiet=True)
         manifest, version = start_or_resume(config, Store(config.output), progress)
         plan.run(config, manifest)
         start = time.perf_counter()
         encode.run(config, manifest, version, progress)
         wall = time.perf_counter() - start
-        actors = min(len(manifest.shards), encoders or max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1))))
+        actors = min(
+            len(manifest.shards), encoders or max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)))
+        )
     finally:
         ray.shutdown()
     shard_seconds = sum(s.encode_seconds for s in manifest.shard_states)
-    return {"docs": manifest.counts.docs_encoded, "wall_s": wall, "steady_s": shard_seconds / actors, "actors": actors,
-            "shards": len(manifest.shards), "truncated": manifest.counts.skipped.get("truncated_to_max_seq_length (kept)", 0)}
+    return {
+        "docs": manifest.counts.docs_encoded,
+        "wall_s": wall,
+        "steady_s": shard_seconds / actors,
+        "actors": actors,
+        "shards": len(manifest.shards),
+        "truncated": manifest.counts.skipped.get("truncated_to_max_seq_length (kept)", 0),
+    }
 
 
 def tokenizer_alone(texts: list[str], parallel: bool) -> float:
     """Seconds for the fast tokenizer alone over the texts (truncation on), in a fresh process (the
     tokenizer's parallelism is fixed when its thread pool starts)."""
-    code = ("import json, sys, time; from rayindex.parts.model import load_model\n"
-            "texts = json.load(sys.stdin); tok = load_model('all-MiniLM-L6-v2').tokenizer\n"
-            "start = time.perf_counter()\n"
-            "for i in range(0, len(texts), 2048): tok(texts[i:i + 2048], truncation=True, max_length=256)\n"
-            "print(time.perf_counter() - start)")
+    code = (
+        "import json, sys, time; from rayindex.text.model import load_model\n"
+        "texts = json.load(sys.stdin); tok = load_model('all-MiniLM-L6-v2').tokenizer\n"
+        "start = time.perf_counter()\n"
+        "for i in range(0, len(texts), 2048): tok(texts[i:i + 2048], truncation=True, max_length=256)\n"
+        "print(time.perf_counter() - start)"
+    )
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true" if parallel else "false")
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True, env=env, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def gpu_sampler(samples: list, stop: threading.Event) -> None:
-    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     while not stop.is_set():
         line = proc.stdout.readline()
         if line.strip().isdigit():
@@ -161,17 +191,19 @@ def gpu_figures(texts: list[str]) -> dict:
     against fp32 exact search on the same texts."""
     import faiss
 
-    from rayindex.parts.model import embed, load_model, tokenize
+    from rayindex.text.model import embed, load_model, tokenize
 
     out = {}
     vectors = {}
     for fp16 in (True, False):
         model = load_model("all-MiniLM-L6-v2", "cuda", fp16=fp16)
-        chunks = [tokenize(model, texts[i:i + 2048]) for i in range(0, len(texts), 2048)]
+        chunks = [tokenize(model, texts[i : i + 2048]) for i in range(0, len(texts), 2048)]
         embed(model, chunks[0], 256, True)  # warm up
         start = time.perf_counter()
         vectors[fp16] = np.concatenate([embed(model, c, 256, True) for c in chunks])
-        out["forward_only_fp16_docs_per_s" if fp16 else "forward_only_fp32_docs_per_s"] = len(texts) / (time.perf_counter() - start)
+        out["forward_only_fp16_docs_per_s" if fp16 else "forward_only_fp32_docs_per_s"] = len(texts) / (
+            time.perf_counter() - start
+        )
     queries = vectors[False][:: max(1, len(texts) // 1000)]
     exact = faiss.IndexFlatIP(vectors[False].shape[1])
     exact.add(vectors[False])
@@ -187,10 +219,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="gcide")
     parser.add_argument("--docs", type=int, help="only the first N documents")
-    parser.add_argument("--real-docs", type=int, default=3000, help="documents for (a), the real model (on 2 CPU cores it "
-                        "encodes ~30 docs/s: the whole corpus would take an hour per side)")
+    parser.add_argument(
+        "--real-docs",
+        type=int,
+        default=3000,
+        help="documents for (a), the real model (on 2 CPU cores it "
+        "encodes ~30 docs/s: the whole corpus would take an hour per side)",
+    )
     parser.add_argument("--encoders", type=int, help="encoder actors (default: the build's, one per CPU or GPU)")
-    parser.add_argument("--gpu", action="store_true", help="encode on the GPU; also sample utilization and measure forward-only")
+    parser.add_argument(
+        "--gpu", action="store_true", help="encode on the GPU; also sample utilization and measure forward-only"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows, what = corpus(args.corpus, args.docs)
@@ -206,12 +245,12 @@ def main() -> None:
             threading.Thread(target=gpu_sampler, args=(samples, stop), daemon=True).start()
         real = parquet if args.gpu else Path(tmp) / "real.parquet"
         if not args.gpu:
-            pq.write_table(pa.Table.from_pylist(rows[:args.real_docs]), real, row_group_size=10_000)
+            pq.write_table(pa.Table.from_pylist(rows[: args.real_docs]), real, row_group_size=10_000)
         results["a_stage"] = stage(real, Path(tmp) / "a", args.encoders, args.gpu)
         stop.set()
         if samples:
             results["gpu_utilization_pct"] = {"mean": float(np.mean(samples)), "p50": float(np.median(samples))}
-        results["a_one_process_s"] = one_process(texts if args.gpu else texts[:args.real_docs])
+        results["a_one_process_s"] = one_process(texts if args.gpu else texts[: args.real_docs])
         results["b_stage"] = stage(parquet, Path(tmp) / "b", args.encoders, args.gpu, setup_hook=free_forward)
         free_forward()  # from here on, in this process too: the baseline's data path
         results["b_one_process_s"] = one_process(texts)
@@ -225,7 +264,14 @@ def main() -> None:
         return n / seconds
 
     table = Table(title=f"encode, {cores} cores{', GPU' if args.gpu else ''}: docs/s (docs/s per core)")
-    for col in ("", "pipeline, steady", "pipeline, stage wall", "one process", "steady / one process", "steady / tokenizer floor"):
+    for col in (
+        "",
+        "pipeline, steady",
+        "pipeline, stage wall",
+        "one process",
+        "steady / one process",
+        "steady / tokenizer floor",
+    ):
         table.add_column(col, justify="right")
     floor = rate(results["c_tokenizer_parallel_s"])
     for label, key in (("(a) real model", "a"), ("(b) forward free: data path", "b")):
@@ -233,13 +279,31 @@ def main() -> None:
         docs = st["docs"]
         one, steady, wall = docs / results[f"{key}_one_process_s"], docs / st["steady_s"], docs / st["wall_s"]
         label = f"{label}, {docs:,} docs"
-        results[f"{key}_ratios"] = {"steady_vs_one_process": steady / one, "wall_vs_one_process": wall / one, "steady_vs_floor": steady / floor}
-        table.add_row(label, f"{steady:,.0f} ({steady / cores:,.0f})", f"{wall:,.0f}", f"{one:,.0f}", f"{steady / one:.2f}",
-                      f"{steady / floor:.2f}")
-    table.add_row(f"(c) tokenizer alone, parallel / serial, {n:,} docs", f"{floor:,.0f} / {rate(results['c_tokenizer_serial_s']):,.0f}",
-                  "", "", "", "1.00")
+        results[f"{key}_ratios"] = {
+            "steady_vs_one_process": steady / one,
+            "wall_vs_one_process": wall / one,
+            "steady_vs_floor": steady / floor,
+        }
+        table.add_row(
+            label,
+            f"{steady:,.0f} ({steady / cores:,.0f})",
+            f"{wall:,.0f}",
+            f"{one:,.0f}",
+            f"{steady / one:.2f}",
+            f"{steady / floor:.2f}",
+        )
+    table.add_row(
+        f"(c) tokenizer alone, parallel / serial, {n:,} docs",
+        f"{floor:,.0f} / {rate(results['c_tokenizer_serial_s']):,.0f}",
+        "",
+        "",
+        "",
+        "1.00",
+    )
     console.print(table)
-    console.print("(b) uses a stub for SentenceTransformer.forward (random vectors): it measures the data path, not the model.")
+    console.print(
+        "(b) uses a stub for SentenceTransformer.forward (random vectors): it measures the data path, not the model."
+    )
     if args.gpu:
         console.print({k: v for k, v in results.items() if k.startswith(("forward_only", "fp16", "gpu_util"))})
     if args.json:

@@ -4,7 +4,8 @@ Re-runs only the train, add and merge stages of an existing build for each index
 encoded shards are hard-linked, not re-encoded), then evaluates each against exact search.
 
     rayindex build -o /tmp/rd                        # the embedded default: stdlib docstrings
-    python benchmarks/quality_benchmark.py --index /tmp/rd --png docs/quality-recall.png --json docs/benchmark-quality.json
+    python benchmarks/quality_benchmark.py --index /tmp/rd --png docs/quality-recall.png --json
+    docs/benchmark-quality.json
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def rebuild(source: Path, index_string: str, root: Path) -> Path:
         for name in (EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE):
             os.link(src / name, dst / name)
     config = manifest.config.model_copy(update={"index": index_string, "on_disk": False})
-    manifest = manifest.model_copy(update={"config": config, "timings_s": {}, "warnings": [], "tuning": None, "training": None,
-                                           "merge": None})
+    manifest = manifest.model_copy(
+        update={"config": config, "timings_s": {}, "warnings": [], "tuning": None, "training": None, "merge": None}
+    )
     store, progress = Store(str(target)), StageProgress(quiet=True)
     for name, stage in (("train", train), ("add", add), ("merge", merge)):
         with timed(name, manifest, store):
@@ -61,8 +63,7 @@ def rebuild(source: Path, index_string: str, root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", default="rayindex-data", help="output folder of an existing build")
-    parser.add_argument("--settings", default=";".join(DEFAULT_SETTINGS),
-                        help="index strings separated by ';'")
+    parser.add_argument("--settings", default=";".join(DEFAULT_SETTINGS), help="index strings separated by ';'")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--target-recall", type=float, default=0.95, help="tune each setting to this recall@10")
     parser.add_argument("--png", type=Path)
@@ -77,27 +78,52 @@ def main() -> None:
             published = open_version(version, Manifest.load(version))
             result = evaluate(published, EvalOptions(n_queries=args.queries, ks="1,10,100"))
             result["bytes_per_vector"] = (version / MERGED_FILE).stat().st_size / published.index.ntotal
-            tuning, _ = tune(version, published.manifest, TuneOptions(target_recall=args.target_recall, n_queries=args.queries))
+            tuning, _ = tune(
+                version, published.manifest, TuneOptions(target_recall=args.target_recall, n_queries=args.queries)
+            )
             result["tuned"] = tuning.model_dump(include={"reached", "nprobe", "refine_factor", "recall"})
             results[index_string] = result
     first = next(iter(results.values()))
     dim = Manifest.load(source).dimension
-    table = Table(title=f"{first['documents']:,} docs ({first['queries']} held-out queries), dim {dim}; "
-                        f"recall@10 vs exact search, ms/query batched ({os.cpu_count()} cores)")
-    for col in ("index", "bytes/vector", "RAM vs Flat", "nprobe 1", "nprobe 4", "nprobe 16", "all lists", "ms/query (all)",
-                f"tuned to {args.target_recall}: nprobe, re-rank, recall@10"):
+    table = Table(
+        title=f"{first['documents']:,} docs ({first['queries']} held-out queries), dim {dim}; "
+        f"recall@10 vs exact search, ms/query batched ({os.cpu_count()} cores)"
+    )
+    for col in (
+        "index",
+        "bytes/vector",
+        "RAM vs Flat",
+        "nprobe 1",
+        "nprobe 4",
+        "nprobe 16",
+        "all lists",
+        "ms/query (all)",
+        f"tuned to {args.target_recall}: nprobe, re-rank, recall@10",
+    ):
         table.add_column(col, justify="right")
     for name, r in results.items():
         by = {row["nprobe"]: row for row in r["sweep"]}
-        table.add_row(name, f"{r['bytes_per_vector']:.0f}", f"{r['bytes_per_vector'] / (4 * dim):.2f}",
-                      *[f"{by[n]['recall'][10]:.3f}" if n in by else "-" for n in (1, 4, 16)],
-                      f"{r['sweep'][-1]['recall'][10]:.3f}", f"{r['sweep'][-1]['ms_per_query']:.3f}",
-                      f"{r['tuned']['nprobe']}, x{r['tuned']['refine_factor']}, {r['tuned']['recall']:.3f}"
-                      + ("" if r["tuned"]["reached"] else " (not reached)"))
+        table.add_row(
+            name,
+            f"{r['bytes_per_vector']:.0f}",
+            f"{r['bytes_per_vector'] / (4 * dim):.2f}",
+            *[f"{by[n]['recall'][10]:.3f}" if n in by else "-" for n in (1, 4, 16)],
+            f"{r['sweep'][-1]['recall'][10]:.3f}",
+            f"{r['sweep'][-1]['ms_per_query']:.3f}",
+            f"{r['tuned']['nprobe']}, x{r['tuned']['refine_factor']}, {r['tuned']['recall']:.3f}"
+            + ("" if r["tuned"]["reached"] else " (not reached)"),
+        )
     Console(width=160).print(table)
     if args.json:
-        args.json.write_text(json.dumps({k: {key: v[key] for key in ("sweep", "bytes_per_vector", "documents", "queries", "tuned")}
-                                         for k, v in results.items()}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    k: {key: v[key] for key in ("sweep", "bytes_per_vector", "documents", "queries", "tuned")}
+                    for k, v in results.items()
+                },
+                indent=2,
+            )
+        )
     if args.png:
         import matplotlib
 
@@ -107,7 +133,9 @@ def main() -> None:
         fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
         for name, r in results.items():
             a.plot([row["nprobe"] for row in r["sweep"]], [row["recall"][10] for row in r["sweep"]], "o-", label=name)
-            b.plot([row["recall"][10] for row in r["sweep"]], [row["ms_per_query"] for row in r["sweep"]], "o-", label=name)
+            b.plot(
+                [row["recall"][10] for row in r["sweep"]], [row["ms_per_query"] for row in r["sweep"]], "o-", label=name
+            )
         a.set(xscale="log", xlabel="nprobe", ylabel="recall@10 vs exact", title="Recall vs nprobe", ylim=(0, 1.02))
         b.set(xlabel="recall@10", ylabel="ms / query (batched)", title="Latency vs recall")
         a.legend(fontsize=8)

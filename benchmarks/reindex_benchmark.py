@@ -29,15 +29,15 @@ from rich.table import Table
 from rayindex.api import reindex
 from rayindex.builder import build
 from rayindex.config import BuildConfig
-from rayindex.parts.stdlib_corpus import stdlib_docstrings
+from rayindex.text.stdlib_corpus import stdlib_docstrings
 
 
 def corpora(docs: list[dict], delete: float, edit: float, add: float) -> tuple[list[dict], list[dict]]:
     n_add = int(len(docs) * add)
     base, extra = docs[:-n_add], docs[-n_add:]
     n_del, n_edit = int(len(base) * delete), int(len(base) * edit)
-    edited = [dict(d, body=d["body"] + " (Changed in this release.)") for d in base[n_del:n_del + n_edit]]
-    return base, edited + base[n_del + n_edit:] + extra
+    edited = [dict(d, body=d["body"] + " (Changed in this release.)") for d in base[n_del : n_del + n_edit]]
+    return base, edited + base[n_del + n_edit :] + extra
 
 
 def main() -> None:
@@ -65,7 +65,8 @@ def main() -> None:
 
     r = incremental.reindex
     rows = {
-        "base docs": len(base), "new docs": len(new),
+        "base docs": len(base),
+        "new docs": len(new),
         "added / changed / deleted / unchanged": f"{r.added} / {r.changed} / {r.deleted} / {r.unchanged}",
         "quantizer": f"{r.path} (drift {r.drift.ratio})" if r.drift else r.path,
     }

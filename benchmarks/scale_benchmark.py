@@ -6,7 +6,8 @@ merge_shards) so its peak memory is its own. Time should grow linearly with the 
 memory stay flat: only the index's in-RAM parts (centroids, codebooks) and one shard's codes may
 be resident.
 
-    python benchmarks/scale_benchmark.py [--sizes 1e6,4e6,16e6] [--dim 96] [--index IVF4096,PQ24np] [--workdir /tmp/scale]
+    python benchmarks/scale_benchmark.py [--sizes 1e6,4e6,16e6] [--dim 96] [--index IVF4096,PQ24np] [--workdir
+    /tmp/scale]
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def peak_anon_mb(stop: threading.Event, out: list) -> None:
 def run_stage(stage: str, work: Path, n: int, dim: int, index_string: str) -> dict:
     """One stage in this process: returns seconds and peak anonymous MB."""
     from rayindex.infra.storage import Store, file_sha256
+    from rayindex.ivf.index import make_index
+    from rayindex.ivf.index_params import training_sample_size
     from rayindex.layout import SHARD_INDEX_FILE, TRAINED_FILE, shard_dir, shard_rel
-    from rayindex.parts.index_params import training_sample_size
-    from rayindex.parts.ivf import make_index
     from rayindex.stages.add import add_shard
     from rayindex.stages.merge import merge_shards
     from rayindex.stages.train import train_quantizer
@@ -60,16 +61,31 @@ def run_stage(stage: str, work: Path, n: int, dim: int, index_string: str) -> di
 
         probe = make_index(index_string, dim, "cosine")
         ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
-        train_quantizer(index_string, "cosine", version, {}, [shard_rel(k) for k in range(n_shards)], counts, dim,
-                        training_sample_size(n, ivf.nlist, hasattr(ivf, "pq")), 1234, False)
+        train_quantizer(
+            index_string,
+            "cosine",
+            version,
+            {},
+            [shard_rel(k) for k in range(n_shards)],
+            counts,
+            dim,
+            training_sample_size(n, ivf.nlist, hasattr(ivf, "pq")),
+            1234,
+            False,
+        )
     elif stage == "add":
         sha = file_sha256(work / TRAINED_FILE)
         for k, count in enumerate(counts):
             add_shard(version, sha, k, count, {}, dim)
     else:
         (work / "merged").mkdir(exist_ok=True)
-        merge_shards(str(work / TRAINED_FILE), [str(shard_dir(work, k) / SHARD_INDEX_FILE) for k in range(n_shards)],
-                     str(work / "merged"), on_disk=True, nprobe=1)
+        merge_shards(
+            str(work / TRAINED_FILE),
+            [str(shard_dir(work, k) / SHARD_INDEX_FILE) for k in range(n_shards)],
+            str(work / "merged"),
+            on_disk=True,
+            nprobe=1,
+        )
     seconds = time.perf_counter() - start
     stop.set()  # the sampler reads once more before it stops
     sampler.join()
@@ -113,8 +129,25 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         write_vectors(work, n, args.dim)
         for stage in ("train", "add", "merge"):
-            out = subprocess.run([sys.executable, __file__, "--stage", stage, "--n", str(n), "--dim", str(args.dim),
-                                  "--index", args.index, "--workdir", str(work)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--stage",
+                    stage,
+                    "--n",
+                    str(n),
+                    "--dim",
+                    str(args.dim),
+                    "--index",
+                    args.index,
+                    "--workdir",
+                    str(work),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[f"{n}/{stage}"] = json.loads(out.stdout.strip().splitlines()[-1])
             print(n, stage, results[f"{n}/{stage}"], flush=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -124,7 +157,10 @@ def main() -> None:
         table.add_column(stage, justify="right")
     table.add_column("add s per 1M", justify="right")
     for n in (int(float(v)) for v in args.sizes.split(",")):
-        cells = [f"{results[f'{n}/{s}']['seconds']:.1f} s / {results[f'{n}/{s}']['peak_anon_mb']:.0f} MB" for s in ("train", "add", "merge")]
+        cells = [
+            f"{results[f'{n}/{s}']['seconds']:.1f} s / {results[f'{n}/{s}']['peak_anon_mb']:.0f} MB"
+            for s in ("train", "add", "merge")
+        ]
         table.add_row(f"{n:,}", *cells, f"{results[f'{n}/add']['seconds'] / (n / 1e6):.1f}")
     Console(width=140).print(table)
     if args.json:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers: one free_port
 
 import httpx
 import numpy as np
@@ -26,10 +27,12 @@ from rich.console import Console
 from rich.table import Table
 
 from rayindex.config import ServeConfig
+from rayindex.ivf.recall import drop_self, exact_truth, recall_at
 from rayindex.layout import VECTOR_IDS_FILE, shard_dir
-from rayindex.parts.recall import drop_self, exact_truth, recall_at
+from rayindex.query.launch import start_serving
 from rayindex.query.search import open_index
-from rayindex.query.serve import start_serving
+
+from helpers import free_port
 
 
 def query_texts(published, n: int) -> list[str]:
@@ -86,19 +89,13 @@ def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: in
 
 
 def recall_at_10(published, queries: list[str], nprobe: int) -> float:
-    """recall@10 of the text queries against exact search (parts/recall.py's ground truth; the queries are
+    """recall@10 of the text queries against exact search (ivf/recall.py's ground truth; the queries are
     not corpus rows, so no id is held out: -1 matches nothing)."""
     q = published.encode(queries)
     no_self = np.full(len(q), -1)
     truth = exact_truth(published.version_dir, published.manifest, q, no_self, 10)
     _, found = published.search_vectors(q, 10, nprobe)
     return recall_at(drop_self(found, no_self, 10), truth, 10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -125,18 +122,46 @@ def main() -> None:
     results = {c: over_http(url, queries, c, args.k, nprobe) for c in (1, 8, 32)}
     serve.shutdown()
 
-    table = Table(title=f"/search on {published.manifest.run_id}: {int(published.index.ntotal):,} docs, "
-                        f"{published.manifest.index_string}, nprobe {nprobe}, recall@10 {recall:.3f} ({os.cpu_count()} cores)")
+    table = Table(
+        title=f"/search on {published.manifest.run_id}: {int(published.index.ntotal):,} docs, "
+        f"{published.manifest.index_string}, nprobe {nprobe}, recall@10 {recall:.3f} ({os.cpu_count()} cores)"
+    )
     for col in ("client", "QPS", "p50 ms", "p99 ms", "QPS vs in-process", "p50 vs in-process", "errors"):
         table.add_column(col, justify="right")
-    table.add_row("in-process, sequential", f"{baseline['qps']:.1f}", f"{baseline['p50_ms']:.1f}", f"{baseline['p99_ms']:.1f}", "1.00", "1.00", "0")
+    table.add_row(
+        "in-process, sequential",
+        f"{baseline['qps']:.1f}",
+        f"{baseline['p50_ms']:.1f}",
+        f"{baseline['p99_ms']:.1f}",
+        "1.00",
+        "1.00",
+        "0",
+    )
     for c, r in results.items():
-        table.add_row(f"HTTP, concurrency {c}", f"{r['qps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
-                      f"{r['qps'] / baseline['qps']:.2f}", f"{r['p50_ms'] / baseline['p50_ms']:.2f}", str(r["errors"]))
+        table.add_row(
+            f"HTTP, concurrency {c}",
+            f"{r['qps']:.1f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            f"{r['qps'] / baseline['qps']:.2f}",
+            f"{r['p50_ms'] / baseline['p50_ms']:.2f}",
+            str(r["errors"]),
+        )
     Console().print(table)
     if args.json:
-        args.json.write_text(json.dumps({"in_process": baseline, "http": results, "recall_at_10": recall, "nprobe": nprobe,
-                                         "index_string": published.manifest.index_string, "docs": int(published.index.ntotal)}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "in_process": baseline,
+                    "http": results,
+                    "recall_at_10": recall,
+                    "nprobe": nprobe,
+                    "index_string": published.manifest.index_string,
+                    "docs": int(published.index.ntotal),
+                },
+                indent=2,
+            )
+        )
     if args.png:
         import matplotlib
 

@@ -14,7 +14,8 @@ assignment, fan-out to the shard deployments, merge) behind @serve.batch as in R
 query encoding and the doc store, which a 100M-vector synthetic collection does not have. The build is
 reused when <dir>/CURRENT names a complete one.
 
-    python benchmarks/sharded_benchmark.py [--vectors 100000000] [--dir /work/bench-sharded] [--json docs/benchmark-sharded.json]
+    python benchmarks/sharded_benchmark.py [--vectors 100000000] [--dir /work/bench-sharded] [--json
+    docs/benchmark-sharded.json]
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def clustered_chunk(start: int, n: int, dim: int = DIM) -> np.ndarray:
     basis = np.random.default_rng(99).standard_normal((24, dim)).astype(np.float32) / np.sqrt(24)
     centres = np.random.default_rng(98).standard_normal((4000, dim)).astype(np.float32)
     spread = rng.standard_normal((n, 24), dtype=np.float32) @ basis
-    return centres[rng.integers(0, len(centres), n)] + 0.5 * spread + 0.05 * rng.standard_normal((n, dim), dtype=np.float32)
+    return (
+        centres[rng.integers(0, len(centres), n)]
+        + 0.5 * spread
+        + 0.05 * rng.standard_normal((n, dim), dtype=np.float32)
+    )
 
 
 def log(message: str) -> None:
@@ -57,9 +62,9 @@ def build(root: Path, total: int) -> Path:
     per build shard, the on-disk merge, parts for 1 and 4 serving shards, the manifest, CURRENT."""
     from rayindex.config import BuildConfig
     from rayindex.infra.storage import Store, file_sha256
+    from rayindex.ivf.index import make_index, read_index, trained_fingerprint, write_index
     from rayindex.layout import IVFDATA_FILE, MERGED_FILE, PASSAGE_BITS, SHARD_INDEX_FILE, TRAINED_FILE, shard_dir
     from rayindex.manifest import Counts, Manifest, ModelInfo, TrainedIndex, library_versions, now_iso
-    from rayindex.parts.ivf import make_index, read_index, trained_fingerprint, write_index
     from rayindex.stages.merge import merge_shards
     from rayindex.stages.partition import partition, record
     from rayindex.versions import current_run_id, new_run_id, publish, version_store
@@ -95,13 +100,28 @@ def build(root: Path, total: int) -> Path:
         os.unlink(path)  # the merged lists hold them now: keep the disk for the parts
     log(f"merged on disk: {merged.ntotal:,} vectors, {os.path.getsize(vdir / IVFDATA_FILE) / 2**30:.2f} GiB of lists")
     trained = read_index(vdir / TRAINED_FILE)
-    manifest = Manifest(run_id=run_id, created_at=now_iso(), config=BuildConfig(inputs=[f"synthetic:{total}"], index=INDEX_STRING),
-                        config_fingerprint="synthetic", versions=library_versions(), metric="l2", dimension=DIM,
-                        model=ModelInfo(name="synthetic (no model: vectors only)", path="", normalized=False, dimension=DIM),
-                        counts=Counts(rows_read=total, docs_encoded=total, passages=total), nprobe=NPROBE, merge=merged,
-                        training=TrainedIndex(index_string=INDEX_STRING, chosen_automatically=False, nlist=2048, nprobe=NPROBE,
-                                              sample_size=TRAIN_ROWS, trained_sha256=file_sha256(vdir / TRAINED_FILE),
-                                              trained_fingerprint=trained_fingerprint(trained)))
+    manifest = Manifest(
+        run_id=run_id,
+        created_at=now_iso(),
+        config=BuildConfig(inputs=[f"synthetic:{total}"], index=INDEX_STRING),
+        config_fingerprint="synthetic",
+        versions=library_versions(),
+        metric="l2",
+        dimension=DIM,
+        model=ModelInfo(name="synthetic (no model: vectors only)", path="", normalized=False, dimension=DIM),
+        counts=Counts(rows_read=total, docs_encoded=total, passages=total),
+        nprobe=NPROBE,
+        merge=merged,
+        training=TrainedIndex(
+            index_string=INDEX_STRING,
+            chosen_automatically=False,
+            nlist=2048,
+            nprobe=NPROBE,
+            sample_size=TRAIN_ROWS,
+            trained_sha256=file_sha256(vdir / TRAINED_FILE),
+            trained_fingerprint=trained_fingerprint(trained),
+        ),
+    )
     for name in (MERGED_FILE, IVFDATA_FILE):
         manifest.files_sha256[name] = file_sha256(vdir / name)
     manifest.files_sha256[TRAINED_FILE] = manifest.training.trained_sha256
@@ -174,10 +194,16 @@ def serve_shards(root: Path, shards: int, queries: np.ndarray, clients: int, sec
             evict(version_dir / rel)
     config = AppConfig(index=str(root), shards=shards, shard_timeout=60).model_dump()
     cpus = 2 / shards  # the same 2 cores in all: one shard searches with 2 threads, four with one each
-    handles = [ShardServer.options(name=f"shard-{p}", ray_actor_options={"num_cpus": cpus}).bind(config, shards, p) for p in range(shards)]
+    handles = [
+        ShardServer.options(name=f"shard-{p}", ray_actor_options={"num_cpus": cpus}).bind(config, shards, p)
+        for p in range(shards)
+    ]
     start = time.perf_counter()
-    router = serve.run(VectorRouter.options(ray_actor_options={"num_cpus": 0}).bind(config, handles), name=f"sharded-{shards}",
-                       route_prefix=None)
+    router = serve.run(
+        VectorRouter.options(ray_actor_options={"num_cpus": 0}).bind(config, handles),
+        name=f"sharded-{shards}",
+        route_prefix=None,
+    )
     startup_s = time.perf_counter() - start
     log(f"{shards} shard(s): deployed in {startup_s:.1f} s (cold page cache)")
     for part in manifest.serving[shards]:  # then searches are measured warm, as a server is after its first minutes
@@ -201,13 +227,23 @@ def serve_shards(root: Path, shards: int, queries: np.ndarray, clients: int, sec
 
     asyncio.run(load_warm(router, queries[:64]))
     latencies, done, results = asyncio.run(load())
-    stats = [serve.get_deployment_handle(f"shard-{p}", app_name=f"sharded-{shards}").stats.remote().result() for p in range(shards)]
+    stats = [
+        serve.get_deployment_handle(f"shard-{p}", app_name=f"sharded-{shards}").stats.remote().result()
+        for p in range(shards)
+    ]
     serve.delete(f"sharded-{shards}")
-    row = {"shards": shards, "startup_s": round(startup_s, 2), "part_load_s": [max(s["versions"].values()) for s in stats],
-           "qps": round(done / seconds, 1), "p50_ms": round(percentile(latencies, 50), 2), "p99_ms": round(percentile(latencies, 99), 2),
-           "anon_mb_per_shard": [round(s["anon_mb"]) for s in stats], "file_mb_per_shard": [round(s["file_mb"]) for s in stats],
-           "lists_mb_per_shard": [round(s["lists_mb"]) for s in stats],
-           "vectors_per_shard": [p.vectors for p in manifest.serving[shards]]}
+    row = {
+        "shards": shards,
+        "startup_s": round(startup_s, 2),
+        "part_load_s": [max(s["versions"].values()) for s in stats],
+        "qps": round(done / seconds, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "anon_mb_per_shard": [round(s["anon_mb"]) for s in stats],
+        "file_mb_per_shard": [round(s["file_mb"]) for s in stats],
+        "lists_mb_per_shard": [round(s["lists_mb"]) for s in stats],
+        "vectors_per_shard": [p.vectors for p in manifest.serving[shards]],
+    }
     log(json.dumps(row))
     return row, results
 
@@ -221,7 +257,7 @@ async def load_warm(router, queries: np.ndarray) -> None:
 
 def monolithic(root: Path, queries: np.ndarray) -> np.ndarray:
     """The merged index's ids for the queries at NPROBE, in this process (on-disk lists memory-mapped)."""
-    from rayindex.parts.ivf import read_merged
+    from rayindex.ivf.index import read_merged
 
     index = read_merged(version_of(root))
     return index.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=NPROBE))[1]
@@ -243,7 +279,9 @@ def plot(summary: dict, path: Path) -> None:
     qps.set(ylabel="searches/s (median of runs, dots: runs)", title=f"QPS, 4 vs 1: x{summary['qps_ratio_4_vs_1']}")
     bars = ram.bar(labels, [max(row["lists_mb_per_shard"]) for row in summary["rows"]], color=["#999", "#1f77b4"])
     ram.bar_label(bars, fmt="%.0f")
-    ram.set(ylabel="MB resident per shard replica", title=f"inverted lists per shard, x{summary['lists_mb_ratio_4_vs_1']}")
+    ram.set(
+        ylabel="MB resident per shard replica", title=f"inverted lists per shard, x{summary['lists_mb_ratio_4_vs_1']}"
+    )
     fig.suptitle(f"{summary['vectors'] / 1e6:.0f}M vectors, {summary['index']}, nprobe {summary['nprobe']}, 2 cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -268,7 +306,9 @@ def main() -> None:
 
     queries = clustered_chunk(10**13, args.queries)
     want = monolithic(root, queries)
-    ray.init(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 for the shards (see serve_shards), the rest for Serve's own actors
+    ray.init(
+        num_cpus=4, log_to_driver=False
+    )  # logical CPUs: 2 for the shards (see serve_shards), the rest for Serve's own actors
     runs = {1: [], 4: []}
     for _ in range(args.rounds):  # alternating, so that a noisy neighbour on the shared cores hits both alike
         for shards in (1, 4):
@@ -280,26 +320,54 @@ def main() -> None:
             runs[shards].append(row)
     ray.shutdown()
     rows = []
-    for shards, measured in runs.items():  # the first run's startup (cold: files evicted and checksummed), the median QPS run
+    # the first run's startup (cold: files evicted and checksummed), the median QPS run
+    for measured in runs.values():
         median = sorted(measured, key=lambda r: r["qps"])[len(measured) // 2]
-        rows.append(dict(median, startup_s=measured[0]["startup_s"], part_load_s=measured[0]["part_load_s"],
-                         qps_runs=[r["qps"] for r in measured]))
+        rows.append(
+            dict(
+                median,
+                startup_s=measured[0]["startup_s"],
+                part_load_s=measured[0]["part_load_s"],
+                qps_runs=[r["qps"] for r in measured],
+            )
+        )
     from rayindex.manifest import Manifest
 
     one, four = rows
-    summary = {"vectors": args.vectors, "index": INDEX_STRING, "nprobe": NPROBE, "clients": args.clients, "seconds": args.seconds,
-               "rows": rows, "qps_ratio_4_vs_1": round(four["qps"] / one["qps"], 3),
-               "part_lists_file_mb": {shards: [round(os.path.getsize(version_of(root) / p.files[1]) / 2**20)
-                                               for p in Manifest.load(version_of(root)).serving[shards]] for shards in (1, 4)},
-               "lists_mb_ratio_4_vs_1": round(max(four["lists_mb_per_shard"]) / max(one["lists_mb_per_shard"]), 3),
-               "note": "synthetic vectors: router = the sharded vector path of the serving app without query encoding or doc store"}
-    print(f"{'shards':>6} {'startup s':>9} {'QPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'anon MB/shard':>13} {'lists MB/shard':>14} "
-          f"{'file MB/shard':>13} {'same ids':>8}")
+    summary = {
+        "vectors": args.vectors,
+        "index": INDEX_STRING,
+        "nprobe": NPROBE,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "rows": rows,
+        "qps_ratio_4_vs_1": round(four["qps"] / one["qps"], 3),
+        "part_lists_file_mb": {
+            shards: [
+                round(os.path.getsize(version_of(root) / p.files[1]) / 2**20)
+                for p in Manifest.load(version_of(root)).serving[shards]
+            ]
+            for shards in (1, 4)
+        },
+        "lists_mb_ratio_4_vs_1": round(max(four["lists_mb_per_shard"]) / max(one["lists_mb_per_shard"]), 3),
+        "note": "synthetic vectors: router = the sharded vector path of the serving app without query encoding or doc "
+        "store",
+    }
+    print(
+        f"{'shards':>6} {'startup s':>9} {'QPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'anon MB/shard':>13} "
+        f"{'lists MB/shard':>14} {'file MB/shard':>13} {'same ids':>8}"
+    )
     for row in rows:
-        print(f"{row['shards']:>6} {row['startup_s']:>9} {row['qps']:>8} {row['p50_ms']:>7} {row['p99_ms']:>7} "
-              f"{max(row['anon_mb_per_shard']):>13} {max(row['lists_mb_per_shard']):>14} {max(row['file_mb_per_shard']):>13} "
-              f"{row['identical_to_merged']:>8.3f}")
-    print(f"4 shards vs 1: QPS x{summary['qps_ratio_4_vs_1']}, inverted lists resident per shard x{summary['lists_mb_ratio_4_vs_1']}")
+        print(
+            f"{row['shards']:>6} {row['startup_s']:>9} {row['qps']:>8} {row['p50_ms']:>7} {row['p99_ms']:>7} "
+            f"{max(row['anon_mb_per_shard']):>13} {max(row['lists_mb_per_shard']):>14} "
+            f"{max(row['file_mb_per_shard']):>13} "
+            f"{row['identical_to_merged']:>8.3f}"
+        )
+    print(
+        f"4 shards vs 1: QPS x{summary['qps_ratio_4_vs_1']}, inverted lists resident per shard "
+        f"x{summary['lists_mb_ratio_4_vs_1']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         plot(summary, Path(args.json).with_suffix(".png"))

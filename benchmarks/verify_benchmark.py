@@ -50,12 +50,21 @@ def main() -> None:
         start = time.perf_counter()
         refused = not file_matches(path, sha)
         changed = time.perf_counter() - start
-    figures = {"bytes": size, "sha256_s": round(plain, 2), "first_open_s": round(first, 2), "reopen_ms": round(again * 1000, 3),
-               "after_a_change_s": round(changed, 2), "refused_after_change": refused, "hashlib": hashlib.sha256().name,
-               "mb_per_s": round(size / plain / 1e6)}
+    figures = {
+        "bytes": size,
+        "sha256_s": round(plain, 2),
+        "first_open_s": round(first, 2),
+        "reopen_ms": round(again * 1000, 3),
+        "after_a_change_s": round(changed, 2),
+        "refused_after_change": refused,
+        "hashlib": hashlib.sha256().name,
+        "mb_per_s": round(size / plain / 1e6),
+    }
     print(json.dumps(figures, indent=2))
-    print(f"first open {first:.2f} s for {args.gib:g} GiB ({figures['mb_per_s']} MB/s), reopen {again * 1000:.3f} ms "
-          f"({first / again:,.0f}x less), a changed file refused after {changed:.2f} s")
+    print(
+        f"first open {first:.2f} s for {args.gib:g} GiB ({figures['mb_per_s']} MB/s), reopen {again * 1000:.3f} ms "
+        f"({first / again:,.0f}x less), a changed file refused after {changed:.2f} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

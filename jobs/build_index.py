@@ -1,4 +1,6 @@
-"""Ray job entrypoint for the build: `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/build_index.py [build options]`.
+"""Ray job entrypoint for the build:
+
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/build_index.py [build options]
 
 Only parses arguments (the same ones as `rayindex build`) and calls the rayindex package.
 """

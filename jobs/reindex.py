@@ -1,4 +1,6 @@
-"""Ray job entrypoint for incremental reindexing: `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/reindex.py -o OUT [options]`.
+"""Ray job entrypoint for incremental reindexing:
+
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/reindex.py -o OUT [options]
 
 Only parses arguments (the same ones as `rayindex reindex`) and calls the rayindex package.
 """

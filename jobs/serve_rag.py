@@ -1,4 +1,6 @@
-"""Ray job entrypoint for serving: `ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/serve_rag.py --index /shared/rayindex-data`.
+"""Ray job entrypoint for serving:
+
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/serve_rag.py --index /shared/rayindex-data
 
 Only parses arguments (the same ones as `rayindex serve`) and calls the rayindex package.
 """

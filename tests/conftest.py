@@ -3,15 +3,11 @@ and one real build over them that several test modules inspect."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,47 +20,39 @@ os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "rayindex.que
 # round doubled that: 2 s makes the wait short and the deadlines (120 s) many rounds long.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
-
-def client_env() -> dict:
-    """The environment of a Ray client run as a subprocess (rayindex, serve, ray CLIs) against the session's
-    Ray: token auth as the session has it (Ray 2.60 turns it on for a local cluster; a client given an
-    address must be told)."""
-    token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
-    return dict(os.environ, RAY_AUTH_MODE="token" if token else "disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from helpers import DASHBOARD_PORT, build_config, free_port, s3_output, write_jsonl, write_parquet
 
 # S3 for the tests is a local SeaweedFS (see s3_server). Its address and any key/secret go into the
 # environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would.
 S3_PORT = free_port()
-os.environ.update(AWS_ACCESS_KEY_ID="rayindex-test", AWS_SECRET_ACCESS_KEY="rayindex-test", AWS_DEFAULT_REGION="us-east-1",
-                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}")
+os.environ.update(
+    AWS_ACCESS_KEY_ID="rayindex-test",
+    AWS_SECRET_ACCESS_KEY="rayindex-test",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+)
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 
-from rayindex.config import BuildConfig
-from rayindex.parts.stdlib_corpus import stdlib_docstrings
+from rayindex.text.stdlib_corpus import stdlib_docstrings
 
 N_DOCS = 360
-
-
-DASHBOARD_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
 def ray_address():
     """A real local Ray (token auth on, as Ray 2.60 defaults), shared by the session; CLI tests connect
     to it, and Ray job tests submit to its dashboard (the job server) on DASHBOARD_PORT."""
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=DASHBOARD_PORT,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=DASHBOARD_PORT,
+        log_to_driver=False,
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -73,20 +61,6 @@ def ray_address():
 def docs() -> list[dict]:
     """Real text: the first N_DOCS standard-library docstrings, in a fixed order."""
     return stdlib_docstrings()[:N_DOCS]
-
-
-def write_parquet(path: Path, rows: list[dict], row_group_size: int = 50) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -100,13 +74,6 @@ def corpus_dir(tmp_path_factory, docs) -> Path:
     write_parquet(root / "b.parquet", rows[150:260])
     write_jsonl(root / "c.jsonl", rows[260:])
     return root
-
-
-def build_config(inputs, output, **overrides) -> BuildConfig:
-    values = dict(inputs=[str(i) for i in inputs], output=str(output), id_column="id", template="{title}: {body}",
-                  shards=3, index="IVF8,PQ16np", seed=7, tune=False)
-    values.update(overrides)
-    return BuildConfig(**values)
 
 
 @pytest.fixture(scope="session")
@@ -128,11 +95,32 @@ class SeaweedFS:
         import s3fs
 
         self.data = data
-        ports = [f"-{name}={free_port()}" for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-            "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "iam.port")]
-        self.command = [str(Path(sys.executable).with_name("weed")), "server", f"-dir={data}", "-s3", f"-s3.port={S3_PORT}",
-                        *ports, "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false"]
+        ports = [
+            f"-{name}={free_port()}"
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "s3.port.iceberg",
+                "s3.port.lance",
+                "iam.port",
+            )
+        ]
+        self.command = [
+            str(Path(sys.executable).with_name("weed")),
+            "server",
+            f"-dir={data}",
+            "-s3",
+            f"-s3.port={S3_PORT}",
+            *ports,
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+        ]
         self.fs = s3fs.S3FileSystem(use_listings_cache=False)
         self.bucket = "rayindex-test"
         self.proc = None
@@ -191,10 +179,6 @@ def s3_corpus(s3_server, s3_docs):
     return f"s3://{bucket}/corpus"
 
 
-def s3_output(s3_server, name: str) -> str:
-    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}"
-
-
 @pytest.fixture(scope="session")
 def s3_build(s3_corpus, s3_server, ray_address):
     """A build whose corpus, intermediates, version and CURRENT are all on S3 (test_s3.py, test_docstore.py):
@@ -203,39 +187,3 @@ def s3_build(s3_corpus, s3_server, ray_address):
 
     output = s3_output(s3_server, "out")
     return output, build(build_config([s3_corpus], output, shards=2, index="IVF2,Flat"))
-
-
-@contextlib.contextmanager
-def searches_meanwhile(url: str, payload: dict, clients: int):
-    """`clients` threads POSTing payload to <url>/search until the block ends; yields (responses' bodies,
-    failures: status codes or errors)."""
-    import httpx
-
-    results, failures, stop = [], [], threading.Event()
-
-    def hammer():
-        with httpx.Client(base_url=url, timeout=60) as c:
-            while not stop.is_set():
-                try:
-                    r = c.post("/search", json=payload)
-                    (results.append(r.json()) if r.status_code == 200 else failures.append(r.status_code))
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-
-    threads = [threading.Thread(target=hammer) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        yield results, failures
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-
-
-def wait_for_version(client, run_id: str, timeout_s: float = 120) -> None:
-    """Until /healthz reports run_id (and a second more, for requests under way to finish)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and client.get("/healthz").json()["version"] != run_id:
-        time.sleep(0.2)
-    time.sleep(1)

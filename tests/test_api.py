@@ -1,6 +1,8 @@
-"""The Python API as the README shows it, and an index that describes itself to plain FAISS."""
+"""The Python API as the README shows it (every command of the CLI a function), and an index that describes
+itself to plain FAISS."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import rayindex
 from rayindex.layout import INDEX_INFOS_FILE, MERGED_FILE
 from rayindex.versions import open_current
 
-from conftest import client_env, write_parquet
+from helpers import build_args, client_env, write_parquet
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +22,20 @@ def api_build(ray_address, docs, tmp_path_factory):
     """The README's example: build with keyword options, open, search, ask (on-disk merge)."""
     root = tmp_path_factory.mktemp("api")
     corpus = write_parquet(root / "docs.parquet", docs[:120])
-    manifest = rayindex.build(corpus, output=str(root / "out"), id_column="id", template="{title}: {body}", shards=2,
-                              index="IVF4,Flat", on_disk=True, target_recall=0.99)
+    manifest = rayindex.build(
+        corpus,
+        output=str(root / "out"),
+        id_column="id",
+        template="{title}: {body}",
+        shards=2,
+        index="IVF4,Flat",
+        on_disk=True,
+        target_recall=0.99,
+    )
     return root / "out", manifest
 
 
+@pytest.mark.slow  # a build with on-disk merge and tuning (about 40 s)
 def test_build_open_search_ask(api_build, docs):
     output, manifest = api_build
     assert manifest.status == "published" and manifest.counts.docs_encoded == 120 and manifest.merge.on_disk
@@ -36,11 +47,13 @@ def test_build_open_search_ask(api_build, docs):
 
 
 def test_api_refuses_unknown_options_naming_them(tmp_path):
-    with pytest.raises(rayindex.UsageError, match=r"shard_sise: not a setting of BuildConfig \(did you mean shard_size\?\)"):
+    with pytest.raises(
+        rayindex.UsageError, match=r"shard_sise: not a setting of BuildConfig \(did you mean shard_size\?\)"
+    ):
         rayindex.build(tmp_path, output=str(tmp_path / "o"), shard_sise=3)
 
 
-@pytest.mark.parametrize("which", ["built", "api_build"])
+@pytest.mark.parametrize("which", ["built", pytest.param("api_build", marks=pytest.mark.slow)])
 def test_plain_faiss_gets_the_manifests_nprobe_and_the_same_top10(which, request):
     """faiss.read_index + search with no parameters = `rayindex search` at the manifest's nprobe (no re-ranking)."""
     output, _ = request.getfixturevalue(which)
@@ -70,14 +83,62 @@ def test_version_comes_from_the_package_metadata():
     assert rayindex.__version__ == version("rayindex")
 
 
+@pytest.mark.slow  # a CLI build in a subprocess (about 20 s)
 def test_a_pipelines_package_in_the_working_directory_breaks_nothing(ray_address, docs, tmp_path):
     """`python -m rayindex build` run where a user's own `pipelines` package is importable first."""
     shadow = tmp_path / "pipelines"
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise ImportError('this is the user project pipelines package')\n")
     corpus = write_parquet(tmp_path / "docs.parquet", docs[:30])
-    run = subprocess.run([sys.executable, "-m", "rayindex", "build", str(corpus), "-o", str(tmp_path / "out"), "--id-column", "id",
-                          "--template", "{title}: {body}", "--index", "IVF1,Flat", "--ray-address", ray_address, "--quiet"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=client_env())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rayindex",
+            *build_args(corpus, tmp_path / "out"),
+            "--index",
+            "IVF1,Flat",
+            "--ray-address",
+            ray_address,
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=client_env(),
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert open_current(tmp_path / "out")[1].counts.docs_encoded == 30
+
+
+def test_tune_evaluate_partition_and_plan_are_functions(built, tmp_path):
+    """What `rayindex tune`, `eval`, `partition` and `plan` print, as the records the CLI prints them from
+    (`rayindex serve` is rayindex.serve: tests/test_serve.py serves through it)."""
+    from rayindex.ivf.capacity import plan_capacity
+    from rayindex.layout import EVAL_FILE
+
+    index = tmp_path / "index"
+    shutil.copytree(built[0], index)
+    tuning = rayindex.tune(index, target_recall=0.9, n_queries=60)
+    published = rayindex.open_index(index)
+    assert published.manifest.tuning == tuning and published.manifest.nprobe == tuning.nprobe
+    assert tuning.target == 0.9 and tuning.queries == 60 and tuning.sweep
+    result = rayindex.evaluate(index, ks="1,10", n_queries=40)
+    assert result["version"] == published.run_id and result["ks"] == [1, 10] and result["queries"] == 40
+    assert result["default_nprobe"] == tuning.nprobe
+    stored = json.loads((published.version_dir / EVAL_FILE).read_text())
+    assert stored["sweep"] == json.loads(json.dumps(result["sweep"]))  # eval.json: what evaluate returned
+    manifest, parts = rayindex.partition(index, shards=2)
+    assert len(parts) == 2 and manifest.serving[2] == parts
+    assert sum(part.vectors for part in parts) == manifest.merge.ntotal
+    assert rayindex.open_index(index).manifest.serving[2] == parts  # recorded in the published manifest
+    assert rayindex.plan(1e9, gpus=8) == plan_capacity(
+        1e9, 384, None, gpus=8, cores=2, cpus_per_gpu=4, passages_per_doc=1
+    )
+    with pytest.raises(rayindex.UsageError, match="--shards: Field required"):
+        rayindex.partition(index)
+    with pytest.raises(
+        rayindex.UsageError, match=r"n_querys: not a setting of EvalOptions \(did you mean n_queries\?\)"
+    ):
+        rayindex.evaluate(index, n_querys=3)

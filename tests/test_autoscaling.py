@@ -25,9 +25,9 @@ import psutil
 import pytest
 import yaml
 
-from conftest import free_port, write_parquet
+from helpers import build_args, free_port, write_parquet
 
-pytestmark = pytest.mark.autoscaling
+pytestmark = [pytest.mark.autoscaling, pytest.mark.slow]  # about 50 s
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -45,13 +45,15 @@ with open(sys.argv[2], "a") as out:
     while True:
         try:
             nodes = gcs.get_all_node_info(timeout=5)
-            alive = [{"id": nid.hex(), "gpus": info.resources_total.get("GPU", 0)} for nid, info in nodes.items() if info.state == 0]
+            alive = [{"id": nid.hex(), "gpus": info.resources_total.get("GPU", 0)} for nid, info in nodes.items() if
+            info.state == 0]
             out.write(json.dumps({"t": time.time(), "alive": alive}) + "\\n")
         except Exception as exc:
             out.write(json.dumps({"t": time.time(), "error": str(exc)}) + "\\n")
         out.flush()
         time.sleep(0.5)
 """
+
 
 @dataclass
 class FakeCluster:
@@ -100,7 +102,10 @@ def cluster_env() -> dict:
     """This machine's environment for the cluster and its clients. Token auth as local Ray 2.60 has it:
     an explicit --ray-address never turns it on by itself, so RAY_AUTH_MODE says so when a token exists."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the build gets --ray-address
-    token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
+    token = (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
+    )
     env.setdefault("RAY_AUTH_MODE", "token" if token else "disabled")
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
@@ -147,11 +152,22 @@ def fake_cluster():
     config = Path(temp_dir) / "autoscaling.yaml"
     config.write_text(yaml.safe_dump(fake_cluster_config(f"{ip}:{port}")))
     env = dict(cluster_env(), RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    command = [RAY, "start", "--head", f"--port={port}", f"--autoscaling-config={config}", f"--temp-dir={temp_dir}",
-               f"--num-cpus={HEAD_CPUS}", "--num-gpus=0", "--object-store-memory=200000000", "--disable-usage-stats",
-               # every fixed default port of a head (8265, 10001, 52365) on a free one: other Rays may hold them
-               f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}"]
+    command = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--autoscaling-config={config}",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={HEAD_CPUS}",
+        "--num-gpus=0",
+        "--object-store-memory=200000000",
+        "--disable-usage-stats",
+        # every fixed default port of a head (8265, 10001, 52365) on a free one: other Rays may hold them
+        f"--dashboard-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
     log_path = Path(temp_dir) / "ray-start.log"
     with open(log_path, "wb") as log:
         # its own session, so that its process group is this cluster's: the head's processes, the
@@ -180,14 +196,33 @@ def test_gpu_workers_added_for_encoding_and_removed_when_idle(fake_cluster, tmp_
     corpus = write_parquet(tmp_path / "docs.parquet", docs[:100])
     out = tmp_path / "out"
     samples_file = tmp_path / "nodes.jsonl"
-    poller = subprocess.Popen([sys.executable, "-c", POLLER, fake_cluster.address, str(samples_file)], env=fake_cluster.env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poller = subprocess.Popen(
+        [sys.executable, "-c", POLLER, fake_cluster.address, str(samples_file)],
+        env=fake_cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         t0 = time.time()
         # no --gpu: RAYINDEX_GPU=1, as cluster.yaml's head exports it, makes the build ask for GPUs while none runs
-        build = subprocess.run([RAYINDEX, "build", str(corpus), "-o", str(out), "--id-column", "id", "--template", "{title}: {body}",
-                                "--ray-address", fake_cluster.address, "--shards", "2", "--index", "IVF4,Flat", "--quiet"],
-                               env=dict(fake_cluster.env, RAYINDEX_GPU="1"), cwd=ROOT, capture_output=True, text=True, timeout=240)
+        build = subprocess.run(
+            [
+                RAYINDEX,
+                *build_args(corpus, out),
+                "--ray-address",
+                fake_cluster.address,
+                "--shards",
+                "2",
+                "--index",
+                "IVF4,Flat",
+                "--quiet",
+            ],
+            env=dict(fake_cluster.env, RAYINDEX_GPU="1"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         built_at = time.time() - t0
         assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
         deadline = time.monotonic() + 90  # idle timeout 6 s, autoscaler updates every 1 s: plenty
@@ -205,17 +240,29 @@ def test_gpu_workers_added_for_encoding_and_removed_when_idle(fake_cluster, tmp_
     assert added_at is not None, f"no GPU worker was ever added; samples: {counts[::10]}"
     removed_at = next((t for t, alive, _ in counts if t > added_at and alive == 1), None)
     manifest = json.loads(next((out / "versions").glob("*/manifest.json")).read_text())
-    print(f"\nfake cluster: GPU worker added at t={added_at}s, build done at t={built_at:.1f}s "
-          f"(encode {manifest['timings_s']['encode']}s), worker removed at t={removed_at}s; "
-          f"max alive nodes {max(alive for _, alive, _ in counts)}")
+    print(
+        f"\nfake cluster: GPU worker added at t={added_at}s, build done at t={built_at:.1f}s "
+        f"(encode {manifest['timings_s']['encode']}s), worker removed at t={removed_at}s; "
+        f"max alive nodes {max(alive for _, alive, _ in counts)}"
+    )
     assert added_at < built_at, "the GPU worker came only after the build"
-    assert removed_at is not None, f"the GPU worker was not removed within 90 s of the build; last samples: {counts[-3:]}"
+    assert removed_at is not None, (
+        f"the GPU worker was not removed within 90 s of the build; last samples: {counts[-3:]}"
+    )
     assert max(gpus for _, _, gpus in counts) <= 2  # never past the type's max_workers
 
-    assert manifest["model"]["device"] == "cpu" and not manifest["training"]["gpu"]  # a fake GPU: torch and faiss on CPU
+    assert (
+        manifest["model"]["device"] == "cpu" and not manifest["training"]["gpu"]
+    )  # a fake GPU: torch and faiss on CPU
     assert manifest["status"] == "published" and (out / "CURRENT").read_text().strip() == manifest["run_id"]
     target = docs[12]
-    search = subprocess.run([RAYINDEX, "search", "--index", str(out), "--json", "-k", "3", f"{target['title']}: {target['body']}"],
-                            env=fake_cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    search = subprocess.run(
+        [RAYINDEX, "search", "--index", str(out), "--json", "-k", "3", f"{target['title']}: {target['body']}"],
+        env=fake_cluster.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert search.returncode == 0, search.stderr[-3000:]
     assert json.loads(search.stdout)[0]["id"] == target["id"]

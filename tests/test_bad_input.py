@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 from rayindex.builder import build
 from rayindex.cli import app
 from rayindex.errors import RayIndexError
+from rayindex.ivf.index import make_index
 from rayindex.layout import CURRENT, MANIFEST, VERSIONS
 from rayindex.manifest import Counts, Manifest
-from rayindex.parts.corpus import check_id
-from rayindex.parts.ivf import make_index
 from rayindex.query.search import open_index
 from rayindex.stages.train import check_trainable
+from rayindex.text.corpus import check_id
 
-from conftest import build_config, write_jsonl, write_parquet
+from helpers import build_args, build_config, write_jsonl, write_parquet
 
 
 @pytest.fixture
@@ -42,8 +42,13 @@ def fails(inputs, output, match, **overrides):
 
 
 def test_missing_column_is_named_with_the_columns_there_are(corpus_dir, output):
-    fails([corpus_dir], output, r"a\.parquet: no column 'summary'; its columns are: id, title, body, module, kind",
-          template=None, text_columns=["summary"])
+    fails(
+        [corpus_dir],
+        output,
+        r"a\.parquet: no column 'summary'; its columns are: id, title, body, module, kind",
+        template=None,
+        text_columns=["summary"],
+    )
 
 
 def test_missing_input(tmp_path, output):
@@ -60,34 +65,57 @@ def test_corrupt_parquet_names_the_file(tmp_path, docs, output, damage):
 
 def test_invalid_json_line_names_file_and_line(tmp_path, docs, output):
     write_jsonl(tmp_path / "x.jsonl", [docs[0], "{not json", docs[1]])
-    fails([tmp_path / "x.jsonl"], output, r"x\.jsonl line 2: not valid JSON .*; fix or remove that line", index="IVF1,Flat")
+    fails(
+        [tmp_path / "x.jsonl"],
+        output,
+        r"x\.jsonl line 2: not valid JSON .*; fix or remove that line",
+        index="IVF1,Flat",
+    )
 
 
 def test_jsonl_cut_short_is_refused_before_encoding(tmp_path, docs, output):
     path = write_jsonl(tmp_path / "x.jsonl", docs[:3])
-    path.write_bytes(path.read_bytes() + json.dumps(docs[3]).encode()[:40])  # an interrupted copy: no newline at the end
-    fails([path], output, r"x\.jsonl line 4: not valid JSON \(.*\); the file ends there without a newline, so it looks cut "
-                          r"short \(an interrupted copy or upload\?\): copy it again")
+    path.write_bytes(
+        path.read_bytes() + json.dumps(docs[3]).encode()[:40]
+    )  # an interrupted copy: no newline at the end
+    fails(
+        [path],
+        output,
+        r"x\.jsonl line 4: not valid JSON \(.*\); the file ends there without a newline, so it looks cut "
+        r"short \(an interrupted copy or upload\?\): copy it again",
+    )
 
 
 def test_mixed_schemas(tmp_path, docs, output):
     write_parquet(tmp_path / "in" / "a.parquet", docs[:5])
     write_parquet(tmp_path / "in" / "b.parquet", [dict(d, extra=1) for d in docs[5:10]])
-    fails([tmp_path / "in"], output, r"mixed schemas: .*a\.parquet has columns \[id, title, body, module, kind\] but .*b\.parquet")
+    fails(
+        [tmp_path / "in"],
+        output,
+        r"mixed schemas: .*a\.parquet has columns \[id, title, body, module, kind\] but .*b\.parquet",
+    )
 
 
 @pytest.mark.parametrize("column", ["kind", "id"])
 def test_mixed_column_types(tmp_path, docs, output, column):
     write_parquet(tmp_path / "in" / "a.parquet", docs[:5])
     write_parquet(tmp_path / "in" / "b.parquet", [dict(d, **{column: i}) for i, d in enumerate(docs[5:10])])
-    fails([tmp_path / "in"], output, rf"mixed schemas: column '{column}' is string in .*a\.parquet but int64 in .*b\.parquet")
+    fails(
+        [tmp_path / "in"],
+        output,
+        rf"mixed schemas: column '{column}' is string in .*a\.parquet but int64 in .*b\.parquet",
+    )
 
 
 def test_duplicate_ids_name_an_example_and_where(tmp_path, docs, output):
     write_parquet(tmp_path / "in" / "a.parquet", docs[:20])
     write_jsonl(tmp_path / "in" / "b.jsonl", docs[20:30] + [docs[3]])
-    fails([tmp_path / "in"], output,
-          rf"duplicate id '{docs[3]['id']}' in column 'id' .* at: .*a\.parquet row 3; .*b\.jsonl row 10", index="IVF1,Flat")
+    fails(
+        [tmp_path / "in"],
+        output,
+        rf"duplicate id '{docs[3]['id']}' in column 'id' .* at: .*a\.parquet row 3; .*b\.jsonl row 10",
+        index="IVF1,Flat",
+    )
 
 
 def test_index_string_faiss_rejects_fails_before_encoding(corpus_dir, output):
@@ -103,13 +131,24 @@ def test_a_single_document_gets_a_smaller_index_and_the_cli_says_so(ray_address,
     why in manifest.warnings and the CLI prints it; the one document is found."""
     write_parquet(tmp_path / "one.parquet", docs[:1])
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["build", str(tmp_path / "one.parquet"), "-o", str(out), "--id-column", "id", "--template",
-                                      "{title}: {body}", "--index", "IVF256,PQ16", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            *build_args(tmp_path / "one.parquet", out),
+            "--index",
+            "IVF256,PQ16",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     published = open_index(out)
     vectors = published.manifest.counts.passages  # the document's passages
-    why = (f"--index 'IVF256,PQ16' needs more vectors to train than the {vectors} there are, so the build uses 'IVF1,Flat' "
-           "(IVF256 needs at least 256 vectors (39 per list to train well): IVF1; PQ16's codebooks need at least 256 vectors: Flat)")
+    why = (
+        f"--index 'IVF256,PQ16' needs more vectors to train than the {vectors} there are, so the build uses "
+        f"'IVF1,Flat' "
+        "(IVF256 needs at least 256 vectors (39 per list to train well): IVF1; PQ16's codebooks need at least 256 "
+        "vectors: Flat)"
+    )
     assert f"warning: {why}" in " ".join(result.output.split())  # rich wraps lines
     assert published.manifest.index_string == "IVF1,Flat" and published.manifest.warnings[0].startswith(why)
     hits = published.search(f"{docs[0]['title']}: {docs[0]['body']}", k=3)
@@ -119,31 +158,45 @@ def test_a_single_document_gets_a_smaller_index_and_the_cli_says_so(ray_address,
 def test_a_sample_too_small_for_opq_is_refused_not_crashed():
     """FAISS 1.15's OPQ training crashes the process under d points; the build shrinks an --index the
     corpus cannot train, and check_trainable stays the guard for a too-small --train-sample."""
-    with pytest.raises(RayIndexError, match=r"OPQ needs at least 384 training vectors .* the sample has 300; .*--train-sample"):
+    with pytest.raises(
+        RayIndexError, match=r"OPQ needs at least 384 training vectors .* the sample has 300; .*--train-sample"
+    ):
         check_trainable(make_index("OPQ16,IVF4,PQ16np", 384, "cosine"), "OPQ16,IVF4,PQ16np", 300)
-    with pytest.raises(RayIndexError, match=r"has 64 centroids but only 50 vectors to train them; use --index 'IVF1,Flat'"):
+    with pytest.raises(
+        RayIndexError, match=r"has 64 centroids but only 50 vectors to train them; use --index 'IVF1,Flat'"
+    ):
         check_trainable(make_index("IVF64,Flat", 384, "cosine"), "IVF64,Flat", 50)
 
 
 def test_no_text_at_all(tmp_path, docs, output):
     write_parquet(tmp_path / "in" / "a.parquet", [dict(d, title=None, body="") for d in docs[:5]])
-    fails([tmp_path / "in"], output, r"no documents to index: all 5 rows were skipped \(\{'empty_or_null_text': 5\}\)", index=None)
+    fails(
+        [tmp_path / "in"],
+        output,
+        r"no documents to index: all 5 rows were skipped \(\{'empty_or_null_text': 5\}\)",
+        index=None,
+    )
 
 
 def test_no_rows_at_all(tmp_path, output):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_bytes(b"")
-    pq.write_table(pa.table({"id": pa.array([], pa.string()), "title": pa.array([], pa.string())}), tmp_path / "in" / "b.parquet")
+    pq.write_table(
+        pa.table({"id": pa.array([], pa.string()), "title": pa.array([], pa.string())}), tmp_path / "in" / "b.parquet"
+    )
     fails([tmp_path / "in"], output, r"the input \(.*in\) has no rows; nothing to index")
 
 
-@pytest.mark.parametrize("value, message", [
-    (None, "is null; every document needs an id"),
-    (float("nan"), r"holds a float \(nan\); ids must be strings or integers"),
-    (3.0, r"holds a float \(3\.0\)"),
-    (True, r"holds a bool \(True\)"),
-    ([1, 2], r"holds a list \(\[1, 2\]\)"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "is null; every document needs an id"),
+        (float("nan"), r"holds a float \(nan\); ids must be strings or integers"),
+        (3.0, r"holds a float \(3\.0\)"),
+        (True, r"holds a bool \(True\)"),
+        ([1, 2], r"holds a list \(\[1, 2\]\)"),
+    ],
+)
 def test_ids_are_strings_or_integers(value, message):
     assert check_id("a", "id", "a.parquet row 0") == "a" and check_id(7, "id", "a.parquet row 0") == 7
     with pytest.raises(RayIndexError, match=rf"a\.parquet row 4: id column 'id' {message}"):
@@ -152,8 +205,13 @@ def test_ids_are_strings_or_integers(value, message):
 
 def test_wrong_id_type_names_file_line_and_column(tmp_path, docs, output):
     write_jsonl(tmp_path / "x.jsonl", [docs[0], docs[1], dict(docs[2], id={"n": 2})])
-    fails([tmp_path / "x.jsonl"], output, r"x\.jsonl line 3: id column 'id' holds a dict \(\{'n': 2\}\); ids must be strings or "
-                                          r"integers: fix or cast that column, or leave out --id-column", index="IVF1,Flat")
+    fails(
+        [tmp_path / "x.jsonl"],
+        output,
+        r"x\.jsonl line 3: id column 'id' holds a dict \(\{'n': 2\}\); ids must be strings or "
+        r"integers: fix or cast that column, or leave out --id-column",
+        index="IVF1,Flat",
+    )
 
 
 def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tmp_path):
@@ -161,7 +219,9 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
     --no-passages) or skipped (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
     huge = " ".join(f"word{i % 997} and more" for i in range(700_000))  # 10 MB: the model reads its first 256 tokens
     assert len(huge) > 10_000_000
-    write_parquet(tmp_path / "in" / "a.parquet", [{"id": i, "title": f"parquet doc {i}", "body": "int ids"} for i in (1, 2)])
+    write_parquet(
+        tmp_path / "in" / "a.parquet", [{"id": i, "title": f"parquet doc {i}", "body": "int ids"} for i in (1, 2)]
+    )
     lines = [
         b'{"id": "latin-1", "title": "caf\xe9", "body": "cr\xe8me br\xfbl\xe9e"}',  # Latin-1, not UTF-8: replaced, kept
         b'{"id": "1", "title": "a string id", "body": "not the same id as the integer 1"}',
@@ -174,8 +234,16 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
     ]
     (tmp_path / "in" / "b.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     manifest = build(build_config([tmp_path / "in"], tmp_path / "out", index=None, passages=False))
-    assert manifest.counts.model_dump(exclude={"tokens_encoded"}) == Counts(rows_read=10, docs_encoded=6, passages=6, skipped={
-        "non_utf8_replaced (kept)": 2, "blank_line": 1, "empty_or_null_text": 3, "truncated_to_max_seq_length (kept)": 1}
+    assert manifest.counts.model_dump(exclude={"tokens_encoded"}) == Counts(
+        rows_read=10,
+        docs_encoded=6,
+        passages=6,
+        skipped={
+            "non_utf8_replaced (kept)": 2,
+            "blank_line": 1,
+            "empty_or_null_text": 3,
+            "truncated_to_max_seq_length (kept)": 1,
+        },
     ).model_dump(exclude={"tokens_encoded"})
     published = open_index(tmp_path / "out")
     assert published.search("caf\ufffd: cr\ufffdme br\ufffdl\ufffde", k=1)[0]["id"] == "latin-1"

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rayindex.layout import CURRENT, MANIFEST, VECTOR_IDS_FILE, load_embeddings, shard_dir
+from rayindex.infra.files import load_embeddings
+from rayindex.layout import CURRENT, MANIFEST, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Manifest
 from rayindex.query.search import open_index
 from rayindex.versions import open_current
@@ -20,10 +21,16 @@ def test_build_publishes_a_complete_version(built, docs):
     assert on_disk.status == "published"
     assert on_disk.counts.rows_read == len(docs) + 2
     assert on_disk.counts.docs_encoded == len(docs)
-    assert on_disk.counts.skipped == {"empty_or_null_text": 2}  # nothing truncated: long docstrings are split into passages
+    assert on_disk.counts.skipped == {
+        "empty_or_null_text": 2
+    }  # nothing truncated: long docstrings are split into passages
     assert on_disk.counts.passages > len(docs) + 40  # 40 docstrings exceed the model's window of 256 tokens
-    assert on_disk.passages.tokens == 254 and on_disk.passages.overlap == 31  # the window less [CLS] and [SEP]; an eighth
-    assert [s.docs_encoded for s in on_disk.shard_states] and sum(s.docs_encoded for s in on_disk.shard_states) == len(docs)
+    assert (
+        on_disk.passages.tokens == 254 and on_disk.passages.overlap == 31
+    )  # the window less [CLS] and [SEP]; an eighth
+    assert [s.docs_encoded for s in on_disk.shard_states] and sum(s.docs_encoded for s in on_disk.shard_states) == len(
+        docs
+    )
     assert sum(s.passages for s in on_disk.shard_states) == on_disk.counts.passages == on_disk.merge.ntotal
     assert all(s.embeddings_sha256 and s.index_sha256 for s in on_disk.shard_states)
     assert {s.trained_sha256 for s in on_disk.shard_states} == {on_disk.training.trained_sha256}
@@ -51,7 +58,7 @@ def test_search_hits_carry_text_and_metadata(built, docs):
     assert len(hits) == 3 and len({h["id"] for h in hits}) == 3  # one hit per document
     for hit in hits:
         doc = by_id[hit["id"]]
-        assert hit["text"] == f"{doc['title']}: {doc['body']}"[hit["start"]:hit["end"]]  # the passage, by its span
+        assert hit["text"] == f"{doc['title']}: {doc['body']}"[hit["start"] : hit["end"]]  # the passage, by its span
         assert hit["metadata"] == {"module": doc["module"], "kind": doc["kind"]}
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
 
@@ -60,10 +67,12 @@ def test_search_recall_against_exact_search(built):
     """The IVF-PQ index vs brute force over the same stored embeddings: recall@10 at full nprobe."""
     output, manifest = built
     index = open_index(output)
-    vectors = np.concatenate([
-        np.asarray(load_embeddings(shard_dir(index.version_dir, s.shard_id), st.passages, 384))
-        for s, st in zip(manifest.shards, manifest.shard_states)
-    ])
+    vectors = np.concatenate(
+        [
+            np.asarray(load_embeddings(shard_dir(index.version_dir, s.shard_id), st.passages, 384))
+            for s, st in zip(manifest.shards, manifest.shard_states)
+        ]
+    )
     ids = np.concatenate([np.load(shard_dir(index.version_dir, s.shard_id) / VECTOR_IDS_FILE) for s in manifest.shards])
     queries = vectors[::9]
     exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
@@ -92,7 +101,8 @@ def has_cuda() -> bool:
 def test_gpu_build_matches_cpu_search_results(ray_address, corpus_dir, tmp_path, built):
     """Encode in fp16 on the GPU and train the coarse quantizer there; the hits must agree with the CPU build."""
     from rayindex.builder import build
-    from conftest import build_config
+
+    from helpers import build_config
 
     manifest = build(build_config([corpus_dir], tmp_path, gpu=True))
     assert manifest.model.device == "cuda" and manifest.training.gpu

@@ -3,7 +3,7 @@
 import pytest
 from rich.console import Console
 
-from rayindex.parts.capacity import ESTIMATED_GPU, MEASURED_CPU, format_plan, plan_capacity
+from rayindex.ivf.capacity import ESTIMATED_GPU, HNSW_ADD_SECONDS, MEASURED_CPU, format_plan, plan_capacity
 
 PQ48 = "IVF65536,PQ48np"
 
@@ -25,11 +25,12 @@ def test_bytes_on_round_numbers():
     assert value(plan, "bytes", "index_ram_loaded") == 56e9 + mmap
     assert value(plan, "bytes", "doc_store") == 1e9 * (1000 + 8)
     assert plan_capacity(1e9, index_string=PQ48, avg_doc_bytes=2000)["bytes"]["doc_store"]["value"] == 1e9 * 2008
-    assert (plan["nlist"], plan["train_sample"]) == (65536, 1_000_000)
+    assert (plan["nlist"], plan["train_sample"]) == (65536, 4_194_304)  # 64 per centroid
 
 
 def test_index_choice_follows_index_params():
-    assert plan_capacity(1e9)["index_string"] == "IVF65536,PQ48np"  # the build's default
+    assert plan_capacity(1e9)["index_string"] == "IVF65536_HNSW32,PQ48np"  # the build's default
+    assert plan_capacity(1e9, gpus=8)["index_string"] == "IVF65536_HNSW32,PQ48np"  # the add runs on CPUs anyway
     budgeted = plan_capacity(1e9, max_index_bytes=64 << 30)
     assert budgeted["index_string"] == "OPQ48_192,IVF131072_HNSW32,PQ48np"
     assert value(budgeted, "bytes", "index_ram_loaded") <= 64 << 30
@@ -43,12 +44,14 @@ def test_hours_scale_with_docs_cores_and_gpus():
     ten_x = plan_capacity(1e9, index_string=PQ48)
     for stage in ("encode", "add", "merge"):
         assert value(ten_x, "hours", stage) == pytest.approx(10 * value(base, "hours", stage))
-    assert value(ten_x, "hours", "train") == value(base, "hours", "train")  # sample capped at 1,000,000
+    assert value(ten_x, "hours", "train") == value(base, "hours", "train")  # sample capped at 4,194,304
 
     more_cores = plan_capacity(1e9, index_string=PQ48, cores=8)
     for stage in ("encode", "add", "train"):
         assert value(more_cores, "hours", stage) == pytest.approx(value(ten_x, "hours", stage) / 4)
-    assert value(plan_capacity(1e9, index_string=PQ48, cores=8, train_cores=2), "hours", "train") == value(ten_x, "hours", "train")
+    assert value(plan_capacity(1e9, index_string=PQ48, cores=8, train_cores=2), "hours", "train") == value(
+        ten_x, "hours", "train"
+    )
 
     one_gpu = plan_capacity(1e9, index_string=PQ48, gpus=1)
     four_gpus = plan_capacity(1e9, index_string=PQ48, gpus=4)
@@ -60,6 +63,7 @@ def test_hours_scale_with_docs_cores_and_gpus():
     # add was measured at nlist 1024; a flat quantizer with 65,536 lists costs 64x per vector
     measured_add = plan_capacity(1e6, index_string="IVF1024,PQ48np")
     assert value(measured_add, "hours", "add") * 3600 == pytest.approx(1e6 / (200_000 / 2.575))
+    assert value(ten_x, "hours", "add") * 3600 == pytest.approx(64 * 1e9 / (200_000 / 2.575))
     total = sum(value(ten_x, "hours", s) for s in ("encode", "train", "add", "merge"))
     assert value(ten_x, "hours", "total") == pytest.approx(total)
 
@@ -80,10 +84,14 @@ def test_every_figure_is_labelled():
     assert gpu["encode_bound"] == "CPU data path" and gpu["hours"]["encode"]["basis"] == "measured"
     assert gpu["hours"]["train"]["basis"] == "estimate"
     assert all(r["basis"] == "estimate" for r in ESTIMATED_GPU.values())
-    assert all(("2026-11-27" in r["source"] or "2026-11-29" in r["source"]) for r in MEASURED_CPU.values() if r["basis"] == "measured")
+    assert all(
+        any(day in r["source"] for day in ("2026-11-27", "2026-11-29", "2026-12-04"))
+        for r in MEASURED_CPU.values()
+        if r["basis"] == "measured"
+    )
     assert "gpu_forward_docs_per_s" not in cpu["throughputs"]
     hnsw = plan_capacity(1e9, index_string="OPQ48_192,IVF131072_HNSW32,PQ48np")
-    assert hnsw["hours"]["add"]["basis"] == "estimate"  # HNSW assignment cost is not measured
+    assert hnsw["hours"]["add"]["basis"] == "measured"  # coarse_assign_benchmark.py
 
 
 def test_a_gpu_encodes_at_the_smaller_of_its_forward_pass_and_its_cpus_data_path():
@@ -106,8 +114,39 @@ def test_given_throughputs_override_and_are_labelled():
     assert value(plan, "hours", "encode") == pytest.approx(1e9 / 200 / 3600)
 
 
+def test_hnsw_add_hours_come_from_the_measured_rate():
+    rate = MEASURED_CPU["add_hnsw_vectors_per_s_per_core"]
+    assert rate["basis"] == "measured" and "coarse_assign_benchmark.py" in rate["source"]
+    assert rate["value"] == pytest.approx(1e6 / HNSW_ADD_SECONDS / 2)
+    plan = plan_capacity(1e9)
+    assert value(plan, "hours", "add") * 3600 == pytest.approx(1e9 / (rate["value"] * 2))
+    assert value(plan_capacity(1e9, cores=64), "hours", "add") == pytest.approx(value(plan, "hours", "add") / 32)
+    # the flat quantizer at the same nlist: 64 x the cost measured at nlist 1024
+    flat = plan_capacity(1e9, index_string=PQ48)
+    assert value(flat, "hours", "add") / value(plan, "hours", "add") == pytest.approx(
+        64 * rate["value"] / MEASURED_CPU["add_vectors_per_s_per_core"]["value"]
+    )
+    with_gpus = plan_capacity(1e9, gpus=8, cores=64)
+    assert value(with_gpus, "hours", "add") == value(plan_capacity(1e9, cores=64), "hours", "add")
+    assert "the add stage uses none" in with_gpus["hours"]["add"]["how"]
+
+
+@pytest.mark.parametrize("n", [1e6, 1e7, 1e8, 1e9, 5e9])
+def test_default_training_sample_is_enough_for_the_default_nlist(n):
+    for plan in (plan_capacity(n), plan_capacity(n, gpus=4), plan_capacity(n, max_index_bytes=1 << 40)):
+        assert plan["train_sample"] >= 39 * plan["nlist"]
+        assert plan["warnings"] == []
+        console = Console(width=250, record=True)
+        console.print(format_plan(plan))
+        assert "39 x nlist" not in console.export_text()
+
+
 def test_warns_when_training_sample_is_thin():
-    assert any("--train-sample 2555904" in w for w in plan_capacity(1e9, index_string=PQ48)["warnings"])
+    thin = plan_capacity(2e6, index_string=PQ48)["warnings"]
+    assert thin == [
+        "training sample 2,000,000 (the whole corpus) is under 39 x nlist (2,555,904): FAISS will warn; "
+        "consider an nlist of at most 32,768"
+    ]
     assert plan_capacity(1e6)["warnings"] == []
     over = plan_capacity(1e9, index_string=PQ48, max_index_bytes=8 << 30)
     assert any("over max_index_bytes" in w for w in over["warnings"])
@@ -129,12 +168,22 @@ def test_plan_cli_prints_the_billion_document_plan():
     from pathlib import Path
 
     rayindex = str(Path(sys.executable).with_name("rayindex"))
-    result = subprocess.run([rayindex, "plan", "--docs", "1e9", "--max-index-memory", "64G"], capture_output=True, text=True,
-                            timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [rayindex, "plan", "--docs", "1e9", "--max-index-memory", "64G"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     assert "OPQ48_192,IVF131072_HNSW32,PQ48np" in result.stdout and "hours: encode" in result.stdout
-    too_small = subprocess.run([rayindex, "plan", "--docs", "1e9", "--max-index-memory", "1G"], capture_output=True, text=True,
-                               timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    too_small = subprocess.run(
+        [rayindex, "plan", "--docs", "1e9", "--max-index-memory", "1G"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert too_small.returncode == 2 and "error:" in too_small.stderr
 
 
@@ -153,7 +202,9 @@ def test_serving_plan_splits_the_lists_and_counts_the_scan():
     sixteen = plan_capacity(1e9, index_string=PQ48, serving_shards=16, cores=32, nprobe=64)
     lists = one["bytes"]["inverted_lists_disk"]["value"]
     assert sixteen["serving"]["shard_lists"]["value"] == lists / 16
-    assert one["serving"]["router_ram"]["value"] == one["bytes"]["index_ram_mmap"]["value"]  # no inverted list on the router
+    assert (
+        one["serving"]["router_ram"]["value"] == one["bytes"]["index_ram_mmap"]["value"]
+    )  # no inverted list on the router
     assert sixteen["serving"]["doc_store_copied"]["value"] == 0
     # QPS = cores x scan rate (per code byte) / codes per query: x16 cores, nprobe 64 instead of the default 128
     default_nprobe = one["nlist"] // 8 if one["nlist"] // 8 <= 128 else 128

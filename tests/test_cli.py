@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import client_env, write_parquet
+from helpers import client_env, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
@@ -17,7 +17,9 @@ SHORT_BODY = 120  # characters kept of each document's body (see cli_docs)
 
 
 def run(args, **kwargs):
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=client_env(), cwd=kwargs.get("cwd", ROOT))
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env=client_env(), cwd=kwargs.get("cwd", ROOT)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +35,36 @@ def small_corpus(tmp_path_factory, cli_docs):
     return write_parquet(root / "docs.parquet", cli_docs)
 
 
-BUILD_OPTIONS = ["--id-column", "id", "--template", "{title}: {body}", "--shards", "2", "--index", "IVF2,Flat", "--quiet"]
+BUILD_OPTIONS = [
+    "--id-column",
+    "id",
+    "--template",
+    "{title}: {body}",
+    "--shards",
+    "2",
+    "--index",
+    "IVF2,Flat",
+    "--quiet",
+]
 
 
+@pytest.mark.slow  # a CLI build and search in subprocesses (about 25 s)
 def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, cli_docs):
     out = tmp_path / "out"
-    built = run([RAYINDEX, "build", str(small_corpus), "-o", str(out), *BUILD_OPTIONS, "--ray-address", ray_address,
-                 "--memory-budget", "1K"])
+    built = run(
+        [
+            RAYINDEX,
+            "build",
+            str(small_corpus),
+            "-o",
+            str(out),
+            *BUILD_OPTIONS,
+            "--ray-address",
+            ray_address,
+            "--memory-budget",
+            "1K",
+        ]
+    )
     assert built.returncode == 0, built.stderr
     assert "rayindex build" in built.stdout and "encode" in built.stdout  # the summary table
     assert "Published" in built.stdout and "80 docs" in built.stdout
@@ -47,10 +72,14 @@ def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, cli_doc
     assert len(list(out.glob("versions/*/index.ivfdata"))) == 1
     target = cli_docs[17]
     with ThreadPoolExecutor(3) as pool:  # three readers of the published index at once: each process loads the model
-        found, table, asked = pool.map(run, [
-            [RAYINDEX, "search", "--index", str(out), f"{target['title']}: {target['body']}", "-k", "3", "--json"],
-            [RAYINDEX, "search", "--index", str(out), "compress data with zlib", "-k", "2", "--nprobe", "2"],
-            [RAYINDEX, "ask", "--index", str(out), f"What does {target['title']} do?", "-k", "3", "--json"]])
+        found, table, asked = pool.map(
+            run,
+            [
+                [RAYINDEX, "search", "--index", str(out), f"{target['title']}: {target['body']}", "-k", "3", "--json"],
+                [RAYINDEX, "search", "--index", str(out), "compress data with zlib", "-k", "2", "--nprobe", "2"],
+                [RAYINDEX, "ask", "--index", str(out), f"What does {target['title']} do?", "-k", "3", "--json"],
+            ],
+        )
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert hits[0]["id"] == target["id"]
@@ -62,10 +91,21 @@ def test_cli_build_then_search_json(small_corpus, ray_address, tmp_path, cli_doc
     assert [s["n"] for s in answer["sources"]] == [1, 2, 3] and any(f"[{n}]" in answer["answer"] for n in (1, 2, 3))
 
 
+@pytest.mark.slow  # the job entrypoint's build in a subprocess (about 15 s)
 def test_ray_job_entrypoint(small_corpus, ray_address, tmp_path):
     out = tmp_path / "job-out"
-    result = run([sys.executable, "jobs/build_index.py", str(small_corpus), "-o", str(out), *BUILD_OPTIONS,
-                  "--ray-address", ray_address])
+    result = run(
+        [
+            sys.executable,
+            "jobs/build_index.py",
+            str(small_corpus),
+            "-o",
+            str(out),
+            *BUILD_OPTIONS,
+            "--ray-address",
+            ray_address,
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "CURRENT").read_text().strip() in os.listdir(out / "versions")
 
@@ -78,13 +118,15 @@ def test_cli_errors_are_messages_not_tracebacks_with_exit_codes(tmp_path):
     assert "Traceback" not in missing.stderr + missing.stdout
     no_index = run([RAYINDEX, "search", "--index", str(tmp_path / "nothing"), "hello"])
     assert no_index.returncode == 1 and "has no published index" in no_index.stderr
-    for args, named in ((["build", "x.jsonl", "--metric", "hamming"], "metric"),
-                        (["build", "x.jsonl", "--memory-budget", "lots"], "--memory-budget"),
-                        (["build", "x.jsonl", "--shards", "0"], "--shards"),
-                        (["search", "hello", "-k", "0"], "-k"),
-                        (["eval", "--k", "1,x"], "--k"),
-                        (["reindex", "--every", "soon"], "soon"),
-                        (["ask", "hi", "--generator", "openai"], "base URL")):
+    for args, named in (
+        (["build", "x.jsonl", "--metric", "hamming"], "metric"),
+        (["build", "x.jsonl", "--memory-budget", "lots"], "--memory-budget"),
+        (["build", "x.jsonl", "--shards", "0"], "--shards"),
+        (["search", "hello", "-k", "0"], "-k"),
+        (["eval", "--k", "1,x"], "--k"),
+        (["reindex", "--every", "soon"], "soon"),
+        (["ask", "hi", "--generator", "openai"], "base URL"),
+    ):
         bad = run([RAYINDEX, *args, "--quiet"] if args[0] in ("build", "reindex") else [RAYINDEX, *args])
         assert bad.returncode == 2, (args, bad.returncode, bad.stderr)
         assert named in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
@@ -93,10 +135,34 @@ def test_cli_errors_are_messages_not_tracebacks_with_exit_codes(tmp_path):
 def test_build_help_documents_every_option():
     result = run([RAYINDEX, "build", "--help"], cwd=ROOT)
     assert result.returncode == 0
-    for option in ("--output", "--id-column", "--text-column", "--template", "--shards", "--shard-size", "--model",
-                   "--index", "--on-disk", "--memory-budget", "--train-sample", "--gpu", "--ray-address", "--encoders",
-                   "--max-index-memory", "--target-recall", "--s3-endpoint", "--storage-retry", "--seed", "--metric",
-                   "--passages", "--no-passages", "--passage-tokens", "--passage-overlap", "--document-prompt", "--query-prompt",
-                   "--tune"):
+    for option in (
+        "--output",
+        "--id-column",
+        "--text-column",
+        "--template",
+        "--shards",
+        "--shard-size",
+        "--model",
+        "--index",
+        "--on-disk",
+        "--memory-budget",
+        "--train-sample",
+        "--gpu",
+        "--ray-address",
+        "--encoders",
+        "--max-index-memory",
+        "--target-recall",
+        "--s3-endpoint",
+        "--storage-retry",
+        "--seed",
+        "--metric",
+        "--passages",
+        "--no-passages",
+        "--passage-tokens",
+        "--passage-overlap",
+        "--document-prompt",
+        "--query-prompt",
+        "--tune",
+    ):
         assert option in result.stdout, option
     assert "50000" in result.stdout and "[default: (text)]" in result.stdout  # defaults shown, from BuildConfig

@@ -14,9 +14,11 @@ import yaml
 from ray import serve
 
 from rayindex.config import AppConfig
-from rayindex.query.serve import agent_metrics
+from rayindex.query.metrics import agent_metrics
 
-from conftest import DASHBOARD_PORT, client_env, free_port
+from helpers import DASHBOARD_PORT, client_env, free_port
+
+pytestmark = pytest.mark.slow  # serve run / serve deploy of the sample configs (about 30 s)
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = str(Path(sys.executable).with_name("serve"))
@@ -53,9 +55,27 @@ def wait_for(url: str, path: str, json: dict | None = None, limit_s: float = 180
 
 def test_serve_run_with_the_application_builder(ray_address, serve_port, index_dir, docs):
     target = docs[40]
-    run = subprocess.run([SERVE, "run", "--non-blocking", "--address", ray_address, "--name", "ri-run", "--route-prefix", "/run",
-                          "rayindex.query.serve:app_builder", f"index={index_dir}", "replica_cpus=0"],
-                         env=client_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            SERVE,
+            "run",
+            "--non-blocking",
+            "--address",
+            ray_address,
+            "--name",
+            "ri-run",
+            "--route-prefix",
+            "/run",
+            "rayindex.query.serve:app_builder",
+            f"index={index_dir}",
+            "replica_cpus=0",
+        ],
+        env=client_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     url = f"http://127.0.0.1:{serve_port}/run"
     hits = wait_for(url, "/search", json={"query": f"{target['title']}: {target['body']}", "k": 3}).json()["hits"]
@@ -64,9 +84,25 @@ def test_serve_run_with_the_application_builder(ray_address, serve_port, index_d
 
 
 def test_serve_run_refuses_unknown_arguments(ray_address, serve_port, index_dir):
-    run = subprocess.run([SERVE, "run", "--non-blocking", "--address", ray_address, "--name", "ri-bad",
-                          "rayindex.query.serve:app_builder", f"index={index_dir}", "replicaz=2"],
-                         env=client_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            SERVE,
+            "run",
+            "--non-blocking",
+            "--address",
+            ray_address,
+            "--name",
+            "ri-bad",
+            "rayindex.query.serve:app_builder",
+            f"index={index_dir}",
+            "replicaz=2",
+        ],
+        env=client_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode != 0 and "replicaz" in run.stdout + run.stderr
 
 
@@ -82,11 +118,19 @@ def test_serve_deploy_with_the_sample_config_counts_both_replicas(serve_port, in
     app["args"]["index"] = str(index_dir)
     deployment = app["deployments"][0]
     deployment.pop("autoscaling_config")
-    deployment.update(num_replicas=2, ray_actor_options={"num_cpus": 0})  # two replicas on 2 cores, beside the session's tasks
+    deployment.update(
+        num_replicas=2, ray_actor_options={"num_cpus": 0}
+    )  # two replicas on 2 cores, beside the session's tasks
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    deploy = subprocess.run([SERVE, "deploy", str(path), "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
-                            env=client_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    deploy = subprocess.run(
+        [SERVE, "deploy", str(path), "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"],
+        env=client_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-3000:]
     url = f"http://127.0.0.1:{serve_port}"
     wait_for(url, "/search", json={"query": "warm up", "k": 1})
@@ -112,9 +156,15 @@ def test_serve_deploy_with_the_sample_config_counts_both_replicas(serve_port, in
     assert 'rayindex_replicas_serving{version="' in metrics and "rayindex_request_latency_seconds_bucket" in metrics
     serving = [float(m.split()[-1]) for m in metrics.splitlines() if m.startswith("rayindex_replicas_serving{")]
     assert sum(serving) == 2  # both replicas report the version they serve
-    per_replica = {s.labels["replica"]: s.value for f in agent_metrics() for s in f.samples
-                   if s.name == "ray_rayindex_requests_total" and s.labels.get("application") == "ri-deploy"
-                   and s.labels.get("endpoint") == "/search" and s.labels.get("status") == "200"}
+    per_replica = {
+        s.labels["replica"]: s.value
+        for f in agent_metrics()
+        for s in f.samples
+        if s.name == "ray_rayindex_requests_total"
+        and s.labels.get("application") == "ri-deploy"
+        and s.labels.get("endpoint") == "/search"
+        and s.labels.get("status") == "200"
+    }
     assert len(per_replica) == 2 and sum(per_replica.values()) == expected  # both replicas took searches
     serve.delete("ri-deploy")
 
@@ -127,6 +177,9 @@ def test_kuberay_manifests_carry_the_sample_application():
         AppConfig(**app["args"])  # the args the builder will be given are valid
     job = yaml.safe_load((ROOT / "jobs" / "kuberay-rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("rayindex build ")
-    head_env = {e["name"]: e.get("value") for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    head_env = {
+        e["name"]: e.get("value")
+        for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert head_env["RAYINDEX_GPU"] == "1"
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == job["spec"]["rayClusterSpec"]["rayVersion"]

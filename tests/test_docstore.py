@@ -1,4 +1,4 @@
-"""The doc store read on demand (parts/docstore.py): every lookup equals what was written, nothing is
+"""The doc store read on demand (docstore/reader.py): every lookup equals what was written, nothing is
 opened before a lookup needs it, a tampered footer and a flipped byte in a page are refused naming the
 file, a doc store on S3 answers by byte ranges without landing in the node-local cache, and opening a
 version on S3 pulls no doc store."""
@@ -14,12 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rayindex.docstore.format import footer_sha256, read_footer
+from rayindex.docstore.reader import DocStore, ShardDocs
+from rayindex.docstore.writer import DocWriter
 from rayindex.errors import DamagedIndex
 from rayindex.infra.storage import Store
 from rayindex.layout import DOCS_FILE, PASSAGE_BITS, shard_dir, shard_rel
-from rayindex.parts.docstore import DocStore, DocWriter, ShardDocs, footer_sha256, read_footer
 from rayindex.query.search import open_version
 from rayindex.versions import open_current
+
+pytestmark = pytest.mark.slow  # the doc store on S3 (about 25 s)
 
 SHARD_DOCUMENTS = (700, 1, 300)  # documents per shard: several row groups, a single row, a last group cut short
 
@@ -33,9 +37,21 @@ def written_rows(rng: np.random.Generator, first_row: int, documents: int) -> li
         metadata = {"kind": ["function", "class", "module"][row % 3], "n": row, "tags": ["a", "b"][: row % 3]}
         start = 0
         for passage in range(int(rng.integers(1, 4))):
-            text = " ".join(rng.choice(["alpha", "βeta", "gamma", "データ", "x" * 40], size=int(rng.integers(1, 60))).tolist())
-            rows.append({"vector_id": (row << PASSAGE_BITS) | passage, "row_id": row, "id": doc_id, "passage": passage,
-                         "start": start, "end": start + len(text), "text": text, "metadata": metadata})
+            text = " ".join(
+                rng.choice(["alpha", "βeta", "gamma", "データ", "x" * 40], size=int(rng.integers(1, 60))).tolist()
+            )
+            rows.append(
+                {
+                    "vector_id": (row << PASSAGE_BITS) | passage,
+                    "row_id": row,
+                    "id": doc_id,
+                    "passage": passage,
+                    "start": start,
+                    "end": start + len(text),
+                    "text": text,
+                    "metadata": metadata,
+                }
+            )
             start += len(text) // 2
     return rows
 
@@ -44,11 +60,17 @@ def write_shard(folder, rows: list[dict], batch: int = 500) -> None:
     """rows through DocWriter, in batches as the encoder writes them."""
     with DocWriter(folder) as writer:
         for at in range(0, len(rows), batch):
-            part = rows[at:at + batch]
-            writer.write(np.array([r["vector_id"] for r in part], np.int64), pa.array([str(r["id"]) for r in part]),
-                         pa.array([isinstance(r["id"], int) for r in part]), np.array([r["passage"] for r in part]),
-                         np.array([r["start"] for r in part]), np.array([r["end"] for r in part]), pa.array([r["text"] for r in part]),
-                         pa.array([json.dumps(r["metadata"]) for r in part]))
+            part = rows[at : at + batch]
+            writer.write(
+                np.array([r["vector_id"] for r in part], np.int64),
+                pa.array([str(r["id"]) for r in part]),
+                pa.array([isinstance(r["id"], int) for r in part]),
+                np.array([r["passage"] for r in part]),
+                np.array([r["start"] for r in part]),
+                np.array([r["end"] for r in part]),
+                pa.array([r["text"] for r in part]),
+                pa.array([json.dumps(r["metadata"]) for r in part]),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +89,19 @@ def written(tmp_path_factory) -> tuple:
 
 
 def local_shards(folder, starts: list[int], opened: list | None = None) -> list[ShardDocs]:
-    """The shards' ShardDocs as DocStore.of_version makes them for a local output (opened: every open is logged there)."""
+    """The shards' ShardDocs as DocStore.of_version makes them for a local output (opened: every open is logged
+    there)."""
+
     def open_logged(path):
         if opened is not None:
             opened.append(path)
         return open(path, "rb")
 
     paths = [shard_dir(folder, shard) / DOCS_FILE for shard in range(len(starts))]
-    return [ShardDocs(str(p), partial(open_logged, p), start, footer_sha256(p) if p.exists() else None) for p, start in zip(paths, starts)]
+    return [
+        ShardDocs(str(p), partial(open_logged, p), start, footer_sha256(p) if p.exists() else None)
+        for p, start in zip(paths, starts)
+    ]
 
 
 def test_every_lookup_equals_what_was_written_from_several_threads(written):
@@ -84,7 +111,9 @@ def test_every_lookup_equals_what_was_written_from_several_threads(written):
     with ThreadPoolExecutor(8) as pool:
         found = list(pool.map(store.get, ids))
     assert found == [expected[i] for i in ids]
-    assert pq.ParquetFile(shard_dir(folder, 0) / DOCS_FILE).metadata.num_row_groups > 4  # lookups went to several row groups
+    assert (
+        pq.ParquetFile(shard_dir(folder, 0) / DOCS_FILE).metadata.num_row_groups > 4
+    )  # lookups went to several row groups
     by_id = {int(i): json.loads(m) for ids, column in store.column("metadata") for i, m in zip(ids, column.to_pylist())}
     assert by_id == {i: r["metadata"] for i, r in expected.items()}
 
@@ -99,7 +128,9 @@ def test_nothing_is_opened_before_a_lookup_needs_it(written, tmp_path):
     assert opened == [shard_dir(folder, 0) / DOCS_FILE]  # the one shard asked for, once
 
     missing = DocStore(local_shards(tmp_path / "nothing-here", starts))  # constructing over missing files reads nothing
-    with pytest.raises(DamagedIndex, match=rf"{tmp_path / 'nothing-here' / shard_rel(0, DOCS_FILE)} is missing; .* rebuild it"):
+    with pytest.raises(
+        DamagedIndex, match=rf"{tmp_path / 'nothing-here' / shard_rel(0, DOCS_FILE)} is missing; .* rebuild it"
+    ):
         missing.get(5 << PASSAGE_BITS)
 
 
@@ -121,7 +152,9 @@ def test_a_tampered_footer_is_refused_naming_the_file(written, tmp_path):
         return size - 8 - metadata.serialized_size // 2
 
     store, name, expected = damaged_copy(written, tmp_path, in_the_footer)
-    with pytest.raises(DamagedIndex, match=rf"{name}: its Parquet footer does not match its sha256 in the manifest; .* rebuild it"):
+    with pytest.raises(
+        DamagedIndex, match=rf"{name}: its Parquet footer does not match its sha256 in the manifest; .* rebuild it"
+    ):
         store.get(5 << PASSAGE_BITS)
     assert store.get(900 << PASSAGE_BITS) == expected[900 << PASSAGE_BITS]  # the other shards are intact
 
@@ -138,7 +171,9 @@ def test_a_flipped_byte_in_a_page_is_refused_by_its_checksum(written, tmp_path):
     ids = [i for i in sorted(expected) if i >> PASSAGE_BITS < SHARD_DOCUMENTS[0]]
     metadata = pq.read_metadata(written[0] / shard_rel(0, DOCS_FILE))
     in_group = ids[sum(metadata.row_group(g).num_rows for g in range(group))]  # the group's first row
-    with pytest.raises(DamagedIndex, match=rf"{name} row group {group} cannot be read \(.*CRC checksum verification failed.*rebuild it"):
+    with pytest.raises(
+        DamagedIndex, match=rf"{name} row group {group} cannot be read \(.*CRC checksum verification failed.*rebuild it"
+    ):
         store.get(in_group)
     assert store.get(ids[0]) == expected[ids[0]]  # the file's other row groups are served
 
@@ -151,8 +186,12 @@ def test_a_doc_store_on_s3_is_read_by_byte_ranges_not_cached_locally(written, s3
     for rel in rels:
         s3_server.fs.put_file(str(folder / rel), version.url(rel))
     open_file = version.random_access()
-    store = DocStore([ShardDocs(version.url(rel), partial(open_file, rel), start, footer_sha256(folder / rel))
-                      for rel, start in zip(rels, starts)])
+    store = DocStore(
+        [
+            ShardDocs(version.url(rel), partial(open_file, rel), start, footer_sha256(folder / rel))
+            for rel, start in zip(rels, starts)
+        ]
+    )
     ids = list(expected)[::7]
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(store.get, ids)) == [expected[i] for i in ids]

@@ -1,4 +1,4 @@
-"""rayindex eval (query/evaluate.py) and the recall measurement under it (parts/recall.py): recall
+"""rayindex eval (query/evaluate.py) and the recall measurement under it (ivf/recall.py): recall
 against exact search (checked against numpy), block by block, and labelled queries."""
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rayindex.parts.recall as recall
+import rayindex.ivf.recall as recall
 from rayindex.config import EvalOptions
 from rayindex.manifest import SweepPoint
 from rayindex.query.evaluate import EVAL_SEED, evaluate
@@ -55,17 +55,23 @@ def test_eval_matches_numpy_ground_truth_and_writes_outputs(index_copy, monkeypa
     assert [r["nprobe"] for r in result["sweep"]] == [1, 2, 4, 8]
     queries, self_ids = recall.sample_queries(published.version_dir, published.manifest, 60, EVAL_SEED)
     for row in result["sweep"]:
-        assert row["recall"][10] == pytest.approx(numpy_recall(published, queries, self_ids, row["nprobe"], 10), abs=0.02)
+        assert row["recall"][10] == pytest.approx(
+            numpy_recall(published, queries, self_ids, row["nprobe"], 10), abs=0.02
+        )
     assert result["sweep"][-1]["recall"][10] >= result["sweep"][0]["recall"][10]
     saved = json.loads((published.version_dir / "eval.json").read_text())
-    assert [p["recall"]["10"] for p in saved["sweep"]] == [p["recall"][10] for p in result["sweep"]] and saved["queries"] == 60
+    assert [p["recall"]["10"] for p in saved["sweep"]] == [p["recall"][10] for p in result["sweep"]] and saved[
+        "queries"
+    ] == 60
     for png in ("recall_vs_nprobe.png", "latency_vs_recall.png"):
         assert (published.version_dir / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_labelled_queries_hit_and_mrr(index_copy, docs, tmp_path):
     labelled = tmp_path / "q.jsonl"
-    labelled.write_text("\n".join(json.dumps({"query": f"{d['title']}: {d['body']}", "id": d["id"]}) for d in docs[::36]))
+    labelled.write_text(
+        "\n".join(json.dumps({"query": f"{d['title']}: {d['body']}", "id": d["id"]}) for d in docs[::36])
+    )
     result = evaluate(open_index(index_copy), EvalOptions(n_queries=20, ks="1,10", queries=str(labelled)))
     assert result["labelled"]["queries"] == 10
     assert result["labelled"]["hit@10"] == 1.0 and result["labelled"]["mrr"] > 0.8
@@ -73,9 +79,15 @@ def test_labelled_queries_hit_and_mrr(index_copy, docs, tmp_path):
 
 def test_eval_cli(index_copy):
     rayindex = str(Path(sys.executable).with_name("rayindex"))
-    result = subprocess.run([rayindex, "eval", "--index", str(index_copy), "--k", "1,10", "--n-queries", "40"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [rayindex, "eval", "--index", str(index_copy), "--k", "1,10", "--n-queries", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "recall@10" in result.stdout and "eval.json" in result.stdout
-    bad = subprocess.run([rayindex, "eval", "--index", str(index_copy), "--k", "ten"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [rayindex, "eval", "--index", str(index_copy), "--k", "ten"], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "--k" in bad.stderr

@@ -16,7 +16,6 @@ import pytest
 from pydantic import ValidationError
 
 from rayindex.config import GeneratorConfig
-
 from rayindex.query.generate import (
     PROMPT_TEMPLATE,
     ExtractiveGenerator,
@@ -29,13 +28,26 @@ from rayindex.query.generate import (
 )
 
 PASSAGES = [
-    {"id": "eiffel", "score": 0.71, "metadata": {"kind": "landmark"},
-     "text": "The Eiffel Tower stands on the Champ de Mars in Paris. Construction of the Eiffel Tower was finished in 1889 for the World's Fair."},
-    {"id": "photo", "score": 0.64, "metadata": {"kind": "biology"},
-     "text": "Photosynthesis converts light energy into chemical energy in green plants. "
-             "Chlorophyll absorbs mostly blue and red light."},
-    {"id": "python", "score": 0.58, "metadata": {"kind": "software"},
-     "text": "Python is a programming language created by Guido van Rossum. Its first version was released in 1991."},
+    {
+        "id": "eiffel",
+        "score": 0.71,
+        "metadata": {"kind": "landmark"},
+        "text": "The Eiffel Tower stands on the Champ de Mars in Paris. Construction of the Eiffel Tower was finished "
+        "in 1889 for the World's Fair.",
+    },
+    {
+        "id": "photo",
+        "score": 0.64,
+        "metadata": {"kind": "biology"},
+        "text": "Photosynthesis converts light energy into chemical energy in green plants. "
+        "Chlorophyll absorbs mostly blue and red light.",
+    },
+    {
+        "id": "python",
+        "score": 0.58,
+        "metadata": {"kind": "software"},
+        "text": "Python is a programming language created by Guido van Rossum. Its first version was released in 1991.",
+    },
 ]
 QUESTION = "Who created the Python programming language?"
 ANSWER_SENTENCE = "Python is a programming language created by Guido van Rossum."
@@ -57,8 +69,10 @@ def test_build_prompt_numbers_passages_and_asks_for_citations():
 
 def test_build_prompt_custom_template_and_braces_in_text():
     passages = [{"id": 1, "score": 1.0, "text": "dict literals look like {'a': 1} {x}", "metadata": {}}]
-    assert build_prompt("q?", passages, template="{question}|{context}") == \
-        'q?|<passage n="1">\n[1] dict literals look like {\'a\': 1} {x}\n</passage>'
+    assert (
+        build_prompt("q?", passages, template="{question}|{context}")
+        == "q?|<passage n=\"1\">\n[1] dict literals look like {'a': 1} {x}\n</passage>"
+    )
     assert "{context}" in PROMPT_TEMPLATE and "{question}" in PROMPT_TEMPLATE
 
 
@@ -68,7 +82,7 @@ def test_build_prompt_custom_template_and_braces_in_text():
 
 @pytest.fixture(scope="module")
 def encode():
-    from rayindex.parts.model import load_model
+    from rayindex.text.model import load_model
 
     model = load_model("all-MiniLM-L6-v2")
     return lambda texts: model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
@@ -86,16 +100,26 @@ def test_extractive_answers_with_the_right_sentence_and_citation(encode):
 
 def test_extractive_picks_per_question(encode):
     generator = ExtractiveGenerator(encode, max_sentences=1)
-    assert generator.generate("When was the Eiffel Tower completed?", PASSAGES) == \
-        "Construction of the Eiffel Tower was finished in 1889 for the World's Fair. [1]"
-    assert generator.generate("Which pigment absorbs light in plants?", PASSAGES) == \
-        "Chlorophyll absorbs mostly blue and red light. [2]"
+    assert (
+        generator.generate("When was the Eiffel Tower completed?", PASSAGES)
+        == "Construction of the Eiffel Tower was finished in 1889 for the World's Fair. [1]"
+    )
+    assert (
+        generator.generate("Which pigment absorbs light in plants?", PASSAGES)
+        == "Chlorophyll absorbs mostly blue and red light. [2]"
+    )
 
 
 def test_extractive_keeps_sentences_of_one_passage_in_source_order(encode):
-    passages = [{"id": "a", "score": 1.0, "metadata": {},
-                 "text": "Guido van Rossum began working on Python in 1989. He named the Python language after "
-                         "Monty Python. Python 3.0 was released in 2008."}]
+    passages = [
+        {
+            "id": "a",
+            "score": 1.0,
+            "metadata": {},
+            "text": "Guido van Rossum began working on Python in 1989. He named the Python language after "
+            "Monty Python. Python 3.0 was released in 2008.",
+        }
+    ]
     answer = ExtractiveGenerator(encode, max_sentences=2).generate("Who created the Python language?", passages)
     sentences = [s for s in answer.split(" [1]") if s.strip()]
     assert len(sentences) == 2
@@ -105,8 +129,10 @@ def test_extractive_keeps_sentences_of_one_passage_in_source_order(encode):
 
 def test_extractive_skips_short_fragments_and_handles_empty(encode):
     generator = ExtractiveGenerator(encode, max_sentences=3)
-    passages = [{"id": "x", "score": 1.0, "metadata": {}, "text": "See also. Ok. " + ANSWER_SENTENCE},
-                {"id": "y", "score": 0.5, "metadata": {}, "text": None}]
+    passages = [
+        {"id": "x", "score": 1.0, "metadata": {}, "text": "See also. Ok. " + ANSWER_SENTENCE},
+        {"id": "y", "score": 0.5, "metadata": {}, "text": None},
+    ]
     answer = generator.generate(QUESTION, passages)
     assert answer == f"{ANSWER_SENTENCE} [1]"  # "See also." and "Ok." are too short to be candidates
 
@@ -137,7 +163,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         if server.mode == "garbage":
             return self.reply(200, b"<html>proxy login</html>")
         request = json.loads(body)
-        return self.reply(200, json.dumps(completion(f"Guido van Rossum created it [3]. model={request['model']}")).encode())
+        return self.reply(
+            200, json.dumps(completion(f"Guido van Rossum created it [3]. model={request['model']}")).encode()
+        )
 
     def reply(self, status: int, payload: bytes):
         try:
@@ -154,9 +182,14 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 def completion(content: str) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "tiny",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "tiny",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
 
 
 @pytest.fixture
@@ -268,8 +301,18 @@ def tiny_t5(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-t5")
     tokenizer = save_tiny_tokenizer(directory)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
-                      num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     T5ForConditionalGeneration(config).save_pretrained(directory)
     return directory
 
@@ -284,8 +327,9 @@ def tiny_gpt2(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = save_tiny_tokenizer(directory)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                        bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1
+    )
     model = GPT2LMHeadModel(config)
     target = tokenizer.convert_tokens_to_ids("tokyo")
     with torch.no_grad():
@@ -364,9 +408,16 @@ def test_make_generator_reads_environment(monkeypatch, tiny_t5):
     assert generator.url == "http://llm.internal:8000/v1/chat/completions"
     assert (generator.model, generator.api_key, generator.timeout_s) == ("qwen", "sk-env", 3)
     # Settings given win over the environment.
-    generator = make_generator(GeneratorConfig(generator="openai", generator_model="llama", generator_url="http://other:9"),
-                               api_key="sk-arg")
-    assert (generator.url, generator.model, generator.api_key) == ("http://other:9/v1/chat/completions", "llama", "sk-arg")
+    generator = make_generator(
+        GeneratorConfig(generator="openai", generator_model="llama", generator_url="http://other:9"), api_key="sk-arg"
+    )
+    assert (generator.url, generator.model, generator.api_key) == (
+        "http://other:9/v1/chat/completions",
+        "llama",
+        "sk-arg",
+    )
 
     assert make_generator(GeneratorConfig(), encode=lambda texts: None).name == "extractive"
-    assert make_generator(GeneratorConfig(generator="transformers", generator_model=str(tiny_t5))).name == "transformers"
+    assert (
+        make_generator(GeneratorConfig(generator="transformers", generator_model=str(tiny_t5))).name == "transformers"
+    )

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from rayindex.config import parse_bytes
-from rayindex.parts.index_params import (
+from rayindex.ivf.index_params import (
+    MAX_TRAIN_SAMPLE,
     budget_candidates,
     choose_index_string,
     default_nprobe,
@@ -31,7 +32,9 @@ from rayindex.parts.index_params import (
         (100_000, 384, "IVF2048,PQ48np"),
         (1_000_000, 384, "IVF4096,PQ48np"),
         (1_000_000, 96, "IVF4096,PQ12np"),
-        (1_000_000_000, 384, "IVF65536,PQ48np"),
+        (67_108_864, 384, "IVF32768,PQ48np"),  # 4*sqrt(n) = 32,768 exactly
+        (67_108_865, 384, "IVF65536_HNSW32,PQ48np"),  # 65,536 lists: HNSW coarse quantizer (HNSW_COARSE_FROM)
+        (1_000_000_000, 384, "IVF65536_HNSW32,PQ48np"),
     ],
 )
 def test_choose_index_string(n, dim, expected):
@@ -50,7 +53,11 @@ def test_training_sample_size():
     assert training_sample_size(10_000_000, 16, uses_pq=True) == 256 * 64  # the PQ codebooks need more than 16 lists
     assert training_sample_size(10_000_000, 16, uses_pq=False) == 64 * 16
     assert training_sample_size(500, 4096, uses_pq=True) == 500  # never more than the corpus
-    assert training_sample_size(10**9, 65_536, uses_pq=True) == 1_000_000  # capped
+    assert training_sample_size(10**9, 65_536, uses_pq=True) == 64 * 65_536 == MAX_TRAIN_SAMPLE == 4_194_304
+    assert training_sample_size(3_000_000, 65_536, uses_pq=True) == 3_000_000  # the corpus: over 39 x 65,536
+    # a budgeted nlist over 65,536: the cap gives way to FAISS's 39 points per centroid
+    assert training_sample_size(10**9, 131_072, uses_pq=True) == 39 * 131_072 == 5_111_808
+    assert training_sample_size(10**9, 262_144, uses_pq=True) == 39 * 262_144
 
 
 def test_nlist_limits_and_suggestions():
@@ -88,7 +95,9 @@ def test_fit_index_to_corpus(index_string, n, fitted):
     assert got == fitted
     assert (why is None) == (fitted == index_string)
     if why:
-        assert why.startswith(f"--index {index_string!r} needs more vectors to train than the {n} there are, so the build uses {fitted!r}")
+        assert why.startswith(
+            f"--index {index_string!r} needs more vectors to train than the {n} there are, so the build uses {fitted!r}"
+        )
         faiss.index_factory(384, fitted)  # what it falls back to is a valid index
 
 
@@ -113,14 +122,26 @@ def test_parse_bytes():
 
 def test_parse_index_string():
     spec = parse_index_string("OPQ48_192,IVF131072_HNSW32,PQ48np", 384)
-    assert (spec.d, spec.nlist, spec.hnsw_m, spec.encoding, spec.pq_m, spec.code_bytes) == (192, 131072, 32, "PQ", 48, 48)
+    assert (spec.d, spec.nlist, spec.hnsw_m, spec.encoding, spec.pq_m, spec.code_bytes) == (
+        192,
+        131072,
+        32,
+        "PQ",
+        48,
+        48,
+    )
     assert spec.transforms == (("OPQ", 384, 192),)
     assert parse_index_string("OPQ16,IVF64,PQ16", 64).transforms == (("OPQ", 64, 64),)  # no _d: keeps the dimension
     assert parse_index_string("PCAR64,IVF1024,SQ8", 384).code_bytes == 64
     assert parse_index_string("IVF64,PQ16x4", 64).code_bytes == 8
     assert parse_index_string("IVF64,SQfp16", 100).code_bytes == 200
-    for bad, part in [("HNSW32", "HNSW32"), ("IVF64,PQ16x4fs", "PQ16x4fs"), ("IVF64,Flat,RFlat", "one IVF"),
-                      ("IDMap,Flat", "IDMap"), ("IVF64,PQ7", "does not divide")]:
+    for bad, part in [
+        ("HNSW32", "HNSW32"),
+        ("IVF64,PQ16x4fs", "PQ16x4fs"),
+        ("IVF64,Flat,RFlat", "one IVF"),
+        ("IDMap,Flat", "IDMap"),
+        ("IVF64,PQ7", "does not divide"),
+    ]:
         with pytest.raises(ValueError, match=part):
             parse_index_string(bad, 64)
 
@@ -138,8 +159,17 @@ def test_memory_arithmetic_on_round_numbers():
 
 @pytest.mark.parametrize(
     "index_string",
-    ["IVF64,Flat", "IVF64,SQ8", "IVF32,SQfp16", "IVF64,PQ8np", "IVF64,PQ8x4np", "OPQ4_16,IVF32,PQ4np",
-     "PCAR16,IVF32,SQ8", "IVF64_HNSW32,Flat", "IVF128_HNSW16,PQ8np"],
+    [
+        "IVF64,Flat",
+        "IVF64,SQ8",
+        "IVF32,SQfp16",
+        "IVF64,PQ8np",
+        "IVF64,PQ8x4np",
+        "OPQ4_16,IVF32,PQ4np",
+        "PCAR16,IVF32,SQ8",
+        "IVF64_HNSW32,Flat",
+        "IVF128_HNSW16,PQ8np",
+    ],
 )
 def test_memory_estimate_matches_faiss(index_string):
     rng = np.random.default_rng(0)
@@ -161,8 +191,13 @@ def test_pq_ladder():
 
 def test_budget_candidates_order_and_hnsw():
     assert budget_candidates(10**6, 384) == [
-        "IVF4096,Flat", "IVF4096,SQfp16", "IVF4096,SQ8", "IVF4096,PQ96np",
-        "OPQ48_192,IVF4096,PQ48np", "OPQ24_96,IVF4096,PQ24np", "OPQ12_48,IVF4096,PQ12np",
+        "IVF4096,Flat",
+        "IVF4096,SQfp16",
+        "IVF4096,SQ8",
+        "IVF4096,PQ96np",
+        "OPQ48_192,IVF4096,PQ48np",
+        "OPQ24_96,IVF4096,PQ24np",
+        "OPQ12_48,IVF4096,PQ12np",
     ]
     assert budget_candidates(10**9, 384)[0] == "IVF131072_HNSW32,Flat"  # 4*sqrt(1e9)=126,491 -> 2^17
     assert budget_candidates(5 * 10**9, 384)[0] == "IVF262144_HNSW32,Flat"  # capped at 2^18
@@ -190,7 +225,9 @@ def test_choose_index_string_with_budget(n, dim, budget, expected):
 
 
 def test_choose_index_string_budget_too_small():
-    with pytest.raises(ValueError, match=r"smallest, 'OPQ12_48,IVF131072_HNSW32,PQ12np', needs 20\d{9} bytes .* at least 19G"):
+    with pytest.raises(
+        ValueError, match=r"smallest, 'OPQ12_48,IVF131072_HNSW32,PQ12np', needs 20\d{9} bytes .* at least 19G"
+    ):
         choose_index_string(10**9, 384, 16 << 30)
 
 

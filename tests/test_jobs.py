@@ -1,4 +1,5 @@
-"""jobs/build_index.py and jobs/reindex.py submitted as real Ray jobs (JobSubmissionClient) with jobs/runtime_env.yaml."""
+"""jobs/build_index.py and jobs/reindex.py submitted as real Ray jobs (JobSubmissionClient) with
+jobs/runtime_env.yaml."""
 
 import shutil
 import sys
@@ -11,7 +12,9 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from rayindex.query.search import open_index
 
-from conftest import DASHBOARD_PORT, write_parquet
+from helpers import DASHBOARD_PORT, write_parquet
+
+pytestmark = pytest.mark.slow  # Ray jobs submitted to the job server (about 60 s)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +58,7 @@ def test_build_then_reindex_jobs_succeed_and_publish(jobs, tmp_path, docs):
         jobs,
         # sys.executable: on a cluster `python` is the nodes' environment; here it is this venv
         entrypoint=f"{sys.executable} jobs/build_index.py {corpus} -o {out} --id-column id "
-                   f"--template '{{title}}: {{body}}' --index IVF1,Flat --quiet",
+        f"--template '{{title}}: {{body}}' --index IVF1,Flat --quiet",
         runtime_env=runtime_env(),
     )
     assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
@@ -72,8 +75,11 @@ def test_build_then_reindex_jobs_succeed_and_publish(jobs, tmp_path, docs):
 
 
 def test_failing_job_reports_failed_with_our_message(jobs, tmp_path):
-    job = submit(jobs, entrypoint=f"{sys.executable} jobs/build_index.py {tmp_path / 'missing.jsonl'} -o {tmp_path / 'o'} --quiet",
-                          runtime_env=runtime_env())
+    job = submit(
+        jobs,
+        entrypoint=f"{sys.executable} jobs/build_index.py {tmp_path / 'missing.jsonl'} -o {tmp_path / 'o'} --quiet",
+        runtime_env=runtime_env(),
+    )
     assert wait(jobs, job) == JobStatus.FAILED
     logs = jobs.get_job_logs(job)
     assert "error:" in logs and "missing.jsonl does not exist" in logs and "Traceback" not in logs
@@ -88,8 +94,11 @@ def test_a_pipelines_package_in_the_jobs_working_dir_breaks_nothing(jobs, tmp_pa
     (work / "pipelines" / "__init__.py").write_text("raise ImportError('the user project pipelines package')\n")
     corpus = write_parquet(tmp_path / "docs.parquet", docs[:30])
     out = tmp_path / "out"
-    job = submit(jobs, entrypoint=f"{sys.executable} jobs/build_index.py {corpus} -o {out} --id-column id "
-                                     f"--template '{{title}}: {{body}}' --index IVF1,Flat --quiet",
-                          runtime_env=runtime_env(work))
+    job = submit(
+        jobs,
+        entrypoint=f"{sys.executable} jobs/build_index.py {corpus} -o {out} --id-column id "
+        f"--template '{{title}}: {{body}}' --index IVF1,Flat --quiet",
+        runtime_env=runtime_env(work),
+    )
     assert wait(jobs, job) == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-2000:]
     assert open_index(out).manifest.counts.docs_encoded == 30

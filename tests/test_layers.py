@@ -15,20 +15,79 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "rayindex"
 # layer allows it. stages and query share a rank and may not import each other.
 LAYERS = [
     ("foundation", 0, {"errors", "config", "layout", "manifest"}),
-    ("infrastructure", 1, {"infra.storage", "infra.lock", "infra.ray_session", "infra.progress", "infra.faults", "infra.resources",
-                        "infra.prefetch"}),
+    (
+        "infrastructure",
+        1,
+        {
+            "infra.storage",
+            "infra.lock",
+            "infra.ray_session",
+            "infra.progress",
+            "infra.faults",
+            "infra.resources",
+            "infra.prefetch",
+            "infra.files",
+        },
+    ),
     ("versions", 2, {"versions"}),
-    ("parts", 3, {"parts.corpus", "parts.shard_plan", "parts.index_params", "parts.capacity", "parts.model", "parts.docstore",
-                  "parts.ivf", "parts.recall", "parts.refine", "parts.reuse", "parts.stdlib_corpus", "parts.documents", "parts.passages",
-                  "parts.ivf_parts"}),
-    ("stages", 4, {"stages.plan", "stages.encode", "stages.train", "stages.add", "stages.merge", "stages.tune", "stages.partition"}),
-    ("query", 4, {"query.search", "query.filters", "query.evaluate", "query.generate", "query.serve", "query.gate",
-                  "query.sharded"}),
+    # the domains: plain functions and small classes on numpy, FAISS and Arrow objects, one job per module;
+    # they may import each other (no cycle), never a stage or the query side
+    (
+        "domains",
+        3,
+        {
+            "text.corpus",
+            "text.shard_plan",
+            "text.model",
+            "text.reuse",
+            "text.stdlib_corpus",
+            "text.documents",
+            "text.passages",
+            "ivf.index_params",
+            "ivf.capacity",
+            "ivf.index",
+            "ivf.recall",
+            "ivf.refine",
+            "ivf.serving_split",
+            "docstore.format",
+            "docstore.writer",
+            "docstore.reader",
+        },
+    ),
+    (
+        "stages",
+        4,
+        {
+            "stages.plan",
+            "stages.encode",
+            "stages.train",
+            "stages.add",
+            "stages.merge",
+            "stages.tune",
+            "stages.partition",
+        },
+    ),
+    (
+        "query",
+        4,
+        {
+            "query.search",
+            "query.filters",
+            "query.evaluate",
+            "query.generate",
+            "query.serve",
+            "query.gate",
+            "query.requests",
+            "query.metrics",
+            "query.launch",
+            "query.sharded",
+        },
+    ),
     ("build", 5, {"builder", "incremental"}),
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]
 NO_IMPORTS_WITHIN = {"stages"}
-PACKAGES = {"infra", "parts", "stages", "query"}  # their __init__.py files are empty
+PACKAGES = {"infra", "text", "ivf", "docstore", "stages", "query"}  # their __init__.py files are empty
 
 
 def module_name(path: Path) -> str:
@@ -57,8 +116,11 @@ def imports_of(path: Path) -> set[str]:
 def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     known = set(modules)
-    return {name: {m for m in imports_of(path) if m in known and m != name and m not in PACKAGES} for name, path in modules.items()
-            if name not in PACKAGES}
+    return {
+        name: {m for m in imports_of(path) if m in known and m != name and m not in PACKAGES}
+        for name, path in modules.items()
+        if name not in PACKAGES
+    }
 
 
 def test_every_module_has_a_layer(graph):
@@ -86,8 +148,11 @@ def test_no_import_cycle(graph):
         state[module] = 1
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target):] + [target]) if target in path
-                                     else f"import cycle through {target}")
+                raise AssertionError(
+                    "import cycle: " + " -> ".join(path[path.index(target) :] + [target])
+                    if target in path
+                    else f"import cycle through {target}"
+                )
             if target not in state:
                 visit(target, path + [target])
         state[module] = 2
@@ -100,7 +165,12 @@ def test_no_import_cycle(graph):
 def test_rayindex_imports_and_pipelines_does_not(tmp_path):
     """From the repository root too, where the source folder pipelines/ sits in the working directory."""
     for cwd in (tmp_path, PACKAGE.parents[1]):
-        ok = subprocess.run([sys.executable, "-c", "import rayindex; print(rayindex.__version__)"], cwd=cwd, capture_output=True, text=True)
+        ok = subprocess.run(
+            [sys.executable, "-c", "import rayindex; print(rayindex.__version__)"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+        )
         assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
         shadow = subprocess.run([sys.executable, "-c", "import pipelines"], cwd=cwd, capture_output=True, text=True)
         assert shadow.returncode != 0, f"`import pipelines` worked in {cwd}"

@@ -16,7 +16,9 @@ from rayindex.errors import RayIndexError
 from rayindex.infra.lock import OutputLock, generation_rel
 from rayindex.infra.storage import Store
 
-from conftest import build_config
+from helpers import build_config
+
+pytestmark = pytest.mark.slow  # lock races and renewals, local and on S3 (about 30 s)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -90,7 +92,9 @@ def test_build_refuses_a_locked_output(tmp_path, corpus_dir):
     with OutputLock(Store(str(tmp_path / "out")), "someone-else"):
         with pytest.raises(RayIndexError, match="locked by run someone-else"):
             build(build_config([corpus_dir], tmp_path / "out"))
-    assert not [p for p in (tmp_path / "out" / "versions").glob("*") if not p.name.startswith(".")]  # refused before creating a version
+    assert not [
+        p for p in (tmp_path / "out" / "versions").glob("*") if not p.name.startswith(".")
+    ]  # refused before creating a version
 
 
 TAKERS, ROUNDS = 32, 50
@@ -103,7 +107,10 @@ def test_racing_takers_of_an_expired_lock_one_winner_every_round(tmp_path):
     context = multiprocessing.get_context("spawn")  # the children import only the lock (fork would copy Ray's threads)
     start, tried, released = (context.Barrier(TAKERS + 1) for _ in range(3))
     results = context.Queue()
-    racers = [context.Process(target=race, args=(str(tmp_path), i, ROUNDS, start, tried, released, results)) for i in range(TAKERS)]
+    racers = [
+        context.Process(target=race, args=(str(tmp_path), i, ROUNDS, start, tried, released, results))
+        for i in range(TAKERS)
+    ]
     for p in racers:
         p.start()
     store, winners = Store(str(tmp_path)), []

@@ -4,11 +4,11 @@ passage, the model's inputs exactly those of the passage's text; a default build
 document with the passage's span, tunes itself to recall@10 >= 0.95, and filters on metadata with the
 recall of exact filtered search."""
 
+import pydoc_data.topics
 import random
 import re
 
 import numpy as np
-import pydoc_data.topics
 import pytest
 from typer.testing import CliRunner
 
@@ -16,13 +16,14 @@ from rayindex.builder import build
 from rayindex.cli import app
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
-from rayindex.layout import VECTOR_IDS_FILE, load_embeddings, passage_ids, shard_dir
-from rayindex.parts.model import embed, load_model, split_passages, vector_settings
-from rayindex.parts.passages import windows
+from rayindex.infra.files import load_embeddings
+from rayindex.layout import VECTOR_IDS_FILE, passage_ids, shard_dir
 from rayindex.query.evaluate import labelled_metrics
 from rayindex.query.search import open_index
+from rayindex.text.model import embed, load_model, split_passages, vector_settings
+from rayindex.text.passages import windows
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 TOPICS = sorted((name, text) for name, text in pydoc_data.topics.topics.items() if len(text) > 2_500)[:24]
 
@@ -41,7 +42,7 @@ def word_tokens(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def covered(text: str, spans) -> bool:
     mask = np.zeros(len(text), bool)
     for span in spans:
-        mask[span.char_start:span.char_end] = True
+        mask[span.char_start : span.char_end] = True
     return bool(mask.all())
 
 
@@ -49,7 +50,11 @@ def test_windows_cover_every_character_within_the_size():
     rng = random.Random(3)
     words = ["alpha", "be", "gamma.", "delta,", "x" * 40, "end!\n\n", "(quote.)", "  ", "\n"]
     for trial in range(300):
-        text = " " * rng.randint(0, 3) + " ".join(rng.choice(words) for _ in range(rng.randint(0, 400))) + " " * rng.randint(0, 3)
+        text = (
+            " " * rng.randint(0, 3)
+            + " ".join(rng.choice(words) for _ in range(rng.randint(0, 400)))
+            + " " * rng.randint(0, 3)
+        )
         starts, ends, word_start = word_tokens(text)
         size = rng.randint(8, 64)
         overlap = rng.randint(0, size - 1)
@@ -69,7 +74,7 @@ def test_windows_end_at_sentence_boundaries_and_overlap():
     spans = windows(text, starts, ends, word_start, 48, 6)
     assert len(spans) > 5
     for span in spans[:-1]:
-        assert text[span.char_start:span.char_end].rstrip().endswith("."), text[span.char_start:span.char_end][-30:]
+        assert text[span.char_start : span.char_end].rstrip().endswith("."), text[span.char_start : span.char_end][-30:]
     for a, b in zip(spans, spans[1:]):
         assert a.token_end - b.token_start == 6 or a.token_end - b.token_start < 6 and word_start[b.token_start]
     assert windows("short text", *word_tokens("short text"), 48, 6) == [(0, 4, 0, 10)]
@@ -92,14 +97,17 @@ def test_split_passages_gives_the_tokens_and_vectors_of_each_passage_text(model)
     for doc, text in enumerate(texts):
         mask = np.zeros(len(text), bool)
         for p in range(offsets[doc], offsets[doc + 1]):
-            mask[split.char_starts[p]:split.char_ends[p]] = True
-            ids = tokenized.ids["input_ids"][tokenized.starts[p]:tokenized.starts[p] + tokenized.lengths[p]]
-            passage_text = text[split.char_starts[p]:split.char_ends[p]]
+            mask[split.char_starts[p] : split.char_ends[p]] = True
+            ids = tokenized.ids["input_ids"][tokenized.starts[p] : tokenized.starts[p] + tokenized.lengths[p]]
+            passage_text = text[split.char_starts[p] : split.char_ends[p]]
             assert ids.tolist() == model.tokenizer(passage_text)["input_ids"], (doc, p)
         assert mask.all(), doc  # every character of the document is in a passage
     rows = np.array([0, 3, int(offsets[6])])
     ours = embed(model, tokenized, 8, True, rows)
-    texts_of_rows = [texts[int(np.searchsorted(offsets, r, side="right") - 1)][split.char_starts[r]:split.char_ends[r]] for r in rows]
+    texts_of_rows = [
+        texts[int(np.searchsorted(offsets, r, side="right") - 1)][split.char_starts[r] : split.char_ends[r]]
+        for r in rows
+    ]
     reference = model.encode(texts_of_rows, normalize_embeddings=True)
     np.testing.assert_allclose(ours, reference, atol=2e-5)
 
@@ -127,7 +135,7 @@ def test_settings_follow_the_model_and_refuse_what_cannot_work(model):
 
 def deep_sentences(text: str, n: int) -> list[str]:
     """Sentences of 40+ characters from the last half of a document."""
-    tail = text[len(text) // 2:]
+    tail = text[len(text) // 2 :]
     found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", tail) if 40 <= len(s.strip()) <= 300]
     return found[:n]
 
@@ -136,13 +144,18 @@ def deep_sentences(text: str, n: int) -> list[str]:
 def long_docs(ray_address, tmp_path_factory):
     """A build with default options (passages, index, tuning) over long documents with a metadata column."""
     root = tmp_path_factory.mktemp("long")
-    rows = [{"id": name, "text": text, "group": "even" if i % 2 == 0 else "odd", "size": len(text)}
-            for i, (name, text) in enumerate(TOPICS)]
+    rows = [
+        {"id": name, "text": text, "group": "even" if i % 2 == 0 else "odd", "size": len(text)}
+        for i, (name, text) in enumerate(TOPICS)
+    ]
     write_jsonl(root / "topics.jsonl", rows)
-    manifest = build(BuildConfig(inputs=[str(root / "topics.jsonl")], output=str(root / "out"), id_column="id", shards=2))
+    manifest = build(
+        BuildConfig(inputs=[str(root / "topics.jsonl")], output=str(root / "out"), id_column="id", shards=2)
+    )
     return rows, manifest, open_index(root / "out", with_vectors=True)
 
 
+@pytest.mark.slow  # a build over long documents (about 40 s)
 def test_every_passage_is_stored_with_its_document_span_and_text(long_docs):
     rows, manifest, index = long_docs
     by_id = {r["id"]: r["text"] for r in rows}
@@ -155,7 +168,7 @@ def test_every_passage_is_stored_with_its_document_span_and_text(long_docs):
         assert np.array_equal(ids, passage_ids(np.unique(rows_of), counts))
         for vector_id in ids.tolist():
             passage = index.docs.get(vector_id)
-            assert passage["text"] == by_id[passage["id"]][passage["start"]:passage["end"]]
+            assert passage["text"] == by_id[passage["id"]][passage["start"] : passage["end"]]
             assert passage["passage"] == vector_id & ((1 << 20) - 1)
 
 
@@ -230,4 +243,6 @@ def test_filters_return_k_matching_documents_with_the_recall_of_exact_filtered_s
 
 def test_the_cli_refuses_an_overlap_not_smaller_than_the_passage():
     result = CliRunner().invoke(app, ["build", "x.jsonl", "--passage-tokens", "64", "--passage-overlap", "64"])
-    assert result.exit_code == 2 and "--passage-overlap 64 must be smaller than --passage-tokens 64" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "--passage-overlap 64 must be smaller than --passage-tokens 64" in " ".join(
+        result.output.split()
+    )

@@ -13,6 +13,7 @@ import pytest
 
 from rayindex.api import reindex
 from rayindex.builder import build
+from rayindex.docstore.format import footer_sha256
 from rayindex.errors import RayIndexError
 from rayindex.incremental import parse_interval, run_every
 from rayindex.infra.lock import OutputLock
@@ -20,11 +21,12 @@ from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
 from rayindex.layout import CURRENT, DOCS_FILE, MANIFEST, TRAINED_FILE, VERSIONS, shard_dir
 from rayindex.manifest import Manifest
-from rayindex.parts.docstore import footer_sha256
 from rayindex.query.search import open_index, open_version
 from rayindex.stages import add, merge
 
-from conftest import build_config, client_env, write_parquet
+from helpers import build_config, client_env, write_parquet
+
+pytestmark = pytest.mark.slow  # incremental reindex builds (about 70 s)
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(shards=2, index="IVF4,Flat", template="{title}: {body}")
@@ -54,17 +56,27 @@ def test_only_new_and_changed_documents_are_encoded(reindexed, docs):
     _, out, first, second = reindexed
     assert second.reindex.previous == first.run_id
     assert second.reindex.model_dump(include={"added", "changed", "deleted", "unchanged", "encoded"}) == {
-        "added": 20, "changed": 10, "deleted": 10, "unchanged": 180, "encoded": 30}
+        "added": 20,
+        "changed": 10,
+        "deleted": 10,
+        "unchanged": 180,
+        "encoded": 30,
+    }
     assert second.reindex.path == "incremental" and second.reindex.drift.ratio < 1.2
     assert second.training.reused_from == first.run_id
     assert second.training.trained_fingerprint == first.training.trained_fingerprint
     assert (out / CURRENT).read_text().strip() == second.run_id
     assert [s.docs_footer_sha256 for s in second.shard_states] == [  # the doc store written again, its footer recorded
-        footer_sha256(shard_dir(out / VERSIONS / second.run_id, s.shard_id) / DOCS_FILE) for s in second.shards]
+        footer_sha256(shard_dir(out / VERSIONS / second.run_id, s.shard_id) / DOCS_FILE) for s in second.shards
+    ]
 
     index = open_index(out)
-    assert index.search(f"{docs[205]['title']}: {docs[205]['body']}", k=1, nprobe=4)[0]["id"] == docs[205]["id"]  # added
-    revised = index.search(f"{docs[12]['title']}: {docs[12]['body']} This function was revised in the new release.", k=1, nprobe=4)[0]
+    assert (
+        index.search(f"{docs[205]['title']}: {docs[205]['body']}", k=1, nprobe=4)[0]["id"] == docs[205]["id"]
+    )  # added
+    revised = index.search(
+        f"{docs[12]['title']}: {docs[12]['body']} This function was revised in the new release.", k=1, nprobe=4
+    )[0]
     assert revised["id"] == docs[12]["id"] and revised["text"].endswith("revised in the new release.")  # changed
     ids = {h["id"] for h in index.search(f"{docs[3]['title']}: {docs[3]['body']}", k=20, nprobe=4)}
     assert not ids & {d["id"] for d in docs[:10]}  # deleted
@@ -82,7 +94,9 @@ def test_equals_a_full_rebuild_with_the_same_trained_quantizer(reindexed, tmp_pa
 
     incremental = open_index(out)
     rebuilt = open_version(version, full)
-    queries = incremental.encode(["open a file", "sort a list", "http request", "random numbers", "revised in the new release"])
+    queries = incremental.encode(
+        ["open a file", "sort a list", "http request", "random numbers", "revised in the new release"]
+    )
     d1, i1 = incremental.search_vectors(queries, 10, nprobe=4)
     d2, i2 = rebuilt.search_vectors(queries, 10, nprobe=4)
     np.testing.assert_array_equal(i1, i2)
@@ -92,8 +106,15 @@ def test_equals_a_full_rebuild_with_the_same_trained_quantizer(reindexed, tmp_pa
 def test_drift_past_the_threshold_retrains(reindexed, tmp_path):
     """A corpus from another domain (order records, not docstrings) fits the old centroids worse."""
     root, out, _, _ = reindexed
-    shifted = [{"id": f"order-{i}", "title": f"Order {i}", "body": f"Order {i} of {i % 7 + 1} pallets shipped from Rotterdam to "
-                f"warehouse {i % 13} on day {i % 28 + 1}; invoice total {i * 37 % 1000} euros."} for i in range(150)]
+    shifted = [
+        {
+            "id": f"order-{i}",
+            "title": f"Order {i}",
+            "body": f"Order {i} of {i % 7 + 1} pallets shipped from Rotterdam to "
+            f"warehouse {i % 13} on day {i % 28 + 1}; invoice total {i * 37 % 1000} euros.",
+        }
+        for i in range(150)
+    ]
     write_parquet(root / "v3" / "orders.parquet", shifted)
     third = reindex(str(out), root / "v3")  # the default threshold, 1.2
     assert third.reindex.path == "full retrain", third.reindex
@@ -107,8 +128,14 @@ def test_reindex_job_keeps_versions_up_to_the_retention_count(reindexed, ray_add
     _, out, _, _ = reindexed
     before = sorted(p.name for p in (out / VERSIONS).iterdir() if not p.name.startswith("."))
     for _ in range(2):
-        job = subprocess.run([sys.executable, "jobs/reindex.py", "-o", str(out), "--keep", "2", "--quiet", "--ray-address", ray_address],
-                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=client_env())
+        job = subprocess.run(
+            [sys.executable, "jobs/reindex.py", "-o", str(out), "--keep", "2", "--quiet", "--ray-address", ray_address],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+            env=client_env(),
+        )
         assert job.returncode == 0, job.stderr
         assert "0 added, 0 changed, 0 deleted" in job.stdout and "Quantizer: incremental" in job.stdout
     versions = sorted(p.name for p in (out / VERSIONS).iterdir() if not p.name.startswith("."))

@@ -22,20 +22,27 @@ from rayindex.layout import CURRENT, EMBEDDINGS_FILE, VERSIONS, shard_dir
 from rayindex.manifest import Manifest
 from rayindex.query.search import open_index
 
-from conftest import DASHBOARD_PORT, build_config, client_env, write_jsonl, write_parquet
+from helpers import DASHBOARD_PORT, build_args, build_config, client_env, write_jsonl, write_parquet
+
+pytestmark = pytest.mark.slow  # killed and resumed builds (about 100 s)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 # one encoder everywhere: the same torch thread count as the reference, so embeddings are bit-identical
 OPTIONS = dict(shards=3, index="IVF8,PQ16np", on_disk=False, encoders=1)
 SHORT_BODY = 120  # characters kept of each document's body (see corpus)
-LONG_KEPT = {"argparse", "_pyio.open", "aifc"}  # kept whole: a few documents of several passages each resume like the rest
+LONG_KEPT = {
+    "argparse",
+    "_pyio.open",
+    "aifc",
+}  # kept whole: a few documents of several passages each resume like the rest
 
 
 @pytest.fixture(scope="module")
 def corpus(corpus_dir, tmp_path_factory) -> Path:
     """The session's corpus, file for file (the same rows, row groups and rows without text), each body but
-    LONG_KEPT's cut to its first SHORT_BODY characters. What this module proves does not depend on the texts' length, and the
+    LONG_KEPT's cut to its first SHORT_BODY characters. What this module proves does not depend on the texts' length,
+    and the
     model, which encodes these shards about twenty times here, costs in proportion to it (a whole docstring
     runs up to the model's 256 tokens)."""
     root = tmp_path_factory.mktemp("resume-corpus")
@@ -48,9 +55,13 @@ def corpus(corpus_dir, tmp_path_factory) -> Path:
     for path in sorted(p for p in corpus_dir.iterdir() if p.is_file()):
         if path.suffix == ".parquet":
             parquet = pq.ParquetFile(path)
-            write_parquet(root / path.name, [cut(r) for r in parquet.read().to_pylist()], parquet.metadata.row_group(0).num_rows)
+            write_parquet(
+                root / path.name, [cut(r) for r in parquet.read().to_pylist()], parquet.metadata.row_group(0).num_rows
+            )
         else:
-            write_jsonl(root / path.name, [cut(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()])
+            write_jsonl(
+                root / path.name, [cut(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+            )
     return root
 
 
@@ -59,9 +70,23 @@ def cli_build(corpus_dir, out: Path, ray_address: str, kill_after: str | None = 
     env = client_env()
     if kill_after:
         env["RAYINDEX_KILL_AFTER"] = kill_after
-    args = [RAYINDEX, "build", str(corpus_dir), "-o", str(out), "--id-column", "id", "--template", "{title}: {body}",
-            "--shards", "3", "--index", "IVF8,PQ16np", "--in-ram", "--encoders", "1", "--seed", "7", "--no-tune", "--quiet",
-            "--ray-address", ray_address]
+    args = [
+        RAYINDEX,
+        *build_args(corpus_dir, out),
+        "--shards",
+        "3",
+        "--index",
+        "IVF8,PQ16np",
+        "--in-ram",
+        "--encoders",
+        "1",
+        "--seed",
+        "7",
+        "--no-tune",
+        "--quiet",
+        "--ray-address",
+        ray_address,
+    ]
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
@@ -77,8 +102,15 @@ def reference(ray_address, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     build(build_config([corpus], out, **OPTIONS))
     index = open_index(out)
-    queries = index.encode(["read a file line by line", "compress data", "parse command line options",
-                            "thread pool executor", "format a date"])
+    queries = index.encode(
+        [
+            "read a file line by line",
+            "compress data",
+            "parse command line options",
+            "thread pool executor",
+            "format a date",
+        ]
+    )
     distances, ids = index.search_vectors(queries, 10, nprobe=8)
     return out, queries, ids, distances
 
@@ -114,12 +146,17 @@ def assert_identical(out: Path, reference) -> None:
     assert got.training.trained_fingerprint == ref.training.trained_fingerprint
 
 
-@pytest.mark.parametrize("kill_after, reused", [
-    ("encode:1", {"encode": [0]}),
-    ("add:1", {"encode": [0, 1, 2], "train": True}),
-    ("merge:2", {"encode": [0, 1, 2], "train": True, "add": [0, 1, 2]}),
-])
-def test_killed_driver_resumes_and_matches_uninterrupted_run(kill_after, reused, corpus, ray_address, reference, tmp_path, request):
+@pytest.mark.parametrize(
+    "kill_after, reused",
+    [
+        ("encode:1", {"encode": [0]}),
+        ("add:1", {"encode": [0, 1, 2], "train": True}),
+        ("merge:2", {"encode": [0, 1, 2], "train": True, "add": [0, 1, 2]}),
+    ],
+)
+def test_killed_driver_resumes_and_matches_uninterrupted_run(
+    kill_after, reused, corpus, ray_address, reference, tmp_path, request
+):
     if kill_after == "add:1":  # the same killed run as test_a_damaged_finished_shard_is_recomputed's, run once
         out = request.getfixturevalue("killed_at_add")()
     else:
@@ -130,8 +167,11 @@ def test_killed_driver_resumes_and_matches_uninterrupted_run(kill_after, reused,
     version = only_version(out)
     stopped = Manifest.load(version)
     assert stopped.status == "running"
-    finished = {s.shard_id: os.stat(shard_dir(version, s.shard_id) / EMBEDDINGS_FILE).st_mtime_ns
-                for s in stopped.shard_states if s.embeddings_sha256}
+    finished = {
+        s.shard_id: os.stat(shard_dir(version, s.shard_id) / EMBEDDINGS_FILE).st_mtime_ns
+        for s in stopped.shard_states
+        if s.embeddings_sha256
+    }
 
     resumed = cli_build(corpus, out, ray_address)
     assert resumed.returncode == 0, resumed.stderr
@@ -168,8 +208,11 @@ def test_killed_encoder_actor_is_restarted_and_result_identical(corpus, ray_addr
     build = threading.Thread(target=lambda: errors.append(run_or_error(build_config([corpus], out, **OPTIONS))))
     build.start()
     deadline = time.monotonic() + 120
-    encoders = dict(address=f"http://127.0.0.1:{DASHBOARD_PORT}", filters=[("class_name", "=", "ShardEncoder"), ("state", "=", "ALIVE")],
-                    detail=True)
+    encoders = dict(
+        address=f"http://127.0.0.1:{DASHBOARD_PORT}",
+        filters=[("class_name", "=", "ShardEncoder"), ("state", "=", "ALIVE")],
+        detail=True,
+    )
     while not (alive := list_actors(**encoders)):
         assert time.monotonic() < deadline, "no encoder actor started"
         time.sleep(0.2)

@@ -24,7 +24,9 @@ from rayindex.infra.storage import Store
 from rayindex.manifest import Manifest
 from rayindex.query.search import open_index
 
-from conftest import build_config, client_env, free_port, s3_output
+from helpers import build_config, client_env, free_port, s3_output
+
+pytestmark = pytest.mark.slow  # S3 end to end against SeaweedFS: builds, outages, serving (about 150 s)
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -39,7 +41,7 @@ def test_build_from_s3_folder_and_search(s3_corpus, ray_address, tmp_path, s3_do
 
 
 def test_s3_glob_and_missing_key(s3_corpus, ray_address, tmp_path):
-    from rayindex.parts.corpus import list_input_files
+    from rayindex.text.corpus import list_input_files
 
     assert list_input_files([f"{s3_corpus}/*.jsonl"]) == [f"{s3_corpus}/part-1.jsonl"]
     with pytest.raises(RayIndexError, match=r"input path s3://.*/nope\.parquet does not exist"):
@@ -61,13 +63,33 @@ def test_build_to_s3_and_search_through_a_fresh_local_cache(s3_build, s3_server,
     target = s3_docs[42]
     cache = tmp_path / "cache"
     env = dict(client_env(), RAYINDEX_CACHE=str(cache))
-    search = subprocess.run([RAYINDEX, "search", "--index", output, "--json", "-k", "3", "--s3-endpoint", os.environ["AWS_ENDPOINT_URL"],
-                             f"{target['title']}: {target['body']}"], capture_output=True, text=True, env=env, timeout=300)
+    search = subprocess.run(
+        [
+            RAYINDEX,
+            "search",
+            "--index",
+            output,
+            "--json",
+            "-k",
+            "3",
+            "--s3-endpoint",
+            os.environ["AWS_ENDPOINT_URL"],
+            f"{target['title']}: {target['body']}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)[0]["id"] == target["id"]
     cached = {p.name for p in cache.rglob("*") if p.is_file()}
     assert {"index.faiss", "index_infos.json", "manifest.json"} <= cached
-    assert not cached & {"docs.parquet", "vector_ids.npy", "embeddings.f32"}  # only what serving holds whole: no doc store
+    assert not cached & {
+        "docs.parquet",
+        "vector_ids.npy",
+        "embeddings.f32",
+    }  # only what serving holds whole: no doc store
 
     # a damaged object in the store is refused on download, naming it
     good = fs.cat(f"{output}/versions/{manifest.run_id}/index.faiss")
@@ -83,8 +105,13 @@ def test_tune_on_s3_writes_the_manifest_and_the_index_to_the_store(s3_build, s3_
     """`rayindex tune --index s3://...`: the tuned nprobe reaches the store, not only this node's cache."""
     output, manifest = s3_build
     env = dict(client_env(), RAYINDEX_CACHE=str(tmp_path / "cache"))
-    tuned = subprocess.run([RAYINDEX, "tune", "--index", output, "--target-recall", "0.99", "--n-queries", "50"],
-                           capture_output=True, text=True, env=env, timeout=300)
+    tuned = subprocess.run(
+        [RAYINDEX, "tune", "--index", output, "--target-recall", "0.99", "--n-queries", "50"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert tuned.returncode == 0, tuned.stderr
     stored = Manifest.from_json(s3_server.fs.cat(f"{output}/versions/{manifest.run_id}/manifest.json"), "stored")
     assert stored.tuning is not None and stored.tuning.target == 0.99 and stored.status == "published"
@@ -100,14 +127,18 @@ def test_serve_an_index_published_on_s3_and_swap_to_a_new_version(s3_build, s3_d
     from ray import serve
 
     from rayindex.config import ServeConfig
-    from rayindex.query.serve import start_serving
+    from rayindex.query.launch import start_serving
 
     output, manifest = s3_build
     port = free_port()
     start_serving(ServeConfig(index=output, poll_interval=0.5, port=port, replica_cpus=0))
     try:
         target = s3_docs[7]
-        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": f"{target['title']}: {target['body']}", "k": 2}, timeout=60)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/search",
+            json={"query": f"{target['title']}: {target['body']}", "k": 2},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         assert r.json()["version"] == manifest.run_id and r.json()["hits"][0]["id"] == target["id"]
 
@@ -169,8 +200,11 @@ def store_goes_down(s3_server) -> None:
     import s3fs
 
     s3_server.proc.terminate()
-    probe = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True,
-                              config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5})
+    probe = s3fs.S3FileSystem(
+        use_listings_cache=False,
+        skip_instance_cache=True,
+        config_kwargs={"retries": {"total_max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
+    )
     probe.retries = 1
     deadline = time.monotonic() + 30
     while True:
@@ -215,11 +249,14 @@ def store_goes_down_after_the_first_shard(monkeypatch, s3_server, output: str) -
 def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address, monkeypatch):
     output = s3_output(s3_server, "outage")
     down, _ = store_goes_down_after_the_first_shard(monkeypatch, s3_server, output)
-    thread, result = run_in_thread(lambda: build(build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat",
-                                                                    storage_retry=120)))
+    thread, result = run_in_thread(
+        lambda: build(build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat", storage_retry=120))
+    )
     try:
         assert down.wait(timeout=180), "no shard finished encoding"
-        time.sleep(3)  # the store is down (3 s, then the restart's ~5 s) while the next shard is read, written and recorded
+        time.sleep(
+            3
+        )  # the store is down (3 s, then the restart's ~5 s) while the next shard is read, written and recorded
     finally:
         store_comes_back(s3_server)
     thread.join(timeout=300)
@@ -228,7 +265,9 @@ def test_storage_outage_is_waited_out(s3_corpus, s3_server, ray_address, monkeyp
     assert result[0].counts.docs_encoded == 100 and not result[0].resumed
 
 
-def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_corpus, s3_server, ray_address, monkeypatch):
+def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(
+    s3_corpus, s3_server, ray_address, monkeypatch
+):
     output = s3_output(s3_server, "gone")
     config = build_config([s3_corpus], output, shards=3, encoders=1, index="IVF2,Flat", storage_retry=4)
     down, recorded = store_goes_down_after_the_first_shard(monkeypatch, s3_server, output)
@@ -242,7 +281,9 @@ def test_storage_gone_for_good_fails_clearly_then_the_same_command_resumes(s3_co
     error = result[0]
     assert isinstance(error, RayIndexError), error
     message = user_message(error)  # what the CLI prints: it names the object (input or output) it could not reach
-    assert re.match(rf"storage unavailable: could not .* within 4 s \(.*s3://{s3_server.bucket}/(corpus|gone-)\S+", message), message
+    assert re.match(
+        rf"storage unavailable: could not .* within 4 s \(.*s3://{s3_server.bucket}/(corpus|gone-)\S+", message
+    ), message
     assert "re-run the same command" in message
     assert not s3_server.fs.exists(f"{output}/CURRENT")
 
@@ -260,7 +301,9 @@ def test_concurrent_runs_on_one_s3_output(s3_corpus, s3_server, ray_address):
     while not s3_server.fs.exists(f"{output}/LOCK"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    with pytest.raises(RayIndexError, match=rf"s3://{s3_server.bucket}/concurrent-\w+/LOCK: the output is locked by run"):
+    with pytest.raises(
+        RayIndexError, match=rf"s3://{s3_server.bucket}/concurrent-\w+/LOCK: the output is locked by run"
+    ):
         build(config)
     thread.join(timeout=300)
     assert isinstance(result[0], Manifest), result

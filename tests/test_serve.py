@@ -12,24 +12,28 @@ import httpx
 import pytest
 from ray import serve
 
+import rayindex
 from rayindex.builder import build
 from rayindex.config import ServeConfig
 from rayindex.errors import RayIndexError
 from rayindex.layout import CURRENT
-from rayindex.query.serve import start_serving
+from rayindex.query.launch import start_serving
 
-from conftest import build_config, free_port, searches_meanwhile, wait_for_version, write_parquet
+from helpers import build_config, free_port, searches_meanwhile, wait_for_version, write_parquet
 from test_generate import base_url, chat_server  # noqa: F401 - the OpenAI-compatible stand-in server fixture
+
+pytestmark = pytest.mark.slow  # the Serve app over real HTTP, a hot swap under load (about 60 s)
 
 
 @pytest.fixture(scope="module")
 def served(built, tmp_path_factory):
-    """The session build, copied (a hot swap will publish into it), served by one replica."""
+    """The session build, copied (a hot swap will publish into it), served by one replica through the
+    Python API (rayindex.serve, what `rayindex serve` calls)."""
     output = tmp_path_factory.mktemp("served") / "index"
     shutil.copytree(built[0], output)
     # replica_cpus=0: the replica must not hold a CPU that the hot-swap build's encoders need
-    settings = ServeConfig(index=str(output), poll_interval=0.3, port=free_port(), replica_cpus=0)
-    start_serving(settings)
+    settings = rayindex.serve(output, poll_interval=0.3, port=free_port(), replica_cpus=0)
+    assert settings == ServeConfig(index=str(output), poll_interval=0.3, port=settings.port, replica_cpus=0)
     yield output, f"http://127.0.0.1:{settings.port}", settings
     serve.shutdown()
 
@@ -58,7 +62,9 @@ def test_search_filters_on_metadata_and_returns_passages_per_document(client, do
     hits = r.json()["hits"]
     assert len(hits) == 5 and all(h["metadata"]["kind"] == "class" for h in hits)
     modules = sorted({d["module"] for d in docs})[:3]
-    hits = client.post("/search", json={"query": "module", "k": 10, "filter": {"module": {"in": modules}}}).json()["hits"]
+    hits = client.post("/search", json={"query": "module", "k": 10, "filter": {"module": {"in": modules}}}).json()[
+        "hits"
+    ]
     assert hits and all(h["metadata"]["module"] in modules for h in hits)
     several = client.post("/search", json={"query": "format a string", "k": 4, "per_document": 3}).json()["hits"]
     assert len({h["id"] for h in several}) == 4 and len(several) >= 4
@@ -96,10 +102,17 @@ def swaps_counted(client) -> float:
 
 def test_health_metrics_and_openapi(client, built):
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["version"] == built[1].run_id and health["documents"] == built[1].counts.docs_encoded
+    assert (
+        health["status"] == "ok"
+        and health["version"] == built[1].run_id
+        and health["documents"] == built[1].counts.docs_encoded
+    )
     assert health["vectors"] == built[1].merge.ntotal
-    wanted = ('rayindex_requests_total{endpoint="/search",status="200"}', "rayindex_request_latency_seconds_bucket",
-              f'rayindex_replicas_serving{{version="{built[1].run_id}"}} 1.0')
+    wanted = (
+        'rayindex_requests_total{endpoint="/search",status="200"}',
+        "rayindex_request_latency_seconds_bucket",
+        f'rayindex_replicas_serving{{version="{built[1].run_id}"}} 1.0',
+    )
     metrics = metrics_text(client, *wanted)
     for line in wanted:
         assert line in metrics, line
@@ -166,7 +179,13 @@ def test_bearer_token_auth(served):
     start_serving(settings.model_copy(update={"api_key": "s3cret"}))
     with httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/healthz").status_code == 200
-        for method, path in (("post", "/search"), ("post", "/ask"), ("get", "/metrics"), ("get", "/docs"), ("get", "/openapi.json")):
+        for method, path in (
+            ("post", "/search"),
+            ("post", "/ask"),
+            ("get", "/metrics"),
+            ("get", "/docs"),
+            ("get", "/openapi.json"),
+        ):
             r = c.request(method.upper(), path, json={"query": "x", "question": "x"})
             assert r.status_code == 401, (path, r.status_code)
             assert "bearer token" in json.loads(r.text)["detail"]
@@ -180,8 +199,16 @@ def test_ask_with_openai_generator_and_its_failures(served, chat_server):  # noq
     """/ask through a (stand-in) OpenAI-compatible endpoint; its timeout is a 504 and its error a 502,
     both still carrying the retrieved sources."""
     output, url, settings = served
-    start_serving(settings.model_copy(update={"generator": "openai", "generator_url": base_url(chat_server),
-                                              "generator_model": "tiny-llm", "generator_timeout": 0.5}))
+    start_serving(
+        settings.model_copy(
+            update={
+                "generator": "openai",
+                "generator_url": base_url(chat_server),
+                "generator_model": "tiny-llm",
+                "generator_timeout": 0.5,
+            }
+        )
+    )
     with httpx.Client(base_url=url, timeout=60) as c:
         ok = c.post("/ask", json={"question": "How do I decode base64 data?", "k": 3})
         assert ok.status_code == 200, ok.text
@@ -245,8 +272,11 @@ def test_a_huge_body_is_refused_before_it_is_read(served):
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         start = time.monotonic()
-        conn.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
-                     + b'{"query": "' + b"x" * 1000)
+        conn.sendall(
+            b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+            + b'{"query": "'
+            + b"x" * 1000
+        )
         reply = b""
         while b"over the limit" not in reply and (chunk := conn.recv(4096)):  # headers and body may come apart
             reply += chunk

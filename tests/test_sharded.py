@@ -1,4 +1,4 @@
-"""IVF-sharded serving: the split (parts/ivf_parts.py) gives the merged index's results exactly, for
+"""IVF-sharded serving: the split (ivf/serving_split.py) gives the merged index's results exactly, for
 flat, PQ, OPQ and PCA indexes, with and without an id selector; `rayindex partition` records it; the
 router + shard deployments over real HTTP answer what the merged index answers, survive a frozen,
 then killed shard (partial: true), and swap versions on every shard at once."""
@@ -21,14 +21,22 @@ from rayindex.builder import build
 from rayindex.config import AppConfig, ServeConfig
 from rayindex.errors import RayIndexError, UsageError
 from rayindex.infra.storage import Store
-from rayindex.parts.ivf import read_index
-from rayindex.parts.ivf_parts import (coarse_assign, larger_is_better, list_sizes, merge_part_results, parts_needed, plan_parts,
-                                      search_part, write_part)
+from rayindex.ivf.index import read_index
+from rayindex.ivf.serving_split import (
+    coarse_assign,
+    larger_is_better,
+    list_sizes,
+    merge_part_results,
+    parts_needed,
+    plan_parts,
+    search_part,
+    write_part,
+)
+from rayindex.query.launch import check_fits, start_serving
 from rayindex.query.search import open_index
-from rayindex.query.serve import check_fits, start_serving
 from rayindex.versions import current_run_id, read_manifest
 
-from conftest import build_config, client_env, free_port, searches_meanwhile, wait_for_version, write_parquet
+from helpers import build_config, client_env, free_port, searches_meanwhile, wait_for_version, write_parquet
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -55,8 +63,15 @@ def one_thread():
     faiss.omp_set_num_threads(threads)
 
 
-@pytest.mark.parametrize("index_string,metric", [("IVF32,Flat", faiss.METRIC_L2), ("IVF32,PQ8x4", faiss.METRIC_INNER_PRODUCT),
-                                                 ("OPQ4,IVF32,PQ4x4", faiss.METRIC_L2), ("PCA16,IVF16,SQ8", faiss.METRIC_INNER_PRODUCT)])
+@pytest.mark.parametrize(
+    "index_string,metric",
+    [
+        ("IVF32,Flat", faiss.METRIC_L2),
+        ("IVF32,PQ8x4", faiss.METRIC_INNER_PRODUCT),
+        ("OPQ4,IVF32,PQ4x4", faiss.METRIC_L2),
+        ("PCA16,IVF16,SQ8", faiss.METRIC_INNER_PRODUCT),
+    ],
+)
 def test_parts_give_the_merged_index_results_exactly(tmp_path, one_thread, index_string, metric):
     rng = np.random.default_rng(0)
     xb, xq = rng.standard_normal((6_000, 32), dtype=np.float32), rng.standard_normal((100, 32), dtype=np.float32)
@@ -73,23 +88,36 @@ def test_parts_give_the_merged_index_results_exactly(tmp_path, one_thread, index
         parts = []
         for part in range(n_parts):
             lists = np.flatnonzero(owner == part)
-            vectors = write_part(trained, merged, lists, nprobe, tmp_path / f"{n_parts}-{part}.faiss", tmp_path / f"{n_parts}-{part}.ivfdata")
+            vectors = write_part(
+                trained,
+                merged,
+                lists,
+                nprobe,
+                tmp_path / f"{n_parts}-{part}.faiss",
+                tmp_path / f"{n_parts}-{part}.ivfdata",
+            )
             assert vectors == sizes[lists].sum()
             parts.append(read_index(tmp_path / f"{n_parts}-{part}.faiss", faiss.IO_FLAG_ONDISK_SAME_DIR))
         x, coarse_distances, coarse_lists = coarse_assign(merged, xq, nprobe)
         for allowed in (None, ids[::3]):
-            selector = (lambda: faiss.IDSelectorBatch(allowed)) if allowed is not None else (lambda: None)
+            selector = (
+                (lambda allowed=allowed: faiss.IDSelectorBatch(allowed)) if allowed is not None else (lambda: None)
+            )
             params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector())
             want_d, want_i = merged.search(xq, k, params=params)
-            results = [search_part(parts[p], owner == p, x, coarse_distances, coarse_lists, k, selector())
-                       for p in parts_needed(owner, coarse_lists)]
+            results = [
+                search_part(parts[p], owner == p, x, coarse_distances, coarse_lists, k, selector())
+                for p in parts_needed(owner, coarse_lists)
+            ]
             got_d, got_i = merge_part_results(results, k, larger_is_better(merged))
             np.testing.assert_array_equal(got_i, want_i)
             np.testing.assert_allclose(got_d, want_d, rtol=1e-6, atol=1e-6)
 
 
 def test_replicas_that_do_not_fit_a_local_ray_are_refused():
-    with pytest.raises(UsageError, match=r"reserve 5 CPUs \(1 x --replica-cpus 1 \+ 4 shards x 1 x --shard-cpus 1\), this Ray has 2"):
+    with pytest.raises(
+        UsageError, match=r"reserve 5 CPUs \(1 x --replica-cpus 1 \+ 4 shards x 1 x --shard-cpus 1\), this Ray has 2"
+    ):
         check_fits(AppConfig(index="out", shards=4), 2)
     check_fits(AppConfig(index="out", shards=4, shard_cpus=0.25), 2)
 
@@ -104,13 +132,19 @@ def split_index(built, tmp_path_factory):
     """The session build, copied (a swap publishes into it), split for 3 serving shards by the CLI."""
     output = tmp_path_factory.mktemp("sharded") / "index"
     shutil.copytree(built[0], output)
-    done = subprocess.run([RAYINDEX, "partition", "--index", str(output), "--shards", "3"], capture_output=True, text=True,
-                          env=client_env(), timeout=300)
+    done = subprocess.run(
+        [RAYINDEX, "partition", "--index", str(output), "--shards", "3"],
+        capture_output=True,
+        text=True,
+        env=client_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "split for 3 serving shards" in done.stdout and "--shards 3" in done.stdout
     return output
 
 
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_partition_is_recorded_and_checksummed(split_index, built):
     manifest = read_manifest(Store(str(split_index)), built[1].run_id)
     split = manifest.serving[3]
@@ -121,18 +155,35 @@ def test_partition_is_recorded_and_checksummed(split_index, built):
 
 @pytest.fixture(scope="module")
 def sharded(split_index):
-    settings = ServeConfig(index=str(split_index), shards=3, poll_interval=0.3, port=free_port(), replica_cpus=0, shard_cpus=0,
-                           shard_timeout=3, on_shard_failure="partial")
+    settings = ServeConfig(
+        index=str(split_index),
+        shards=3,
+        poll_interval=0.3,
+        port=free_port(),
+        replica_cpus=0,
+        shard_cpus=0,
+        shard_timeout=3,
+        on_shard_failure="partial",
+    )
     start_serving(settings)
     with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=60) as client:
         yield split_index, client
     serve.shutdown()
 
 
-QUERIES = ["read a file line by line", "base64 decoding", "parse command line arguments", "compress data with zlib",
-           "an abstract base class", "format a date and time", "run a subprocess", "regular expression matching"]
+QUERIES = [
+    "read a file line by line",
+    "base64 decoding",
+    "parse command line arguments",
+    "compress data with zlib",
+    "an abstract base class",
+    "format a date and time",
+    "run a subprocess",
+    "regular expression matching",
+]
 
 
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_sharded_search_equals_the_merged_index(sharded):
     output, client = sharded
     merged = open_index(output)
@@ -143,7 +194,9 @@ def test_sharded_search_equals_the_merged_index(sharded):
             want = merged.search(query, k=5, nprobe=nprobe)
             assert body["partial"] is False and body["missing_shards"] == []
             assert [(h["id"], h["passage"]) for h in body["hits"]] == [(h["id"], h["passage"]) for h in want]
-            np.testing.assert_allclose([h["score"] for h in body["hits"]], [h["score"] for h in want], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [h["score"] for h in body["hits"]], [h["score"] for h in want], rtol=1e-5, atol=1e-6
+            )
     health = client.get("/healthz").json()
     assert health["shards"] == 3 and health["vectors"] == merged.ntotal
     filtered = client.post("/search", json={"query": "open a file", "k": 5, "filter": {"kind": "class"}}).json()["hits"]
@@ -156,6 +209,7 @@ def shard_pid(part: int) -> int:
     return serve.get_deployment_handle(f"shard-{part}", app_name="rayindex").stats.remote().result(timeout_s=60)["pid"]
 
 
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_a_stopped_then_killed_shard_gives_partial_answers_then_recovers(sharded):
     """Shard 0's only replica is frozen (SIGSTOP): Serve cannot undo that within the 3 s shard timeout (its
     health check gives a replica 30 s), so the next search is partial, every time. A SIGKILL'ed replica,
@@ -180,12 +234,17 @@ def test_a_stopped_then_killed_shard_gives_partial_answers_then_recovers(sharded
     assert client.get("/healthz").json()["failing_shards"] == {}
 
 
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_hot_swap_reaches_every_shard_at_once(sharded, docs, tmp_path):
-    """A new version published while 3 clients search: no failed request, each response from one version, all complete."""
+    """A new version published while 3 clients search: no failed request, each response from one version, all
+    complete."""
     output, client = sharded
     old = current_run_id(Store(str(output)))
     write_parquet(tmp_path / "v2" / "docs.parquet", [dict(d, id=f"v2-{d['id']}") for d in docs[:60]])
-    with searches_meanwhile(str(client.base_url), {"query": "read a file", "k": 5, "nprobe": 4}, clients=3) as (results, failures):
+    with searches_meanwhile(str(client.base_url), {"query": "read a file", "k": 5, "nprobe": 4}, clients=3) as (
+        results,
+        failures,
+    ):
         new = build(build_config([tmp_path / "v2"], output, shards=1, index="IVF4,Flat", serving_shards=3))
         wait_for_version(client, new.run_id)
     assert failures == []
@@ -194,15 +253,18 @@ def test_hot_swap_reaches_every_shard_at_once(sharded, docs, tmp_path):
         assert r["partial"] is False
         assert all(h["id"].startswith("v2-") == (r["version"] == new.run_id) for h in r["hits"]), r
     want = open_index(output).search("read a file", k=5, nprobe=4)
-    assert [h["id"] for h in client.post("/search", json={"query": "read a file", "k": 5, "nprobe": 4}).json()["hits"]] == \
-        [h["id"] for h in want]
+    assert [
+        h["id"] for h in client.post("/search", json={"query": "read a file", "k": 5, "nprobe": 4}).json()["hits"]
+    ] == [h["id"] for h in want]
 
 
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_serving_an_unsplit_count_is_refused_naming_the_command(split_index):
     with pytest.raises(RayIndexError, match=r"not split for 5 serving shards \(splits: 3\); run `rayindex partition"):
         start_serving(ServeConfig(index=str(split_index), shards=5, port=free_port()))
 
 
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     """An s3:// output: `rayindex partition` writes the parts to the store; each shard pulls its own part
     (not the merged lists) and the parts together answer what the merged index answers."""
@@ -210,21 +272,30 @@ def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     from rayindex.versions import version_store
 
     output = s3_build[0]
-    done = subprocess.run([RAYINDEX, "partition", "--index", output, "--shards", "2"], capture_output=True, text=True,
-                          env=client_env(), timeout=300)
+    done = subprocess.run(
+        [RAYINDEX, "partition", "--index", output, "--shards", "2"],
+        capture_output=True,
+        text=True,
+        env=client_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     run_id = current_run_id(Store(output))  # the version CURRENT names (test_s3 may have published after the fixture's)
     published = read_manifest(Store(output), run_id)
     cache = version_store(Store(output), run_id).local_root
     shutil.rmtree(cache / "parts", ignore_errors=True)  # what a fresh shard node has
     parts = [open_part(output, run_id, 2, part) for part in range(2)]
-    assert sorted(p.relative_to(cache).as_posix() for p in (cache / "parts").rglob("*.*")) == \
-        sorted(rel for part in published.serving[2] for rel in part.files)
+    assert sorted(p.relative_to(cache).as_posix() for p in (cache / "parts").rglob("*.*")) == sorted(
+        rel for part in published.serving[2] for rel in part.files
+    )
     merged = open_index(output)
     trained = read_index(cache / "trained.faiss")
     queries = merged.encode(QUERIES)
     x, coarse_distances, coarse_lists = coarse_assign(trained, queries, 2)
-    got = merge_part_results([search_part(p.index, p.owned, x, coarse_distances, coarse_lists, 5) for p in parts], 5,
-                             larger_is_better(trained))
+    got = merge_part_results(
+        [search_part(p.index, p.owned, x, coarse_distances, coarse_lists, 5) for p in parts],
+        5,
+        larger_is_better(trained),
+    )
     want = merged.search_vectors(queries, 5, nprobe=2)
     np.testing.assert_array_equal(got[1], want[1])

@@ -7,12 +7,20 @@ import faiss
 import numpy as np
 import pytest
 
+from rayindex.infra.files import load_embeddings
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (EMBEDDINGS_FILE, PASSAGE_BITS, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, load_embeddings, shard_dir,
-                             shard_rel)
+from rayindex.ivf.index import index_ids
+from rayindex.layout import (
+    EMBEDDINGS_FILE,
+    PASSAGE_BITS,
+    SHARD_INDEX_FILE,
+    TRAINED_FILE,
+    VECTOR_IDS_FILE,
+    shard_dir,
+    shard_rel,
+)
 from rayindex.manifest import Manifest
-from rayindex.parts.ivf import index_ids
 from rayindex.stages import add
 
 
@@ -45,11 +53,15 @@ def test_add_shard_refuses_a_trained_index_that_is_not_the_manifests(version_cop
     data[-1] ^= 0xFF
     trained.write_bytes(bytes(data))
     with pytest.raises(FileNotFoundError, match="does not match its checksum"):
-        add.add_shard(Store(str(version_dir)), manifest.training.trained_sha256, 0, manifest.shard_states[0].passages, {}, 384)
+        add.add_shard(
+            Store(str(version_dir)), manifest.training.trained_sha256, 0, manifest.shard_states[0].passages, {}, 384
+        )
 
 
 def test_a_rerun_keeps_verified_shard_indexes(version_copy):
     version_dir, manifest = version_copy
     add.run(manifest.config, manifest, Store(str(version_dir)), StageProgress(quiet=True))
     assert manifest.reused.add == [0, 1, 2]
-    assert all(manifest.files_sha256[shard_rel(s.shard_id, SHARD_INDEX_FILE)] == s.index_sha256 for s in manifest.shard_states)
+    assert all(
+        manifest.files_sha256[shard_rel(s.shard_id, SHARD_INDEX_FILE)] == s.index_sha256 for s in manifest.shard_states
+    )

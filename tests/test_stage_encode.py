@@ -9,18 +9,20 @@ import pytest
 
 from rayindex.builder import start_or_resume
 from rayindex.config import BuildConfig
+from rayindex.docstore.format import footer_sha256
+from rayindex.docstore.reader import DocStore
 from rayindex.errors import RayIndexError
+from rayindex.infra.files import load_embeddings
 from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.layout import DOCS_FILE, SHARD_ENCODE_FILES, VECTOR_IDS_FILE, load_embeddings, shard_dir, shard_rel
-from rayindex.parts.docstore import DocStore, footer_sha256
-from rayindex.parts.corpus import RowBatch
-from rayindex.parts.documents import prepare
-from rayindex.parts.model import load_model, tokenize
+from rayindex.layout import DOCS_FILE, SHARD_ENCODE_FILES, VECTOR_IDS_FILE, shard_dir, shard_rel
 from rayindex.stages import encode, plan
+from rayindex.text.corpus import RowBatch
+from rayindex.text.documents import prepare
+from rayindex.text.model import load_model, tokenize
 
-from conftest import build_config, write_parquet
+from helpers import build_config, write_parquet
 
 
 def test_encoder_resources_split_cpus_and_give_each_gpu_its_nodes_cpus():
@@ -28,11 +30,21 @@ def test_encoder_resources_split_cpus_and_give_each_gpu_its_nodes_cpus():
     assert encode.encoder_resources(False, 2, 0, None, 10) == (2, {"num_cpus": 1})
     assert encode.encoder_resources(False, 8, 0, 1, 10) == (1, {"num_cpus": 8})  # one actor gets every core
     # a GPU encoder reserves its node's CPUs per GPU (reading and tokenizing feed the GPU), or --encoder-cpus
-    assert encode.encoder_resources(True, 64, 4, None, 10, gpu_node_cpus_per_gpu=12) == (4, {"num_gpus": 1, "num_cpus": 12.0})
-    assert encode.encoder_resources(True, 64, 4, None, 10, encoder_cpus=6, gpu_node_cpus_per_gpu=12) == (4, {"num_gpus": 1, "num_cpus": 6})
+    assert encode.encoder_resources(True, 64, 4, None, 10, gpu_node_cpus_per_gpu=12) == (
+        4,
+        {"num_gpus": 1, "num_cpus": 12.0},
+    )
+    assert encode.encoder_resources(True, 64, 4, None, 10, encoder_cpus=6, gpu_node_cpus_per_gpu=12) == (
+        4,
+        {"num_gpus": 1, "num_cpus": 6},
+    )
     assert encode.encoder_resources(True, 2, 0, None, 10) == (1, {"num_gpus": 1, "num_cpus": 1.0})  # no GPU node up yet
-    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 2}}, {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}},
-             {"Alive": True, "Resources": {"CPU": 2}}, {"Alive": False, "Resources": {"CPU": 1, "GPU": 1}}]
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16, "GPU": 2}},
+        {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}},
+        {"Alive": True, "Resources": {"CPU": 2}},
+        {"Alive": False, "Resources": {"CPU": 1, "GPU": 1}},
+    ]
     assert encode.cpus_per_gpu(nodes) == 8 and encode.cpus_per_gpu(nodes[2:3]) is None
 
 
@@ -53,22 +65,38 @@ def test_tokenize_once_gives_the_models_own_inputs_and_counts_truncation(docs):
 def test_documents_are_assembled_column_by_column(tmp_path):
     """Texts as --text-column and --template always made them (blank values left out, nulls as ""), rows
     without text skipped and counted, ids typed (1 and "1" differ), metadata as JSON."""
-    table = pa.table({"id": ["a", "b", "c", "d"], "title": ["T", None, "  ", "x\ny"], "body": ["b", "only body", None, "café"],
-                      "n": [1, None, 3, 4], "tags": [["x"], [], None, ["y", "z"]]})
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "title": ["T", None, "  ", "x\ny"],
+            "body": ["b", "only body", None, "café"],
+            "n": [1, None, 3, 4],
+            "tags": [["x"], [], None, ["y", "z"]],
+        }
+    )
     batch = RowBatch(np.arange(10, 14), table)
     joined = prepare(batch, ["title", "body"], None, "id", lambda i: f"row {i}")
-    assert joined.texts.to_pylist() == ["T: b", "only body", "x\ny: café"] and joined.skipped == {"empty_or_null_text": 1}
+    assert joined.texts.to_pylist() == ["T: b", "only body", "x\ny: café"] and joined.skipped == {
+        "empty_or_null_text": 1
+    }
     assert joined.row_ids.tolist() == [10, 11, 13] and joined.doc_ids.to_pylist() == ["a", "b", "d"]
-    assert [json.loads(m) for m in joined.metadata.to_pylist()] == [{"n": 1, "tags": ["x"]}, {"n": None, "tags": []},
-                                                                   {"n": 4, "tags": ["y", "z"]}]
+    assert [json.loads(m) for m in joined.metadata.to_pylist()] == [
+        {"n": 1, "tags": ["x"]},
+        {"n": None, "tags": []},
+        {"n": 4, "tags": ["y", "z"]},
+    ]
     templated = prepare(batch, ["title", "body"], "{title} / {body}!", "id", lambda i: f"row {i}")
     assert templated.texts.to_pylist() == ["T / b!", " / only body!", "x\ny / café!"]
     ints = prepare(RowBatch(np.arange(2), pa.table({"id": [1, 2], "text": ["one", "two"]})), ["text"], None, "id", str)
-    strings = prepare(RowBatch(np.arange(2), pa.table({"id": ["1", "2"], "text": ["one", "two"]})), ["text"], None, "id", str)
+    strings = prepare(
+        RowBatch(np.arange(2), pa.table({"id": ["1", "2"], "text": ["one", "two"]})), ["text"], None, "id", str
+    )
     assert ints.doc_id_is_int.to_pylist() == [True, True] and strings.doc_id_is_int.to_pylist() == [False, False]
     assert not set(ints.id_hashes.tolist()) & set(strings.id_hashes.tolist())  # 1 and "1" are different ids
     with pytest.raises(RayIndexError, match=r"row 0: id column 'id' holds a float \(1\.5\)"):
-        prepare(RowBatch(np.arange(1), pa.table({"id": [1.5], "text": ["x"]})), ["text"], None, "id", lambda i: f"row {i}")
+        prepare(
+            RowBatch(np.arange(1), pa.table({"id": [1.5], "text": ["x"]})), ["text"], None, "id", lambda i: f"row {i}"
+        )
 
 
 def test_prefetch_overlaps_bounds_and_hands_errors_over():
@@ -108,10 +136,14 @@ def test_embeddings_are_the_models_vectors_of_the_composed_texts(encoded, docs):
     store = DocStore.of_version(version, manifest)
     passages = [store.get(int(i)) for d in dirs for i in np.load(d / VECTOR_IDS_FILE)]
     texts = {d["id"]: f"{d['title']}: {d['body']}" for d in docs[:50]}
-    assert [p["text"] for p in passages] == [texts[p["id"]][p["start"]:p["end"]] for p in passages]
+    assert [p["text"] for p in passages] == [texts[p["id"]][p["start"] : p["end"]] for p in passages]
     assert len(passages) > 50 and {p["id"] for p in passages} == set(texts)  # the long docstrings are split
-    expected = load_model(config.model).encode([p["text"] for p in passages], normalize_embeddings=True, convert_to_numpy=True)
-    stored = np.concatenate([np.asarray(load_embeddings(d, st.passages, 384)) for d, st in zip(dirs, manifest.shard_states)])
+    expected = load_model(config.model).encode(
+        [p["text"] for p in passages], normalize_embeddings=True, convert_to_numpy=True
+    )
+    stored = np.concatenate(
+        [np.asarray(load_embeddings(d, st.passages, 384)) for d, st in zip(dirs, manifest.shard_states)]
+    )
     np.testing.assert_allclose(stored, expected, atol=1e-5)  # each passage's vector is the model's vector of its text
 
 
@@ -119,12 +151,17 @@ def test_each_shard_has_its_files_checksummed_and_its_doc_store(encoded, docs):
     _, manifest, version = encoded
     for shard in manifest.shards:
         for name in SHARD_ENCODE_FILES:
-            assert version.verified({shard_rel(shard.shard_id, name): manifest.files_sha256[shard_rel(shard.shard_id, name)]})
+            assert version.verified(
+                {shard_rel(shard.shard_id, name): manifest.files_sha256[shard_rel(shard.shard_id, name)]}
+            )
         state = manifest.shard_states[shard.shard_id]
         assert state.docs_footer_sha256 == footer_sha256(shard_dir(version.local_root, shard.shard_id) / DOCS_FILE)
     store = DocStore.of_version(version, manifest)
     first = store.get(37 << 20)  # document row 37's first passage
-    assert first["id"] == docs[37]["id"] and first["metadata"] == {"module": docs[37]["module"], "kind": docs[37]["kind"]}
+    assert first["id"] == docs[37]["id"] and first["metadata"] == {
+        "module": docs[37]["module"],
+        "kind": docs[37]["kind"],
+    }
 
 
 def test_a_rerun_keeps_the_verified_shards(encoded):

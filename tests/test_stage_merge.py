@@ -1,5 +1,6 @@
-"""The merge stage (stages/merge.py): merging shard indexes gives exactly the ids and distances of one monolithic index built from the
-same trained index and vectors (in RAM and on disk), and refusal of shards that do not belong."""
+"""The merge stage (stages/merge.py): merging shard indexes gives exactly the ids and distances of one
+monolithic index built from the same trained index and vectors (in RAM and on disk), and refusal of shards
+that do not belong."""
 
 import shutil
 from pathlib import Path
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 
 from rayindex.errors import RayIndexError
+from rayindex.infra.files import load_embeddings
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_dir
-from rayindex.parts.ivf import read_merged, trained_fingerprint
+from rayindex.ivf.index import read_merged, trained_fingerprint
+from rayindex.layout import EMBEDDINGS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.stages.add import add_shard
 from rayindex.stages.merge import check_shard, merge_shards
 from rayindex.stages.train import train_index
@@ -103,7 +105,9 @@ def test_refuses_shard_from_another_trained_index_even_with_same_centroids(vecto
     _, _, x, ids = vectors
     a = train_index("IVF4,PQ16np", 384, "cosine", x, seed=3, use_gpu=False)
     # same coarse centroids, PQ codebooks trained on other points: FAISS's merge_from would accept it
-    b = faiss.IndexIVFPQ(faiss.clone_index(faiss.downcast_index(a.quantizer)), 384, 4, 16, 8, faiss.METRIC_INNER_PRODUCT)
+    b = faiss.IndexIVFPQ(
+        faiss.clone_index(faiss.downcast_index(a.quantizer)), 384, 4, 16, 8, faiss.METRIC_INNER_PRODUCT
+    )
     b.do_polysemous_training = False
     b.train(x[::-1][:300].copy())
     b.add_with_ids(x[:50], ids[:50])

@@ -1,12 +1,12 @@
-"""The plan stage (stages/plan.py) and the shard plan under it (parts/shard_plan.py): deterministic,
+"""The plan stage (stages/plan.py) and the shard plan under it (text/shard_plan.py): deterministic,
 disjoint, complete; row ranges read back exactly."""
 
-import rayindex.parts.corpus as corpus
+import rayindex.text.corpus as corpus
 from rayindex.config import BuildConfig
-from rayindex.parts.shard_plan import number_of_shards, plan_shards
 from rayindex.stages.plan import plan
+from rayindex.text.shard_plan import number_of_shards, plan_shards
 
-from conftest import write_jsonl, write_parquet
+from helpers import write_jsonl, write_parquet
 
 
 def test_plan_covers_every_row_once_in_order():

@@ -15,9 +15,9 @@ import rayindex.stages.tune as tune_stage
 from rayindex.config import TuneOptions
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
+from rayindex.ivf import recall
+from rayindex.ivf.refine import Refiner, write_fp16_embeddings
 from rayindex.layout import INDEX_INFOS_FILE, MERGED_FILE
-from rayindex.parts import recall
-from rayindex.parts.refine import Refiner, write_fp16_embeddings
 from rayindex.query.search import open_index
 
 
@@ -33,13 +33,17 @@ def stored_nprobe(version_dir: Path) -> int:
 
 def test_tune_picks_the_smallest_nprobe_reaching_the_target_and_writes_it_into_the_index(index_copy, monkeypatch):
     published = open_index(index_copy)
-    tuning, written = tune_stage.tune(published.version_dir, published.manifest, TuneOptions(target_recall=0.6, n_queries=80))
+    tuning, written = tune_stage.tune(
+        published.version_dir, published.manifest, TuneOptions(target_recall=0.6, n_queries=80)
+    )
     reaching = [p.nprobe for p in tuning.sweep if p.recall[10] >= 0.6]
     assert tuning.reached and tuning.nprobe == min(reaching)
     assert published.manifest.nprobe == tuning.nprobe and published.manifest.tuning.target == 0.6
     assert (MERGED_FILE in written) == (tuning.nprobe != 1) and stored_nprobe(published.version_dir) == tuning.nprobe
     monkeypatch.setattr(tune_stage, "REFINE_FACTORS", ())  # no re-ranking: PQ16 codes alone cannot be exact
-    unreachable, _ = tune_stage.tune(published.version_dir, published.manifest, TuneOptions(target_recall=1.0, n_queries=80))
+    unreachable, _ = tune_stage.tune(
+        published.version_dir, published.manifest, TuneOptions(target_recall=1.0, n_queries=80)
+    )
     assert not unreachable.reached and "best this index reaches" in unreachable.note
 
 
@@ -77,7 +81,9 @@ def test_tune_turns_on_reranking_when_pq_cannot_reach_the_target(index_copy):
     published = open_index(index_copy)
     plain, _ = tune_stage.tune(published.version_dir, published.manifest, TuneOptions(target_recall=0.2, n_queries=80))
     target = min(0.95, max(p.recall[10] for p in plain.sweep) + 0.1)  # out of reach for the PQ16 codes alone
-    tuning, written = tune_stage.tune(published.version_dir, published.manifest, TuneOptions(target_recall=target, n_queries=80))
+    tuning, written = tune_stage.tune(
+        published.version_dir, published.manifest, TuneOptions(target_recall=target, n_queries=80)
+    )
     assert tuning.reached and tuning.refine_factor > 1 and tuning.recall >= target
     assert sum(f.endswith("embeddings.f16") for f in written) == 3
     queries, _ = recall.sample_queries(published.version_dir, published.manifest, 5, 3)
@@ -88,11 +94,17 @@ def test_tune_turns_on_reranking_when_pq_cannot_reach_the_target(index_copy):
 
 def test_tune_cli_stores_the_choice_in_the_manifest_index_and_infos(index_copy):
     rayindex = str(Path(sys.executable).with_name("rayindex"))
-    result = subprocess.run([rayindex, "tune", "--index", str(index_copy), "--target-recall", "0.8", "--n-queries", "60"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [rayindex, "tune", "--index", str(index_copy), "--target-recall", "0.8", "--n-queries", "60"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     reopened = open_index(index_copy)
     assert reopened.manifest.tuning.target == 0.8 and stored_nprobe(reopened.version_dir) == reopened.manifest.nprobe
     infos = json.loads((reopened.version_dir / INDEX_INFOS_FILE).read_text())
     assert infos["nprobe"] == reopened.manifest.nprobe and infos["refine_factor"] == reopened.manifest.refine_factor
-    assert Store(str(reopened.version_dir)).verified({name: reopened.manifest.files_sha256[name] for name in (MERGED_FILE, INDEX_INFOS_FILE)})
+    assert Store(str(reopened.version_dir)).verified(
+        {name: reopened.manifest.files_sha256[name] for name in (MERGED_FILE, INDEX_INFOS_FILE)}
+    )

@@ -8,9 +8,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from rayindex.query.search import open_index
 
-from conftest import client_env, write_parquet
+from helpers import build_args, client_env, write_parquet
+
+pytestmark = pytest.mark.slow  # a second local Ray (about 45 s)
 
 
 def test_a_build_without_ray_address_starts_its_own_ray_beside_a_stale_address_file(docs, tmp_path):
@@ -24,9 +28,23 @@ def test_a_build_without_ray_address_starts_its_own_ray_beside_a_stale_address_f
         (tmp_path / "pipelines" / "__init__.py").write_text("raise ImportError('the user project pipelines package')\n")
         corpus = write_parquet(tmp_path / "docs.parquet", docs[:30])
         env = {k: v for k, v in client_env().items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
-        run = subprocess.run([sys.executable, "-m", "rayindex", "build", str(corpus), "-o", str(tmp_path / "out"), "--id-column", "id",
-                              "--template", "{title}: {body}", "--index", "IVF1,Flat", "--quiet"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rayindex",
+                *build_args(corpus, tmp_path / "out"),
+                "--index",
+                "IVF1,Flat",
+                "--quiet",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            start_new_session=True,
+        )
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
         assert "Started a local Ray instance" in run.stderr
         assert open_index(tmp_path / "out").manifest.counts.docs_encoded == 30

@@ -7,9 +7,10 @@
     index.ask("How do I decode base64 data?")
 
 The layers (docs/architecture.md): foundation (errors, config, layout, manifest), infrastructure
-(infra/), versions, parts (plain functions on numpy, FAISS and Arrow), stages (stages/: plan, encode,
-train, add, merge, tune), the build (builder, incremental), the query side (query/), and on top the
-API (api) and the command line (cli).
+(infra/), versions, the domains (text/, ivf/, docstore/: plain functions on numpy, FAISS and Arrow),
+stages (stages/: plan, encode, train, add, merge, tune, partition), the build (builder, incremental),
+the query side (query/), and on top the API (api: build, reindex, open_index, tune, evaluate,
+partition, plan, serve) and the command line (cli), a thin layer over the API.
 """
 
 from importlib import import_module
@@ -23,9 +24,21 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 # name -> module: imported on first use, so `import rayindex` (and the CLI's --help) does not load Ray,
 # FAISS and torch until something needs them
 _EXPORTS = {
-    "build": "rayindex.api", "reindex": "rayindex.api", "open_index": "rayindex.api", "PublishedIndex": "rayindex.api",
-    "BuildConfig": "rayindex.config", "ServeConfig": "rayindex.config", "AppConfig": "rayindex.config",
-    "GeneratorConfig": "rayindex.config", "Manifest": "rayindex.manifest", "RayIndexError": "rayindex.errors",
+    "build": "rayindex.api",
+    "reindex": "rayindex.api",
+    "tune": "rayindex.api",
+    "evaluate": "rayindex.api",
+    "partition": "rayindex.api",
+    "plan": "rayindex.api",
+    "serve": "rayindex.api",
+    "open_index": "rayindex.api",
+    "PublishedIndex": "rayindex.api",
+    "BuildConfig": "rayindex.config",
+    "ServeConfig": "rayindex.config",
+    "AppConfig": "rayindex.config",
+    "GeneratorConfig": "rayindex.config",
+    "Manifest": "rayindex.manifest",
+    "RayIndexError": "rayindex.errors",
     "UsageError": "rayindex.errors",
 }
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,8 +1,9 @@
 """The build: lock the output -> resume or start a version -> plan, encode, train, add, merge, tune (by
-default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its outputs and their checksums in the manifest, so a run killed at
+default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its
+outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
 included) marks the manifest failed and leaves CURRENT as it was; files are written through
-layout.atomic_file, so none is left half-written or as a temp file.
+infra.files.atomic_file, so none is left half-written or as a temp file.
 """
 
 from __future__ import annotations
@@ -17,11 +18,26 @@ from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.manifest import Manifest, Reindex, Resumption, library_versions, now_iso
 from rayindex.stages import add, encode, merge, partition, plan, train, tune
-from rayindex.versions import (check_output_writable, current_run_id, new_run_id, prune_versions, publish, read_manifest,
-                               save_manifest, version_ids, version_store)
+from rayindex.versions import (
+    check_output_writable,
+    current_run_id,
+    new_run_id,
+    prune_versions,
+    publish,
+    read_manifest,
+    save_manifest,
+    version_ids,
+    version_store,
+)
 
-STAGES = (("encode", encode.run), ("train", train.run), ("add", add.run), ("merge", merge.run), ("tune", tune.run),
-          ("partition", partition.run))
+STAGES = (
+    ("encode", encode.run),
+    ("train", train.run),
+    ("add", add.run),
+    ("merge", merge.run),
+    ("tune", tune.run),
+    ("partition", partition.run),
+)
 
 
 def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = None, keep: int | None = None) -> Manifest:
@@ -39,7 +55,12 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
             with timed("plan", manifest, version):
                 plan.run(config, manifest)
             for name, run in STAGES:
-                if name == "tune" and not tune.wanted(config, manifest.counts.passages) or name == "partition" and not config.serving_shards:
+                if (
+                    name == "tune"
+                    and not tune.wanted(config, manifest.counts.passages)
+                    or name == "partition"
+                    and not config.serving_shards
+                ):
                     continue
                 with timed(name, manifest, version):
                     run(config, manifest, version, progress)
@@ -65,7 +86,9 @@ def timed(name: str, manifest: Manifest, version: Store):
     save_manifest(version, manifest)
 
 
-def start_or_resume(config: BuildConfig, root: Store, progress: StageProgress, reindex: Reindex | None = None) -> tuple[Manifest, Store]:
+def start_or_resume(
+    config: BuildConfig, root: Store, progress: StageProgress, reindex: Reindex | None = None
+) -> tuple[Manifest, Store]:
     """The newest version when it is an unpublished run of this config over the same inputs; else a new one."""
     runs = version_ids(root)
     try:
@@ -73,12 +96,19 @@ def start_or_resume(config: BuildConfig, root: Store, progress: StageProgress, r
     except RayIndexError as exc:  # a damaged run is not resumed; a new one starts beside it
         progress.note(f"not resuming: {exc}")
         previous = None
-    if (previous and previous.config_fingerprint == config.fingerprint()
-            and (previous.status != "published" or current_run_id(root) != previous.run_id)
-            and bool(previous.reindex) == bool(reindex)):
+    if (
+        previous
+        and previous.config_fingerprint == config.fingerprint()
+        and (previous.status != "published" or current_run_id(root) != previous.run_id)
+        and bool(previous.reindex) == bool(reindex)
+    ):
         if not previous.files or plan.plan(config) == (previous.files, previous.shards):
-            progress.note(f"resuming run {previous.run_id} (stopped while {previous.status}: {previous.error or 'killed'})")
-            previous.resumed.append(Resumption(at=now_iso(), previous_status=previous.status, previous_error=previous.error))
+            progress.note(
+                f"resuming run {previous.run_id} (stopped while {previous.status}: {previous.error or 'killed'})"
+            )
+            previous.resumed.append(
+                Resumption(at=now_iso(), previous_status=previous.status, previous_error=previous.error)
+            )
             previous.status, previous.error = "running", None
             version = version_store(root, previous.run_id)
             save_manifest(version, previous)
@@ -87,7 +117,13 @@ def start_or_resume(config: BuildConfig, root: Store, progress: StageProgress, r
     run_id = new_run_id()
     version = version_store(root, run_id)
     version.local_root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_id=run_id, created_at=now_iso(), config=config, config_fingerprint=config.fingerprint(),
-                        versions=library_versions(), reindex=reindex)
+    manifest = Manifest(
+        run_id=run_id,
+        created_at=now_iso(),
+        config=config,
+        config_fingerprint=config.fingerprint(),
+        versions=library_versions(),
+        reindex=reindex,
+    )
     save_manifest(version, manifest)
     return manifest, version

@@ -8,18 +8,31 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from rayindex.config import (AskParams, BuildConfig, EvalOptions, GeneratorConfig, IndexLocation, PartitionOptions, PlanOptions,
-                             ReindexOptions, SearchParams, ServeConfig, TuneOptions)
+from rayindex.config import (
+    AskParams,
+    BuildConfig,
+    EvalOptions,
+    GeneratorConfig,
+    IndexLocation,
+    PartitionOptions,
+    PlanOptions,
+    ReindexOptions,
+    SearchParams,
+    ServeConfig,
+    TuneOptions,
+)
 from rayindex.errors import UsageError, user_message
 from rayindex.options import From, settings, with_options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build one FAISS index from a text corpus on Ray, and search it.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Build one FAISS index from a text corpus on Ray, and search it."
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -39,7 +52,10 @@ def command(after_failure: str = ""):
                 return fn(*args, **kwargs)
             except typer.Exit:
                 raise
-            except (UsageError, ValueError) as exc:  # ValueError: an option value our code refused (an interval, a generator)
+            except (
+                UsageError,
+                ValueError,
+            ) as exc:  # ValueError: an option value our code refused (an interval, a generator)
                 fail(user_message(exc), 2)
             except KeyboardInterrupt:
                 raise
@@ -51,18 +67,20 @@ def command(after_failure: str = ""):
     return wrap
 
 
-def where_is(location: dict) -> IndexLocation:
-    from rayindex.infra.storage import use_s3_endpoint
+def where_is(location: dict) -> str:
+    """The --index location, with --s3-endpoint put in effect."""
+    from rayindex.api import located
 
-    where = settings(IndexLocation, location)
-    use_s3_endpoint(where.s3_endpoint)
-    return where
+    return located(**location)
 
 
 @command(after_failure="\n(run folder kept for inspection; CURRENT was not changed)")
 def build(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Parquet/JSONL files or folders, local or fsspec URIs (s3://...). "
-                                                  "None: the Python standard library's docstrings (the embedded default)."),
+    inputs: list[str] | None = typer.Argument(
+        None,
+        help="Parquet/JSONL files or folders, local or fsspec URIs (s3://...). "
+        "None: the Python standard library's docstrings (the embedded default).",
+    ),
     options: Annotated[dict, From(BuildConfig, exclude={"inputs"})] = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -71,7 +89,9 @@ def build(
 
     if not inputs:
         err_console.print("No input given: indexing the Python standard library's docstrings (the embedded default).")
-    print_published(api.build(inputs, quiet=quiet, **options), options.get("output") or BuildConfig.model_fields["output"].default)
+    print_published(
+        api.build(inputs, quiet=quiet, **options), options.get("output") or BuildConfig.model_fields["output"].default
+    )
 
 
 def print_published(manifest, output: str) -> None:
@@ -80,31 +100,39 @@ def print_published(manifest, output: str) -> None:
 
     console.print(summary_table(manifest))
     console.print(
-        f"Published [bold]{manifest.run_id}[/]: {manifest.counts.docs_encoded:,} docs in {manifest.counts.passages:,} passages, "
+        f"Published [bold]{manifest.run_id}[/]: {manifest.counts.docs_encoded:,} docs in {manifest.counts.passages:,} "
+        f"passages, "
         f"metric {manifest.metric}, index {manifest.index_string!r}"
         f"{' (chosen automatically)' if manifest.training.chosen_automatically else ''}, nprobe {manifest.nprobe}, "
-        f"{'on-disk' if manifest.merge.on_disk else 'in-RAM'} merge, skipped {manifest.counts.skipped or 'none'}.", soft_wrap=True
+        f"{'on-disk' if manifest.merge.on_disk else 'in-RAM'} merge, skipped {manifest.counts.skipped or 'none'}.",
+        soft_wrap=True,
     )
     r = manifest.reindex
     if r:
-        console.print(f"Reindex of {r.previous}: {r.added:,} added, {r.changed:,} changed, {r.deleted:,} deleted, "
-                      f"{r.unchanged:,} unchanged (vectors reused); encoded {r.encoded:,}. Quantizer: {r.path} ({r.reason}).")
+        console.print(
+            f"Reindex of {r.previous}: {r.added:,} added, {r.changed:,} changed, {r.deleted:,} deleted, "
+            f"{r.unchanged:,} unchanged (vectors reused); encoded {r.encoded:,}. Quantizer: {r.path} ({r.reason})."
+        )
     if manifest.pruned:
         console.print(f"Deleted old versions: {', '.join(manifest.pruned)}")
     for warning in manifest.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
-    console.print(f"Search it: rayindex search --index {output} \"your question\"")
+    console.print(f'Search it: rayindex search --index {output} "your question"')
 
 
 @command(after_failure="\n(CURRENT was not changed)")
 def reindex(
-    inputs: Optional[List[str]] = typer.Argument(None, help="The corpus now (default: the inputs of the published version)."),
+    inputs: list[str] | None = typer.Argument(
+        None, help="The corpus now (default: the inputs of the published version)."
+    ),
     options: Annotated[dict, From(ReindexOptions)] = None,
     overrides: Annotated[dict, From(BuildConfig, include={"encoders", "gpu", "ray_address", "s3_endpoint"})] = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Incremental reindex: encode only new and changed documents, drop deleted ones, reuse the quantizer unless drifted, publish."""
-    from rayindex.incremental import parse_interval, reindex as run_reindex, run_every
+    """Incremental reindex: encode only new and changed documents, drop deleted ones, reuse the quantizer unless
+    drifted, publish."""
+    from rayindex.incremental import parse_interval, run_every
+    from rayindex.incremental import reindex as run_reindex
 
     settled = settings(ReindexOptions, options)
     overrides = dict(overrides, inputs=inputs or None)
@@ -118,8 +146,13 @@ def reindex(
     interval = parse_interval(settled.every)
     err_console.print(f"Reindexing {settled.output} every {settled.every} (Ctrl-C stops).")
     try:
-        run_every(interval, once, lambda exc: err_console.print(
-            f"[bold red]error:[/] {user_message(exc)} (CURRENT not changed; next run in {settled.every})"))
+        run_every(
+            interval,
+            once,
+            lambda exc: err_console.print(
+                f"[bold red]error:[/] {user_message(exc)} (CURRENT not changed; next run in {settled.every})"
+            ),
+        )
     except KeyboardInterrupt:
         pass
 
@@ -129,14 +162,17 @@ def search(
     query: str = typer.Argument(..., help="What to look for."),
     location: Annotated[dict, From(IndexLocation)] = None,
     params: Annotated[dict, From(SearchParams)] = None,
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata}."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata}."
+    ),
 ) -> None:
     """Search the published index (an s3:// index is cached locally by version, checked by checksum)."""
     from rayindex.query.search import open_index
 
     search_params = settings(SearchParams, params)
-    hits = open_index(where_is(location).index).search(query, search_params.k, search_params.nprobe, search_params.per_document,
-                                                       search_params.filter)
+    hits = open_index(where_is(location)).search(
+        query, search_params.k, search_params.nprobe, search_params.per_document, search_params.filter
+    )
     if as_json:
         sys.stdout.write(json.dumps(hits, ensure_ascii=False, default=str) + "\n")
         return
@@ -145,8 +181,13 @@ def search(
         table.add_column(col, overflow="fold")
     for rank, hit in enumerate(hits, 1):
         text = " ".join(hit["text"].split())
-        table.add_row(str(rank), f"{hit['score']:.3f}", str(hit["id"]), f"{hit['start']}-{hit['end']}",
-                      text[:160] + ("…" if len(text) > 160 else ""))
+        table.add_row(
+            str(rank),
+            f"{hit['score']:.3f}",
+            str(hit["id"]),
+            f"{hit['start']}-{hit['end']}",
+            text[:160] + ("…" if len(text) > 160 else ""),
+        )
     console.print(table)
 
 
@@ -155,7 +196,12 @@ def print_sweep(points, ks: list[int], title: str) -> None:
     for col in ["nprobe", "re-rank", *[f"recall@{k}" for k in ks], "ms/query"]:
         table.add_column(col, justify="right")
     for p in points:
-        table.add_row(str(p.nprobe), f"x{p.refine}" if p.refine > 1 else "-", *[f"{p.recall[k]:.3f}" for k in ks], f"{p.ms_per_query:.3f}")
+        table.add_row(
+            str(p.nprobe),
+            f"x{p.refine}" if p.refine > 1 else "-",
+            *[f"{p.recall[k]:.3f}" for k in ks],
+            f"{p.ms_per_query:.3f}",
+        )
     console.print(table)
 
 
@@ -165,18 +211,21 @@ def eval_command(
     options: Annotated[dict, From(EvalOptions)] = None,
 ) -> None:
     """Recall@k vs exact search and latency for a sweep of nprobe; writes eval.json and PNG plots into the version."""
+    from rayindex import api
     from rayindex.manifest import SweepPoint
-    from rayindex.query.evaluate import evaluate
-    from rayindex.query.search import open_index
 
-    eval_options = settings(EvalOptions, options)
-    eval_options.k_values()  # a bad --k is a usage error before the index is opened
-    result = evaluate(open_index(where_is(location).index, with_vectors=True), eval_options)
-    print_sweep([SweepPoint(**p) for p in result["sweep"]], result["ks"], f"{result['index_string']}: {result['documents']:,} docs, "
-                f"{result['queries']} queries (default nprobe {result['default_nprobe']})")
+    result = api.evaluate(**location, **options)
+    print_sweep(
+        [SweepPoint(**p) for p in result["sweep"]],
+        result["ks"],
+        f"{result['index_string']}: {result['documents']:,} docs, "
+        f"{result['queries']} queries (default nprobe {result['default_nprobe']})",
+    )
     if "labelled" in result:
         console.print({key: round(v, 4) for key, v in result["labelled"].items()})
-    console.print(f"Wrote {Path(result['plots'][0]).parent / 'eval.json'} and {', '.join(Path(p).name for p in result['plots'])}")
+    console.print(
+        f"Wrote {Path(result['plots'][0]).parent / 'eval.json'} and {', '.join(Path(p).name for p in result['plots'])}"
+    )
 
 
 @command()
@@ -184,15 +233,11 @@ def tune(
     location: Annotated[dict, From(IndexLocation)] = None,
     options: Annotated[dict, From(TuneOptions)] = None,
 ) -> None:
-    """Store the smallest nprobe that reaches --target-recall in the version's manifest and index.faiss (search/serve default)."""
-    from rayindex.query.search import open_index
-    from rayindex.stages.tune import tune as tune_version
-    from rayindex.versions import save_published
+    """Store the smallest nprobe that reaches --target-recall in the version's manifest and index.faiss (search/serve
+    default)."""
+    from rayindex import api
 
-    where = where_is(location)
-    published = open_index(where.index, with_vectors=True)
-    tuning, written = tune_version(published.version_dir, published.manifest, settings(TuneOptions, options))
-    save_published(where.index, published.version_dir, published.manifest, written)
+    tuning = api.tune(**location, **options)
     print_sweep(tuning.sweep, [tuning.k], f"tuning for recall@{tuning.k} >= {tuning.target}")
     if tuning.reached:
         console.print(f"nprobe {tuning.nprobe} reaches recall@{tuning.k} {tuning.recall:.3f}; stored as the default.")
@@ -205,44 +250,49 @@ def partition(
     location: Annotated[dict, From(IndexLocation)] = None,
     options: Annotated[dict, From(PartitionOptions)] = None,
 ) -> None:
-    """Split the published version's inverted lists for `rayindex serve --shards N` (parts balanced by size, recorded in its manifest)."""
-    from rayindex.stages.partition import partition_published
+    """Split the published version's inverted lists for `rayindex serve --shards N` (parts balanced by size, recorded
+    in its manifest)."""
+    from rayindex import api
 
-    where = where_is(location)
-    shards = settings(PartitionOptions, options).shards
-    manifest, parts = partition_published(where.index, shards)
+    index = where_is(location)
+    manifest, parts = api.partition(index, **options)
+    shards = len(parts)
     table = Table(title=f"{manifest.run_id}: inverted lists split for {shards} serving shards")
     for col in ("shard", "lists", "vectors", "share"):
         table.add_column(col, justify="right")
     for number, part in enumerate(parts):
-        table.add_row(str(number), f"{len(part.lists):,}", f"{part.vectors:,}", f"{part.vectors / max(1, manifest.merge.ntotal):.1%}")
+        table.add_row(
+            str(number),
+            f"{len(part.lists):,}",
+            f"{part.vectors:,}",
+            f"{part.vectors / max(1, manifest.merge.ntotal):.1%}",
+        )
     console.print(table)
-    console.print(f"Serve it: rayindex serve --index {where.index} --shards {shards}")
+    console.print(f"Serve it: rayindex serve --index {index} --shards {shards}")
 
 
 @command()
 def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
-    """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine (estimates labelled)."""
-    from rayindex.parts.capacity import format_plan, plan_capacity
+    """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine
+    (estimates labelled)."""
+    from rayindex import api
+    from rayindex.ivf.capacity import format_plan
 
-    o = settings(PlanOptions, options)
-    console.print(format_plan(plan_capacity(o.docs, o.dim, o.index, gpus=o.gpus, max_index_bytes=o.max_index_memory, cores=o.cores,
-                                            cpus_per_gpu=o.cpus_per_gpu, passages_per_doc=o.passages_per_doc,
-                                            serving_shards=o.serving_shards, nprobe=o.nprobe)))
+    console.print(format_plan(api.plan(**options)))
 
 
 @command()
 def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
-    """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token auth)."""
+    """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token
+    auth)."""
     import time
 
-    from rayindex.infra.storage import use_s3_endpoint
-    from rayindex.query.serve import start_serving
+    from rayindex import api
 
-    config = settings(ServeConfig, options)
-    use_s3_endpoint(config.s3_endpoint)
-    start_serving(config)
-    err_console.print(f"Serving {config.index} at http://{config.host}:{config.port} (OpenAPI page: /docs). Ctrl-C stops.")
+    config = api.serve(**options)
+    err_console.print(
+        f"Serving {config.index} at http://{config.host}:{config.port} (OpenAPI page: /docs). Ctrl-C stops."
+    )
     try:
         while True:
             time.sleep(3600)
@@ -267,17 +317,22 @@ def ask(
     ask_params = settings(AskParams, params)
     opened = []  # the generator is made (and its settings checked) before the index is opened
     generator = make_generator(settings(GeneratorConfig, generation), lambda texts: opened[0].encode(texts))
-    opened.append(open_index(where_is(location).index))
-    result = opened[0].ask(question, ask_params.k, ask_params.nprobe, generator, ask_params.per_document, ask_params.filter)
+    opened.append(open_index(where_is(location)))
+    result = opened[0].ask(
+        question, ask_params.k, ask_params.nprobe, generator, ask_params.per_document, ask_params.filter
+    )
     if as_json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False, default=str) + "\n")
         return
     console.print(result["answer"], highlight=False)
     for source in result["sources"]:
         text = " ".join(source["text"].split())
-        console.print(f"[{source['n']}] {source['id']} chars {source['start']}-{source['end']} ({source['score']:.3f}) "
-                      f"{text[:100]}{'…' if len(text) > 100 else ''}",
-                      highlight=False, markup=False)
+        console.print(
+            f"[{source['n']}] {source['id']} chars {source['start']}-{source['end']} ({source['score']:.3f}) "
+            f"{text[:100]}{'…' if len(text) > 100 else ''}",
+            highlight=False,
+            markup=False,
+        )
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -39,7 +39,7 @@ def cli(*decls: str, metavar: str | None = None, as_text: bool = False) -> dict:
 
 
 def _metric_name(value):
-    """"ip", the name before metrics followed the model, is cosine: the inner product of normalized vectors."""
+    """ "ip", the name before metrics followed the model, is cosine: the inner product of normalized vectors."""
     return "cosine" if value == "ip" else value
 
 
@@ -56,63 +56,135 @@ class BuildConfig(Settings):
     """Everything a build needs; recorded in the run manifest so a run can be resumed or repeated."""
 
     inputs: list[str] = Field(description="Parquet/JSONL files or folders, local paths or fsspec URIs (s3://...).")
-    output: str = Field("rayindex-data", description="Output folder or s3:// prefix: versions/<run-id>/ and CURRENT go there.",
-                        json_schema_extra=cli("--output", "-o"))
-    id_column: Optional[str] = Field(None, description="Column with unique document ids (default: row numbers).")
-    text_columns: list[str] = Field(["text"], description="Text column; repeat to join several with ': '.",
-                                    json_schema_extra=cli("--text-column"))
-    template: Optional[str] = Field(None, description='Text template, e.g. "{title}: {body}" (overrides --text-column).')
-    shards: Optional[int] = Field(None, ge=1, description="Number of shards (default: from --shard-size).")
+    output: str = Field(
+        "rayindex-data",
+        description="Output folder or s3:// prefix: versions/<run-id>/ and CURRENT go there.",
+        json_schema_extra=cli("--output", "-o"),
+    )
+    id_column: str | None = Field(None, description="Column with unique document ids (default: row numbers).")
+    text_columns: list[str] = Field(
+        ["text"], description="Text column; repeat to join several with ': '.", json_schema_extra=cli("--text-column")
+    )
+    template: str | None = Field(None, description='Text template, e.g. "{title}: {body}" (overrides --text-column).')
+    shards: int | None = Field(None, ge=1, description="Number of shards (default: from --shard-size).")
     shard_size: int = Field(50_000, ge=1, description="Target documents per shard when --shards is not given.")
-    model: str = Field(PACKAGED_MODEL, description="sentence-transformers model name or local path (default: the packaged "
-                                                   "all-MiniLM-L6-v2, offline).")
+    model: str = Field(
+        PACKAGED_MODEL,
+        description="sentence-transformers model name or local path (default: the packaged all-MiniLM-L6-v2, offline).",
+    )
     batch_size: int = Field(64, ge=1, description="Encoding batch size.")
-    encoders: Optional[int] = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")
-    encoder_cpus: Optional[float] = Field(None, gt=0, description="CPUs each GPU encoder reserves for reading and tokenizing "
-                                          "(default: a GPU node's CPUs divided by its GPUs).")
-    index: Optional[str] = Field(None, description='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" '
-                                                   "(default: chosen from the corpus size).")
-    metric: Optional[Metric] = Field(None, description="cosine (inner product of normalized embeddings), dot (inner product) or "
-                                     "l2 (default: the model's similarity function; ip means cosine).")
-    passages: bool = Field(True, description="Split documents longer than a passage into overlapping passages, one vector each "
-                           "(--no-passages: one vector per document, cut at the model's window).",
-                           json_schema_extra=cli("--passages/--no-passages"))
-    passage_tokens: Optional[int] = Field(None, ge=8, description="Tokens per passage, the model's own (default: the model's "
-                                          "window less its special and prompt tokens).")
-    passage_overlap: Optional[int] = Field(None, ge=0, description="Tokens a passage shares with the one before (default: "
-                                           "--passage-tokens / 8).")
-    document_prompt: Optional[str] = Field(None, description='Text put before every document, e.g. "passage: " for E5 (default: '
-                                           "the model's configured document/passage prompt, if any).")
-    query_prompt: Optional[str] = Field(None, description='Text put before every query, e.g. "query: " (default: the model\'s '
-                                        "configured query prompt, if any).")
-    max_index_memory: Optional[Bytes] = Field(None, ge=1, description="RAM budget of the index when --index is not given, "
-                                              "e.g. 8G: picks code size, OPQ, HNSW coarse quantizer.",
-                                              json_schema_extra=cli(metavar="SIZE", as_text=True))
-    train_sample: Optional[int] = Field(None, ge=1, description="Training sample size (default: from the index's nlist and PQ).")
-    on_disk: Optional[bool] = Field(None, description="Merge into on-disk inverted lists (default: automatic past --memory-budget).",
-                                    json_schema_extra=cli("--on-disk/--in-ram"))
-    memory_budget: Optional[Bytes] = Field(None, ge=1, description="Merge on disk when the shard indexes exceed this, e.g. 8G "
-                                           "(default: half the RAM).", json_schema_extra=cli(metavar="SIZE", as_text=True))
-    target_recall: float = Field(0.95, gt=0, le=1, description="Tune nprobe to the smallest reaching this recall@10 vs exact "
-                                 "search (stored in the manifest and the index; search/serve use it).")
-    tune: Optional[bool] = Field(None, description="Tune nprobe for --target-recall after the merge (default: when the index "
-                                 "holds at most 2M vectors, where it takes seconds).", json_schema_extra=cli("--tune/--no-tune"))
-    serving_shards: Optional[int] = Field(None, ge=1, description="Also split the merged inverted lists into this many parts, "
-                                          "balanced by size, for `rayindex serve --shards N` (each serving shard maps one part).")
+    encoders: int | None = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")
+    encoder_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs each GPU encoder reserves for reading and tokenizing "
+        "(default: a GPU node's CPUs divided by its GPUs).",
+    )
+    index: str | None = Field(
+        None,
+        description='FAISS index_factory string, e.g. "IVF4096,PQ32" or "OPQ32,IVF4096,PQ32" '
+        "(default: chosen from the corpus size).",
+    )
+    metric: Metric | None = Field(
+        None,
+        description="cosine (inner product of normalized embeddings), dot (inner product) or "
+        "l2 (default: the model's similarity function; ip means cosine).",
+    )
+    passages: bool = Field(
+        True,
+        description="Split documents longer than a passage into overlapping passages, one vector each "
+        "(--no-passages: one vector per document, cut at the model's window).",
+        json_schema_extra=cli("--passages/--no-passages"),
+    )
+    passage_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Tokens per passage, the model's own (default: the model's "
+        "window less its special and prompt tokens).",
+    )
+    passage_overlap: int | None = Field(
+        None, ge=0, description="Tokens a passage shares with the one before (default: --passage-tokens / 8)."
+    )
+    document_prompt: str | None = Field(
+        None,
+        description='Text put before every document, e.g. "passage: " for E5 (default: '
+        "the model's configured document/passage prompt, if any).",
+    )
+    query_prompt: str | None = Field(
+        None,
+        description='Text put before every query, e.g. "query: " (default: the model\'s '
+        "configured query prompt, if any).",
+    )
+    max_index_memory: Bytes | None = Field(
+        None,
+        ge=1,
+        description="RAM budget of the index when --index is not given, "
+        "e.g. 8G: picks code size, OPQ, HNSW coarse quantizer.",
+        json_schema_extra=cli(metavar="SIZE", as_text=True),
+    )
+    train_sample: int | None = Field(
+        None, ge=1, description="Training sample size (default: from the index's nlist and PQ)."
+    )
+    on_disk: bool | None = Field(
+        None,
+        description="Merge into on-disk inverted lists (default: automatic past --memory-budget).",
+        json_schema_extra=cli("--on-disk/--in-ram"),
+    )
+    memory_budget: Bytes | None = Field(
+        None,
+        ge=1,
+        description="Merge on disk when the shard indexes exceed this, e.g. 8G (default: half the RAM).",
+        json_schema_extra=cli(metavar="SIZE", as_text=True),
+    )
+    target_recall: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Tune nprobe to the smallest reaching this recall@10 vs exact "
+        "search (stored in the manifest and the index; search/serve use it).",
+    )
+    tune: bool | None = Field(
+        None,
+        description="Tune nprobe for --target-recall after the merge (default: when the index "
+        "holds at most 2M vectors, where it takes seconds).",
+        json_schema_extra=cli("--tune/--no-tune"),
+    )
+    serving_shards: int | None = Field(
+        None,
+        ge=1,
+        description="Also split the merged inverted lists into this many parts, "
+        "balanced by size, for `rayindex serve --shards N` (each serving shard maps one part).",
+    )
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
-    gpu: Optional[bool] = Field(None, description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster "
-                                "has GPUs now).", json_schema_extra=cli("--gpu/--cpu"))
-    ray_address: Optional[str] = Field(None, description="Ray cluster address, or auto to join the one running on this machine "
-                                       "(default: RAY_ADDRESS, else a new local Ray).")
-    s3_endpoint: Optional[str] = Field(None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS).")
-    storage_retry: float = Field(300.0, gt=0, description="Seconds to keep retrying an unavailable store (with backoff) before failing.")
+    gpu: bool | None = Field(
+        None,
+        description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster has GPUs now).",
+        json_schema_extra=cli("--gpu/--cpu"),
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster address, or auto to join the one running on this machine "
+        "(default: RAY_ADDRESS, else a new local Ray).",
+    )
+    s3_endpoint: str | None = Field(
+        None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."
+    )
+    storage_retry: float = Field(
+        300.0, gt=0, description="Seconds to keep retrying an unavailable store (with backoff) before failing."
+    )
 
     @model_validator(mode="after")
-    def _text_given(self) -> "BuildConfig":
+    def _text_given(self) -> BuildConfig:
         if not self.template and not self.text_columns:
             raise ValueError("give at least one --text-column or a --template")
-        if self.passage_tokens is not None and self.passage_overlap is not None and self.passage_overlap >= self.passage_tokens:
-            raise ValueError(f"--passage-overlap {self.passage_overlap} must be smaller than --passage-tokens {self.passage_tokens}")
+        if (
+            self.passage_tokens is not None
+            and self.passage_overlap is not None
+            and self.passage_overlap >= self.passage_tokens
+        ):
+            raise ValueError(
+                f"--passage-overlap {self.passage_overlap} must be smaller than --passage-tokens {self.passage_tokens}"
+            )
         if not self.inputs:
             raise ValueError("give at least one input path")
         return self
@@ -125,29 +197,53 @@ class BuildConfig(Settings):
 
     def fingerprint(self) -> str:
         """Hash of the settings that change the result (not where Ray runs), to resume only identical runs."""
-        relevant = self.model_dump(exclude={"ray_address", "encoders", "encoder_cpus", "gpu", "on_disk", "memory_budget", "s3_endpoint",
-                                            "storage_retry", "serving_shards"})
+        relevant = self.model_dump(
+            exclude={
+                "ray_address",
+                "encoders",
+                "encoder_cpus",
+                "gpu",
+                "on_disk",
+                "memory_budget",
+                "s3_endpoint",
+                "storage_retry",
+                "serving_shards",
+            }
+        )
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ReindexOptions(Settings):
     """How `rayindex reindex` treats the published version it starts from."""
 
-    output: str = Field("rayindex-data", description="Output of an earlier build; its CURRENT version is the base.",
-                        json_schema_extra=cli("--output", "-o"))
-    drift_threshold: float = Field(1.2, gt=1, description="Retrain the quantizer when its fit to the new corpus (mean squared "
-                                   "distance to the nearest centroid) is this many times worse than on its training sample.")
+    output: str = Field(
+        "rayindex-data",
+        description="Output of an earlier build; its CURRENT version is the base.",
+        json_schema_extra=cli("--output", "-o"),
+    )
+    drift_threshold: float = Field(
+        1.2,
+        gt=1,
+        description="Retrain the quantizer when its fit to the new corpus (mean squared "
+        "distance to the nearest centroid) is this many times worse than on its training sample.",
+    )
     keep: int = Field(3, ge=1, description="Published versions to keep; older ones are deleted after publishing.")
-    every: Optional[str] = Field(None, description="Repeat forever at this interval, e.g. 1h, 15m (a failed run is reported, "
-                                 "the next one runs).")
+    every: str | None = Field(
+        None, description="Repeat forever at this interval, e.g. 1h, 15m (a failed run is reported, the next one runs)."
+    )
 
 
 class IndexLocation(Settings):
     """Where a published index is: a build's output folder or s3:// prefix (its CURRENT version)."""
 
-    index: str = Field("rayindex-data", description="Output folder or s3:// prefix of a build (its CURRENT version is used).",
-                       json_schema_extra=cli("--index", "-i"))
-    s3_endpoint: Optional[str] = Field(None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS).")
+    index: str = Field(
+        "rayindex-data",
+        description="Output folder or s3:// prefix of a build (its CURRENT version is used).",
+        json_schema_extra=cli("--index", "-i"),
+    )
+    s3_endpoint: str | None = Field(
+        None, description="Endpoint URL of an S3-compatible store (default: AWS_ENDPOINT_URL, else AWS)."
+    )
 
 
 def _json_object(value):
@@ -156,17 +252,22 @@ def _json_object(value):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not JSON ({exc.msg}): give e.g. '{{\"section\": \"8\"}}'") from None
+            raise ValueError(f'not JSON ({exc.msg}): give e.g. \'{{"section": "8"}}\'') from None
     return value
 
 
 class SearchParams(Settings):
     k: int = Field(10, ge=1, description="Number of documents.", json_schema_extra=cli("-k"))
-    nprobe: Optional[int] = Field(None, ge=1, description="Inverted lists to visit (default: the build's, stored in the index).")
+    nprobe: int | None = Field(
+        None, ge=1, description="Inverted lists to visit (default: the build's, stored in the index)."
+    )
     per_document: int = Field(1, ge=1, le=100, description="Passages per document among the hits (best first).")
-    filter: Optional[Annotated[dict, BeforeValidator(_json_object)]] = Field(
-        None, description='Only documents whose metadata match, as JSON: {"section": "8"} or {"section": {"in": ["8", "9"]}}.',
-        json_schema_extra=cli(metavar="JSON", as_text=True))
+    filter: Annotated[dict, BeforeValidator(_json_object)] | None = Field(
+        None,
+        description='Only documents whose metadata match, as JSON: {"section": "8"} or {"section": {"in": ["8", '
+        '"9"]}}.',
+        json_schema_extra=cli(metavar="JSON", as_text=True),
+    )
 
 
 class AskParams(SearchParams):
@@ -175,12 +276,16 @@ class AskParams(SearchParams):
 
 class GeneratorConfig(Settings):
     generator: Literal["extractive", "openai", "transformers"] = Field(
-        "extractive", description="extractive (offline, default), openai (an OpenAI-compatible endpoint) or transformers "
-                                  "(a local model directory).")
-    generator_model: Optional[str] = Field(None, description="openai: model name (or RAYINDEX_OPENAI_MODEL); transformers: "
-                                                             "model directory.")
-    generator_url: Optional[str] = Field(None, description="openai: base URL (or RAYINDEX_OPENAI_BASE_URL / OPENAI_BASE_URL); "
-                                                           "key from OPENAI_API_KEY.")
+        "extractive",
+        description="extractive (offline, default), openai (an OpenAI-compatible endpoint) or transformers "
+        "(a local model directory).",
+    )
+    generator_model: str | None = Field(
+        None, description="openai: model name (or RAYINDEX_OPENAI_MODEL); transformers: model directory."
+    )
+    generator_url: str | None = Field(
+        None, description="openai: base URL (or RAYINDEX_OPENAI_BASE_URL / OPENAI_BASE_URL); key from OPENAI_API_KEY."
+    )
     generator_timeout: float = Field(30.0, gt=0, description="Seconds before a remote generator call becomes a 504.")
 
 
@@ -189,26 +294,50 @@ class AppConfig(IndexLocation, GeneratorConfig):
     rayindex.query.serve:app_builder index=/data/rayindex replicas=2` and a Serve config's `args:` are
     validated into this model."""
 
-    replicas: Optional[int] = Field(None, ge=1, description="Serve replicas, each memory-mapping the index and loading the model "
-                                    "(default: 1, or what a Serve config's autoscaling_config decides).")
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Serve replicas, each memory-mapping the index and loading the model "
+        "(default: 1, or what a Serve config's autoscaling_config decides).",
+    )
     replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
-    shards: Optional[int] = Field(None, ge=1, description="Serve through this many shard deployments, each memory-mapping one part of "
-                                  "the inverted lists (the version must be split that way: build --serving-shards N, or "
-                                  "`rayindex partition --shards N`); the router keeps only the coarse quantizer.")
-    shard_replicas: int = Field(1, ge=1, description="Replicas of each shard deployment (the minimum when autoscaling).")
-    shard_max_replicas: Optional[int] = Field(None, ge=1, description="Autoscale each shard deployment up to this many replicas "
-                                              "(Serve autoscaling on ongoing requests).")
+    shards: int | None = Field(
+        None,
+        ge=1,
+        description="Serve through this many shard deployments, each memory-mapping one part of "
+        "the inverted lists (the version must be split that way: build --serving-shards N, or "
+        "`rayindex partition --shards N`); the router keeps only the coarse quantizer.",
+    )
+    shard_replicas: int = Field(
+        1, ge=1, description="Replicas of each shard deployment (the minimum when autoscaling)."
+    )
+    shard_max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscale each shard deployment up to this many replicas (Serve autoscaling on ongoing requests).",
+    )
     shard_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per shard replica.")
     shard_timeout: float = Field(5.0, gt=0, description="Seconds the router waits for the shards' answers to a search.")
-    on_shard_failure: Literal["fail", "partial"] = Field("fail", description="A shard that does not answer in time: fail the request "
-                                                         "(503, Retry-After) or answer from the others, marked partial: true.")
-    poll_interval: float = Field(2.0, gt=0, description="Seconds between checks of CURRENT for a new version (hot swap).")
-    max_inflight: int = Field(64, ge=1, description="Searches a replica works on at once (two full batches); more are answered "
-                              "503 with Retry-After at once instead of queueing.")
-    request_timeout: float = Field(10.0, gt=0, description="Seconds a search or an answer may take before it is answered 504 "
-                                   "with Retry-After.")
-    api_key: Optional[str] = Field(None, description="Bearer token clients must send (default: RAYINDEX_API_KEY).",
-                                   json_schema_extra={"cli": None})  # a secret: from the environment, never argv
+    on_shard_failure: Literal["fail", "partial"] = Field(
+        "fail",
+        description="A shard that does not answer in time: fail the request "
+        "(503, Retry-After) or answer from the others, marked partial: true.",
+    )
+    poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between checks of CURRENT for a new version (hot swap)."
+    )
+    max_inflight: int = Field(
+        64,
+        ge=1,
+        description="Searches a replica works on at once (two full batches); more are answered "
+        "503 with Retry-After at once instead of queueing.",
+    )
+    request_timeout: float = Field(
+        10.0, gt=0, description="Seconds a search or an answer may take before it is answered 504 with Retry-After."
+    )
+    api_key: str | None = Field(
+        None, description="Bearer token clients must send (default: RAYINDEX_API_KEY).", json_schema_extra={"cli": None}
+    )  # a secret: from the environment, never argv
 
 
 class ServeConfig(AppConfig):
@@ -216,15 +345,24 @@ class ServeConfig(AppConfig):
 
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds to.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    ray_address: Optional[str] = Field(None, description="Ray cluster address, or auto to join the one running on this machine "
-                                       "(default: RAY_ADDRESS, else a new local Ray).")
-    insecure: bool = Field(False, description="Serve on a non-loopback host without RAYINDEX_API_KEY (refused otherwise).")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster address, or auto to join the one running on this machine "
+        "(default: RAY_ADDRESS, else a new local Ray).",
+    )
+    insecure: bool = Field(
+        False, description="Serve on a non-loopback host without RAYINDEX_API_KEY (refused otherwise)."
+    )
 
 
 class EvalOptions(Settings):
-    queries: Optional[str] = Field(None, description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline.')
+    queries: str | None = Field(
+        None, description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline.'
+    )
     ks: str = Field("1,10,100", description="Comma-separated k values for recall@k.", json_schema_extra=cli("--k"))
-    n_queries: int = Field(500, ge=1, description="Queries sampled from the corpus (held out: their own document is not counted).")
+    n_queries: int = Field(
+        500, ge=1, description="Queries sampled from the corpus (held out: their own document is not counted)."
+    )
 
     def k_values(self) -> list[int]:
         try:
@@ -249,13 +387,27 @@ class PartitionOptions(Settings):
 class PlanOptions(Settings):
     docs: float = Field(description="Number of documents, e.g. 1e9.", gt=0)
     dim: int = Field(384, ge=1, description="Embedding dimension.")
-    index: Optional[str] = Field(None, description="index_factory string (default: chosen as the build would).")
-    max_index_memory: Optional[Bytes] = Field(None, ge=1, description="RAM budget of the index, e.g. 64G (drives the index choice).",
-                                              json_schema_extra=cli(metavar="SIZE", as_text=True))
+    index: str | None = Field(None, description="index_factory string (default: chosen as the build would).")
+    max_index_memory: Bytes | None = Field(
+        None,
+        ge=1,
+        description="RAM budget of the index, e.g. 64G (drives the index choice).",
+        json_schema_extra=cli(metavar="SIZE", as_text=True),
+    )
     gpus: int = Field(0, ge=0, description="GPUs for encoding and training.")
-    cpus_per_gpu: float = Field(4, gt=0, description="CPUs of a GPU node per GPU: they feed its encoder (read, tokenize).")
+    cpus_per_gpu: float = Field(
+        4, gt=0, description="CPUs of a GPU node per GPU: they feed its encoder (read, tokenize)."
+    )
     cores: int = Field(2, ge=1, description="CPU cores for encoding (no GPUs) and adding.")
-    passages_per_doc: float = Field(1.0, ge=1, description="Passages per document on average (a build reports its own: "
-                                    "counts.passages / counts.docs_encoded in the manifest); vectors = docs x this.")
-    serving_shards: int = Field(1, ge=1, description="Serving shards the inverted lists are split over (rayindex serve --shards).")
-    nprobe: Optional[int] = Field(None, ge=1, description="nprobe of the searches to plan for (default: the build's default).")
+    passages_per_doc: float = Field(
+        1.0,
+        ge=1,
+        description="Passages per document on average (a build reports its own: "
+        "counts.passages / counts.docs_encoded in the manifest); vectors = docs x this.",
+    )
+    serving_shards: int = Field(
+        1, ge=1, description="Serving shards the inverted lists are split over (rayindex serve --shards)."
+    )
+    nprobe: int | None = Field(
+        None, ge=1, description="nprobe of the searches to plan for (default: the build's default)."
+    )

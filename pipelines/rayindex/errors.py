@@ -5,8 +5,10 @@ import re
 
 # user:password@ in URLs, and key=value pairs whose key says secret (query strings, presigned URLs, headers)
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<secret>[^/\s@]+)@")
-_SECRET_PARAMS = re.compile(r"(?i)(?P<key>[\w-]*(?:password|passwd|secret|token|api[_-]?key|signature|credential)[\w-]*)"
-                            r"(?P<sep>\s*[=:]\s*)(?P<value>[^&\s,;'\"]+)")
+_SECRET_PARAMS = re.compile(
+    r"(?i)(?P<key>[\w-]*(?:password|passwd|secret|token|api[_-]?key|signature|credential)[\w-]*)"
+    r"(?P<sep>\s*[=:]\s*)(?P<value>[^&\s,;'\"]+)"
+)
 
 
 class RayIndexError(Exception):

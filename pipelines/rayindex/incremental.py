@@ -1,5 +1,5 @@
 """Incremental reindexing: rebuild the published index from the corpus as it is now, encoding only
-documents that are new or changed (by id and content hash, parts/reuse.py), dropping deleted ones, and
+documents that are new or changed (by id and content hash, text/reuse.py), dropping deleted ones, and
 reusing the trained quantizer unless the corpus drifted from it (stages/train.py). The new version is
 published atomically under the output lock like any build; old versions past --keep are deleted.
 run_every() repeats it on a fixed interval (`rayindex reindex --every 1h`).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from rayindex.builder import build
 from rayindex.config import ReindexOptions
@@ -42,8 +42,13 @@ def parse_interval(text: str) -> float:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-def run_every(interval_s: float, run: Callable[[], object], on_error: Callable[[Exception], None],
-              runs: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+def run_every(
+    interval_s: float,
+    run: Callable[[], object],
+    on_error: Callable[[Exception], None],
+    runs: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Call run() every interval_s, measured start to start (a run longer than the interval is followed
     at once by the next); a failed run is reported and the schedule goes on. runs: stop after that many."""
     done = 0

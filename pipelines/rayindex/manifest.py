@@ -12,7 +12,7 @@ import platform
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -31,8 +31,8 @@ class Piece(BaseModel):
     row_start: int
     num_rows: int
     global_start: int
-    byte_start: Optional[int] = None  # JSONL: offset of a line at or before row_start, so readers can seek
-    byte_start_row: Optional[int] = None  # the row that starts at byte_start
+    byte_start: int | None = None  # JSONL: offset of a line at or before row_start, so readers can seek
+    byte_start_row: int | None = None  # the row that starts at byte_start
 
 
 class Shard(BaseModel):
@@ -60,15 +60,15 @@ class ModelInfo(BaseModel):
     name: str
     path: str
     normalized: bool
-    dimension: Optional[int] = None
-    device: Optional[str] = None  # what the encoders used: "cuda" or "cpu"
-    max_seq_length: Optional[int] = None
-    document_prompt: Optional[str] = None  # put before every document when it was encoded
-    query_prompt: Optional[str] = None  # what search puts before every query
+    dimension: int | None = None
+    device: str | None = None  # what the encoders used: "cuda" or "cpu"
+    max_seq_length: int | None = None
+    document_prompt: str | None = None  # put before every document when it was encoded
+    query_prompt: str | None = None  # what search puts before every query
 
 
 class PassageSplit(BaseModel):
-    """How documents were split into passages (parts/passages.py): tokens per passage and overlap."""
+    """How documents were split into passages (text/passages.py): tokens per passage and overlap."""
 
     tokens: int
     overlap: int
@@ -83,11 +83,13 @@ class ShardState(BaseModel):
     skipped: dict[str, int] = Field(default_factory=dict)
     vectors_reused: int = 0  # reindex: unchanged documents whose vectors were copied from the previous version
     ids_changed: int = 0  # reindex: documents encoded again because their content changed
-    encode_seconds: Optional[float] = None  # the encoder's time on this shard (reading to writing; no actor start)
-    embeddings_sha256: Optional[str] = None
-    index_sha256: Optional[str] = None
-    trained_sha256: Optional[str] = None  # the trained index this shard's index was built from
-    docs_footer_sha256: Optional[str] = None  # of docs.parquet's footer (docstore.footer_sha256): checked when a reader opens it
+    encode_seconds: float | None = None  # the encoder's time on this shard (reading to writing; no actor start)
+    embeddings_sha256: str | None = None
+    index_sha256: str | None = None
+    trained_sha256: str | None = None  # the trained index this shard's index was built from
+    docs_footer_sha256: str | None = (
+        None  # of docs.parquet's footer (docstore.footer_sha256): checked when a reader opens it
+    )
 
 
 class EncodedShard(ShardState):
@@ -114,11 +116,11 @@ class TrainedIndex(BaseModel):
     sample_size: int
     trained_sha256: str
     trained_fingerprint: str
-    coarse_mse: Optional[float] = None  # the drift baseline of later reindex runs
+    coarse_mse: float | None = None  # the drift baseline of later reindex runs
     gpu: bool = False
     warnings: list[str] = Field(default_factory=list)
-    embeddings_sha256: list[Optional[str]] = Field(default_factory=list)  # trained from these shards' vectors
-    reused_from: Optional[str] = None  # reindex: the version whose trained index was taken
+    embeddings_sha256: list[str | None] = Field(default_factory=list)  # trained from these shards' vectors
+    reused_from: str | None = None  # reindex: the version whose trained index was taken
 
 
 class SweepPoint(BaseModel):
@@ -139,7 +141,7 @@ class Tuning(BaseModel):
     nprobe: int
     refine_factor: int
     recall: float
-    note: Optional[str] = None
+    note: str | None = None
 
 
 class MergedIndex(BaseModel):
@@ -156,7 +158,7 @@ class MergedIndex(BaseModel):
 
 
 class ServingPart(BaseModel):
-    """One part of the merged inverted lists for sharded serving (parts/ivf_parts.py): the lists it owns,
+    """One part of the merged inverted lists for sharded serving (ivf/serving_split.py): the lists it owns,
     their vectors, its files (index, on-disk lists)."""
 
     lists: list[int]
@@ -187,21 +189,22 @@ class Reindex(BaseModel):
     @classmethod
     def _a_run_id(cls, previous: str) -> str:
         return check_run_id(previous, "reindex.previous")
-    vectors_not_reused: Optional[str] = None
+
+    vectors_not_reused: str | None = None
     unchanged: int = 0
     changed: int = 0
     added: int = 0
     deleted: int = 0
     encoded: int = 0
-    drift: Optional[Drift] = None
-    path: Optional[Literal["incremental", "full retrain"]] = None
-    reason: Optional[str] = None
+    drift: Drift | None = None
+    path: Literal["incremental", "full retrain"] | None = None
+    reason: str | None = None
 
 
 class Resumption(BaseModel):
     at: str
     previous_status: str
-    previous_error: Optional[str] = None
+    previous_error: str | None = None
 
 
 class Reused(BaseModel):
@@ -218,32 +221,34 @@ class Manifest(BaseModel):
     run_id: str
     created_at: str
     status: Literal["running", "failed", "published"] = "running"
-    error: Optional[str] = None
+    error: str | None = None
     config: BuildConfig
     config_fingerprint: str
-    metric: Optional[Metric] = None  # resolved by the encode stage: --metric, else the model's similarity function
-    model: Optional[ModelInfo] = None
-    passages: Optional[PassageSplit] = None  # None: one vector per document
+    metric: Metric | None = None  # resolved by the encode stage: --metric, else the model's similarity function
+    model: ModelInfo | None = None
+    passages: PassageSplit | None = None  # None: one vector per document
     files: list[InputFile] = Field(default_factory=list)
     shards: list[Shard] = Field(default_factory=list)
     shard_states: list[ShardState] = Field(default_factory=list)
-    dimension: Optional[int] = None
+    dimension: int | None = None
     counts: Counts = Field(default_factory=Counts)
-    training: Optional[TrainedIndex] = None
-    merge: Optional[MergedIndex] = None
-    tuning: Optional[Tuning] = None
-    nprobe: Optional[int] = None  # what search uses by default: the trained default, or the tuned one
-    refine_factor: Optional[int] = None  # re-rank k x factor PQ candidates with exact fp16 distances (refine.py)
+    training: TrainedIndex | None = None
+    merge: MergedIndex | None = None
+    tuning: Tuning | None = None
+    nprobe: int | None = None  # what search uses by default: the trained default, or the tuned one
+    refine_factor: int | None = None  # re-rank k x factor PQ candidates with exact fp16 distances (refine.py)
     timings_s: dict[str, float] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     files_sha256: dict[str, str] = Field(default_factory=dict)  # every output file (path in the version) -> sha256
     resumed: list[Resumption] = Field(default_factory=list)
     reused: Reused = Field(default_factory=Reused)
-    reindex: Optional[Reindex] = None
+    reindex: Reindex | None = None
     pruned: list[str] = Field(default_factory=list)  # versions deleted after this one was published (--keep)
-    lock_generation: Optional[int] = None  # the output lock's generation this run held: its fencing token
-    serving: dict[int, list[ServingPart]] = Field(default_factory=dict)  # serving shards -> the merged lists split that many ways
+    lock_generation: int | None = None  # the output lock's generation this run held: its fencing token
+    serving: dict[int, list[ServingPart]] = Field(
+        default_factory=dict
+    )  # serving shards -> the merged lists split that many ways
 
     @field_validator("layout_version")
     @classmethod
@@ -268,30 +273,32 @@ class Manifest(BaseModel):
         return files
 
     @property
-    def index_string(self) -> Optional[str]:
+    def index_string(self) -> str | None:
         return self.training.index_string if self.training else None
 
     @property
-    def nlist(self) -> Optional[int]:
+    def nlist(self) -> int | None:
         return self.training.nlist if self.training else None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
+    def from_json(cls, text: str, where: str) -> Manifest:
         """Parse a manifest; a damaged one or one of another layout is refused naming the file."""
         try:
             manifest = cls.model_validate_json(text)
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise RayIndexError(f"{where} is not a rayindex manifest of layout {LAYOUT_VERSION} ({loc}: {first['msg']}); "
-                                "it was damaged, or written by another rayindex version: rebuild the index") from None
+            raise RayIndexError(
+                f"{where} is not a rayindex manifest of layout {LAYOUT_VERSION} ({loc}: {first['msg']}); "
+                "it was damaged, or written by another rayindex version: rebuild the index"
+            ) from None
         return manifest
 
     @classmethod
-    def load(cls, version_dir: str | Path) -> "Manifest":
+    def load(cls, version_dir: str | Path) -> Manifest:
         """The manifest of a local version folder."""
         path = Path(version_dir) / MANIFEST
         try:
@@ -302,7 +309,12 @@ class Manifest(BaseModel):
 
     def shard_files(self, names: tuple[str, ...], shard_ids: list[int] | None = None) -> dict[str, str]:
         """rel path -> sha256 of these files of these shards (default: all), from files_sha256."""
-        wanted = {shard_rel(s.shard_id, name) for s in self.shards if shard_ids is None or s.shard_id in shard_ids for name in names}
+        wanted = {
+            shard_rel(s.shard_id, name)
+            for s in self.shards
+            if shard_ids is None or s.shard_id in shard_ids
+            for name in names
+        }
         return {rel: sha for rel, sha in self.files_sha256.items() if rel in wanted}
 
     def shard_counts(self) -> list[int]:
@@ -312,7 +324,17 @@ class Manifest(BaseModel):
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in ("rayindex", "ray", "faiss-cpu", "faiss-gpu", "torch", "sentence-transformers", "transformers", "pyarrow", "numpy"):
+    for dist in (
+        "rayindex",
+        "ray",
+        "faiss-cpu",
+        "faiss-gpu",
+        "torch",
+        "sentence-transformers",
+        "transformers",
+        "pyarrow",
+        "numpy",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

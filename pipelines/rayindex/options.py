@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
-from typing import Annotated, Any, Callable, List, Literal, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -30,9 +32,13 @@ class From:
         self.model, self.include, self.exclude = model, include, exclude
 
     def fields(self) -> dict[str, FieldInfo]:
-        return {name: info for name, info in self.model.model_fields.items()
-                if (self.include is None or name in self.include) and name not in self.exclude
-                and (info.json_schema_extra or {}).get("cli", {}) is not None}
+        return {
+            name: info
+            for name, info in self.model.model_fields.items()
+            if (self.include is None or name in self.include)
+            and name not in self.exclude
+            and (info.json_schema_extra or {}).get("cli", {}) is not None
+        }
 
 
 def settings(model: type[BaseModel], *values: dict) -> Any:
@@ -47,7 +53,9 @@ def settings(model: type[BaseModel], *values: dict) -> Any:
             info = model.model_fields.get(name)
             if err["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(name, list(model.model_fields), n=1)
-                problems.append(f"{name}: not a setting of {model.__name__}" + (f" (did you mean {close[0]}?)" if close else ""))
+                problems.append(
+                    f"{name}: not a setting of {model.__name__}" + (f" (did you mean {close[0]}?)" if close else "")
+                )
             else:
                 problems.append(f"{option_decls(name, info)[0] if info else name or 'options'}: {err['msg']}")
         raise UsageError("; ".join(problems)) from None
@@ -65,14 +73,14 @@ def _cli_type(info: FieldInfo) -> tuple[Any, dict]:
     if meta.get("as_text"):
         return Optional[str], extra
     annotation = info.annotation
-    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(annotation) is Annotated:
         annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:  # typer offers the choices
         return Optional[annotation], extra
     if typing.get_origin(annotation) is list:
-        return Optional[List[typing.get_args(annotation)[0]]], extra
+        return Optional[list[typing.get_args(annotation)[0]]], extra
     return Optional[annotation], extra
 
 
@@ -86,7 +94,9 @@ def _shown_default(info: FieldInfo) -> str | bool:
 def option_parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     annotation, extra = _cli_type(info)
     default = ... if info.is_required() else None  # None: not given, the model's default applies
-    option = typer.Option(default, *option_decls(name, info), help=info.description, show_default=_shown_default(info), **extra)
+    option = typer.Option(
+        default, *option_decls(name, info), help=info.description, show_default=_shown_default(info), **extra
+    )
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 

@@ -12,14 +12,29 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rayindex.errors import RayIndexError
+from rayindex.infra.files import fsync_tree, write_text_atomic
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (CURRENT, DOCS_FILE, EMBEDDINGS_FILE, FP16_FILE, INDEX_INFOS_FILE, IVFDATA_FILE, MANIFEST, MERGED_FILE,
-                             PASSAGE_BITS, RUN_ID, VECTOR_IDS_FILE, VERSIONS,
-                             check_run_id, fsync_tree, is_serving_file, version_rel, write_text_atomic)
+from rayindex.layout import (
+    CURRENT,
+    DOCS_FILE,
+    EMBEDDINGS_FILE,
+    FP16_FILE,
+    INDEX_INFOS_FILE,
+    IVFDATA_FILE,
+    MANIFEST,
+    MERGED_FILE,
+    PASSAGE_BITS,
+    RUN_ID,
+    VECTOR_IDS_FILE,
+    VERSIONS,
+    check_run_id,
+    is_serving_file,
+    version_rel,
+)
 from rayindex.manifest import Manifest
 
 
@@ -40,7 +55,9 @@ def check_output_writable(root: Store) -> None:
         root.write_text(probe, "ok")
         root.delete(probe)
     except OSError as exc:
-        raise RayIndexError(f"output {root.output} is not writable ({exc.strerror or exc}); choose another --output") from exc
+        raise RayIndexError(
+            f"output {root.output} is not writable ({exc.strerror or exc}); choose another --output"
+        ) from exc
 
 
 def current_run_id(root: Store) -> str:
@@ -51,7 +68,9 @@ def current_run_id(root: Store) -> str:
         try:
             check_run_id(text, root.url(CURRENT))
         except ValueError as exc:
-            raise RayIndexError(f"{exc}; CURRENT must name a version under {root.url(VERSIONS)}: fix or delete it") from None
+            raise RayIndexError(
+                f"{exc}; CURRENT must name a version under {root.url(VERSIONS)}: fix or delete it"
+            ) from None
     return text
 
 
@@ -87,7 +106,9 @@ def previous_version(root: Store, manifest: Manifest) -> tuple[Manifest, Store]:
     run_id = manifest.reindex.previous
     before = read_manifest(root, run_id)
     if before is None:
-        raise RayIndexError(f"{root.url(version_rel(run_id))} has no manifest: the version this reindex starts from is gone")
+        raise RayIndexError(
+            f"{root.url(version_rel(run_id))} has no manifest: the version this reindex starts from is gone"
+        )
     return before, version_store(root, run_id)
 
 
@@ -114,12 +135,22 @@ def index_infos(manifest: Manifest) -> dict:
         "documents": manifest.counts.docs_encoded,
         "passages": manifest.passages.model_dump() if manifest.passages else None,
         "on_disk": merge.on_disk,
-        "read_with": (f"faiss.read_index('{MERGED_FILE}', faiss.IO_FLAG_ONDISK_SAME_DIR): the inverted lists are in {IVFDATA_FILE}"
-                      if merge.on_disk else f"faiss.read_index('{MERGED_FILE}') (faiss.IO_FLAG_MMAP to map it instead of loading it)"),
-        "ids": (f"FAISS id = (document row << {PASSAGE_BITS}) | passage number (int64): id >> {PASSAGE_BITS} is the document's "
-                "global row number in the shard plan. Shard s holds rows [shards[s].global_start, global_end) of manifest.json; "
-                f"shards/NNNNN/{VECTOR_IDS_FILE} lists its ids in the order of shards/NNNNN/{DOCS_FILE}, a row per passage: "
-                "doc_id (the corpus id), passage, start/end (the passage's character span in the document), text, metadata (JSON)"),
+        "read_with": (
+            f"faiss.read_index('{MERGED_FILE}', faiss.IO_FLAG_ONDISK_SAME_DIR): the inverted lists are in "
+            f"{IVFDATA_FILE}"
+            if merge.on_disk
+            else f"faiss.read_index('{MERGED_FILE}') (faiss.IO_FLAG_MMAP to map it instead of loading it)"
+        ),
+        "ids": (
+            f"FAISS id = (document row << {PASSAGE_BITS}) | passage number (int64): id >> {PASSAGE_BITS} is the "
+            f"document's "
+            "global row number in the shard plan. Shard s holds rows [shards[s].global_start, global_end) of "
+            "manifest.json; "
+            f"shards/NNNNN/{VECTOR_IDS_FILE} lists its ids in the order of shards/NNNNN/{DOCS_FILE}, a row per "
+            f"passage: "
+            "doc_id (the corpus id), passage, start/end (the passage's character span in the document), text, "
+            "metadata (JSON)"
+        ),
         "run_id": manifest.run_id,
         "rayindex": manifest.versions.get("rayindex"),
     }
@@ -173,7 +204,9 @@ def current_published_id(root: Store) -> str:
     """The run id CURRENT names, refused with a message when nothing is published yet."""
     run_id = current_run_id(root)
     if not run_id:
-        raise RayIndexError(f"{root.output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first")
+        raise RayIndexError(
+            f"{root.output} has no published index ({root.url(CURRENT)} is missing); run `rayindex build` first"
+        )
     return run_id
 
 
@@ -185,10 +218,14 @@ def published_version(root: Store, run_id: str) -> tuple[Store, Manifest]:
     if manifest is None:
         raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but {version.url(MANIFEST)} is missing")
     if manifest.run_id != run_id:
-        raise RayIndexError(f"{version.url(MANIFEST)} is the manifest of run {manifest.run_id}, not of {run_id} that "
-                            f"{root.url(CURRENT)} names; the output was tampered with or mixed up: rebuild it")
+        raise RayIndexError(
+            f"{version.url(MANIFEST)} is the manifest of run {manifest.run_id}, not of {run_id} that "
+            f"{root.url(CURRENT)} names; the output was tampered with or mixed up: rebuild it"
+        )
     if manifest.status != "published":
-        raise RayIndexError(f"{version.url('')} is not a complete version (status {manifest.status!r}); publish a build first")
+        raise RayIndexError(
+            f"{version.url('')} is not a complete version (status {manifest.status!r}); publish a build first"
+        )
     return version, manifest
 
 
@@ -200,8 +237,10 @@ def pull_version_files(root: Store, version: Store, manifest: Manifest, files: d
     try:
         version.pull(files, verify=True)
     except FileNotFoundError as exc:
-        raise RayIndexError(f"{root.url(CURRENT)} names {manifest.run_id}, but {exc}: the version is damaged or incomplete, "
-                            "rebuild it (or publish another version)") from None
+        raise RayIndexError(
+            f"{root.url(CURRENT)} names {manifest.run_id}, but {exc}: the version is damaged or incomplete, "
+            "rebuild it (or publish another version)"
+        ) from None
     return version.local_root
 
 
@@ -210,13 +249,15 @@ def open_current(output: str | Path, with_vectors: bool = False) -> tuple[Path, 
     (layout.is_serving_file; the fp16 vectors and ids when the version re-ranks; with_vectors the
     embeddings and ids too) checked against the manifest's sha256: pulled into the local cache for an
     S3 output, verified in place for a local one (once per file: file_matches remembers). The doc store
-    is not among them: it is read on demand where the version lives (parts/docstore.py).
+    is not among them: it is read on demand where the version lives (docstore/reader.py).
     A clear error naming the file when anything is missing, damaged or not what CURRENT says."""
     root = Store(str(output))
     run_id = current_published_id(root)
     version, manifest = published_version(root, run_id)
     if MERGED_FILE not in manifest.files_sha256:
-        raise RayIndexError(f"{root.url(CURRENT)} names {run_id}, but its manifest records no {MERGED_FILE}; rebuild it")
+        raise RayIndexError(
+            f"{root.url(CURRENT)} names {run_id}, but its manifest records no {MERGED_FILE}; rebuild it"
+        )
     files = {rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
     files |= manifest.shard_files((FP16_FILE, VECTOR_IDS_FILE)) if (manifest.refine_factor or 1) > 1 else {}
     files |= manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE)) if with_vectors else {}

@@ -62,8 +62,16 @@ class OutputLock:
         self.lost: str | None = None  # why the lock is no longer ours, if it was taken away
 
     def _content(self, released: bool = False) -> str:
-        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "generation": self.generation,
-                           "expires_at": 0 if released else time.time() + self.ttl_s, "released": released})
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "generation": self.generation,
+                "expires_at": 0 if released else time.time() + self.ttl_s,
+                "released": released,
+            }
+        )
 
     def current(self) -> tuple[int, dict] | None:
         """(generation, holder) of the highest generation, or None when the output was never locked.
@@ -79,8 +87,10 @@ class OutputLock:
             if not isinstance(holder, dict):
                 raise ValueError
         except ValueError:
-            raise RayIndexError(f"{self.store.url(generation_rel(generations[-1]))} is not a rayindex lock; delete "
-                                f"{self.store.url(LOCK_DIR)} if no run is using this output") from None
+            raise RayIndexError(
+                f"{self.store.url(generation_rel(generations[-1]))} is not a rayindex lock; delete "
+                f"{self.store.url(LOCK_DIR)} if no run is using this output"
+            ) from None
         return generations[-1], holder
 
     def acquire(self) -> None:
@@ -89,8 +99,9 @@ class OutputLock:
             if seen is not None and not holder_is_gone(seen[1]):
                 holder = seen[1]
                 raise RayIndexError(
-                    f"{self.store.url(LOCK_DIR)}: the output is locked by run {holder.get('run_id')} (host {holder.get('host')}, "
-                    f"pid {holder.get('pid')}) until {time.strftime('%H:%M:%S', time.localtime(holder['expires_at']))}; "
+                    f"{self.store.url(LOCK_DIR)}: the output is locked by run {holder.get('run_id')} "
+                    f"(host {holder.get('host')}, pid {holder.get('pid')}) "
+                    f"until {time.strftime('%H:%M:%S', time.localtime(holder['expires_at']))}; "
                     f"wait for it to finish, or delete {self.store.url(LOCK_DIR)} if that run is gone"
                 )
             self.generation = (seen[0] if seen else 0) + 1
@@ -100,7 +111,9 @@ class OutputLock:
                 continue  # another run took this generation first: look again
             break
         else:
-            raise RayIndexError(f"could not take {self.store.url(LOCK_DIR)}: other runs are taking it at the same moment; try again")
+            raise RayIndexError(
+                f"could not take {self.store.url(LOCK_DIR)}: other runs are taking it at the same moment; try again"
+            )
         _held_here.add(self.run_id)
         for older in range(max(1, self.generation - 3), self.generation):  # the generations this one replaced
             self.store.delete(generation_rel(older))
@@ -119,7 +132,9 @@ class OutputLock:
                 self.lost = self._superseded()
                 if self.lost:
                     return
-                self.store.write_text(generation_rel(self.generation), self._content())  # only this run writes its generation
+                self.store.write_text(
+                    generation_rel(self.generation), self._content()
+                )  # only this run writes its generation
                 self.lost = self._superseded()  # a taker that came in between wins: its generation is higher
                 if self.lost:
                     return
@@ -147,7 +162,7 @@ class OutputLock:
         except RayIndexError:
             pass  # the store is down: the lock expires, or a re-run on this host sees its holder gone
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 

@@ -21,8 +21,13 @@ def ensure_ray(address: str | None, env: dict[str, str] | None = None) -> None:
     if ray.is_initialized():
         return
     address = ray_address(address)
-    ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,
-             ignore_reinit_error=True, runtime_env={"env_vars": env} if env else None)
+    ray.init(
+        address=address,
+        log_to_driver=False,
+        include_dashboard=False if address == "local" else None,
+        ignore_reinit_error=True,
+        runtime_env={"env_vars": env} if env else None,
+    )
 
 
 def connect(ray_address: str | None, s3_endpoint: str | None) -> None:

@@ -41,7 +41,9 @@ def gpu_from_environment() -> bool | None:
         return None
     if value in TRUE + FALSE:
         return value in TRUE
-    raise UsageError(f"{GPU_ENV}={os.environ[GPU_ENV]!r}: use 1 (encode and train on GPUs) or 0 (on CPUs), or leave it unset")
+    raise UsageError(
+        f"{GPU_ENV}={os.environ[GPU_ENV]!r}: use 1 (encode and train on GPUs) or 0 (on CPUs), or leave it unset"
+    )
 
 
 def use_gpus(flag: bool | None) -> bool:

@@ -8,7 +8,7 @@ resuming on another machine, and serving from S3, both go through the same check
 
 A mirror records the URL of the store it mirrors (ORIGIN_FILE), so a reader holding only the
 folder finds the store again (Store.of_folder): the doc store is not mirrored but read from the store
-on demand, by byte ranges (Store.random_access, parts/docstore.py).
+on demand, by byte ranges (Store.random_access, docstore/reader.py).
 
 Every remote call is retried with backoff until a deadline (an outage of the store is waited
 out); past it the error names the object and says that re-running the same command resumes.
@@ -24,20 +24,24 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, TypeVar
 
 import fsspec
 
 from rayindex.errors import RayIndexError, Unavailable
-from rayindex.layout import fsync_dir, safe_rel, write_text_atomic
+from rayindex.infra.files import fsync_dir, write_text_atomic
+from rayindex.layout import safe_rel
 
 T = TypeVar("T")
 DEFAULT_RETRY_S = 300.0
 ORIGIN_FILE = ".origin"  # in a mirror: the URL of the store it mirrors (Store.of_folder)
 ON_DEMAND_ADVICE = "It is read from the store on demand: the request fails until the store answers again"
-RESUME_ADVICE = "Nothing was published; re-run the same command when the store is back and the run resumes where it stopped"
+RESUME_ADVICE = (
+    "Nothing was published; re-run the same command when the store is back and the run resumes where it stopped"
+)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -64,7 +68,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("RAYINDEX_CACHE") or Path.home() / ".cache" / "rayindex")
 
 
-def inside(rel: str, store: "Store") -> str:
+def inside(rel: str, store: Store) -> str:
     """rel, refused (naming the store) unless it is a relative path of plain names inside the store."""
     try:
         return safe_rel(rel, store.output)
@@ -78,7 +82,9 @@ def file_matches(path: Path, sha256: str) -> bool:
     unchanged file again costs a stat instead of reading it (measured in docs/storage.md)."""
     stat = path.stat()
     stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-    record_file = cache_root() / "verified" / (hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:20] + ".json")
+    record_file = (
+        cache_root() / "verified" / (hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:20] + ".json")
+    )
     try:
         records = json.loads(record_file.read_text())
     except (OSError, ValueError):
@@ -128,7 +134,7 @@ class Store:
         return f"{self.output.rstrip('/')}/{inside(rel, self)}" if rel else self.output
 
     @classmethod
-    def of_folder(cls, folder: str | Path, retry_s: float = DEFAULT_RETRY_S) -> "Store":
+    def of_folder(cls, folder: str | Path, retry_s: float = DEFAULT_RETRY_S) -> Store:
         """The store whose node-local folder this is: the remote store a mirror mirrors (the URL that
         pull and push record in it), else the folder itself (a local output)."""
         try:
@@ -147,7 +153,9 @@ class Store:
         fs, root = fsspec.core.url_to_fs(self.output, use_listings_cache=False, skip_instance_cache=True)
         return fs, root.rstrip("/")
 
-    def retry(self, what: str, fn: Callable[[], T], retry_on: tuple[type[Exception], ...] = (), advice: str = RESUME_ADVICE) -> T:
+    def retry(
+        self, what: str, fn: Callable[[], T], retry_on: tuple[type[Exception], ...] = (), advice: str = RESUME_ADVICE
+    ) -> T:
         """fn() retried with exponential backoff (0.5 s .. 15 s, jittered) until retry_s has passed, then
         StorageUnavailable naming what and ending with advice.
 
@@ -173,7 +181,8 @@ class Store:
 
     def gave_up(self, what: str, exc: Exception, advice: str = RESUME_ADVICE) -> StorageUnavailable:
         return StorageUnavailable(
-            f"storage unavailable: could not {what} within {self.retry_s:.0f} s ({type(exc).__name__}: {exc}). {advice}")
+            f"storage unavailable: could not {what} within {self.retry_s:.0f} s ({type(exc).__name__}: {exc}). {advice}"
+        )
 
     # -- whole files between the mirror and the store ------------------------------------------
     def push(self, rels: list[str]) -> None:
@@ -204,10 +213,12 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.download")
             try:
-                self.retry(f"read {self.url(rel)}", lambda rel=rel: fs.get_file(f"{root}/{rel}", str(tmp)))
+                self.retry(f"read {self.url(rel)}", lambda rel=rel, tmp=tmp: fs.get_file(f"{root}/{rel}", str(tmp)))
                 if not file_matches(tmp, sha):
-                    raise RayIndexError(f"{self.url(rel)} does not match its checksum in the manifest; the version is damaged, "
-                                        "rebuild it")
+                    raise RayIndexError(
+                        f"{self.url(rel)} does not match its checksum in the manifest; the version is damaged, "
+                        "rebuild it"
+                    )
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -292,7 +303,11 @@ class Store:
         """Names of the files directly under rel (empty when rel does not exist)."""
         if not self.remote:
             path = self.local(rel)
-            return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+            return (
+                sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+                if path.is_dir()
+                else []
+            )
         fs, root = self._fs()
         try:
             entries = self.retry(f"list {self.url(rel)}", lambda: fs.ls(f"{root}/{rel}", detail=True, refresh=True))
@@ -329,7 +344,10 @@ class Store:
             shutil.rmtree(self.local(rel), ignore_errors=True)
             return
         fs, root = self._fs()
-        self.retry(f"delete {self.url(rel)}", lambda: fs.rm(f"{root}/{rel}", recursive=True) if fs.exists(f"{root}/{rel}") else None)
+        self.retry(
+            f"delete {self.url(rel)}",
+            lambda: fs.rm(f"{root}/{rel}", recursive=True) if fs.exists(f"{root}/{rel}") else None,
+        )
 
 
 class RetriedReads(io.RawIOBase):
@@ -363,7 +381,7 @@ class RetriedReads(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:

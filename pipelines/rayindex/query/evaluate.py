@@ -1,5 +1,5 @@
 """`rayindex eval`: recall@k against exact search (over the stored passage vectors) and latency per
-query for a sweep of nprobe (parts/recall.py), document-level hit@k / MRR of the whole pipeline on
+query for a sweep of nprobe (ivf/recall.py), document-level hit@k / MRR of the whole pipeline on
 labelled queries, written to eval.json and PNG plots in the version folder."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 
 from rayindex.config import EvalOptions
 from rayindex.errors import RayIndexError
+from rayindex.ivf.recall import exact_truth, measure_sweep, nprobe_sweep, sample_queries
 from rayindex.layout import EVAL_FILE
 from rayindex.manifest import SweepPoint
-from rayindex.parts.recall import exact_truth, measure_sweep, nprobe_sweep, sample_queries
 from rayindex.query.search import PublishedIndex
 
 EVAL_SEED = 7
@@ -51,7 +51,7 @@ def read_labelled(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise RayIndexError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from exc
         if not isinstance(item, dict) or "query" not in item or "id" not in item:
-            raise RayIndexError(f"{path} line {line_no}: expected {{\"query\": ..., \"id\": ...}}")
+            raise RayIndexError(f'{path} line {line_no}: expected {{"query": ..., "id": ...}}')
         items.append(item)
     if not items:
         raise RayIndexError(f"{path}: no labelled queries")
@@ -67,12 +67,27 @@ def evaluate(published: PublishedIndex, options: EvalOptions | None = None) -> d
     queries, self_ids = sample_queries(published.version_dir, published.manifest, n_queries, EVAL_SEED)
     truth = exact_truth(published.version_dir, published.manifest, queries, self_ids, max(ks))
     refine = published.manifest.refine_factor or 1
-    points = measure_sweep(lambda q, k, nprobe, r: published.search_vectors(q, k, nprobe, r), queries, self_ids, truth, ks,
-                           nprobe_sweep(published.manifest.nlist), refine)
-    result = {"version": published.run_id, "index_string": published.manifest.index_string, "vectors": ntotal,
-              "documents": published.manifest.counts.docs_encoded,
-              "queries": len(queries), "held_out": "own document removed", "ks": ks, "threads": faiss.omp_get_max_threads(),
-              "sweep": [p.model_dump() for p in points], "default_nprobe": published.manifest.nprobe}
+    points = measure_sweep(
+        lambda q, k, nprobe, r: published.search_vectors(q, k, nprobe, r),
+        queries,
+        self_ids,
+        truth,
+        ks,
+        nprobe_sweep(published.manifest.nlist),
+        refine,
+    )
+    result = {
+        "version": published.run_id,
+        "index_string": published.manifest.index_string,
+        "vectors": ntotal,
+        "documents": published.manifest.counts.docs_encoded,
+        "queries": len(queries),
+        "held_out": "own document removed",
+        "ks": ks,
+        "threads": faiss.omp_get_max_threads(),
+        "sweep": [p.model_dump() for p in points],
+        "default_nprobe": published.manifest.nprobe,
+    }
     if options.queries:
         result["labelled"] = labelled_metrics(published, read_labelled(options.queries), ks, published.manifest.nprobe)
     (published.version_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))

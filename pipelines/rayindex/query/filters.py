@@ -12,8 +12,8 @@ import json
 import faiss
 import numpy as np
 
+from rayindex.docstore.reader import DocStore
 from rayindex.errors import RayIndexError
-from rayindex.parts.docstore import DocStore
 
 MAX_IN_VALUES = 1_000  # values in one {"in": [...]}: bounds the work a request can ask for
 
@@ -27,9 +27,12 @@ def wanted_values(column: str, condition) -> list[str]:
     """The values a filter condition accepts: one value, or {"in": [values]}; refused naming the column."""
     if isinstance(condition, dict):
         if set(condition) != {"in"} or not isinstance(condition["in"], list) or not condition["in"]:
-            raise RayIndexError(f'filter.{column}: give a value or {{"in": [values]}} (a non-empty list), not {json.dumps(condition)[:80]}')
+            raise RayIndexError(
+                f'filter.{column}: give a value or {{"in": [values]}} (a non-empty list), '
+                f"not {json.dumps(condition)[:80]}"
+            )
         if len(condition["in"]) > MAX_IN_VALUES:
-            raise RayIndexError(f"filter.{column}: at most {MAX_IN_VALUES} values in \"in\"")
+            raise RayIndexError(f'filter.{column}: at most {MAX_IN_VALUES} values in "in"')
         return [canonical(v) for v in condition["in"]]
     if isinstance(condition, list):
         raise RayIndexError(f'filter.{column}: for several values write {{"in": {json.dumps(condition)[:60]}}}')
@@ -53,8 +56,10 @@ class MetadataFilter:
                     if value is not Missing:
                         by_value.setdefault(canonical(value), []).append(vector_id)
             if not by_value:
-                raise RayIndexError(f"filter: this index has no metadata column {name!r} (metadata holds the corpus columns that "
-                                    "are neither the id nor the text)")
+                raise RayIndexError(
+                    f"filter: this index has no metadata column {name!r} (metadata holds the corpus columns that "
+                    "are neither the id nor the text)"
+                )
             self._columns[name] = {v: np.sort(np.asarray(ids, np.int64)) for v, ids in by_value.items()}
         return self._columns[name]
 

@@ -45,14 +45,20 @@ def authorized(header: str | bytes | None, api_key: str | None) -> bool:
         return True
     if isinstance(header, bytes):
         header = header.decode("latin-1")
-    presented = header[len("Bearer "):] if header and header.startswith("Bearer ") else ""
+    presented = header[len("Bearer ") :] if header and header.startswith("Bearer ") else ""
     return hmac.compare_digest(presented.encode(), api_key.encode())
 
 
-def refusal(method: str, path: str, headers: dict[str, str], api_key: str | None, max_body: int) -> tuple[int, str, dict] | None:
+def refusal(
+    method: str, path: str, headers: dict[str, str], api_key: str | None, max_body: int
+) -> tuple[int, str, dict] | None:
     """(status, detail, extra headers) for a request to refuse before reading its body, or None."""
     if path not in OPEN_PATHS and not authorized(headers.get("authorization"), api_key):
-        return 401, "missing or wrong bearer token (Authorization: Bearer <RAYINDEX_API_KEY>)", {"www-authenticate": "Bearer"}
+        return (
+            401,
+            "missing or wrong bearer token (Authorization: Bearer <RAYINDEX_API_KEY>)",
+            {"www-authenticate": "Bearer"},
+        )
     length = headers.get("content-length")
     if length is not None:
         try:
@@ -69,7 +75,9 @@ def refusal(method: str, path: str, headers: dict[str, str], api_key: str | None
 class Gate:
     """ASGI middleware applying `refusal` to HTTP requests, and shedding searches past max_inflight."""
 
-    def __init__(self, app, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY_BYTES, max_inflight: int | None = None):
+    def __init__(
+        self, app, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY_BYTES, max_inflight: int | None = None
+    ):
         self.app, self.api_key, self.max_body, self.max_inflight = app, api_key, max_body, max_inflight
         self.inflight = 0
 
@@ -80,7 +88,11 @@ class Gate:
         path = scope.get("path", "")
         refused = refusal(scope.get("method", ""), path, headers, self.api_key, self.max_body)
         if refused is None and self.max_inflight and path in SHED_PATHS and self.inflight >= self.max_inflight:
-            refused = (503, f"busy: {self.inflight} searches in flight; retry after {RETRY_AFTER_S} s", {"retry-after": str(RETRY_AFTER_S)})
+            refused = (
+                503,
+                f"busy: {self.inflight} searches in flight; retry after {RETRY_AFTER_S} s",
+                {"retry-after": str(RETRY_AFTER_S)},
+            )
         if refused is not None:
             return await respond(send, *refused)
         counted = path in SHED_PATHS
@@ -93,8 +105,12 @@ class Gate:
 
 async def respond(send, status: int, detail: str, extra: dict) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *[(k.encode(), v.encode()) for k, v in extra.items()]]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *[(k.encode(), v.encode()) for k, v in extra.items()],
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -108,4 +124,8 @@ def middlewares() -> list:
     from starlette.middleware import Middleware
 
     max_inflight = int(os.environ.get(MAX_INFLIGHT_ENV) or DEFAULT_PROXY_MAX_INFLIGHT)
-    return [Middleware(Gate, api_key=api_key_from_environment(), max_body=max_body_from_environment(), max_inflight=max_inflight)]
+    return [
+        Middleware(
+            Gate, api_key=api_key_from_environment(), max_body=max_body_from_environment(), max_inflight=max_inflight
+        )
+    ]

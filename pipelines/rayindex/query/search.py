@@ -9,23 +9,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import faiss
 import numpy as np
 
 from rayindex.config import AskParams, GeneratorConfig, IndexLocation, SearchParams
+from rayindex.docstore.reader import DocStore
 from rayindex.errors import DamagedIndex, RayIndexError
 from rayindex.infra.storage import Store, use_s3_endpoint
+from rayindex.ivf.index import read_merged
+from rayindex.ivf.refine import Refiner, search_ivf
 from rayindex.layout import MERGED_FILE, PASSAGE_BITS
 from rayindex.manifest import Manifest
-from rayindex.parts.docstore import DocStore
-from rayindex.parts.ivf import read_merged
-from rayindex.parts.refine import Refiner, search_ivf
 from rayindex.query.filters import MetadataFilter, id_selector
 from rayindex.versions import open_current
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from rayindex.query.generate import Generator
 
 FETCH_LIMIT = 4_096  # passages fetched per query at most while looking for k distinct documents
+
+
+class ListSearch(Protocol):
+    """Where a version's inverted lists are searched when they are not in this process: the serving shards
+    behind the router of `rayindex serve --shards N` (query/sharded.py ShardedSearch)."""
+
+    failing: dict[int, str]
+
+    def search(
+        self, vectors: np.ndarray, k: int, nprobe: int, matching: np.ndarray | None = None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -38,10 +54,10 @@ class PublishedIndex:
     manifest: Manifest
     index: faiss.Index | None
     docs: DocStore
-    model: object = None
+    model: SentenceTransformer | None = None
     refiner: Refiner | None = field(default=None, repr=False)
     filters: MetadataFilter | None = field(default=None, repr=False)
-    shards: object = None  # query/sharded.py ShardedSearch: searches go to the serving shards
+    shards: ListSearch | None = None  # sharded serving: searches go to the serving shards
 
     @property
     def ntotal(self) -> int:
@@ -53,7 +69,7 @@ class PublishedIndex:
 
     def encode(self, queries: list[str]) -> np.ndarray:
         """Query vectors: the build's model, with its query prompt and its normalization."""
-        from rayindex.parts.model import encode_queries, load_model
+        from rayindex.text.model import encode_queries, load_model
 
         if self.model is None:
             self.model = load_model(self.manifest.model.name)
@@ -63,14 +79,24 @@ class PublishedIndex:
         """nprobe, or the version's default, refused when outside 1..nlist."""
         nprobe = nprobe or self.manifest.nprobe or 1
         if not 1 <= nprobe <= self.manifest.nlist:
-            raise RayIndexError(f"nprobe {nprobe} is out of range: this index has {self.manifest.nlist} lists (1..{self.manifest.nlist})")
+            raise RayIndexError(
+                f"nprobe {nprobe} is out of range: this index has {self.manifest.nlist} lists "
+                f"(1..{self.manifest.nlist})"
+            )
         return nprobe
 
-    def search_vectors(self, vectors: np.ndarray, k: int, nprobe: int | None = None, refine: int | None = None,
-                       matching: np.ndarray | None = None, missing: set | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        refine: int | None = None,
+        matching: np.ndarray | None = None,
+        missing: set | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest passages: FAISS search at nprobe (default: the manifest's) among the `matching` ids
         (all when None); with a refine factor above 1 (default: the manifest's), k x factor candidates are
-        re-ranked with exact distances (parts/refine.py). Sharded: the serving shards that did not answer
+        re-ranked with exact distances (ivf/refine.py). Sharded: the serving shards that did not answer
         are added to `missing` when partial answers are allowed."""
         nprobe = self.check_nprobe(nprobe)
         if self.shards is not None:
@@ -87,8 +113,15 @@ class PublishedIndex:
             self.filters = MetadataFilter(self.docs)
         return self.filters.matching_ids(filter)
 
-    def search_documents(self, vectors: np.ndarray, k: int, nprobe: int | None = None, per_document: int = 1,
-                         filter: dict | None = None, missing: set | None = None) -> list[list[tuple[float, int]]]:
+    def search_documents(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        per_document: int = 1,
+        filter: dict | None = None,
+        missing: set | None = None,
+    ) -> list[list[tuple[float, int]]]:
         """Per query, up to k documents' best passages (at most per_document each) as (score, vector id),
         best first. Passages are fetched until k documents are found (fetch grows x4, up to FETCH_LIMIT or
         every vector); with a filter only matching passages are scanned, and a query that finds fewer than
@@ -128,8 +161,14 @@ class PublishedIndex:
             fetch = max(fetch, min(fetch_cap, fetch * 4))  # never below a first fetch already past the cap
         return results
 
-    def search(self, query: str, k: int | None = None, nprobe: int | None = None, per_document: int | None = None,
-               filter: dict | None = None) -> list[dict]:
+    def search(
+        self,
+        query: str,
+        k: int | None = None,
+        nprobe: int | None = None,
+        per_document: int | None = None,
+        filter: dict | None = None,
+    ) -> list[dict]:
         """The k best documents for the query, each by its best passage(s): {id, score, passage, start, end,
         text, metadata} (text: the passage; start/end: its span in the document)."""
         params = settings_given(SearchParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
@@ -143,12 +182,28 @@ class PublishedIndex:
         hits = []
         for score, vector_id in found:
             passage = self.docs.get(vector_id)
-            hits.append({"id": passage["id"], "score": score, "passage": passage["passage"], "start": passage["start"],
-                         "end": passage["end"], "text": passage["text"], "metadata": passage["metadata"]})
+            hits.append(
+                {
+                    "id": passage["id"],
+                    "score": score,
+                    "passage": passage["passage"],
+                    "start": passage["start"],
+                    "end": passage["end"],
+                    "text": passage["text"],
+                    "metadata": passage["metadata"],
+                }
+            )
         return hits
 
-    def ask(self, question: str, k: int | None = None, nprobe: int | None = None, generator: GeneratorConfig | object | None = None,
-            per_document: int | None = None, filter: dict | None = None) -> dict:
+    def ask(
+        self,
+        question: str,
+        k: int | None = None,
+        nprobe: int | None = None,
+        generator: GeneratorConfig | Generator | None = None,
+        per_document: int | None = None,
+        filter: dict | None = None,
+    ) -> dict:
         """{answer, sources}: the question answered from the k best passages (one per document), which the
         answer cites as [n]; each source names its document and the passage's span in it.
         generator: a GeneratorConfig, or a generator made by query.generate.make_generator (default: extractive)."""
@@ -158,7 +213,10 @@ class PublishedIndex:
         if generator is None or isinstance(generator, GeneratorConfig):
             generator = make_generator(generator or GeneratorConfig(), self.encode)
         hits = self.search(question, params.k, params.nprobe, params.per_document, params.filter)
-        return {"answer": generator.generate(question, hits), "sources": [{"n": n, **hit} for n, hit in enumerate(hits, 1)]}
+        return {
+            "answer": generator.generate(question, hits),
+            "sources": [{"n": n, **hit} for n, hit in enumerate(hits, 1)],
+        }
 
 
 def settings_given(model: type[SearchParams], **values) -> SearchParams:
@@ -166,7 +224,9 @@ def settings_given(model: type[SearchParams], **values) -> SearchParams:
     return model(**{name: value for name, value in values.items() if value is not None})
 
 
-def best_per_document(scores: np.ndarray, ids: np.ndarray, per_document: int, k: int) -> tuple[list[tuple[float, int]], int]:
+def best_per_document(
+    scores: np.ndarray, ids: np.ndarray, per_document: int, k: int
+) -> tuple[list[tuple[float, int]], int]:
     """The ranked passages kept at most per_document per document (id >> PASSAGE_BITS) and from k
     documents at most; and how many documents that is."""
     kept, taken = [], {}
@@ -184,7 +244,7 @@ def best_per_document(scores: np.ndarray, ids: np.ndarray, per_document: int, k:
     return kept, len(taken)
 
 
-def open_version(version_dir: str | Path, manifest: Manifest, shards: object = None) -> PublishedIndex:
+def open_version(version_dir: str | Path, manifest: Manifest, shards: ListSearch | None = None) -> PublishedIndex:
     """Open one version folder whose merge is done: its merged index memory-mapped, or, given the serving
     shards that hold its lists (query/sharded.py), none."""
     version_dir = Path(version_dir)
@@ -192,14 +252,19 @@ def open_version(version_dir: str | Path, manifest: Manifest, shards: object = N
     if shards is None:
         index = read_merged(version_dir)
         if index.ntotal != manifest.merge.ntotal or index.d != manifest.dimension:
-            raise DamagedIndex(f"{version_dir / MERGED_FILE} holds {index.ntotal} vectors of dimension {index.d}, the manifest says "
-                               f"{manifest.merge.ntotal} of {manifest.dimension}; the version is damaged: rebuild it")
+            raise DamagedIndex(
+                f"{version_dir / MERGED_FILE} holds {index.ntotal} vectors of dimension {index.d}, the manifest says "
+                f"{manifest.merge.ntotal} of {manifest.dimension}; the version is damaged: rebuild it"
+            )
     docs = DocStore.of_version(Store.of_folder(version_dir), manifest)  # read on demand, where the version lives
     return PublishedIndex(version_dir, manifest, index, docs, shards=shards)
 
 
-def open_index(index: str | Path = IndexLocation.model_fields["index"].default, s3_endpoint: str | None = None,
-               with_vectors: bool = False) -> PublishedIndex:
+def open_index(
+    index: str | Path = IndexLocation.model_fields["index"].default,
+    s3_endpoint: str | None = None,
+    with_vectors: bool = False,
+) -> PublishedIndex:
     """Open the version that <index>/CURRENT names: a build's output folder, or an s3:// prefix (its
     serving files are cached locally by version, checked against the manifest's checksums; with_vectors:
     the stored embeddings too, for eval and tune)."""

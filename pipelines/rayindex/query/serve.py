@@ -8,13 +8,12 @@ assignment, and every request reads that reference once, so no response mixes tw
 Deployed the Ray way: `app_builder` takes one argument (AppConfig), so `serve run
 rayindex.query.serve:app_builder index=/data/rayindex`, a Serve config file (jobs/serve_config.yaml)
 with `serve deploy`, and a KubeRay RayService all start the same application; `rayindex serve` calls
-it too. Request metrics go through Ray Serve's metrics API (exported by every node's metrics agent,
-for Prometheus); /metrics sums them over the application's replicas.
+it too (launch.py). Request bodies are requests.py's models; metrics are metrics.py's (Ray Serve's
+metrics API, summed over the application's replicas by /metrics).
 
 (No `from __future__ import annotations` here: Serve's ingress wrapper makes FastAPI miss string
 annotations, and Serve's builder check wants the argument's class, not its name.)
 """
-
 
 import asyncio
 import json
@@ -22,73 +21,27 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
-import httpx
 import numpy as np
-import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client.parser import text_string_to_metric_families
-from pydantic import Field, field_validator
 from ray import serve
 from ray.serve import Application
-from ray.serve import metrics as serve_metrics
 
-from rayindex.config import AppConfig, AskParams, SearchParams, ServeConfig
-from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, UsageError, user_message
-from rayindex.infra.ray_session import ensure_ray, ray_address
-from rayindex.infra.storage import Store, is_remote
+from rayindex.config import AppConfig, SearchParams
+from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
+from rayindex.infra.storage import Store
 from rayindex.layout import CURRENT
-from rayindex.query.gate import (API_KEY_ENV, CALLBACK as GATE_CALLBACK, RETRY_AFTER_S, api_key_from_environment,
-                                 max_body_from_environment, refusal)
+from rayindex.query.gate import RETRY_AFTER_S, api_key_from_environment, max_body_from_environment, refusal
 from rayindex.query.generate import GeneratorError, make_generator
+from rayindex.query.metrics import ReplicaMetrics, cluster_metrics
+from rayindex.query.requests import AskRequest, SearchRequest
 from rayindex.query.search import PublishedIndex, open_index
-from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, current_split, open_router
-from rayindex.versions import current_run_id, open_current
+from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, open_router
+from rayindex.versions import current_run_id
 
 log = logging.getLogger("rayindex.serve")
-
-MAX_QUERY_CHARS = 2_000
-MAX_K = 100  # hits per /search: bounds the doc-store reads and the response size
-MAX_ASK_K = 20  # passages per /ask: with the sentence budget (generate.MAX_SENTENCES_SCORED) bounds an answer's work
-METRIC_PREFIX = "rayindex_"
-LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-METRIC_LABELS = {"endpoint", "status", "version", "le"}  # ours; Serve and Ray add per-replica ones, dropped when summing
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or only whitespace")
-    return value
-
-
-def _k_at_most_max(value: int) -> int:
-    if value > MAX_K:
-        raise ValueError(f"must be at most {MAX_K}")
-    return value
-
-
-class SearchRequest(SearchParams):
-    query: str = Field(..., max_length=MAX_QUERY_CHARS, description="Text to search for.")
-
-    _query_not_blank = field_validator("query")(_not_blank)
-    _k_limit = field_validator("k")(_k_at_most_max)
-
-
-class AskRequest(AskParams):
-    question: str = Field(..., max_length=MAX_QUERY_CHARS, description="The question to answer.")
-
-    _question_not_blank = field_validator("question")(_not_blank)
-
-    @field_validator("k")
-    @classmethod
-    def _k_limit(cls, value: int) -> int:
-        if value > MAX_ASK_K:
-            raise ValueError(f"must be at most {MAX_ASK_K}")
-        return value
-
 
 app = FastAPI(title="rayindex", description="Search and retrieval-augmented answers over a rayindex build.")
 
@@ -109,8 +62,13 @@ async def _gate_and_metrics(request: Request, call_next):
     state = request.app.state
     path = request.url.path
     start = time.perf_counter()
-    refused = refusal(request.method, path, {k.lower(): v for k, v in request.headers.items()}, getattr(state, "api_key", None),
-                      MAX_BODY_BYTES)
+    refused = refusal(
+        request.method,
+        path,
+        {k.lower(): v for k, v in request.headers.items()},
+        getattr(state, "api_key", None),
+        MAX_BODY_BYTES,
+    )
     if refused:
         status, detail, headers = refused
         response = JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
@@ -127,59 +85,6 @@ async def _gate_and_metrics(request: Request, call_next):
 def shed(status: int, detail: str) -> JSONResponse:
     """A fast refusal the client should retry: 503 (busy) or 504 (too slow), with Retry-After."""
     return JSONResponse(status_code=status, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-class ReplicaMetrics:
-    """This replica's metrics, through Ray Serve's metrics API: Ray metrics tagged with the application,
-    deployment and replica, exported by the node's metrics agent, so Prometheus (or /metrics) sums
-    them across replicas and nodes."""
-
-    def __init__(self):
-        self.requests = serve_metrics.Counter(f"{METRIC_PREFIX}requests", "HTTP requests", tag_keys=("endpoint", "status"))
-        self.latency = serve_metrics.Histogram(f"{METRIC_PREFIX}request_latency_seconds", "Request latency",
-                                               boundaries=LATENCY_BUCKETS, tag_keys=("endpoint",))
-        self.serving = serve_metrics.Gauge(f"{METRIC_PREFIX}replicas_serving", "Replicas serving each index version",
-                                           tag_keys=("version",))
-        self.swaps = serve_metrics.Counter(f"{METRIC_PREFIX}index_swaps", "Index versions swapped in")
-
-
-def agent_metrics(timeout_s: float = 2.0) -> list:
-    """rayindex's metric families as every alive node's Ray metrics agent exports them (per replica)."""
-    families = []
-    for node in ray.nodes():
-        if not node.get("Alive") or not node.get("MetricsExportPort"):
-            continue
-        try:
-            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=timeout_s).text
-        except httpx.HTTPError:
-            continue  # a node going away: the others still count
-        families += [f for f in text_string_to_metric_families(text) if f.name.removeprefix("ray_").startswith(METRIC_PREFIX)]
-    return families
-
-
-def cluster_metrics(application: str, timeout_s: float = 2.0) -> str:
-    """The application's metrics summed over its replicas on every node, in Prometheus text: per-replica
-    and per-process labels are dropped and the samples added up (counters and histogram buckets;
-    replicas_serving then counts the replicas on each version)."""
-    totals: dict[tuple, float] = {}
-    kinds: dict[str, tuple[str, str]] = {}
-    for family in agent_metrics(timeout_s):
-        name = family.name.removeprefix("ray_")
-        kinds[name] = (family.type, family.documentation)
-        for sample in family.samples:
-            if sample.labels.get("application") != application:
-                continue
-            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k in METRIC_LABELS))
-            key = (name, sample.name.removeprefix("ray_"), labels)
-            totals[key] = totals.get(key, 0.0) + sample.value
-    lines = []
-    for name, (kind, doc) in sorted(kinds.items()):
-        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
-        for (family, sample, labels), value in sorted(totals.items()):
-            if family == name:
-                rendered = ",".join(f'{k}="{v}"' for k, v in labels)
-                lines.append(f"{sample}{{{rendered}}} {value}" if rendered else f"{sample} {value}")
-    return "\n".join(lines) + "\n"
 
 
 # Load is shed in the replica, not queued: Serve hands it up to MAX_ONGOING_REQUESTS requests at once, so
@@ -251,8 +156,13 @@ class RagService:
         """Report a version this replica will not serve: in /healthz, and in the log once (not every poll)."""
         reason = user_message(exc)
         if self.degraded != {"version": run_id, "reason": reason}:
-            log.warning("not serving the version %s names (%s): %s; still serving %s", output.url(CURRENT), run_id, reason,
-                        self.current.run_id)
+            log.warning(
+                "not serving the version %s names (%s): %s; still serving %s",
+                output.url(CURRENT),
+                run_id,
+                reason,
+                self.current.run_id,
+            )
         self.degraded = {"version": run_id, "reason": reason}
 
     def _encode_now(self, texts: list[str]) -> np.ndarray:
@@ -274,8 +184,15 @@ class RagService:
             vectors = await asyncio.to_thread(loaded.encode, [items[i][1] for i in positions])
             missing: set = set()
             try:
-                found = await asyncio.to_thread(loaded.search_documents, vectors, params.k, params.nprobe, params.per_document,
-                                                params.filter, missing)
+                found = await asyncio.to_thread(
+                    loaded.search_documents,
+                    vectors,
+                    params.k,
+                    params.nprobe,
+                    params.per_document,
+                    params.filter,
+                    missing,
+                )
             except Exception as exc:  # this group's requests fail alike; the batch's other groups still answer
                 for i in positions:
                     out[i] = exc
@@ -294,13 +211,17 @@ class RagService:
             raise result
         found, missing = result
         hits = await asyncio.to_thread(loaded.hits, found)
-        return hits, ({"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {})
+        return hits, (
+            {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
+        )
 
     async def _admitted(self, work, loaded: PublishedIndex):
         """Run a search (or an answer) within max_inflight and request_timeout; the JSON error response
         instead when it is refused, too slow, asks for the impossible or meets damaged files."""
         if self.inflight >= self.config.max_inflight:
-            return shed(503, f"busy: {self.inflight} searches in progress on this replica; retry after {RETRY_AFTER_S} s")
+            return shed(
+                503, f"busy: {self.inflight} searches in progress on this replica; retry after {RETRY_AFTER_S} s"
+            )
         self.inflight += 1
         try:
             return await asyncio.wait_for(work, self.config.request_timeout)
@@ -323,8 +244,12 @@ class RagService:
 
         async def work():
             hits, sharding = await self._retrieve(loaded, request.query, request)
-            return {"version": loaded.run_id, "hits": hits, **sharding,
-                    "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)}}
+            return {
+                "version": loaded.run_id,
+                "hits": hits,
+                **sharding,
+                "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)},
+            }
 
         return await self._admitted(work(), loaded)
 
@@ -344,9 +269,14 @@ class RagService:
                 body.update(detail=str(exc), answer=None)
                 return JSONResponse(status_code=exc.status_code, content=body)
             done = time.perf_counter()
-            body.update(answer=answer, timings_ms={"retrieve": round(1000 * (retrieved - start), 2),
-                                                   "generate": round(1000 * (done - retrieved), 2),
-                                                   "total": round(1000 * (done - start), 2)})
+            body.update(
+                answer=answer,
+                timings_ms={
+                    "retrieve": round(1000 * (retrieved - start), 2),
+                    "generate": round(1000 * (done - retrieved), 2),
+                    "total": round(1000 * (done - start), 2),
+                },
+            )
             return body
 
         return await self._admitted(work(), loaded)
@@ -357,10 +287,21 @@ class RagService:
         replica serves the version it has) when CURRENT names a version it refused. Sharded: failing_shards,
         the shards whose last call failed, and why."""
         loaded = self.current
-        return {"status": "degraded" if self.degraded else "ok", "version": loaded.run_id,
-                "documents": loaded.manifest.counts.docs_encoded, "vectors": loaded.ntotal, "shards": self.config.shards,
-                **({"failing_shards": {str(k): why for k, why in sorted(loaded.shards.failing.items())}} if loaded.shards else {}),
-                "index_string": loaded.manifest.index_string, "in_flight": self.inflight, "degraded": self.degraded}
+        return {
+            "status": "degraded" if self.degraded else "ok",
+            "version": loaded.run_id,
+            "documents": loaded.manifest.counts.docs_encoded,
+            "vectors": loaded.ntotal,
+            "shards": self.config.shards,
+            **(
+                {"failing_shards": {str(k): why for k, why in sorted(loaded.shards.failing.items())}}
+                if loaded.shards
+                else {}
+            ),
+            "index_string": loaded.manifest.index_string,
+            "in_flight": self.inflight,
+            "degraded": self.degraded,
+        }
 
     @app.get("/metrics")
     async def metrics(self):
@@ -376,55 +317,22 @@ def app_builder(config: AppConfig) -> Application:
     shards=N: N ShardServer deployments (shard-0..N-1: replicas, autoscaling) behind the RagService router."""
     endpoint = config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
     runtime_env = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": endpoint}}} if endpoint else {}
-    replicas = {"num_replicas": config.replicas} if config.replicas else {}  # else Serve's default or the config's autoscaling
+    replicas = (
+        {"num_replicas": config.replicas} if config.replicas else {}
+    )  # else Serve's default or the config's autoscaling
     shards = None
     if config.shards:
-        scaling = ({"autoscaling_config": {"min_replicas": config.shard_replicas, "max_replicas": config.shard_max_replicas}}
-                   if config.shard_max_replicas else {"num_replicas": config.shard_replicas})
-        shards = [ShardServer.options(name=f"shard-{part}", ray_actor_options={"num_cpus": config.shard_cpus, **runtime_env}, **scaling)
-                  .bind(config.model_dump(), config.shards, part) for part in range(config.shards)]
-    return RagService.options(ray_actor_options={"num_cpus": config.replica_cpus, **runtime_env}, **replicas).bind(config.model_dump(), shards)
-
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def check_exposure(config: ServeConfig, api_key: str | None) -> None:
-    """Refuse to serve on a non-loopback host without an API key, unless --insecure says it is meant."""
-    if config.host not in LOOPBACK and not api_key and not config.insecure:
-        raise UsageError(f"--host {config.host} serves beyond this machine and RAYINDEX_API_KEY is not set: anyone who reaches "
-                         "the port could search and ask. Set RAYINDEX_API_KEY (clients send Authorization: Bearer <key>), or "
-                         "pass --insecure if the network is private")
-
-
-def check_fits(config: AppConfig, cpus: float) -> None:
-    """Refuse replicas that reserve more CPUs than this (local, fixed-size) Ray has, naming the options."""
-    wanted = config.replica_cpus * (config.replicas or 1) + config.shard_cpus * (config.shards or 0) * config.shard_replicas
-    if wanted > cpus:
-        raise UsageError(f"the replicas reserve {wanted:g} CPUs ({config.replicas or 1} x --replica-cpus {config.replica_cpus:g}"
-                         + (f" + {config.shards} shards x {config.shard_replicas} x --shard-cpus {config.shard_cpus:g}" if config.shards else "")
-                         + f"), this Ray has {cpus:g}: lower --replica-cpus/--shard-cpus (fractions are fine), or join a bigger "
-                         "cluster with --ray-address")
-
-
-def start_serving(config: ServeConfig) -> None:
-    """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
-    and deploy the app (returns when it is up)."""
-    api_key = config.api_key or api_key_from_environment()
-    check_exposure(config, api_key)
-    if config.shards:  # fails here, with a clear message, when nothing complete and intact is published
-        current_split(config.index, config.shards)
-    else:
-        open_current(config.index)
-    index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
-    app_config = AppConfig(**config.model_dump(include=set(AppConfig.model_fields)) | {"index": index, "api_key": api_key})
-    if not ray.is_initialized():  # the Ray started here: its proxy checks bodies and tokens before reading a body
-        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
-        if api_key:
-            os.environ[API_KEY_ENV] = api_key
-    started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
-    ensure_ray(config.ray_address)
-    if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
-        check_fits(app_config, ray.cluster_resources().get("CPU", 0))
-    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5})
-    serve.run(app_builder(app_config), name="rayindex", route_prefix="/")
+        scaling = (
+            {"autoscaling_config": {"min_replicas": config.shard_replicas, "max_replicas": config.shard_max_replicas}}
+            if config.shard_max_replicas
+            else {"num_replicas": config.shard_replicas}
+        )
+        shards = [
+            ShardServer.options(
+                name=f"shard-{part}", ray_actor_options={"num_cpus": config.shard_cpus, **runtime_env}, **scaling
+            ).bind(config.model_dump(), config.shards, part)
+            for part in range(config.shards)
+        ]
+    return RagService.options(ray_actor_options={"num_cpus": config.replica_cpus, **runtime_env}, **replicas).bind(
+        config.model_dump(), shards
+    )

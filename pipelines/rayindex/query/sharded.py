@@ -3,7 +3,7 @@ the merged inverted lists (split at publish time by list number, balanced by siz
 manifest: stages/partition.py), and a router, the RagService ingress, that holds only the coarse
 quantizer and the pre-transforms of the version (trained.faiss). A query is encoded once; the router
 finds its nprobe lists, sends it only to the shards that own one of them, and merges their top-k
-(parts/ivf_parts.py): the merged index's ids and distances.
+(ivf/serving_split.py): the merged index's ids and distances.
 
 Versions: every call names the router's version, and a shard answers from that version's part or not
 at all, so no response mixes versions. Each shard replica watches CURRENT and loads a new version
@@ -11,7 +11,6 @@ beside the one it serves (the router also asks each shard to prepare it before s
 newest KEEP_VERSIONS. A shard that fails or does not answer within shard_timeout fails the request (503)
 or, with on_shard_failure=partial, is left out and the response says partial: true.
 """
-
 
 import asyncio
 import contextlib
@@ -30,10 +29,17 @@ from ray import serve
 from rayindex.config import AppConfig
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
 from rayindex.infra.storage import Store
+from rayindex.ivf.index import read_index
+from rayindex.ivf.serving_split import (
+    coarse_assign,
+    empty_results,
+    larger_is_better,
+    merge_part_results,
+    parts_needed,
+    search_part,
+)
 from rayindex.layout import CURRENT, MANIFEST, TRAINED_FILE
 from rayindex.manifest import Manifest, ServingPart
-from rayindex.parts.ivf import read_index
-from rayindex.parts.ivf_parts import coarse_assign, empty_results, larger_is_better, merge_part_results, parts_needed, search_part
 from rayindex.query.filters import id_selector
 from rayindex.query.search import PublishedIndex, open_version
 from rayindex.versions import current_published_id, current_run_id, published_version, pull_version_files
@@ -45,7 +51,9 @@ log = logging.getLogger("rayindex.sharded")
 # vectors on 2 cores two in flight moved sharded QPS by noise only (4 shards 14.5 vs 11.7, 1 shard 19.7
 # vs 16.6: both up, their ratio 0.74 vs 0.70; benchmarks/sharded_benchmark.py)
 BATCHES_IN_FLIGHT = 1
-KEEP_VERSIONS = 2  # the version served and the one being swapped in: a request started before a swap still finds its part
+KEEP_VERSIONS = (
+    2  # the version served and the one being swapped in: a request started before a swap still finds its part
+)
 
 
 def serving_split(manifest: Manifest, shards: int, where: str) -> list[ServingPart]:
@@ -53,12 +61,21 @@ def serving_split(manifest: Manifest, shards: int, where: str) -> list[ServingPa
     split = manifest.serving.get(shards)
     if not split:
         have = ", ".join(str(n) for n in sorted(manifest.serving)) or "none"
-        raise RayIndexError(f"{where} is not split for {shards} serving shards (splits: {have}); run `rayindex partition --index "
-                            f"<output> --shards {shards}`, or build with --serving-shards {shards}")
+        raise RayIndexError(
+            f"{where} is not split for {shards} serving shards (splits: {have}); run `rayindex partition --index "
+            f"<output> --shards {shards}`, or build with --serving-shards {shards}"
+        )
     owned = np.concatenate([np.asarray(part.lists, dtype=np.int64) for part in split])
-    if len(split) != shards or len(owned) != manifest.nlist or not np.array_equal(np.sort(owned), np.arange(manifest.nlist)):
-        raise DamagedIndex(f"{where}: the split for {shards} serving shards does not give each of the {manifest.nlist} lists to exactly "
-                           "one part; the version is damaged: run `rayindex partition` again or rebuild it")
+    if (
+        len(split) != shards
+        or len(owned) != manifest.nlist
+        or not np.array_equal(np.sort(owned), np.arange(manifest.nlist))
+    ):
+        raise DamagedIndex(
+            f"{where}: the split for {shards} serving shards does not give each of the {manifest.nlist} lists to "
+            f"exactly "
+            "one part; the version is damaged: run `rayindex partition` again or rebuild it"
+        )
     return split
 
 
@@ -89,11 +106,16 @@ def open_part(output: str, run_id: str, shards: int, part: int) -> LoadedPart:
     files = split[part].files
     missing = [rel for rel in files if rel not in manifest.files_sha256]
     if missing:
-        raise DamagedIndex(f"{version.url(MANIFEST)} records no checksum for {missing[0]}; run `rayindex partition` again")
+        raise DamagedIndex(
+            f"{version.url(MANIFEST)} records no checksum for {missing[0]}; run `rayindex partition` again"
+        )
     version_dir = pull_version_files(root, version, manifest, {rel: manifest.files_sha256[rel] for rel in files})
     index = read_index(version_dir / files[0], faiss.IO_FLAG_ONDISK_SAME_DIR)
     if index.ntotal != split[part].vectors:
-        raise DamagedIndex(f"{version_dir / files[0]} holds {index.ntotal} vectors, the manifest says {split[part].vectors}; rebuild it")
+        raise DamagedIndex(
+            f"{version_dir / files[0]} holds {index.ntotal} vectors, "
+            f"the manifest says {split[part].vectors}; rebuild it"
+        )
     owned = np.zeros(manifest.nlist, dtype=bool)
     owned[split[part].lists] = True
     return LoadedPart(run_id, index, owned, time.perf_counter() - start)
@@ -109,8 +131,11 @@ def memory_mb() -> dict:
             in_lists = line.rstrip().endswith(".ivfdata")
         elif in_lists and line.startswith("Rss:"):
             lists_kb += int(line.split()[1])
-    return {"anon_mb": int(fields["RssAnon"].split()[0]) / 1024, "file_mb": int(fields["RssFile"].split()[0]) / 1024,
-            "lists_mb": lists_kb / 1024}
+    return {
+        "anon_mb": int(fields["RssAnon"].split()[0]) / 1024,
+        "file_mb": int(fields["RssFile"].split()[0]) / 1024,
+        "lists_mb": lists_kb / 1024,
+    }
 
 
 @serve.deployment(max_ongoing_requests=8)
@@ -156,18 +181,37 @@ class ShardServer:
                     self.prepare(named)
             except Exception as exc:  # keep serving what is loaded; the router reports the version it cannot serve
                 if named != refused:
-                    log.warning("shard %d: not loading the version %s names (%s): %s", self.part, output.url(CURRENT), named,
-                                user_message(exc))
+                    log.warning(
+                        "shard %d: not loading the version %s names (%s): %s",
+                        self.part,
+                        output.url(CURRENT),
+                        named,
+                        user_message(exc),
+                    )
                 refused = named
 
-    async def search(self, run_id: str, x: np.ndarray, coarse_distances: np.ndarray, coarse_lists: np.ndarray, k: int,
-                     matching: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    async def search(
+        self,
+        run_id: str,
+        x: np.ndarray,
+        coarse_distances: np.ndarray,
+        coarse_lists: np.ndarray,
+        k: int,
+        matching: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """This part's k best among the probed lists it owns, of version run_id, among `matching` ids (all when
         None); in a thread, so that the router's batches in flight are searched at once (FAISS releases the GIL)."""
         return await asyncio.to_thread(self._search, run_id, x, coarse_distances, coarse_lists, k, matching)
 
-    def _search(self, run_id: str, x: np.ndarray, coarse_distances: np.ndarray, coarse_lists: np.ndarray, k: int,
-                matching: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self,
+        run_id: str,
+        x: np.ndarray,
+        coarse_distances: np.ndarray,
+        coarse_lists: np.ndarray,
+        k: int,
+        matching: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         loaded = self.part_of(run_id)
         with contextlib.suppress(KeyError):  # dropped meanwhile: this search still has it
             self.versions.move_to_end(run_id)  # the least recently searched version is the one dropped
@@ -178,15 +222,21 @@ class ShardServer:
         """pid, memory, and the versions loaded (with their load seconds): for benchmarks and operators."""
         import os
 
-        return {"part": self.part, "pid": os.getpid(), **memory_mb(),
-                "versions": {run_id: round(part.load_s, 3) for run_id, part in self.versions.items()}}
+        return {
+            "part": self.part,
+            "pid": os.getpid(),
+            **memory_mb(),
+            "versions": {run_id: round(part.load_s, 3) for run_id, part in self.versions.items()},
+        }
 
 
 class ShardedSearch:
     """The router's side of one version: its coarse quantizer, which part owns each list, and the shard
     deployments' handles. search() has PublishedIndex.search_vectors's contract."""
 
-    def __init__(self, run_id: str, trained: faiss.Index, owner: np.ndarray, handles: list, timeout_s: float, partial_ok: bool):
+    def __init__(
+        self, run_id: str, trained: faiss.Index, owner: np.ndarray, handles: list, timeout_s: float, partial_ok: bool
+    ):
         self.run_id, self.trained, self.owner, self.handles = run_id, trained, owner, handles
         self.timeout_s, self.partial_ok = timeout_s, partial_ok
         self.larger_is_better = larger_is_better(trained)
@@ -201,13 +251,16 @@ class ShardedSearch:
             except Exception as exc:  # it loads on demand then
                 log.warning("shard %d did not prepare %s: %s", shard, self.run_id, user_message(exc))
 
-    def search(self, vectors: np.ndarray, k: int, nprobe: int, matching: np.ndarray | None = None,
-               missing: set | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, vectors: np.ndarray, k: int, nprobe: int, matching: np.ndarray | None = None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The k best over all shards: each asked only when it owns a probed list, all at once, within one
         deadline. A shard that fails: Unavailable, or (partial_ok) its number added to `missing`."""
         x, coarse_distances, coarse_lists = coarse_assign(self.trained, vectors, nprobe)
-        calls = {shard: self.handles[shard].search.remote(self.run_id, x, coarse_distances, coarse_lists, k, matching)
-                 for shard in parts_needed(self.owner, coarse_lists)}
+        calls = {
+            shard: self.handles[shard].search.remote(self.run_id, x, coarse_distances, coarse_lists, k, matching)
+            for shard in parts_needed(self.owner, coarse_lists)
+        }
         deadline = time.monotonic() + self.timeout_s
         results = []
         for shard, call in calls.items():
@@ -219,8 +272,10 @@ class ShardedSearch:
                 if not self.partial_ok:
                     for other in calls.values():
                         other.cancel()
-                    raise Unavailable(f"serving shard {shard} of {len(self.handles)} did not answer within {self.timeout_s:g} s "
-                                      f"({user_message(exc)}); retry, or serve with on_shard_failure=partial") from None
+                    raise Unavailable(
+                        f"serving shard {shard} of {len(self.handles)} did not answer within {self.timeout_s:g} s "
+                        f"({user_message(exc)}); retry, or serve with on_shard_failure=partial"
+                    ) from None
                 if missing is not None:
                     missing.add(shard)
         if not results:
@@ -240,9 +295,18 @@ def open_router(config: AppConfig, handles: list) -> PublishedIndex:
     quantizer, pre-transforms) pulled and checked, the split checked, the doc store; no inverted list."""
     root, version, manifest, split = current_split(config.index, config.shards)
     if manifest.refine_factor and manifest.refine_factor > 1:
-        raise RayIndexError(f"{version.url(MANIFEST)}: re-ranking (refine factor {manifest.refine_factor}) needs every vector's "
-                            "fp16 copy where the shards' results meet; serve this version without --shards, or tune it without re-ranking")
+        raise RayIndexError(
+            f"{version.url(MANIFEST)}: re-ranking (refine factor {manifest.refine_factor}) needs every vector's "
+            "fp16 copy where the shards' results meet; serve this version without --shards, or tune it without "
+            "re-ranking"
+        )
     version_dir = pull_version_files(root, version, manifest, {TRAINED_FILE: manifest.training.trained_sha256})
-    sharded = ShardedSearch(manifest.run_id, read_index(version_dir / TRAINED_FILE), list_owner(split, manifest.nlist), handles, config.shard_timeout,
-                            config.on_shard_failure == "partial")
+    sharded = ShardedSearch(
+        manifest.run_id,
+        read_index(version_dir / TRAINED_FILE),
+        list_owner(split, manifest.nlist),
+        handles,
+        config.shard_timeout,
+        config.on_shard_failure == "partial",
+    )
     return open_version(version_dir, manifest, sharded)

@@ -9,13 +9,14 @@ import ray
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.infra.faults import checkpoint
+from rayindex.infra.files import load_embeddings
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import match_threads_to_ray_cpus
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, load_embeddings, shard_rel
+from rayindex.ivf.index import read_index, write_index
+from rayindex.layout import EMBEDDINGS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_rel
 from rayindex.manifest import Manifest, ShardState
-from rayindex.parts.ivf import read_index, write_index
 from rayindex.versions import done_shards, save_manifest
 
 ADD_CHUNK = 65_536  # vectors per add_with_ids call: bounds peak memory for any shard size
@@ -35,13 +36,17 @@ def add_shard(version: Store, trained_sha256: str, shard_id: int, count: int, in
         raise RayIndexError(f"{directory}: {len(row_ids)} ids for {count} vectors; re-encode this shard")
     for start in range(0, count, ADD_CHUNK):
         stop = min(count, start + ADD_CHUNK)
-        index.add_with_ids(np.ascontiguousarray(vectors[start:stop], dtype=np.float32), np.ascontiguousarray(row_ids[start:stop]))
+        index.add_with_ids(
+            np.ascontiguousarray(vectors[start:stop], dtype=np.float32), np.ascontiguousarray(row_ids[start:stop])
+        )
     write_index(index, directory / SHARD_INDEX_FILE)
     version.push([shard_rel(shard_id, SHARD_INDEX_FILE)])
     return file_sha256(directory / SHARD_INDEX_FILE)
 
 
-def add_shards(version: Store, trained_sha256: str, jobs: list[tuple[int, int, dict[str, str]]], dim: int, on_done=None) -> dict[int, str]:
+def add_shards(
+    version: Store, trained_sha256: str, jobs: list[tuple[int, int, dict[str, str]]], dim: int, on_done=None
+) -> dict[int, str]:
     """Run add_shard for each (shard_id, count, input files -> sha256) as Ray tasks; returns each shard's
     index sha256. on_done(shard_id, count, sha256) as each finishes."""
     task = ray.remote(num_cpus=1, max_retries=2)(add_shard)
@@ -60,11 +65,17 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     """Shard indexes for every shard not already built from this trained index (each saved in the manifest
     as it finishes: a killed driver loses no added shard); returns the shard states."""
     trained_sha = manifest.training.trained_sha256
-    done = {sid for sid in done_shards(manifest, version, "index_sha256", (SHARD_INDEX_FILE,))
-            if manifest.shard_states[sid].trained_sha256 == trained_sha}
+    done = {
+        sid
+        for sid in done_shards(manifest, version, "index_sha256", (SHARD_INDEX_FILE,))
+        if manifest.shard_states[sid].trained_sha256 == trained_sha
+    }
     manifest.reused.add = sorted(done)
-    jobs = [(s.shard_id, st.passages, manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE), [s.shard_id]))
-            for s, st in zip(manifest.shards, manifest.shard_states) if s.shard_id not in done]
+    jobs = [
+        (s.shard_id, st.passages, manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE), [s.shard_id]))
+        for s, st in zip(manifest.shards, manifest.shard_states)
+        if s.shard_id not in done
+    ]
     if jobs:
         connect(config.ray_address, config.s3_endpoint)
         with progress.stage("add", sum(n for _, n, _ in jobs), "vectors") as update:

@@ -1,16 +1,17 @@
 """Encode stage: a pool of Ray actors, each loading the model once, turns every shard into float32
-embeddings (one per passage: parts/passages.py), their vector ids and doc-store rows, written into the
+embeddings (one per passage: text/passages.py), their vector ids and doc-store rows, written into the
 shard folder; then the counts, and the checks on them (no documents left, duplicate ids).
 
 The data path of a shard: Arrow batches from the corpus, made into documents column by column
-(parts/documents.py), tokenized once by the model's own tokenizer and split into passages
-(parts/model.py split_passages; tokenize with --no-passages), all in a producer thread ahead of the
-forward pass, which runs on length-sorted batches (embed); at most PREFETCH_CHUNKS batches wait in memory. Threads in the actor rather than a Ray Data pipeline: the work
+(text/documents.py), tokenized once by the model's own tokenizer and split into passages
+(text/model.py split_passages; tokenize with --no-passages), all in a producer thread ahead of the
+forward pass, which runs on length-sorted batches (embed); at most PREFETCH_CHUNKS batches wait in memory. Threads in
+the actor rather than a Ray Data pipeline: the work
 of a shard stays in one process (no token arrays through the object store) and the shard stays the
 unit that is written, checksummed and resumed (docs/build.md).
 
 On a reindex, documents whose id and content are unchanged since the previous version get their
-vector copied from it instead of encoded (parts/reuse.py).
+vector copied from it instead of encoded (text/reuse.py).
 """
 
 from __future__ import annotations
@@ -25,23 +26,46 @@ import pyarrow as pa
 import ray
 
 from rayindex.config import BuildConfig
+from rayindex.docstore.format import footer_sha256
+from rayindex.docstore.reader import DocStore
+from rayindex.docstore.writer import DocWriter
 from rayindex.errors import RayIndexError
 from rayindex.infra.faults import checkpoint
+from rayindex.infra.files import atomic_file, save_npy
+from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import use_gpus
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import (CONTENT_HASHES_FILE, DOC_HASHES_FILE, DOCS_FILE, EMBEDDINGS_FILE, MAX_PASSAGES, SHARD_ENCODE_FILES,
-                             VECTOR_IDS_FILE, atomic_file, document_starts, passage_ids, save_npy, shard_dir, shard_rel)
+from rayindex.ivf.index import make_index
+from rayindex.layout import (
+    CONTENT_HASHES_FILE,
+    DOC_HASHES_FILE,
+    DOCS_FILE,
+    EMBEDDINGS_FILE,
+    MAX_PASSAGES,
+    SHARD_ENCODE_FILES,
+    VECTOR_IDS_FILE,
+    document_starts,
+    passage_ids,
+    shard_dir,
+    shard_rel,
+)
 from rayindex.manifest import Counts, EncodedShard, Manifest, PassageSplit, Shard, ShardState
-from rayindex.infra.prefetch import prefetched
-from rayindex.parts.corpus import InputUnavailable, read_piece
-from rayindex.parts.docstore import DocStore, DocWriter, footer_sha256
-from rayindex.parts.documents import Documents, prepare
-from rayindex.parts.ivf import make_index
-from rayindex.parts.model import (TRUNCATED, Tokenized, VectorSettings, embed, embedding_dimension, load_model, split_passages,
-                                  tokenize, vector_settings)
-from rayindex.parts.reuse import PreviousVectors
+from rayindex.text.corpus import InputUnavailable, read_piece
+from rayindex.text.documents import Documents, prepare
+from rayindex.text.model import (
+    TRUNCATED,
+    Tokenized,
+    VectorSettings,
+    embed,
+    embedding_dimension,
+    load_model,
+    split_passages,
+    tokenize,
+    vector_settings,
+)
+from rayindex.text.reuse import PreviousVectors
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
@@ -94,7 +118,7 @@ class ShardEncoder:
         return self._settings
 
     def device_used(self) -> str:
-        """"cuda", or "cpu" also on a node that advertises a GPU torch cannot use (fake clusters)."""
+        """ "cuda", or "cpu" also on a node that advertises a GPU torch cannot use (fake clusters)."""
         return self.device
 
     def rows_done(self) -> int:
@@ -120,12 +144,22 @@ class ShardEncoder:
                 docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece))
                 texts = docs.texts.to_pylist()
                 if settings.passage_tokens:
-                    split = split_passages(self.model, texts, settings.passage_tokens, settings.passage_overlap, settings.document_prompt)
-                    tokenized, passages, starts, ends, truncated = split.tokenized, split.counts, split.char_starts, split.char_ends, 0
+                    split = split_passages(
+                        self.model, texts, settings.passage_tokens, settings.passage_overlap, settings.document_prompt
+                    )
+                    tokenized, passages, starts, ends, truncated = (
+                        split.tokenized,
+                        split.counts,
+                        split.char_starts,
+                        split.char_ends,
+                        0,
+                    )
                     if len(passages) and passages.max() >= MAX_PASSAGES:
                         too_long = int(np.argmax(passages))
-                        raise RayIndexError(f"{batch.where(piece)(too_long)}: {passages[too_long]:,} passages, more than the "
-                                            f"{MAX_PASSAGES - 1:,} a document may have; raise --passage-tokens or split the document")
+                        raise RayIndexError(
+                            f"{batch.where(piece)(too_long)}: {passages[too_long]:,} passages, more than the "
+                            f"{MAX_PASSAGES - 1:,} a document may have; raise --passage-tokens or split the document"
+                        )
                 else:
                     tokenized = tokenize(self.model, texts, settings.document_prompt)
                     passages, starts = np.ones(len(texts), np.int64), np.zeros(len(texts), np.int64)
@@ -134,7 +168,19 @@ class ShardEncoder:
                 if self.previous is not None and len(docs):
                     found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes, passages)
                 passage_texts = cut_passages(docs.texts, texts, passages, starts, ends)
-                yield Chunk(len(batch.row_ids), docs, tokenized, passages, starts, ends, passage_texts, truncated, found, reused, changed)
+                yield Chunk(
+                    len(batch.row_ids),
+                    docs,
+                    tokenized,
+                    passages,
+                    starts,
+                    ends,
+                    passage_texts,
+                    truncated,
+                    found,
+                    reused,
+                    changed,
+                )
 
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
         """Output files appear only when complete, and are pushed to the output store before the shard
@@ -163,7 +209,9 @@ class ShardEncoder:
                     vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
                     vectors[copied] = chunk.reused
                     if not copied.all():
-                        vectors[~copied] = embed(self.model, chunk.tokenized, cfg.batch_size, normalize, np.flatnonzero(~copied))
+                        vectors[~copied] = embed(
+                            self.model, chunk.tokenized, cfg.batch_size, normalize, np.flatnonzero(~copied)
+                        )
                         tokens += int(chunk.tokenized.lengths[~copied].sum())
                     emb_file.write(vectors.tobytes())
                     write_passages(writer, docs, chunk)
@@ -179,28 +227,49 @@ class ShardEncoder:
         seconds = time.monotonic() - started
         shard_files = {shard_rel(shard.shard_id, name): file_sha256(out / name) for name in SHARD_ENCODE_FILES}
         version.push(list(shard_files))
-        return EncodedShard(shard_id=shard.shard_id, rows_read=rows_read, docs_encoded=encoded, passages=passages, tokens_encoded=tokens,
-                            skipped=skipped,
-                            vectors_reused=reused, ids_changed=changed, encode_seconds=round(seconds, 3),
-                            embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)],
-                            docs_footer_sha256=footer_sha256(out / DOCS_FILE), files=shard_files)
+        return EncodedShard(
+            shard_id=shard.shard_id,
+            rows_read=rows_read,
+            docs_encoded=encoded,
+            passages=passages,
+            tokens_encoded=tokens,
+            skipped=skipped,
+            vectors_reused=reused,
+            ids_changed=changed,
+            encode_seconds=round(seconds, 3),
+            embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)],
+            docs_footer_sha256=footer_sha256(out / DOCS_FILE),
+            files=shard_files,
+        )
 
 
-def cut_passages(texts: pa.Array, as_list: list[str], passages: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
+def cut_passages(
+    texts: pa.Array, as_list: list[str], passages: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> pa.Array:
     """Each passage's text, cut from its document's (as_list: the texts already in Python) by its span;
     the texts themselves when every document is one passage."""
     if len(starts) == len(as_list):
         return texts
     of_document = np.repeat(np.arange(len(as_list)), passages)
-    return pa.array([as_list[d][a:b] for d, a, b in zip(of_document.tolist(), starts.tolist(), ends.tolist())], pa.string())
+    return pa.array(
+        [as_list[d][a:b] for d, a, b in zip(of_document.tolist(), starts.tolist(), ends.tolist())], pa.string()
+    )
 
 
 def write_passages(writer: DocWriter, docs: Documents, chunk: Chunk) -> None:
     """The doc-store rows of a chunk: a row per passage, the document's id and metadata repeated."""
     of_document = pa.array(np.repeat(np.arange(len(docs)), chunk.passages))
     ids = passage_ids(docs.row_ids, chunk.passages)
-    writer.write(ids, docs.doc_ids.take(of_document), docs.doc_id_is_int.take(of_document), ids & (MAX_PASSAGES - 1),
-                 chunk.char_starts, chunk.char_ends, chunk.passage_texts, docs.metadata.take(of_document))
+    writer.write(
+        ids,
+        docs.doc_ids.take(of_document),
+        docs.doc_id_is_int.take(of_document),
+        ids & (MAX_PASSAGES - 1),
+        chunk.char_starts,
+        chunk.char_ends,
+        chunk.passage_texts,
+        docs.metadata.take(of_document),
+    )
 
 
 def concatenated(parts: list[np.ndarray]) -> np.ndarray:
@@ -210,13 +279,23 @@ def concatenated(parts: list[np.ndarray]) -> np.ndarray:
 def cpus_per_gpu(nodes: list[dict]) -> float | None:
     """CPUs per GPU of the alive GPU nodes (the smallest ratio: an encoder must fit on every GPU node), or
     None when no GPU node is up (GPU workers autoscaling from zero)."""
-    ratios = [n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in nodes
-              if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
+    ratios = [
+        n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
+        for n in nodes
+        if n.get("Alive") and n["Resources"].get("GPU", 0) > 0
+    ]
     return min(ratios) if ratios else None
 
 
-def encoder_resources(use_gpu: bool, cluster_cpus: float, cluster_gpus: float, encoders: int | None, n_shards: int,
-                      encoder_cpus: float | None = None, gpu_node_cpus_per_gpu: float | None = None) -> tuple[int, dict]:
+def encoder_resources(
+    use_gpu: bool,
+    cluster_cpus: float,
+    cluster_gpus: float,
+    encoders: int | None,
+    n_shards: int,
+    encoder_cpus: float | None = None,
+    gpu_node_cpus_per_gpu: float | None = None,
+) -> tuple[int, dict]:
     """How many encoder actors (never more than shards), and the resources each asks Ray for.
 
     On GPUs one actor per GPU, with the CPUs it reads and tokenizes on: --encoder-cpus, else a GPU node's
@@ -230,8 +309,16 @@ def encoder_resources(use_gpu: bool, cluster_cpus: float, cluster_gpus: float, e
     return count, {"num_cpus": encoder_cpus or max(1, int(cluster_cpus) // count)}
 
 
-def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_gpu: bool, on_progress=None,
-                  on_model=None, on_shard_done=None, previous: PreviousVectors | None = None) -> None:
+def encode_shards(
+    config: BuildConfig,
+    shards: list[Shard],
+    version: Store,
+    use_gpu: bool,
+    on_progress=None,
+    on_model=None,
+    on_shard_done=None,
+    previous: PreviousVectors | None = None,
+) -> None:
     """Run every shard through an actor pool.
 
     on_model(dim, device, settings) runs once the model is loaded and before any shard is encoded, with
@@ -242,8 +329,15 @@ def encode_shards(config: BuildConfig, shards: list[Shard], version: Store, use_
     earlier version, whose vectors of unchanged documents are copied instead of encoded.
     """
     resources = ray.cluster_resources()
-    count, per_actor = encoder_resources(use_gpu, resources.get("CPU", 1), resources.get("GPU", 0), config.encoders, len(shards),
-                                         config.encoder_cpus, cpus_per_gpu(ray.nodes()))
+    count, per_actor = encoder_resources(
+        use_gpu,
+        resources.get("CPU", 1),
+        resources.get("GPU", 0),
+        config.encoders,
+        len(shards),
+        config.encoder_cpus,
+        cpus_per_gpu(ray.nodes()),
+    )
     actor_cls = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=2, **per_actor)(ShardEncoder)
     actors = [actor_cls.remote(config, use_gpu, max(1, int(per_actor["num_cpus"])), previous) for _ in range(count)]
     try:
@@ -299,12 +393,20 @@ def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None
             doc_id = passage["id"]
             places.append(locate_row(manifest.shards, passage["row_id"]))
     raise RayIndexError(
-        f"duplicate id {doc_id!r} in column {id_column!r} ({len(dups)} duplicate(s) in all), at: {'; '.join(places[:2])}. "
+        f"duplicate id {doc_id!r} in column {id_column!r} ({len(dups)} duplicate(s) in all), at: "
+        f"{'; '.join(places[:2])}. "
         "Ids must be unique: fix the corpus or pick another --id-column"
     )
 
 
-VECTOR_SETTINGS = ("model", "metric", "passages", "passage_tokens", "passage_overlap", "document_prompt")  # what a vector depends on
+VECTOR_SETTINGS = (
+    "model",
+    "metric",
+    "passages",
+    "passage_tokens",
+    "passage_overlap",
+    "document_prompt",
+)  # what a vector depends on
 
 
 def previous_vectors(config: BuildConfig, manifest: Manifest) -> PreviousVectors | None:
@@ -315,21 +417,39 @@ def previous_vectors(config: BuildConfig, manifest: Manifest) -> PreviousVectors
     have_hashes = any(rel.endswith(CONTENT_HASHES_FILE) for rel in before.files_sha256)
     differing = [name for name in VECTOR_SETTINGS if getattr(before.config, name) != getattr(config, name)]
     if differing or not have_hashes:
-        manifest.reindex.vectors_not_reused = (f"the previous version's {', '.join(differing)} differ" if differing
-                                               else "the previous version has no content hashes")
+        manifest.reindex.vectors_not_reused = (
+            f"the previous version's {', '.join(differing)} differ"
+            if differing
+            else "the previous version has no content hashes"
+        )
         return None
-    return PreviousVectors(old, before.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)),
-                           [shard_rel(s.shard_id) for s in before.shards], before.shard_counts(), before.dimension)
+    return PreviousVectors(
+        old,
+        before.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)),
+        [shard_rel(s.shard_id) for s in before.shards],
+        before.shard_counts(),
+        before.dimension,
+    )
 
 
 def record_settings(manifest: Manifest, dim: int, device: str, settings: VectorSettings) -> None:
     """What the model made of the build's options, in the manifest: search and reindex read it there."""
     manifest.dimension, manifest.metric = dim, settings.metric
-    manifest.model = manifest.model.model_copy(update={
-        "dimension": dim, "device": device, "normalized": settings.metric == "cosine", "max_seq_length": settings.max_seq_length,
-        "document_prompt": settings.document_prompt, "query_prompt": settings.query_prompt})
-    manifest.passages = (PassageSplit(tokens=settings.passage_tokens, overlap=settings.passage_overlap)
-                         if settings.passage_tokens else None)
+    manifest.model = manifest.model.model_copy(
+        update={
+            "dimension": dim,
+            "device": device,
+            "normalized": settings.metric == "cosine",
+            "max_seq_length": settings.max_seq_length,
+            "document_prompt": settings.document_prompt,
+            "query_prompt": settings.query_prompt,
+        }
+    )
+    manifest.passages = (
+        PassageSplit(tokens=settings.passage_tokens, overlap=settings.passage_overlap)
+        if settings.passage_tokens
+        else None
+    )
 
 
 def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> Counts:
@@ -356,19 +476,34 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     if todo:
         previous = previous_vectors(config, manifest) if manifest.reindex else None
         with progress.stage("encode", sum(s.num_rows for s in todo), "docs") as update:
-            encode_shards(config, todo, version, use_gpu, on_progress=update, on_model=on_model, on_shard_done=record, previous=previous)
+            encode_shards(
+                config,
+                todo,
+                version,
+                use_gpu,
+                on_progress=update,
+                on_model=on_model,
+                on_shard_done=record,
+                previous=previous,
+            )
     manifest.counts = count_documents(manifest.shard_states)
     if manifest.counts.docs_encoded == 0:
         total_rows = sum(s.num_rows for s in manifest.shards)
-        raise RayIndexError(f"no documents to index: all {total_rows} rows were skipped ({manifest.counts.skipped}); "
-                            "check --text-column")
+        raise RayIndexError(
+            f"no documents to index: all {total_rows} rows were skipped ({manifest.counts.skipped}); "
+            "check --text-column"
+        )
     if config.id_column:
         check_unique_ids(manifest, version, config.id_column)
     if manifest.reindex:
         r, encoded = manifest.reindex, manifest.counts.docs_encoded
         r.unchanged = sum(s.vectors_reused for s in manifest.shard_states)
         r.changed = sum(s.ids_changed for s in manifest.shard_states)
-        r.added, r.deleted, r.encoded = encoded - r.unchanged - r.changed, r.previous_docs - r.unchanged - r.changed, encoded - r.unchanged
+        r.added, r.deleted, r.encoded = (
+            encoded - r.unchanged - r.changed,
+            r.previous_docs - r.unchanged - r.changed,
+            encoded - r.unchanged,
+        )
     return manifest.counts
 
 
@@ -377,5 +512,10 @@ def count_documents(states: list[ShardState]) -> Counts:
     for s in states:
         for reason, n in s.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-    return Counts(rows_read=sum(s.rows_read for s in states), docs_encoded=sum(s.docs_encoded for s in states),
-                  passages=sum(s.passages for s in states), tokens_encoded=sum(s.tokens_encoded for s in states), skipped=skipped)
+    return Counts(
+        rows_read=sum(s.rows_read for s in states),
+        docs_encoded=sum(s.docs_encoded for s in states),
+        passages=sum(s.passages for s in states),
+        tokens_encoded=sum(s.tokens_encoded for s in states),
+        skipped=skipped,
+    )

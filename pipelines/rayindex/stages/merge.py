@@ -21,9 +21,9 @@ from rayindex.errors import RayIndexError
 from rayindex.infra.faults import checkpoint
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import IVFDATA_FILE, MERGED_FILE, VECTOR_IDS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, shard_dir
+from rayindex.ivf.index import index_ids, read_index, set_nprobe, trained_fingerprint, write_index
+from rayindex.layout import IVFDATA_FILE, MERGED_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Manifest, MergedIndex
-from rayindex.parts.ivf import index_ids, read_index, set_nprobe, trained_fingerprint, write_index
 
 
 def check_shard(path: str, expected_fingerprint: str, expected_ids: np.ndarray) -> None:
@@ -56,7 +56,9 @@ def merge_shards(trained_path: str, shard_paths: list[str], out_dir: str, on_dis
         index.ntotal = ivf.ntotal
     set_nprobe(index, nprobe)
     write_index(index, os.path.join(out_dir, MERGED_FILE))
-    return MergedIndex(on_disk=on_disk, ntotal=int(index.ntotal), files=[MERGED_FILE] + ([IVFDATA_FILE] if on_disk else []))
+    return MergedIndex(
+        on_disk=on_disk, ntotal=int(index.ntotal), files=[MERGED_FILE] + ([IVFDATA_FILE] if on_disk else [])
+    )
 
 
 def choose_on_disk(config: BuildConfig, shard_bytes: int) -> bool:
@@ -72,7 +74,9 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     if manifest.merge and version.verified({f: manifest.files_sha256.get(f, "") for f in manifest.merge.files}):
         manifest.reused.merge = True
         return manifest.merge
-    version.pull({TRAINED_FILE: manifest.training.trained_sha256} | manifest.shard_files((SHARD_INDEX_FILE, VECTOR_IDS_FILE)))
+    version.pull(
+        {TRAINED_FILE: manifest.training.trained_sha256} | manifest.shard_files((SHARD_INDEX_FILE, VECTOR_IDS_FILE))
+    )
     version_dir = version.local_root
     shard_dirs = [shard_dir(version_dir, s.shard_id) for s in manifest.shards]
     shard_paths = [str(d / SHARD_INDEX_FILE) for d in shard_dirs]

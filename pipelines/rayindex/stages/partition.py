@@ -1,4 +1,4 @@
-"""Partition stage: split the merged index's inverted lists for N serving shards (parts/ivf_parts.py),
+"""Partition stage: split the merged index's inverted lists for N serving shards (ivf/serving_split.py),
 by list number, balanced by list size; each part's index and on-disk lists written into the version
 (parts/<N>/) and checksummed, the split recorded in the manifest (manifest.serving[N]), where the
 router and the shards of `rayindex serve --shards N` find it. Runs at the end of a build given
@@ -14,10 +14,10 @@ import numpy as np
 from rayindex.config import BuildConfig
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, file_sha256
+from rayindex.ivf.index import read_index, read_merged
+from rayindex.ivf.serving_split import list_sizes, plan_parts, write_part
 from rayindex.layout import TRAINED_FILE, serving_part_files
 from rayindex.manifest import Manifest, ServingPart
-from rayindex.parts.ivf import read_index, read_merged
-from rayindex.parts.ivf_parts import list_sizes, plan_parts, write_part
 from rayindex.versions import open_current, save_published, version_store
 
 
@@ -43,24 +43,32 @@ def record(manifest: Manifest, version_dir: Path, shards: int, parts: list[Servi
     manifest.serving[shards] = parts
 
 
-def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> None:
+def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> list[ServingPart]:
     """The split for --serving-shards, kept when its recorded files still verify."""
     shards = config.serving_shards
     recorded = manifest.serving.get(shards)
-    if recorded and version.verified({rel: manifest.files_sha256.get(rel, "") for part in recorded for rel in part.files}):
-        return
-    version.pull({TRAINED_FILE: manifest.training.trained_sha256} | {rel: manifest.files_sha256[rel] for rel in manifest.merge.files})
+    if recorded and version.verified(
+        {rel: manifest.files_sha256.get(rel, "") for part in recorded for rel in part.files}
+    ):
+        return recorded
+    version.pull(
+        {TRAINED_FILE: manifest.training.trained_sha256}
+        | {rel: manifest.files_sha256[rel] for rel in manifest.merge.files}
+    )
     with progress.stage("partition", manifest.counts.passages, "vectors"):
         parts, written = partition(version.local_root, manifest, shards)
         record(manifest, version.local_root, shards, parts)
         version.push(written)
+    return parts
 
 
 def partition_published(output: str, shards: int) -> tuple[Manifest, list[ServingPart]]:
     """`rayindex partition`: split the published version CURRENT names (its merged index and trained.faiss
     pulled and checked), write the parts into it and record them in its manifest (in the store too)."""
     version_dir, manifest = open_current(output)
-    version_store(Store(str(output)), manifest.run_id).pull({TRAINED_FILE: manifest.training.trained_sha256}, verify=True)
+    version_store(Store(str(output)), manifest.run_id).pull(
+        {TRAINED_FILE: manifest.training.trained_sha256}, verify=True
+    )
     parts, written = partition(version_dir, manifest, shards)
     manifest.serving[shards] = parts
     save_published(str(output), version_dir, manifest, written)

@@ -8,9 +8,9 @@ from typing import NamedTuple
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
-from rayindex.parts import corpus
-from rayindex.parts.model import resolve_model
-from rayindex.parts.shard_plan import number_of_shards, plan_shards
+from rayindex.text import corpus
+from rayindex.text.model import resolve_model
+from rayindex.text.shard_plan import number_of_shards, plan_shards
 
 
 class Plan(NamedTuple):
@@ -26,7 +26,9 @@ def plan(config: BuildConfig) -> Plan:
     total = sum(i.num_rows for i in infos)
     if total == 0:
         raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
-    shards = plan_shards([(i.path, i.num_rows) for i in infos], number_of_shards(total, config.shards, config.shard_size))
+    shards = plan_shards(
+        [(i.path, i.num_rows) for i in infos], number_of_shards(total, config.shards, config.shard_size)
+    )
     by_path = {i.path: i for i in infos}
     for shard in shards:
         shard.pieces = [corpus.attach_byte_offsets(p, by_path[p.path]) for p in shard.pieces]
@@ -41,5 +43,7 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     planned = plan(config)
     manifest.files, manifest.shards = planned.files, planned.shards
     manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
-    manifest.model = ModelInfo(name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine"))
+    manifest.model = ModelInfo(
+        name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine")
+    )
     return planned

@@ -17,15 +17,16 @@ import ray
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
+from rayindex.infra.files import read_sample
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import match_threads_to_ray_cpus, max_node_cpus
 from rayindex.infra.storage import Store, file_sha256
-from rayindex.layout import EMBEDDINGS_FILE, TRAINED_FILE, read_sample, shard_rel
+from rayindex.ivf import index_params
+from rayindex.ivf.index import coarse_mse, make_index, pre_transforms, read_index, trained_fingerprint, write_index
+from rayindex.ivf.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
+from rayindex.layout import EMBEDDINGS_FILE, TRAINED_FILE, shard_rel
 from rayindex.manifest import Drift, Manifest, TrainedIndex
-from rayindex.parts import index_params
-from rayindex.parts.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
-from rayindex.parts.ivf import coarse_mse, make_index, pre_transforms, read_index, trained_fingerprint, write_index
 from rayindex.versions import previous_version
 
 DRIFT_SAMPLE = 20_000  # vectors of the new corpus on which a reindex measures drift
@@ -40,7 +41,8 @@ def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list
     if n_train < ivf.nlist:
         raise RayIndexError(
             f"--index {index_string!r} has {ivf.nlist} centroids but only {n_train} vectors to train them; "
-            f"use --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r} or a bigger --train-sample or corpus"
+            f"use --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r} or a bigger --train-sample "
+            f"or corpus"
         )
     pq = getattr(faiss.downcast_index(ivf), "pq", None)
     if pq is not None and n_train < (1 << pq.nbits):
@@ -59,7 +61,8 @@ def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list
     if ivf.nlist > 1 and n_train < MIN_POINTS_PER_CENTROID * ivf.nlist:  # one list needs no clustering
         warnings.append(
             f"{n_train} training vectors for {ivf.nlist} centroids is under FAISS's {MIN_POINTS_PER_CENTROID} per "
-            f"centroid; recall may suffer (consider --index {suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r})"
+            f"centroid; recall may suffer (consider --index "
+            f"{suggest_for_too_few_points(n_train, index_string, ivf.nlist)!r})"
         )
     return warnings
 
@@ -75,13 +78,25 @@ def train_index(index_string: str, dim: int, metric: str, sample: np.ndarray, se
     try:
         index.train(sample)
     except RuntimeError as exc:
-        raise RayIndexError(f"--index {index_string!r}: FAISS could not train it on {len(sample)} vectors ({exc})") from exc
+        raise RayIndexError(
+            f"--index {index_string!r}: FAISS could not train it on {len(sample)} vectors ({exc})"
+        ) from exc
     ivf.clustering_index = None
     return index
 
 
-def train_quantizer(index_string: str, metric: str, version: Store, embeddings: dict[str, str], shard_rels: list[str],
-                    counts: list[int], dim: int, sample_size: int, seed: int, use_gpu: bool) -> dict:
+def train_quantizer(
+    index_string: str,
+    metric: str,
+    version: Store,
+    embeddings: dict[str, str],
+    shard_rels: list[str],
+    counts: list[int],
+    dim: int,
+    sample_size: int,
+    seed: int,
+    use_gpu: bool,
+) -> dict:
     """The Ray task: sample (from the shards' embeddings, pulled into this node's mirror and checked),
     train, write and push trained.faiss; returns the facts the stage records."""
     match_threads_to_ray_cpus()
@@ -120,7 +135,11 @@ def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> 
     before, old = previous_version(Store(config.output, config.storage_retry), manifest)
     record = manifest.reindex
     reason = None
-    if before.index_string != (config.index or before.index_string) or before.dimension != manifest.dimension or before.metric != manifest.metric:
+    if (
+        before.index_string != (config.index or before.index_string)
+        or before.dimension != manifest.dimension
+        or before.metric != manifest.metric
+    ):
         reason = "the index string, dimension or metric differs from the previous version's"
     elif before.training.coarse_mse is None:
         reason = "the previous version recorded no drift baseline"
@@ -129,20 +148,33 @@ def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> 
         trained = read_index(old.local(TRAINED_FILE))
         counts = manifest.shard_counts()
         version.pull(manifest.shard_files((EMBEDDINGS_FILE,)))
-        sample = read_sample([version.local(shard_rel(s.shard_id)) for s in manifest.shards], counts, manifest.dimension,
-                             min(sum(counts), DRIFT_SAMPLE), config.seed)
+        sample = read_sample(
+            [version.local(shard_rel(s.shard_id)) for s in manifest.shards],
+            counts,
+            manifest.dimension,
+            min(sum(counts), DRIFT_SAMPLE),
+            config.seed,
+        )
         drift = coarse_mse(trained, sample) / max(before.training.coarse_mse, 1e-12)
-        record.drift = Drift(ratio=round(drift, 4), threshold=record.drift_threshold, baseline_mse=before.training.coarse_mse,
-                             sample=int(len(sample)))
+        record.drift = Drift(
+            ratio=round(drift, 4),
+            threshold=record.drift_threshold,
+            baseline_mse=before.training.coarse_mse,
+            sample=int(len(sample)),
+        )
         if drift > record.drift_threshold:
-            reason = f"drift {drift:.3f} > threshold {record.drift_threshold}: the old centroids no longer fit the corpus"
+            reason = (
+                f"drift {drift:.3f} > threshold {record.drift_threshold}: the old centroids no longer fit the corpus"
+            )
     if reason:
         record.path, record.reason = "full retrain", reason
         return None
     shutil.copyfile(old.local(TRAINED_FILE), version.local(TRAINED_FILE))
     version.push([TRAINED_FILE])
     record.path = "incremental"
-    record.reason = f"drift {drift:.3f} <= threshold {record.drift_threshold}: reused the trained quantizer of {before.run_id}"
+    record.reason = (
+        f"drift {drift:.3f} <= threshold {record.drift_threshold}: reused the trained quantizer of {before.run_id}"
+    )
     # its nprobe too, tuned or not: the same lists hold the same kind of data (a --target-recall reindex tunes again)
     return before.training.model_copy(update={"reused_from": before.run_id, "warnings": [], "nprobe": before.nprobe})
 
@@ -151,8 +183,11 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     """The trained index of this run: kept when its inputs are unchanged and it verifies, reused on a
     reindex when the corpus did not drift, else trained in a Ray task on one whole node (or one GPU)."""
     inputs = [s.embeddings_sha256 for s in manifest.shard_states]
-    if manifest.training and manifest.training.embeddings_sha256 == inputs and version.verified(
-            {TRAINED_FILE: manifest.training.trained_sha256}):
+    if (
+        manifest.training
+        and manifest.training.embeddings_sha256 == inputs
+        and version.verified({TRAINED_FILE: manifest.training.trained_sha256})
+    ):
         manifest.reused.train = True
         return manifest.training
     trained = reuse_quantizer(config, manifest, version) if manifest.reindex else None
@@ -164,15 +199,32 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
             index_string, warnings = choose_index(config, n_vectors, dim)
             probe = make_index(index_string, dim, manifest.metric)  # keep it alive: ivf points into it
             ivf = faiss.downcast_index(faiss.extract_index_ivf(probe))
-            sample_size = config.train_sample or index_params.training_sample_size(n_vectors, ivf.nlist, uses_pq=hasattr(ivf, "pq"))
+            sample_size = config.train_sample or index_params.training_sample_size(
+                n_vectors, ivf.nlist, uses_pq=hasattr(ivf, "pq")
+            )
             # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
             task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)
-            facts = ray.get(task.remote(index_string, manifest.metric, version, manifest.shard_files((EMBEDDINGS_FILE,)),
-                                        [shard_rel(s.shard_id) for s in manifest.shards], manifest.shard_counts(), dim,
-                                        sample_size, config.seed, use_gpu))
+            facts = ray.get(
+                task.remote(
+                    index_string,
+                    manifest.metric,
+                    version,
+                    manifest.shard_files((EMBEDDINGS_FILE,)),
+                    [shard_rel(s.shard_id) for s in manifest.shards],
+                    manifest.shard_counts(),
+                    dim,
+                    sample_size,
+                    config.seed,
+                    use_gpu,
+                )
+            )
         facts["warnings"] = warnings + facts["warnings"]
-        trained = TrainedIndex(index_string=index_string, chosen_automatically=config.index is None,
-                               nprobe=index_params.default_nprobe(facts["nlist"]), **facts)
+        trained = TrainedIndex(
+            index_string=index_string,
+            chosen_automatically=config.index is None,
+            nprobe=index_params.default_nprobe(facts["nlist"]),
+            **facts,
+        )
     trained.embeddings_sha256 = inputs  # trained from these: valid while they are unchanged
     manifest.training = trained
     manifest.files_sha256[TRAINED_FILE] = trained.trained_sha256

@@ -1,5 +1,5 @@
 """Tune stage: the smallest nprobe whose recall@k against exact search reaches a target, on queries made
-of sentences of the corpus's passages encoded as queries (parts/recall.py sentence_queries); when no
+of sentences of the corpus's passages encoded as queries (ivf/recall.py sentence_queries); when no
 nprobe does (PQ codes cap recall), re-ranking turns on with the smallest factor that does. The choice
 goes into the manifest and into index.faiss itself, so search, serving and a plain faiss.read_index all use it.
 
@@ -18,12 +18,12 @@ import numpy as np
 from rayindex.config import BuildConfig, TuneOptions
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, file_sha256
+from rayindex.ivf.index import read_index, set_nprobe, write_index
+from rayindex.ivf.recall import exact_truth, measure_sweep, nprobe_sweep, select_nprobe, sentence_queries
+from rayindex.ivf.refine import Refiner, search_ivf, write_fp16_embeddings
 from rayindex.layout import EMBEDDINGS_FILE, IVFDATA_FILE, MERGED_FILE, VECTOR_IDS_FILE, is_serving_file
 from rayindex.manifest import Manifest, Tuning
-from rayindex.parts.ivf import read_index, set_nprobe, write_index
-from rayindex.parts.model import encode_queries, load_model
-from rayindex.parts.recall import exact_truth, measure_sweep, nprobe_sweep, select_nprobe, sentence_queries
-from rayindex.parts.refine import Refiner, search_ivf, write_fp16_embeddings
+from rayindex.text.model import encode_queries, load_model
 
 REFINE_FACTORS = (2, 4, 8, 16)
 AUTO_TUNE_VECTORS = 2_000_000  # exact search of 500 queries over 2M x 384 floats: ~15 s on 2 cores
@@ -36,7 +36,9 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
     ntotal = manifest.merge.ntotal
     n_queries = min(options.n_queries, ntotal)
     k = min(options.k, ntotal - 1) or 1
-    index = read_index(version_dir / MERGED_FILE, faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.merge.on_disk else faiss.IO_FLAG_MMAP)
+    index = read_index(
+        version_dir / MERGED_FILE, faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.merge.on_disk else faiss.IO_FLAG_MMAP
+    )
     refiner: list[Refiner] = []
 
     def search(queries, kk, nprobe, refine):
@@ -60,11 +62,21 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
                 break
     best = max(sweep, key=lambda p: (p.recall[k], -p.ms_per_query))
     pick = chosen or best
-    tuning = Tuning(target=options.target_recall, k=k, queries=n_queries, sweep=sweep, reached=chosen is not None,
-                    nprobe=pick.nprobe, refine_factor=pick.refine, recall=pick.recall[k])
+    tuning = Tuning(
+        target=options.target_recall,
+        k=k,
+        queries=n_queries,
+        sweep=sweep,
+        reached=chosen is not None,
+        nprobe=pick.nprobe,
+        refine_factor=pick.refine,
+        recall=pick.recall[k],
+    )
     if chosen is None:
-        tuning.note = (f"recall@{k} {best.recall[k]:.3f} at nprobe {best.nprobe} (re-rank x{best.refine}) is the best "
-                       "this index reaches; a finer index (more PQ bytes, or Flat/SQ8) is needed for the target")
+        tuning.note = (
+            f"recall@{k} {best.recall[k]:.3f} at nprobe {best.nprobe} (re-rank x{best.refine}) is the best "
+            "this index reaches; a finer index (more PQ bytes, or Flat/SQ8) is needed for the target"
+        )
     manifest.tuning = tuning
     manifest.refine_factor = tuning.refine_factor if tuning.refine_factor > 1 else None
     if tuning.nprobe != manifest.nprobe:
@@ -96,8 +108,10 @@ def wanted(config: BuildConfig, vectors: int) -> bool:
 
 def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> Tuning:
     """--target-recall at the end of a build: tune, then record and push what tuning wrote."""
-    version.pull({rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
-                 | manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE)))
+    version.pull(
+        {rel: sha for rel, sha in manifest.files_sha256.items() if is_serving_file(rel)}
+        | manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE))
+    )
     with progress.stage("tune", 1, "sweeps"):
         tuning, written = tune(version.local_root, manifest, TuneOptions(target_recall=config.target_recall))
     if not tuning.reached:
@@ -106,4 +120,3 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         manifest.files_sha256[rel] = file_sha256(version.local(rel))
     version.push(written)
     return tuning
-

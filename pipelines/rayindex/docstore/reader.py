@@ -1,4 +1,4 @@
-"""Doc store: a vector's id -> its passage (text and character span in the document), the document's
+"""Reading the doc store: a vector's id -> its passage (text and character span in the document), the document's
 corpus id and metadata; one Parquet file per build shard, a row per passage in vector-id order.
 
 Written once by the encoder (DocWriter) with a CRC32 in every page and min/max statistics of the
@@ -15,36 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rayindex.docstore.format import DAMAGED, PARQUET_MAGIC, SCHEMA, read_footer, vector_id_ranges
 from rayindex.errors import DamagedIndex
 from rayindex.infra.storage import Store
-from rayindex.layout import DOCS_FILE, PASSAGE_BITS, VECTOR_IDS_FILE, atomic_file, document_rows, save_npy, shard_rel
+from rayindex.layout import DOCS_FILE, PASSAGE_BITS, document_rows, shard_rel
 from rayindex.manifest import Manifest
 
 T = TypeVar("T")
-ROW_GROUP_ROWS = 256
-# vector_id: the FAISS id (layout.passage_ids); doc_id: the corpus id as text, doc_id_int: it was an
-# integer (1 and "1" are different ids); passage: its number in the document, [start, end): its span
-# in the document's text (characters), text: the passage's text; metadata: the document's other
-# columns as a JSON object
-SCHEMA = pa.schema([("vector_id", pa.int64()), ("doc_id", pa.string()), ("doc_id_int", pa.bool_()), ("passage", pa.int32()),
-                    ("start", pa.int64()), ("end", pa.int64()), ("text", pa.string()), ("metadata", pa.string())])
-PARQUET_MAGIC = b"PAR1"
-# bytes read at once from the end of a file: the whole footer in one request for a shard of up to ~100
-# row groups (~600 footer bytes each, measured), the rest of a larger one in a second request
-FOOTER_READ = 64 << 10
 # decoded row groups kept, least recently used dropped first: bounds a replica's memory whatever the
 # doc store's size (a 256-row group of 1-2 KB passages decodes to ~0.5 MB, so ~100 hot groups) while
 # repeated and neighbouring hits are served without a read
@@ -52,62 +41,6 @@ CACHE_BYTES = 64 << 20
 # file reads in flight at once per doc store: each remote one is an HTTP connection and a row group in
 # memory; past this, requests queue here instead of piling connections onto the store
 READS_AT_ONCE = 16
-DAMAGED = "the version is damaged: rebuild it"
-
-
-class DocWriter:
-    """Streams one shard's passages into docs.parquet and their vector ids into vector_ids.npy; ids must
-    arrive in increasing order. A context manager: both files appear when the block succeeds, neither when it fails."""
-
-    def __init__(self, shard_dir: Path):
-        self._files = contextlib.ExitStack()
-        docs_tmp = self._files.enter_context(atomic_file(shard_dir / DOCS_FILE))
-        self._ids_tmp = self._files.enter_context(atomic_file(shard_dir / VECTOR_IDS_FILE))
-        # a CRC32 per page, so a reader refuses a damaged page instead of serving it; statistics of the
-        # vector_id column only: readers find an id's row group from them, and min/max texts would only
-        # grow the footer every reader fetches
-        self._writer = pq.ParquetWriter(docs_tmp, SCHEMA, write_page_checksum=True, write_statistics=["vector_id"])
-        self._vector_ids: list[np.ndarray] = []
-
-    def write(self, vector_ids: np.ndarray, doc_ids: pa.Array, doc_id_is_int: pa.Array, passages: np.ndarray, starts: np.ndarray,
-              ends: np.ndarray, texts: pa.Array, metadata: pa.Array) -> None:
-        """Append passages, whole columns at a time (one value per passage in every column)."""
-        table = pa.Table.from_arrays([pa.array(vector_ids, pa.int64()), doc_ids, doc_id_is_int, pa.array(passages, pa.int32()),
-                                      pa.array(starts, pa.int64()), pa.array(ends, pa.int64()), texts, metadata], schema=SCHEMA)
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        self._vector_ids.append(np.asarray(vector_ids, dtype=np.int64))
-
-    def __enter__(self) -> "DocWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._writer.close()
-        if exc[0] is None:
-            save_npy(self._ids_tmp, np.concatenate(self._vector_ids) if self._vector_ids else np.zeros(0, np.int64))
-        self._files.__exit__(*exc)
-
-
-def read_footer(file: BinaryIO) -> bytes:
-    """A Parquet file's footer as stored: its last 8 + footer-length bytes (metadata, length, b"PAR1"),
-    in one read when it fits in FOOTER_READ bytes. ValueError when the file does not end like Parquet."""
-    size = file.seek(0, io.SEEK_END)
-    file.seek(size - min(size, FOOTER_READ))
-    tail = file.read(min(size, FOOTER_READ))
-    if len(tail) < 12 or tail[-4:] != PARQUET_MAGIC:
-        raise ValueError("it does not end with a Parquet footer")
-    length = int.from_bytes(tail[-8:-4], "little")
-    if length + 12 > size:
-        raise ValueError(f"its footer length {length} is past its size {size}")
-    if length + 8 <= len(tail):
-        return tail[-(length + 8):]
-    file.seek(size - length - 8)
-    return file.read(length + 8 - len(tail)) + tail
-
-
-def footer_sha256(source: str | Path | BinaryIO) -> str:
-    """sha256 of a Parquet file's footer (read_footer): what the manifest records of each docs.parquet."""
-    with open(source, "rb") if isinstance(source, (str, Path)) else contextlib.nullcontext(source) as file:
-        return hashlib.sha256(read_footer(file)).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -172,12 +105,14 @@ class DocStore:
         self._cache = RowGroupCache(CACHE_BYTES)
 
     @classmethod
-    def of_version(cls, version: Store, manifest: Manifest) -> "DocStore":
+    def of_version(cls, version: Store, manifest: Manifest) -> DocStore:
         """The doc store of a version, each shard's docs.parquet read where the version lives."""
         open_file, shards = version.random_access(), []
         for shard, state in zip(manifest.shards, manifest.shard_states):
             rel = shard_rel(shard.shard_id, DOCS_FILE)
-            shards.append(ShardDocs(version.url(rel), partial(open_file, rel), shard.global_start, state.docs_footer_sha256))
+            shards.append(
+                ShardDocs(version.url(rel), partial(open_file, rel), shard.global_start, state.docs_footer_sha256)
+            )
         return cls(shards)
 
     def _shard(self, shard: int) -> OpenedShard:
@@ -204,7 +139,9 @@ class DocStore:
             except (OSError, ValueError) as exc:
                 raise DamagedIndex(f"{docs.name} is not a readable doc store ({exc}); {DAMAGED}") from None
             if hashlib.sha256(footer).hexdigest() != docs.footer_sha256:
-                raise DamagedIndex(f"{docs.name}: its Parquet footer does not match its sha256 in the manifest; {DAMAGED}")
+                raise DamagedIndex(
+                    f"{docs.name}: its Parquet footer does not match its sha256 in the manifest; {DAMAGED}"
+                )
             try:
                 metadata = pq.read_metadata(pa.BufferReader(PARQUET_MAGIC + footer))
                 parquet = pq.ParquetFile(file, metadata=metadata, page_checksum_verification=True)
@@ -239,8 +176,10 @@ class DocStore:
     def column(self, name: str) -> list[tuple[np.ndarray, pa.ChunkedArray]]:
         """Per shard, (vector ids, this doc-store column), those two columns read whole from its file: what a
         filter on metadata is built from."""
-        tables = [self._read(shard, f"columns vector_id, {name}", lambda file: file.read(columns=["vector_id", name]))
-                  for shard in range(len(self.shards))]
+        tables = [
+            self._read(shard, f"columns vector_id, {name}", lambda file: file.read(columns=["vector_id", name]))
+            for shard in range(len(self.shards))
+        ]
         return [(t.column(0).to_numpy(), t.column(1)) for t in tables]
 
     def get(self, vector_id: int) -> dict:
@@ -256,26 +195,20 @@ class DocStore:
         ids, rows = self._row_group(shard, group)
         pos = int(np.searchsorted(ids, vector_id))
         if pos >= len(ids) or ids[pos] != vector_id:
-            raise DamagedIndex(f"{name} row group {group} does not hold passage {vector_id}, which its statistics include; {DAMAGED}")
+            raise DamagedIndex(
+                f"{name} row group {group} does not hold passage {vector_id}, which its statistics include; {DAMAGED}"
+            )
         try:
             row = rows.slice(pos, 1).to_pylist()[0]
-            return {"vector_id": row["vector_id"], "row_id": row["vector_id"] >> PASSAGE_BITS,
-                    "id": int(row["doc_id"]) if row["doc_id_int"] else row["doc_id"], "passage": row["passage"], "start": row["start"],
-                    "end": row["end"], "text": row["text"], "metadata": json.loads(row["metadata"])}
+            return {
+                "vector_id": row["vector_id"],
+                "row_id": row["vector_id"] >> PASSAGE_BITS,
+                "id": int(row["doc_id"]) if row["doc_id_int"] else row["doc_id"],
+                "passage": row["passage"],
+                "start": row["start"],
+                "end": row["end"],
+                "text": row["text"],
+                "metadata": json.loads(row["metadata"]),
+            }
         except (ValueError, TypeError) as exc:
             raise DamagedIndex(f"{name} row group {group} row {pos} cannot be read ({exc}); {DAMAGED}") from None
-
-
-def vector_id_ranges(metadata: pq.FileMetaData, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per row group, its least and greatest vector id from the footer's statistics; refused unless every
-    row group has them and they increase from one group to the next (the order DocWriter writes)."""
-    mins, maxs = np.zeros(metadata.num_row_groups, np.int64), np.zeros(metadata.num_row_groups, np.int64)
-    for group in range(metadata.num_row_groups):
-        stats = metadata.row_group(group).column(0).statistics
-        if stats is None or not stats.has_min_max:
-            raise DamagedIndex(f"{name} row group {group} has no vector_id statistics; {DAMAGED}")
-        mins[group], maxs[group] = stats.min, stats.max
-    disordered = np.flatnonzero((mins > maxs) | np.append(False, mins[1:] <= maxs[:-1]))
-    if len(disordered):
-        raise DamagedIndex(f"{name}: the vector ids of row group {disordered[0]} do not increase from those before it; {DAMAGED}")
-    return mins, maxs

@@ -1,8 +1,9 @@
 """Vectors of an earlier version, looked up by document: a reindex encodes only documents whose
 id is new or whose content (text and metadata) changed, and copies the others' embeddings.
 
-Each document has two 64-bit hashes in its shard (parts/documents.py): its id (doc_hashes.npy) and its
-id together with its content, text and metadata (content_hashes.npy). A document whose content hash is in the previous version is
+Each document has two 64-bit hashes in its shard (text/documents.py): its id (doc_hashes.npy) and its
+id together with its content, text and metadata (content_hashes.npy). A document whose content hash is in the
+previous version is
 unchanged; one whose id hash is there but not its content hash was changed; the rest are new. An
 unchanged document's vectors are those of all its passages (contiguous in its shard, found from the
 shard's vector ids).
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rayindex.infra.files import load_embeddings
 from rayindex.infra.storage import Store
-from rayindex.layout import CONTENT_HASHES_FILE, DOC_HASHES_FILE, VECTOR_IDS_FILE, document_starts, load_embeddings, numbered
+from rayindex.layout import CONTENT_HASHES_FILE, DOC_HASHES_FILE, VECTOR_IDS_FILE, document_starts, numbered
 
 
 @dataclass
@@ -46,11 +48,17 @@ class PreviousVectors:
                 vectors.append(load_embeddings(folder, count, self.dim))
             content_all = np.concatenate(content) if content else np.zeros(0, np.uint64)
             order = np.argsort(content_all, kind="stable")
-            self._index = (content_all[order], np.concatenate(places)[order] if places else np.zeros((0, 3), np.int64),
-                           np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.uint64), vectors)
+            self._index = (
+                content_all[order],
+                np.concatenate(places)[order] if places else np.zeros((0, 3), np.int64),
+                np.sort(np.concatenate(ids)) if ids else np.zeros(0, np.uint64),
+                vectors,
+            )
         return self._index
 
-    def lookup(self, content_hashes: np.ndarray, id_hashes: np.ndarray, passages: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def lookup(
+        self, content_hashes: np.ndarray, id_hashes: np.ndarray, passages: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """(mask of documents found unchanged, their passages' vectors in order, how many others had an id
         seen before). A document counts as unchanged when its content hash is there and it was split into
         as many passages as now (`passages` per document): the same text split by the same settings."""

@@ -11,10 +11,23 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayindex.layout import atomic_file
+from rayindex.infra.files import atomic_file
 
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "site-packages",
-             "dist-packages", "pydoc_data", "__pycache__", "encodings", "distutils"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+    "pydoc_data",
+    "__pycache__",
+    "encodings",
+    "distutils",
+}
 MIN_CHARS = 80  # shorter docstrings ("Return self.") carry nothing to retrieve
 
 

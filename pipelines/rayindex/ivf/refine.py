@@ -12,7 +12,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rayindex.layout import FP16_FILE, VECTOR_IDS_FILE, atomic_file, document_rows, load_embeddings, shard_dir
+from rayindex.infra.files import atomic_file, load_embeddings
+from rayindex.layout import FP16_FILE, VECTOR_IDS_FILE, document_rows, shard_dir
 
 CHUNK = 65_536
 
@@ -29,7 +30,7 @@ def write_fp16_embeddings(version_dir: str | Path, manifest) -> list[str]:
         source = load_embeddings(d, state.passages, manifest.dimension)
         with atomic_file(d / FP16_FILE) as tmp, open(tmp, "wb") as fh:
             for start in range(0, state.passages, CHUNK):
-                fh.write(np.asarray(source[start:start + CHUNK], dtype="<f2").tobytes())
+                fh.write(np.asarray(source[start : start + CHUNK], dtype="<f2").tobytes())
     return written
 
 
@@ -78,11 +79,22 @@ class Refiner:
         return distances, ids
 
 
-def search_ivf(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, refiner: Refiner | None = None,
-               refine_factor: int | None = None, selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search_ivf(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    refiner: Refiner | None = None,
+    refine_factor: int | None = None,
+    selector: faiss.IDSelector | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(distances, ids) of the k best per query at this nprobe, among the ids the selector accepts (all
     without one); with a refiner and a factor above 1, k x factor candidates re-ranked exactly."""
-    params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector) if selector is not None else faiss.SearchParametersIVF(nprobe=nprobe)
+    params = (
+        faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+        if selector is not None
+        else faiss.SearchParametersIVF(nprobe=nprobe)
+    )
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if refiner is None or not refine_factor or refine_factor <= 1:
         return index.search(queries, k, params=params)

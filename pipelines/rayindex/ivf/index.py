@@ -14,7 +14,8 @@ import faiss
 import numpy as np
 
 from rayindex.errors import DamagedIndex, RayIndexError
-from rayindex.layout import IVFDATA_FILE, MERGED_FILE, atomic_file
+from rayindex.infra.files import atomic_file
+from rayindex.layout import IVFDATA_FILE, MERGED_FILE
 
 METRICS = {"cosine": faiss.METRIC_INNER_PRODUCT, "dot": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 EXAMPLES = "e.g. IVF1024,PQ48, OPQ48,IVF1024,PQ48, IVF256,Flat or IVF1,Flat (exact)"
@@ -107,7 +108,9 @@ def read_index(path: str | Path, flags: int = 0) -> faiss.Index:
             return faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise DamagedIndex(f"{path} is not a readable FAISS index ({reason}); the version is damaged: rebuild it") from None
+        raise DamagedIndex(
+            f"{path} is not a readable FAISS index ({reason}); the version is damaged: rebuild it"
+        ) from None
 
 
 def read_merged(version_dir: str | Path) -> faiss.Index:

@@ -21,8 +21,8 @@ import faiss
 import numpy as np
 
 from rayindex.errors import RayIndexError
-from rayindex.layout import atomic_file
-from rayindex.parts.ivf import c_stdout_to_stderr, pre_transforms, set_nprobe, write_index
+from rayindex.infra.files import atomic_file
+from rayindex.ivf.index import c_stdout_to_stderr, pre_transforms, set_nprobe, write_index
 
 
 def list_sizes(index: faiss.Index) -> np.ndarray:
@@ -39,8 +39,10 @@ def plan_parts(sizes: np.ndarray, parts: int) -> np.ndarray:
     sizes = np.asarray(sizes, dtype=np.int64)
     nonempty = int((sizes > 0).sum())
     if parts < 1 or parts > max(nonempty, 1):
-        raise RayIndexError(f"{parts} serving shards for an index with {nonempty} non-empty inverted lists: choose 1.."
-                            f"{max(nonempty, 1)} (a shard owns whole lists)")
+        raise RayIndexError(
+            f"{parts} serving shards for an index with {nonempty} non-empty inverted lists: choose 1.."
+            f"{max(nonempty, 1)} (a shard owns whole lists)"
+        )
     owner = np.zeros(len(sizes), dtype=np.int32)
     loads = [(0, part) for part in range(parts)]
     for list_no in np.argsort(-sizes, kind="stable"):
@@ -50,8 +52,14 @@ def plan_parts(sizes: np.ndarray, parts: int) -> np.ndarray:
     return owner
 
 
-def write_part(trained: faiss.Index, merged: faiss.Index, lists: np.ndarray, nprobe: int, index_path: str | Path,
-               ivfdata_path: str | Path) -> int:
+def write_part(
+    trained: faiss.Index,
+    merged: faiss.Index,
+    lists: np.ndarray,
+    nprobe: int,
+    index_path: str | Path,
+    ivfdata_path: str | Path,
+) -> int:
     """Write one part: the trained (empty) index with the merged index's lists `lists` copied into
     on-disk lists of their own (ivfdata_path, packed), every other list empty; returns its vectors.
     Read it back with faiss.IO_FLAG_ONDISK_SAME_DIR. Both files appear whole or not at all."""
@@ -98,38 +106,63 @@ def parts_needed(owner: np.ndarray, coarse_lists: np.ndarray) -> list[int]:
     return np.unique(owner[coarse_lists[coarse_lists >= 0]]).tolist()
 
 
-def search_part(part: faiss.Index, owned: np.ndarray, x: np.ndarray, coarse_distances: np.ndarray, coarse_lists: np.ndarray,
-                k: int, selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search_part(
+    part: faiss.Index,
+    owned: np.ndarray,
+    x: np.ndarray,
+    coarse_distances: np.ndarray,
+    coarse_lists: np.ndarray,
+    k: int,
+    selector: faiss.IDSelector | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The k best among this part's lists of those probed (owned: a boolean per list), FAISS's
     (distances, ids) with -1 past what the lists hold. Lists of other parts are given as -1, which
     search_preassigned skips (FAISS's "not enough centroids" marker)."""
     ivf = faiss.extract_index_ivf(part)
-    lists = np.ascontiguousarray(np.where(owned[np.maximum(coarse_lists, 0)] & (coarse_lists >= 0), coarse_lists, -1), dtype=np.int64)
+    lists = np.ascontiguousarray(
+        np.where(owned[np.maximum(coarse_lists, 0)] & (coarse_lists >= 0), coarse_lists, -1), dtype=np.int64
+    )
     n = len(x)
     distances, ids = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
-    params = faiss.SearchParametersIVF(nprobe=lists.shape[1], sel=selector) if selector is not None else \
-        faiss.SearchParametersIVF(nprobe=lists.shape[1])
+    params = (
+        faiss.SearchParametersIVF(nprobe=lists.shape[1], sel=selector)
+        if selector is not None
+        else faiss.SearchParametersIVF(nprobe=lists.shape[1])
+    )
     # the C++ method: FAISS's Python wrapper of search_preassigned refuses search parameters (a selector)
-    ivf.search_preassigned_c(n, faiss.swig_ptr(np.ascontiguousarray(x, dtype=np.float32)), k, faiss.swig_ptr(lists),
-                             faiss.swig_ptr(np.ascontiguousarray(coarse_distances, dtype=np.float32)), faiss.swig_ptr(distances),
-                             faiss.swig_ptr(ids), False, params)
+    ivf.search_preassigned_c(
+        n,
+        faiss.swig_ptr(np.ascontiguousarray(x, dtype=np.float32)),
+        k,
+        faiss.swig_ptr(lists),
+        faiss.swig_ptr(np.ascontiguousarray(coarse_distances, dtype=np.float32)),
+        faiss.swig_ptr(distances),
+        faiss.swig_ptr(ids),
+        False,
+        params,
+    )
     return distances, ids
 
 
-def merge_part_results(results: list[tuple[np.ndarray, np.ndarray]], k: int, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
+def merge_part_results(
+    results: list[tuple[np.ndarray, np.ndarray]], k: int, larger_is_better: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The k best of the parts' sorted results (FAISS's merge_knn_results: a heap over the parts)."""
     if len(results) == 1:
         return results[0]
     distances = np.stack([d[:, :k] for d, _ in results])
     ids = np.stack([i[:, :k] for _, i in results])
-    return faiss.merge_knn_results(np.ascontiguousarray(distances), np.ascontiguousarray(ids), keep_max=larger_is_better)
+    return faiss.merge_knn_results(
+        np.ascontiguousarray(distances), np.ascontiguousarray(ids), keep_max=larger_is_better
+    )
 
 
 def empty_results(n: int, k: int, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray]:
     """FAISS's answer when nothing is found: -1 ids, the worst distance."""
-    return np.full((n, k), -np.inf if larger_is_better else np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
+    return np.full((n, k), -np.inf if larger_is_better else np.inf, dtype=np.float32), np.full(
+        (n, k), -1, dtype=np.int64
+    )
 
 
 def larger_is_better(index: faiss.Index) -> bool:
     return index.metric_type == faiss.METRIC_INNER_PRODUCT
-

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from rayindex.docstore.reader import DocStore
+from rayindex.infra.files import load_embeddings, sample_rows
 from rayindex.infra.storage import Store
-from rayindex.layout import VECTOR_IDS_FILE, load_embeddings, sample_rows, shard_dir
+from rayindex.ivf.index import METRICS
+from rayindex.layout import VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Manifest, SweepPoint
-from rayindex.parts.docstore import DocStore
-from rayindex.parts.ivf import METRICS
 
 BLOCK = 65_536  # vectors per ground-truth block
-SearchFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray]]  # (queries, k, nprobe, refine) -> (D, I)
+SearchFn = Callable[
+    [np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray]
+]  # (queries, k, nprobe, refine) -> (D, I)
 
 
 def corpus_blocks(version_dir: Path, manifest: Manifest, block: int = BLOCK) -> Iterator[np.ndarray]:
@@ -31,7 +34,7 @@ def corpus_blocks(version_dir: Path, manifest: Manifest, block: int = BLOCK) -> 
     for shard, count in zip(manifest.shards, manifest.shard_counts()):
         vectors = load_embeddings(shard_dir(version_dir, shard.shard_id), count, manifest.dimension)
         for start in range(0, count, block):
-            yield np.ascontiguousarray(vectors[start:start + block], dtype=np.float32)
+            yield np.ascontiguousarray(vectors[start : start + block], dtype=np.float32)
 
 
 def positions_to_ids(version_dir: Path, manifest: Manifest, positions: np.ndarray) -> np.ndarray:
@@ -61,7 +64,9 @@ def sample_queries(version_dir: Path, manifest: Manifest, n: int, seed: int) -> 
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 
 
-def sentence_queries(version_dir: Path, manifest: Manifest, n: int, seed: int, encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+def sentence_queries(
+    version_dir: Path, manifest: Manifest, n: int, seed: int, encode: Callable[[list[str]], np.ndarray]
+) -> np.ndarray:
     """n queries that look like a user's, not like a stored vector: from n passages drawn uniformly, one
     sentence each (of 5+ words, else the passage's first 200 characters), encoded as queries (encode: the
     model with its query prompt). A stored vector as query sits next to itself and its overlapping
@@ -70,7 +75,7 @@ def sentence_queries(version_dir: Path, manifest: Manifest, n: int, seed: int, e
     rng = np.random.default_rng(seed)
     docs = DocStore.of_version(Store.of_folder(version_dir), manifest)
     texts = []
-    for shard, count, rows in zip(manifest.shards, manifest.shard_counts(), sample_rows(manifest.shard_counts(), n, seed)):
+    for shard, rows in zip(manifest.shards, sample_rows(manifest.shard_counts(), n, seed)):
         if len(rows):
             ids = np.load(shard_dir(version_dir, shard.shard_id) / VECTOR_IDS_FILE, mmap_mode="r")[rows]
             for vector_id in ids.tolist():
@@ -112,8 +117,15 @@ def exact_truth(version_dir: Path, manifest: Manifest, queries: np.ndarray, self
     return drop_self(positions_to_ids(version_dir, manifest, positions), self_ids, k)
 
 
-def measure_sweep(search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray, ks: list[int],
-                  nprobes: list[int], refine: int = 1) -> list[SweepPoint]:
+def measure_sweep(
+    search: SearchFn,
+    queries: np.ndarray,
+    self_ids: np.ndarray,
+    truth: np.ndarray,
+    ks: list[int],
+    nprobes: list[int],
+    refine: int = 1,
+) -> list[SweepPoint]:
     """recall@k for each nprobe, and milliseconds per query (batch search time / queries), at this
     re-rank factor (1: none)."""
     kmax = max(ks)
@@ -123,6 +135,12 @@ def measure_sweep(search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, t
         _, found = search(queries, kmax + 1, nprobe, refine)
         elapsed = time.perf_counter() - start
         found = drop_self(found, self_ids, kmax)
-        points.append(SweepPoint(nprobe=nprobe, refine=refine, ms_per_query=1000 * elapsed / len(queries),
-                                 recall={k: recall_at(found, truth, k) for k in ks}))
+        points.append(
+            SweepPoint(
+                nprobe=nprobe,
+                refine=refine,
+                ms_per_query=1000 * elapsed / len(queries),
+                recall={k: recall_at(found, truth, k) for k in ks},
+            )
+        )
     return points

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this
 GOOD_POINTS_PER_CENTROID = 64
 PQ_TRAIN_POINTS = 256 * GOOD_POINTS_PER_CENTROID  # 8-bit PQ: 256 centroids per sub-quantizer
-MAX_TRAIN_SAMPLE = 1_000_000
+DEFAULT_MAX_NLIST = 65_536  # nlist_for's cap without a memory budget: from 67,108,865 vectors (4*sqrt(n) > 32,768)
+# The sample gives the default's largest nlist its full 64 points per centroid: 4,194,304 vectors, 6.4 GB of
+# 384-d float32 on the train node. At 1e9 vectors the default nlist is 65,536, whose k-means needs 39 x 65,536 =
+# 2,555,904 points; the old 1,000,000 cap tripped that warning. Lowering nlist to what 1,000,000 points train
+# (16,384) instead would put 61,035 vectors in a list instead of 15,259, so every query at the default nprobe
+# (128) would scan 7.8M codes instead of 1.95M: 4x the serving cost of every search (or lower recall at the
+# same cost; the FAISS wiki's range at 1e9 is 126k-506k lists, 65,536 is already under it), to save a one-off
+# k-means of 4,194,304 x 65,536 vector x centroid products: 9.6 h on 2 CPU cores (3.98e6 per s per core,
+# measured, docs/scale.md), 36 min on one 32-core node, ~2 min on one GPU (estimated 2e9 per s), beside the
+# 7,173 h that 2 CPU cores take to encode the same 1e9 documents.
+MAX_TRAIN_SAMPLE = GOOD_POINTS_PER_CENTROID * DEFAULT_MAX_NLIST
 FLAT_LIMIT = 20_000  # below this an uncompressed IVF is small and exact enough
 
 
@@ -39,10 +49,11 @@ def pq_subquantizers(dim: int) -> int:
 def choose_index_string(n_docs: int, dim: int, max_index_bytes: int | None = None) -> str:
     """The index_factory string used when --index is not given.
 
-    Without a budget (unchanged):
+    Without a budget:
       n < 1,000        IVF1,Flat
       n < 20,000       IVF{nlist},Flat
-      otherwise        IVF{nlist},PQ{d/8}np           nlist = nlist_for(n), at most 65,536
+      otherwise        IVF{nlist},PQ{d/8}np           nlist = nlist_for(n), at most 65,536,
+                       as IVF65536_HNSW32 from 65,536 lists (n > 67,108,864; see HNSW_COARSE_FROM)
     With max_index_bytes (index fully loaded in RAM, index_memory_bytes): the first that fits of
       IVF..,Flat (4d bytes) > SQfp16 (2d) > SQ8 (d) > PQ{~d/4} > PQ{~d/8} > PQ{~d/16} > ... > 8 bytes,
       where PQ m divides d (pq_ladder), and m <= d/8 gets OPQ{m}_{4m} in front (OPQ helps low-rate
@@ -60,23 +71,27 @@ def choose_index_string(n_docs: int, dim: int, max_index_bytes: int | None = Non
         suggest = math.ceil(smallest / (1 << 30))
         raise ValueError(
             f"no index for {n_docs} vectors of dimension {dim} fits in {max_index_bytes} bytes: the smallest, "
-            f"{candidates[-1]!r}, needs {smallest} bytes ({smallest / (1 << 30):.2f} GiB); use a budget of at least {suggest}G"
+            f"{candidates[-1]!r}, needs {smallest} bytes ({smallest / (1 << 30):.2f} GiB); "
+            f"use a budget of at least {suggest}G"
         )
     if n_docs < 1_000:
         return "IVF1,Flat"  # one list: exact search, but still mergeable like every IVF index
-    nlist = nlist_for(n_docs)
+    ivf = ivf_part(nlist_for(n_docs))
     if n_docs < FLAT_LIMIT:
-        return f"IVF{nlist},Flat"
-    # "np": skip polysemous training (seconds to minutes); its codes only help Hamming filtering, which search does not use
-    return f"IVF{nlist},PQ{pq_subquantizers(dim)}np"
+        return f"{ivf},Flat"
+    # "np": skip polysemous training (seconds to minutes); its codes only help Hamming filtering, which search does not
+    # use
+    return f"{ivf},PQ{pq_subquantizers(dim)}np"
 
 
 def training_sample_size(n_docs: int, nlist: int, uses_pq: bool, cap: int = MAX_TRAIN_SAMPLE) -> int:
-    """Vectors to sample for training: enough per coarse centroid and for the PQ codebooks, capped."""
+    """Vectors to sample for training: 64 per coarse centroid and enough for the PQ codebooks, at most cap but
+    never under the 39 per centroid FAISS's k-means needs (a budgeted nlist of 131,072 gets 5,111,808), and
+    never more than the corpus (nlist_for leaves a corpus 39 points per list)."""
     wanted = GOOD_POINTS_PER_CENTROID * nlist
     if uses_pq:
         wanted = max(wanted, PQ_TRAIN_POINTS)
-    return int(min(n_docs, wanted, cap))
+    return int(min(n_docs, max(min(wanted, cap), MIN_POINTS_PER_CENTROID * nlist)))
 
 
 def default_nprobe(nlist: int) -> int:
@@ -100,7 +115,12 @@ def suggest_for_too_few_points(n_train: int, index_string: str, nlist: int) -> s
 # vectors" (IVF262144 with OPQ+PQ codes for a billion vectors).
 
 MAX_NLIST_BUDGET = 1 << 18  # 262,144 lists: what the 1G-vector experiments use
-HNSW_COARSE_FROM = 65_536  # from here a flat coarse quantizer is too slow to assign to (wiki)
+# From here a flat coarse quantizer is too slow to assign to (wiki). Measured at 65,536 lists, d=384, 2 threads
+# (benchmarks/coarse_assign_benchmark.py, docs/benchmarks.md): HNSW32 assigns 5.3x faster than flat (14,282 vs 2,702
+# vectors/s) and the add to ...,PQ48np runs 4.1-7.9x faster (two runs on a shared machine), while 98.5% of vectors
+# land in the exact list (coarse MSE x1.08). At 4,096 lists flat is still faster (BLAS: 77,220 vs 44,592 vectors/s),
+# so the default keeps a flat quantizer below 65,536.
+HNSW_COARSE_FROM = 65_536
 HNSW_COARSE_M = 32
 MIN_PQ_BYTES = 8  # ids cost 8 bytes a vector: smaller codes save little and lose much recall
 ID_BYTES = 8  # FAISS idx_t (int64) per vector in the inverted lists
@@ -163,6 +183,12 @@ def parse_index_string(index_string: str, dim: int) -> IndexSpec:
     return IndexSpec(encoding="PQ", pq_m=m, pq_bits=int(pq.group(2) or 8), **spec)
 
 
+def ivf_part(nlist: int) -> str:
+    """The IVF part of a chosen index string: an HNSW32 coarse quantizer from HNSW_COARSE_FROM lists.
+    The add stage assigns on CPU cores whether or not the cluster has GPUs, so the choice does not depend on them."""
+    return f"IVF{nlist}_HNSW{HNSW_COARSE_M}" if nlist >= HNSW_COARSE_FROM else f"IVF{nlist}"
+
+
 def fit_index_to_corpus(index_string: str, n_docs: int, dim: int) -> tuple[str, str | None]:
     """(index string, None) when n_docs vectors can train it; else (a smaller string, why) to warn with.
 
@@ -187,7 +213,9 @@ def fit_index_to_corpus(index_string: str, n_docs: int, dim: int) -> tuple[str, 
     ivf, code = parts[-2:]
     if n_docs < spec.nlist:
         ivf = f"IVF{max_nlist_for(n_docs)}"  # without any _HNSW: a graph over a few centroids buys nothing
-        notes.append(f"{parts[-2]} needs at least {spec.nlist} vectors ({MIN_POINTS_PER_CENTROID} per list to train well): {ivf}")
+        notes.append(
+            f"{parts[-2]} needs at least {spec.nlist} vectors ({MIN_POINTS_PER_CENTROID} per list to train well): {ivf}"
+        )
     if spec.encoding == "PQ" and n_docs < (1 << spec.pq_bits):
         notes.append(f"{code}'s codebooks need at least {1 << spec.pq_bits} vectors: Flat")
         code = "Flat"
@@ -199,8 +227,10 @@ def fit_index_to_corpus(index_string: str, n_docs: int, dim: int) -> tuple[str, 
     except ValueError:  # PQm divided the dimension of a dropped transform, not the model's
         notes.append(f"{code} does not divide the dimension {dim}: Flat")
         fitted = ",".join([*kept, ivf, "Flat"])
-    return fitted, (f"--index {index_string!r} needs more vectors to train than the {n_docs} there are, so the build "
-                    f"uses {fitted!r} ({'; '.join(notes)}); index more documents to get the index asked for")
+    return fitted, (
+        f"--index {index_string!r} needs more vectors to train than the {n_docs} there are, so the build "
+        f"uses {fitted!r} ({'; '.join(notes)}); index more documents to get the index asked for"
+    )
 
 
 def index_memory_parts(index_string: str, n: int, dim: int) -> dict[str, int]:
@@ -216,8 +246,10 @@ def index_memory_parts(index_string: str, n: int, dim: int) -> dict[str, int]:
         hnsw = 0
     codebooks = {"PQ": (1 << s.pq_bits) * s.d * 4, "SQ8": 2 * s.d * 4}.get(s.encoding, 0)  # PQ centroids; SQ8 min/range
     # OPQ keeps its d_out x d_in rotation; PCA also keeps mean, eigenvalues and the full d_in x d_in PCAMat
-    transforms = sum(4 * (d_in * d_out + (d_in * d_in + 2 * d_in + d_out if kind == "PCA" else 0))
-                     for kind, d_in, d_out in s.transforms)
+    transforms = sum(
+        4 * (d_in * d_out + (d_in * d_in + 2 * d_in + d_out if kind == "PCA" else 0))
+        for kind, d_in, d_out in s.transforms
+    )
     return {
         "codes": int(n) * s.code_bytes,
         "ids": int(n) * ID_BYTES,
@@ -238,7 +270,7 @@ def index_memory_bytes(index_string: str, n: int, dim: int) -> int:
     return sum(index_memory_parts(index_string, n, dim).values())
 
 
-def nlist_for(n_docs: int, cap: int = 65_536) -> int:
+def nlist_for(n_docs: int, cap: int = DEFAULT_MAX_NLIST) -> int:
     """Power of two at or above 4*sqrt(n) (wiki: 4..16*sqrt(n)), at most n/39 and cap; 1 under 1,000 docs."""
     if n_docs < 1_000:
         return 1
@@ -263,8 +295,7 @@ def pq_ladder(dim: int) -> list[int]:
 
 def budget_candidates(n_docs: int, dim: int) -> list[str]:
     """Index strings from the biggest code to the smallest, for choose_index_string's budget path."""
-    nlist = nlist_for(n_docs, cap=MAX_NLIST_BUDGET)
-    ivf = f"IVF{nlist}_HNSW{HNSW_COARSE_M}" if nlist >= HNSW_COARSE_FROM else f"IVF{nlist}"
+    ivf = ivf_part(nlist_for(n_docs, cap=MAX_NLIST_BUDGET))
     out = [f"{ivf},{code}" for code in ("Flat", "SQfp16", "SQ8")]
     if n_docs < 256:
         return out  # 8-bit PQ codebooks need 256 training points

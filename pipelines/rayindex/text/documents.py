@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rayindex.parts.corpus import RowBatch, check_id
+from rayindex.text.corpus import RowBatch, check_id
 
 BLANK_LINE = "blank_line"  # a JSONL line with nothing on it
 EMPTY_TEXT = "empty_or_null_text"  # every text column null or whitespace
@@ -56,7 +56,10 @@ def is_blank(column: pa.Array) -> pa.Array:
 def compose_texts(table: pa.Table, fields: list[str], template: str | None) -> tuple[pa.Array, pa.Array]:
     """(texts, has_text): --template filled (a null field as ""), else the non-blank text columns joined
     with ": "; has_text is false where every text column is null or blank (the row is skipped)."""
-    columns = {f: as_strings(table.column(f)) if f in table.column_names else pa.nulls(table.num_rows, pa.string()) for f in fields}
+    columns = {
+        f: as_strings(table.column(f)) if f in table.column_names else pa.nulls(table.num_rows, pa.string())
+        for f in fields
+    }
     blanks = [is_blank(c) for c in columns.values()]
     has_text = pc.invert(blanks[0])
     for blank in blanks[1:]:
@@ -78,16 +81,23 @@ def compose_texts(table: pa.Table, fields: list[str], template: str | None) -> t
     kept = [pc.if_else(blank, pa.scalar(None, pa.string()), column) for blank, column in zip(blanks, columns.values())]
     # an always-present last element, then its separator cut off again: pyarrow 26 drops the rows whose
     # values are all null from a join with null_handling="skip" (4 rows in, 3 out)
-    joined = pc.binary_join_element_wise(*kept, pa.array([""] * table.num_rows, pa.string()), JOINER, null_handling="skip")
+    joined = pc.binary_join_element_wise(
+        *kept, pa.array([""] * table.num_rows, pa.string()), JOINER, null_handling="skip"
+    )
     return pc.utf8_slice_codeunits(joined, 0, -len(JOINER)), has_text
 
 
 def _format_rows(table: pa.Table, fields: list[str], template: str) -> pa.Array:
     values = table.select([f for f in fields if f in table.column_names]).to_pylist()
-    return pa.array([template.format(**{f: "" if row.get(f) is None else row.get(f) for f in fields}) for row in values], pa.string())
+    return pa.array(
+        [template.format(**{f: "" if row.get(f) is None else row.get(f) for f in fields}) for row in values],
+        pa.string(),
+    )
 
 
-def corpus_ids(table: pa.Table, column: str | None, row_ids: np.ndarray, raw_ids: list | None, where) -> tuple[pa.Array, pa.Array]:
+def corpus_ids(
+    table: pa.Table, column: str | None, row_ids: np.ndarray, raw_ids: list | None, where
+) -> tuple[pa.Array, pa.Array]:
     """(ids as text, whether each was an integer): the row numbers without an --id-column. Ids are strings
     or integers; a null or any other type is refused naming the first such row (where(i): "file row N").
     A typed (Parquet) column is checked as a whole; JSONL ids (raw_ids) value by value."""
@@ -118,11 +128,21 @@ def metadata_json(table: pa.Table, columns: list[str]) -> pa.Array:
     for name in columns:
         column = table.column(name)
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        fields.append(pc.binary_join_element_wise(pa.scalar(json.dumps(name, ensure_ascii=False) + ":"), json_values(column), ""))
+        fields.append(
+            pc.binary_join_element_wise(pa.scalar(json.dumps(name, ensure_ascii=False) + ":"), json_values(column), "")
+        )
     return pc.binary_join_element_wise(pa.scalar("{"), pc.binary_join_element_wise(*fields, ","), pa.scalar("}"), "")
 
 
-_JSON_ESCAPES = [("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f")]
+_JSON_ESCAPES = [
+    ("\\", "\\\\"),
+    ('"', '\\"'),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\t", "\\t"),
+    ("\b", "\\b"),
+    ("\f", "\\f"),
+]
 
 
 def json_values(column: pa.Array) -> pa.Array:
@@ -133,7 +153,10 @@ def json_values(column: pa.Array) -> pa.Array:
         for raw, escaped in _JSON_ESCAPES:
             text = pc.replace_substring(text, raw, escaped)
         if pc.any(pc.match_substring_regex(text, r"[\x00-\x1f]")).as_py():  # other control characters: \u00XX
-            text = pa.array([None if v is None else json.dumps(v, ensure_ascii=False)[1:-1] for v in column.to_pylist()], pa.string())
+            text = pa.array(
+                [None if v is None else json.dumps(v, ensure_ascii=False)[1:-1] for v in column.to_pylist()],
+                pa.string(),
+            )
         quoted = pc.binary_join_element_wise(pa.scalar('"'), text, pa.scalar('"'), "")
     elif pa.types.is_boolean(kind):
         quoted = pc.if_else(column, pa.scalar("true"), pa.scalar("false"))
@@ -154,7 +177,7 @@ def hash64(values: pa.Array, prefix: bytes = b"") -> np.ndarray:
     value, no Python string per value)."""
     values = values.cast(pa.string()) if not pa.types.is_string(values.type) else values
     _, offsets_buffer, data_buffer = values.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[values.offset: values.offset + len(values) + 1]
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[values.offset : values.offset + len(values) + 1]
     data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
     out = np.empty(len(values), dtype="<u8")
     view = out.view(np.uint8).reshape(-1, 8)
@@ -188,5 +211,13 @@ def prepare(batch: RowBatch, fields: list[str], template: str | None, id_column:
     metadata = metadata_json(table, others)
     typed_ids = pc.binary_join_element_wise(pc.if_else(is_int, pa.scalar("i"), pa.scalar("s")), ids, "")
     content = pc.binary_join_element_wise(typed_ids, texts, metadata, "\x1f")
-    return Documents(row_ids=row_ids, texts=texts, doc_ids=ids, doc_id_is_int=is_int, metadata=metadata,
-                     id_hashes=hash64(typed_ids), content_hashes=hash64(content), skipped=skipped)
+    return Documents(
+        row_ids=row_ids,
+        texts=texts,
+        doc_ids=ids,
+        doc_id_is_int=is_int,
+        metadata=metadata,
+        id_hashes=hash64(typed_ids),
+        content_hashes=hash64(content),
+        skipped=skipped,
+    )

@@ -1,6 +1,6 @@
 """Capacity plan: bytes and hours of a build from the corpus size, as a pure function of numbers.
 
-Sizes are arithmetic on FAISS's layout (rayindex.parts.index_params.index_memory_parts, checked against
+Sizes are arithmetic on FAISS's layout (rayindex.ivf.index_params.index_memory_parts, checked against
 faiss.serialize_index in tests). Hours divide the work by throughputs: the CPU figures were
 measured on the 2-core development machine (docs/benchmarks.md); every GPU figure, and the merge
 rate, is an estimate and is labelled so. Each number in a plan carries a "basis":
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from rayindex.parts.index_params import (
+from rayindex.ivf.index_params import (
     MIN_POINTS_PER_CENTROID,
     choose_index_string,
     default_nprobe,
     index_memory_parts,
+    max_nlist_for,
     parse_index_string,
     training_sample_size,
 )
@@ -26,11 +27,21 @@ SCAN_MEASURED_CODE_BYTES = 16  # PQ16: the code size the scan rate was measured 
 # one thread scanning one serving part of the 100M-vector benchmark index (IVF2048,PQ16, nprobe 16, warm
 # page cache): 160 queries probing 278,866,161 codes in 4.57 s; 4 parts one after the other took 4.93 s
 SCAN_CODES_PER_S_PER_CORE = 278_866_161 / 4.57
-SCAN_SOURCE = (f"{SHARDED_BENCH}'s index: search_preassigned of 160 queries over 278.9M PQ16 codes in 4.57 s, one thread, "
-               "in process (serving adds Serve's fan-out)")
+SCAN_SOURCE = (
+    f"{SHARDED_BENCH}'s index: search_preassigned of 160 queries over 278.9M PQ16 codes in 4.57 s, one thread, "
+    "in process (serving adds Serve's fan-out)"
+)
+COARSE_BENCH = (
+    "benchmarks/coarse_assign_benchmark.py --batch 50000 --json docs/benchmark-coarse-assign.json, 2026-12-04, "
+    "2 cores, no GPU"
+)
+HNSW_ADD_SECONDS = 109.85  # 1,000,000 vectors added to IVF65536_HNSW32,PQ48np with 2 threads
+HNSW_MEASURED_NLIST = 65_536
 ENCODE_BENCH = "benchmarks/encode_benchmark.py --json docs/benchmark-encode.json, 2026-11-29, 2 cores, no GPU"
 DATA_PATH_DOCS = 126_240
-DATA_PATH_PER_CORE = DATA_PATH_DOCS / 20.6045 / 2  # the encoders' steady time, 2 actors on 2 cores: 3,063 docs/s per core
+DATA_PATH_PER_CORE = (
+    DATA_PATH_DOCS / 20.6045 / 2
+)  # the encoders' steady time, 2 actors on 2 cores: 3,063 docs/s per core
 
 # Throughputs per core (per GPU below), each with where it comes from.
 MEASURED_CPU: dict[str, dict] = {
@@ -41,10 +52,20 @@ MEASURED_CPU: dict[str, dict] = {
         "source": f"{BENCH}: 1,600 docs in 41.3 s in one process with 2 torch threads (38.7 docs/s)",
     },
     "add_vectors_per_s_per_core": {
-        # add cost is mostly the coarse assignment: scaled by nlist/1024 for a flat quantizer (see plan_capacity)
+        # add cost is mostly the coarse assignment: scaled by nlist/1024 for a flat quantizer (see add_hours); at
+        # 65,536 lists that predicts 1,214 vectors/s on 2 cores: coarse_assign_benchmark.py measured 1,149 and 1,380
         "value": 200_000 / 2.575 / 2,
         "basis": "measured",
         "source": f"{BENCH}: add of 200,000 x 384 vectors to IVF1024,PQ48np in 2.58 s, 2 tasks",
+    },
+    "add_hnsw_vectors_per_s_per_core": {
+        # an HNSW32 quantizer walks a graph (efSearch 16) instead of computing nlist distances per vector: 5.3x the
+        # flat assignment rate at 65,536 lists; its cost grows about with log(nlist), so it is used as is for any
+        # nlist. A repeat on 262,144 vectors under heavier load from other work gave 5,699 vectors/s (flat: 1,380)
+        "value": 1_000_000 / HNSW_ADD_SECONDS / 2,
+        "basis": "measured",
+        "source": f"{COARSE_BENCH}: add of 1,000,000 x 384 vectors to IVF65536_HNSW32,PQ48np in "
+        f"{HNSW_ADD_SECONDS} s, 2 threads (9,104 vectors/s; a flat IVF65536 quantizer: 1,149)",
     },
     "train_vectors_x_centroids_per_s_per_core": {
         # includes PQ48 codebook training (about half: IVF1024,Flat alone trained in 3.85 s the same day),
@@ -79,8 +100,9 @@ ESTIMATED_GPU: dict[str, dict] = {
     "gpu_forward_docs_per_s": {
         "value": 20_000.0,
         "basis": "estimate",
-        "source": "estimate, not measured: all-MiniLM-L6-v2 fp16 forward pass on one current datacenter GPU, ~100-token "
-                  "docs (benchmarks/encode_benchmark.py --gpu measures it where a GPU is lent)",
+        "source": "estimate, not measured: all-MiniLM-L6-v2 fp16 forward pass on one current datacenter GPU, "
+        "~100-token "
+        "docs (benchmarks/encode_benchmark.py --gpu measures it where a GPU is lent)",
     },
     "train_vectors_x_centroids_per_s_per_gpu": {
         # k-means is matrix products: ~2*d*niter flops per vector x centroid; a few TFLOP/s effective
@@ -90,16 +112,14 @@ ESTIMATED_GPU: dict[str, dict] = {
     },
 }
 
-# An HNSW coarse quantizer visits about efSearch (16) x 2*M neighbours per vector whatever nlist:
-# taken as as costly as the measured flat IVF1024 assignment
-HNSW_ASSIGN_EQUIVALENT_NLIST = 1024
-MEASURED_NLIST = 1024  # the nlist the add throughput was measured at
+MEASURED_NLIST = 1024  # the nlist the flat quantizer's add throughput was measured at
 DOC_ROW_ID_BYTES = 8  # vector_ids.npy: one int64 per passage
 PASSAGE_OVERLAP = 1 / 8  # the default overlap: text stored twice in the doc store
 
 
-def plan_serving(n: int, spec, loaded_bytes: int, inverted_list_bytes: int, shards: int, nprobe: int | None,
-                 cores: int, rates: dict) -> dict:
+def plan_serving(
+    n: int, spec, loaded_bytes: int, inverted_list_bytes: int, shards: int, nprobe: int | None, cores: int, rates: dict
+) -> dict:
     """Serving `n` vectors over `shards` serving shards (query/sharded.py): what the router and each shard
     hold, and the searches per second that `cores` cores scanning inverted lists sustain. A query scans
     nprobe lists of n / nlist codes each, wherever they are: sharding spreads that work, it does not add to it."""
@@ -109,15 +129,25 @@ def plan_serving(n: int, spec, loaded_bytes: int, inverted_list_bytes: int, shar
     codes_per_query = nprobe * n / spec.nlist
     resident = loaded_bytes - inverted_list_bytes
     return {
-        "router_ram": _item(resident, "computed", "trained.faiss: coarse centroids, transforms, codebooks (no inverted list)"),
-        "shard_lists": _item(inverted_list_bytes / shards, "computed", f"inverted lists / {shards} shards: each shard's files, "
-                                                                        "memory-mapped (its page cache when hot)"),
-        "shard_ram_anon": _item(resident, "computed", "a part index holds the trained index too, and its lists' headers"),
+        "router_ram": _item(
+            resident, "computed", "trained.faiss: coarse centroids, transforms, codebooks (no inverted list)"
+        ),
+        "shard_lists": _item(
+            inverted_list_bytes / shards,
+            "computed",
+            f"inverted lists / {shards} shards: each shard's files, memory-mapped (its page cache when hot)",
+        ),
+        "shard_ram_anon": _item(
+            resident, "computed", "a part index holds the trained index too, and its lists' headers"
+        ),
         "doc_store_copied": _item(0, "computed", "read by id on demand from the output store (docs/storage.md)"),
-        "queries_per_s": _item(rate * cores / codes_per_query, scan["basis"],
-                               f"{cores} cores x {rate:,.3g} codes/s ({scan['value']:,.3g} at {SCAN_MEASURED_CODE_BYTES} code bytes, "
-                               f"x {SCAN_MEASURED_CODE_BYTES}/{spec.code_bytes}) / (nprobe {nprobe} x n / nlist = "
-                               f"{codes_per_query:,.0f} codes per query)"),
+        "queries_per_s": _item(
+            rate * cores / codes_per_query,
+            scan["basis"],
+            f"{cores} cores x {rate:,.3g} codes/s ({scan['value']:,.3g} at {SCAN_MEASURED_CODE_BYTES} code bytes, "
+            f"x {SCAN_MEASURED_CODE_BYTES}/{spec.code_bytes}) / (nprobe {nprobe} x n / nlist = "
+            f"{codes_per_query:,.0f} codes per query)",
+        ),
     }
 
 
@@ -125,10 +155,28 @@ def _item(value: float, basis: str, how: str) -> dict:
     return {"value": value, "basis": basis, "how": how}
 
 
+def add_hours(n: int, spec, rates: dict, cores: int, gpus: int) -> dict:
+    """Hours of adding n vectors on `cores` CPU cores (the add stage uses no GPU): at the measured HNSW add rate
+    for an HNSW coarse quantizer, else at the rate measured at nlist 1024 scaled by nlist / 1024 (a flat
+    quantizer computes one distance per centroid)."""
+    if spec.hnsw_m:
+        add, scale = rates["add_hnsw_vectors_per_s_per_core"], 1.0
+        work = f"n (HNSW quantizer, measured at nlist {HNSW_MEASURED_NLIST:,})"
+    else:
+        add, scale = rates["add_vectors_per_s_per_core"], max(1.0, spec.nlist / MEASURED_NLIST)
+        work = f"n x {scale:g} (nlist {spec.nlist} vs {MEASURED_NLIST} measured)"
+    how = f"{work} / ({add['value']:.0f} vectors/s x {cores} cores)"
+    if gpus:
+        how += "; on CPU cores: the GPUs encode and train, the add stage uses none"
+    return _item(n * scale / (add["value"] * cores) / 3600, _basis(add["basis"]), how)
+
+
 def _rates(gpus: int, throughputs: dict | None) -> dict[str, dict]:
     rates = {**MEASURED_CPU, **(ESTIMATED_GPU if gpus > 0 else {})}
     for key, value in (throughputs or {}).items():
-        rates[key] = dict(value) if isinstance(value, dict) else {"value": float(value), "basis": "given", "source": "caller"}
+        rates[key] = (
+            dict(value) if isinstance(value, dict) else {"value": float(value), "basis": "given", "source": "caller"}
+        )
     return rates
 
 
@@ -140,10 +188,21 @@ def _basis(*bases: str) -> str:
     return "computed"
 
 
-def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None, gpus: int = 0,
-                  max_index_bytes: int | None = None, throughputs: dict | None = None, cores: int = 2,
-                  train_cores: int | None = None, avg_doc_bytes: int = 1000, cpus_per_gpu: float = 4,
-                  passages_per_doc: float = 1.0, serving_shards: int = 1, nprobe: int | None = None) -> dict:
+def plan_capacity(
+    n_docs: float,
+    dim: int = 384,
+    index_string: str | None = None,
+    gpus: int = 0,
+    max_index_bytes: int | None = None,
+    throughputs: dict | None = None,
+    cores: int = 2,
+    train_cores: int | None = None,
+    avg_doc_bytes: int = 1000,
+    cpus_per_gpu: float = 4,
+    passages_per_doc: float = 1.0,
+    serving_shards: int = 1,
+    nprobe: int | None = None,
+) -> dict:
     """Sizes and stage hours of building an index over n_docs documents split into passages_per_doc
     passages each on average: every vector-sized quantity (embeddings, codes, ids, index choice,
     training, encode, add, merge) counts passages, n = n_docs x passages_per_doc; the doc store keeps each
@@ -153,7 +212,8 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
     which the train task reserves (default: cores). With gpus > 0, encode runs one actor per GPU, fed by
     cpus_per_gpu CPUs (the encoder's reservation: a GPU node's CPUs divided by its GPUs): a GPU encodes at
     the smaller of its forward pass (estimated) and what those CPUs' data path delivers (measured), and
-    the plan says which bounds it; training runs its k-means on one GPU (estimated). throughputs overrides entries of
+    the plan says which bounds it; training runs its k-means on one GPU (estimated); the add runs on the CPU cores
+    either way (add_hours), and the index is the one the build chooses, GPUs or not. throughputs overrides entries of
     MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source). Serving over serving_shards
     shards at nprobe (default: the build's): plan_serving.
     """
@@ -175,13 +235,22 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
         "codes": _item(parts["codes"], "computed", f"n x {spec.code_bytes} bytes ({spec.encoding} codes)"),
         "ids": _item(parts["ids"], "computed", "n x 8 bytes (int64 ids in the inverted lists)"),
         "inverted_lists_disk": _item(inverted_lists, "computed", "codes + ids: index.ivfdata on disk"),
-        "index_ram_mmap": _item(loaded - inverted_lists, "computed",
-                                "centroids, HNSW graph, codebooks, transforms, list headers; probed lists come through the page cache"),
+        "index_ram_mmap": _item(
+            loaded - inverted_lists,
+            "computed",
+            "centroids, HNSW graph, codebooks, transforms, list headers; probed lists come through the page cache",
+        ),
         "index_ram_loaded": _item(loaded, "computed", "everything in RAM (faiss.read_index without mmap)"),
-        "doc_store": _item(docs, "estimate", f"n_docs x {avg_doc_bytes} bytes avg_doc_bytes x {1 + overlap:g} (passage overlap) + "
-                                             "n x 8 byte vector id"),
-        "build_disk_peak": _item(n * dim * 4 + 2 * inverted_lists + docs, "estimate",
-                                 "fp32 embeddings + shard indexes + merged lists + doc store"),
+        "doc_store": _item(
+            docs,
+            "estimate",
+            f"n_docs x {avg_doc_bytes} bytes avg_doc_bytes x {1 + overlap:g} (passage overlap) + n x 8 byte vector id",
+        ),
+        "build_disk_peak": _item(
+            n * dim * 4 + 2 * inverted_lists + docs,
+            "estimate",
+            "fp32 embeddings + shard indexes + merged lists + doc store",
+        ),
     }
 
     bound = None
@@ -191,8 +260,10 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
         bound = "CPU data path" if fed < forward["value"] else "GPU forward pass"
         per_gpu, limiting = min(fed, forward["value"]), feed if fed < forward["value"] else forward
         encode_rate, encode_basis = per_gpu * gpus, limiting["basis"]
-        encode_how = (f"n / ({per_gpu:,.0f} docs/s x {gpus} GPU): min(GPU forward {forward['value']:,.0f}, data path "
-                      f"{feed['value']:,.0f} docs/s/core x {cpus_per_gpu:g} CPUs per GPU = {fed:,.0f}); bound by the {bound}")
+        encode_how = (
+            f"n / ({per_gpu:,.0f} docs/s x {gpus} GPU): min(GPU forward {forward['value']:,.0f}, data path "
+            f"{feed['value']:,.0f} docs/s/core x {cpus_per_gpu:g} CPUs per GPU = {fed:,.0f}); bound by the {bound}"
+        )
         train = rates["train_vectors_x_centroids_per_s_per_gpu"]
         train_rate, train_how = train["value"], f"{n_train:,} x {spec.nlist:,} / {train['value']:.3g} per s on 1 GPU"
     else:
@@ -202,28 +273,30 @@ def plan_capacity(n_docs: float, dim: int = 384, index_string: str | None = None
         train = rates["train_vectors_x_centroids_per_s_per_core"]
         train_rate = train["value"] * train_cores
         train_how = f"{n_train:,} x {spec.nlist:,} / ({train['value']:.3g} per s x {train_cores} cores)"
-    add = rates["add_vectors_per_s_per_core"]
-    assign_nlist = HNSW_ASSIGN_EQUIVALENT_NLIST if spec.hnsw_m else spec.nlist
-    add_scale = max(1.0, assign_nlist / MEASURED_NLIST)  # coarse assignment: one distance per centroid
     merge = rates["merge_bytes_per_s"]
     hours = {
         "encode": _item(n / encode_rate / 3600, _basis(encode_basis), encode_how),
         "train": _item(n_train * spec.nlist / train_rate / 3600, _basis(train["basis"]), train_how),
-        "add": _item(n * add_scale / (add["value"] * cores) / 3600,
-                     _basis(add["basis"], "estimate" if spec.hnsw_m else "measured"),
-                     f"n x {add_scale:g} (nlist {spec.nlist} vs {MEASURED_NLIST} measured) / "
-                     f"({add['value']:.0f} vectors/s x {cores} cores)"),
-        "merge": _item(inverted_lists / merge["value"] / 3600, _basis(merge["basis"]),
-                       f"inverted lists / {merge['value'] / 1e6:.0f} MB/s"),
+        "add": add_hours(n, spec, rates, cores, gpus),
+        "merge": _item(
+            inverted_lists / merge["value"] / 3600,
+            _basis(merge["basis"]),
+            f"inverted lists / {merge['value'] / 1e6:.0f} MB/s",
+        ),
     }
-    hours["total"] = _item(sum(h["value"] for h in hours.values()), _basis(*(h["basis"] for h in hours.values())),
-                           "stages run one after another")
+    hours["total"] = _item(
+        sum(h["value"] for h in hours.values()),
+        _basis(*(h["basis"] for h in hours.values())),
+        "stages run one after another",
+    )
 
     warnings = []
-    if n_train < MIN_POINTS_PER_CENTROID * spec.nlist:
-        warnings.append(f"training sample {n_train:,} is under {MIN_POINTS_PER_CENTROID} x nlist "
-                        f"({MIN_POINTS_PER_CENTROID * spec.nlist:,}): FAISS will warn; consider --train-sample "
-                        f"{MIN_POINTS_PER_CENTROID * spec.nlist} (training time grows in proportion)")
+    if n_train < MIN_POINTS_PER_CENTROID * spec.nlist:  # the default sample has that many unless the corpus has not
+        warnings.append(
+            f"training sample {n_train:,} (the whole corpus) is under {MIN_POINTS_PER_CENTROID} x nlist "
+            f"({MIN_POINTS_PER_CENTROID * spec.nlist:,}): FAISS will warn; consider an nlist of at most "
+            f"{max_nlist_for(n_train):,}"
+        )
     if max_index_bytes is not None and loaded > max_index_bytes:
         warnings.append(f"{index_string!r} needs {loaded:,} bytes loaded, over max_index_bytes {max_index_bytes:,}")
     return {
@@ -262,9 +335,11 @@ def _human_hours(value: float) -> str:
 def format_plan(plan: dict) -> Table:
     """The plan as a rich table: quantity, value, basis, how it was obtained."""
     passages = f" in {plan['n_vectors']:,} passages" if plan["n_vectors"] != plan["n_docs"] else ""
-    table = Table(title=f"{plan['n_docs']:,} docs{passages} x {plan['dim']} dims: {plan['index_string']} "
-                        f"(nlist {plan['nlist']:,}, train sample {plan['train_sample']:,})",
-                  caption="\n".join(plan["warnings"]) or None)
+    table = Table(
+        title=f"{plan['n_docs']:,} docs{passages} x {plan['dim']} dims: {plan['index_string']} "
+        f"(nlist {plan['nlist']:,}, train sample {plan['train_sample']:,})",
+        caption="\n".join(plan["warnings"]) or None,
+    )
     for column in ("quantity", "value", "basis", "how"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for name, item in plan["bytes"].items():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -93,7 +93,9 @@ def inspect_file(path: str) -> FileInfo:
     except RayIndexError:
         raise
     except (OSError, ValueError) as exc:
-        raise RayIndexError(f"{path}: cannot read this {fmt} file ({type(exc).__name__}: {exc}); fix or remove it") from exc
+        raise RayIndexError(
+            f"{path}: cannot read this {fmt} file ({type(exc).__name__}: {exc}); fix or remove it"
+        ) from exc
 
 
 def _inspect_jsonl(path: str, fs, fs_path: str) -> FileInfo:
@@ -127,9 +129,14 @@ def _parse_json_line(line: bytes, path: str, row: int) -> tuple[dict, bool]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        advice = "fix or remove that line" if line.endswith(b"\n") else (
-            "the file ends there without a newline, so it looks cut short (an interrupted copy or upload?): "
-            "copy it again, or fix or remove that line")
+        advice = (
+            "fix or remove that line"
+            if line.endswith(b"\n")
+            else (
+                "the file ends there without a newline, so it looks cut short (an interrupted copy or upload?): "
+                "copy it again, or fix or remove that line"
+            )
+        )
         raise RayIndexError(f"{path} line {row + 1}: not valid JSON ({exc.msg}); {advice}") from exc
     if not isinstance(record, dict):
         raise RayIndexError(f"{path} line {row + 1}: expected a JSON object per line, got {type(record).__name__}")
@@ -160,7 +167,9 @@ def check_columns(files: list[FileInfo], required: list[str]) -> None:
                 f"mixed schemas: {first.path} has columns [{', '.join(first.columns)}] but "
                 f"{info.path} has [{', '.join(info.columns)}]; give files with one schema"
             )
-        differing = [c for c in first.column_types if c in info.column_types and info.column_types[c] != first.column_types[c]]
+        differing = [
+            c for c in first.column_types if c in info.column_types and info.column_types[c] != first.column_types[c]
+        ]
         if differing:
             c = differing[0]
             raise RayIndexError(
@@ -277,8 +286,10 @@ def _jsonl_batch(records: list[dict | None], start: int, non_utf8: int, id_colum
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
-                                     pa.string())
+            columns[name] = pa.array(
+                [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
+                pa.string(),
+            )
     table = pa.table(columns) if columns else pa.table({"__empty": pa.nulls(len(records))}).drop(["__empty"])
     raw_ids = None if id_column is None else [None if r is None else r.get(id_column) for r in records]
     return RowBatch(np.arange(start, start + len(records), dtype=np.int64), table, blank, non_utf8, raw_ids)

@@ -15,7 +15,7 @@ import numpy as np
 
 from rayindex.config import PACKAGED_MODEL, BuildConfig
 from rayindex.errors import RayIndexError
-from rayindex.parts.passages import default_overlap, windows
+from rayindex.text.passages import default_overlap, windows
 
 PACKAGED_ALIASES = {PACKAGED_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"}
 
@@ -47,8 +47,9 @@ def load_model(name: str, device: str = "cpu", fp16: bool = False):
 
 def encode_queries(model, texts: list[str], prompt: str | None, normalize: bool) -> np.ndarray:
     """Query vectors as search makes them: the build's query prompt and normalization (from its manifest)."""
-    return model.encode(texts, prompt=prompt, normalize_embeddings=normalize, convert_to_numpy=True,
-                        show_progress_bar=False).astype(np.float32)
+    return model.encode(
+        texts, prompt=prompt, normalize_embeddings=normalize, convert_to_numpy=True, show_progress_bar=False
+    ).astype(np.float32)
 
 
 def embedding_dimension(model) -> int:
@@ -79,19 +80,30 @@ def vector_settings(model, config: BuildConfig) -> VectorSettings:
     similarity = getattr(model, "similarity_fn_name", None) or "cosine"
     metric = config.metric or SIMILARITY_METRICS.get(similarity)
     if metric is None:
-        raise RayIndexError(f"the model's similarity function {similarity!r} has no FAISS metric; give --metric cosine, dot or l2")
+        raise RayIndexError(
+            f"the model's similarity function {similarity!r} has no FAISS metric; give --metric cosine, dot or l2"
+        )
     prompts = getattr(model, "prompts", None) or {}
-    document_prompt = config.document_prompt if config.document_prompt is not None else \
-        next((prompts[n] for n in ("document", "passage", "corpus") if prompts.get(n)), None)
+    document_prompt = (
+        config.document_prompt
+        if config.document_prompt is not None
+        else next((prompts[n] for n in ("document", "passage", "corpus") if prompts.get(n)), None)
+    )
     query_prompt = config.query_prompt if config.query_prompt is not None else (prompts.get("query") or None)
     limit = int(model.max_seq_length)
     size = overlap = None
     if config.passages:
-        window = limit - model.tokenizer.num_special_tokens_to_add(pair=False) - len(prompt_token_ids(model, document_prompt))
+        window = (
+            limit
+            - model.tokenizer.num_special_tokens_to_add(pair=False)
+            - len(prompt_token_ids(model, document_prompt))
+        )
         size = config.passage_tokens or window
         if size > window:
-            raise RayIndexError(f"--passage-tokens {size} is larger than the model's window: at most {window} tokens fit "
-                                f"(max_seq_length {limit} less special and prompt tokens)")
+            raise RayIndexError(
+                f"--passage-tokens {size} is larger than the model's window: at most {window} tokens fit "
+                f"(max_seq_length {limit} less special and prompt tokens)"
+            )
         overlap = default_overlap(size) if config.passage_overlap is None else config.passage_overlap
         if overlap >= size:
             raise RayIndexError(f"--passage-overlap {overlap} must be smaller than the passage size {size}")
@@ -161,15 +173,23 @@ def tokenize(model, texts: list[str], prompt: str | None = None) -> Tokenized:
     encodings = backend.encode_batch(texts, add_special_tokens=True)
     lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
     names = [n for n in getattr(tokenizer, "model_input_names", ("input_ids", "attention_mask")) if n in INPUTS]
-    ids = {n: np.fromiter(itertools.chain.from_iterable(getattr(e, INPUTS[n]) for e in encodings), np.int64, int(lengths.sum()))
-           for n in names}
+    ids = {
+        n: np.fromiter(
+            itertools.chain.from_iterable(getattr(e, INPUTS[n]) for e in encodings), np.int64, int(lengths.sum())
+        )
+        for n in names
+    }
     overflowed = [bool(e.overflowing) for e in encodings]
     truncated = sum(overflowed) + sum(not overflowed[i] and _token_count(model, text) > limit for i, text in cut)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return Tokenized(ids, starts, lengths, truncated, tokenizer.pad_token_id or 0, tokenizer.padding_side == "left")
 
 
-INPUTS = {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"}  # model input -> Encoding field
+INPUTS = {
+    "input_ids": "ids",
+    "token_type_ids": "type_ids",
+    "attention_mask": "attention_mask",
+}  # model input -> Encoding field
 
 
 class Passages(NamedTuple):
@@ -187,7 +207,7 @@ def special_frame(backend) -> tuple[list[int], list[int]]:
     [CLS] / [SEP]), read from its special-tokens mask on a one-word text."""
     encoding = backend.encode("a", add_special_tokens=True)
     content = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
-    return encoding.ids[:content[0]], encoding.ids[content[-1] + 1:]
+    return encoding.ids[: content[0]], encoding.ids[content[-1] + 1 :]
 
 
 def split_passages(model, texts: list[str], size: int, overlap: int, prompt: str | None = None) -> Passages:
@@ -199,8 +219,10 @@ def split_passages(model, texts: list[str], size: int, overlap: int, prompt: str
     tokenizer = model.tokenizer
     backend = backend_tokenizer(model)
     if backend is None:
-        raise RayIndexError(f"passages need a model with a fast (Rust) tokenizer, which {type(tokenizer).__name__} is not; "
-                            "build with --no-passages")
+        raise RayIndexError(
+            f"passages need a model with a fast (Rust) tokenizer, which {type(tokenizer).__name__} is not; "
+            "build with --no-passages"
+        )
     backend.no_truncation()
     backend.no_padding()
     encodings = backend.encode_batch(texts, add_special_tokens=False)
@@ -222,18 +244,26 @@ def split_passages(model, texts: list[str], size: int, overlap: int, prompt: str
         word_start[1:] = words[1:] != words[:-1]
         spans = windows(text, offsets[:, 0], offsets[:, 1], word_start, size, overlap)
         for span in spans:
-            pieces += [head, ids[span.token_start:span.token_end], tail]
+            pieces += [head, ids[span.token_start : span.token_end], tail]
             char_starts.append(span.char_start)
             char_ends.append(span.char_end)
         counts.append(len(spans))
     lengths = np.fromiter((len(p) for p in pieces[1::3]), np.int64) + len(head) + len(tail)
     input_ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     names = [n for n in getattr(tokenizer, "model_input_names", ("input_ids", "attention_mask")) if n in INPUTS]
-    flat = {n: input_ids if n == "input_ids" else np.ones_like(input_ids) if n == "attention_mask" else np.zeros_like(input_ids)
-            for n in names}
+    flat = {
+        n: input_ids
+        if n == "input_ids"
+        else np.ones_like(input_ids)
+        if n == "attention_mask"
+        else np.zeros_like(input_ids)
+        for n in names
+    }
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     tokenized = Tokenized(flat, starts, lengths, 0, tokenizer.pad_token_id or 0, tokenizer.padding_side == "left")
-    return Passages(tokenized, np.asarray(counts, np.int64), np.asarray(char_starts, np.int64), np.asarray(char_ends, np.int64))
+    return Passages(
+        tokenized, np.asarray(counts, np.int64), np.asarray(char_starts, np.int64), np.asarray(char_ends, np.int64)
+    )
 
 
 def _tokenized_by_sentence_transformers(model, texts: list[str], cut: list) -> Tokenized:
@@ -245,7 +275,9 @@ def _tokenized_by_sentence_transformers(model, texts: list[str], cut: list) -> T
     ids = {n: features[n].numpy()[mask].astype(np.int64) for n in INPUTS if n in features}
     encodings = getattr(features, "encodings", None) or []
     overflowed = [bool(e.overflowing) for e in encodings] or list(lengths >= model.max_seq_length)
-    truncated = sum(overflowed) + sum(not overflowed[i] and _token_count(model, text) > model.max_seq_length for i, text in cut)
+    truncated = sum(overflowed) + sum(
+        not overflowed[i] and _token_count(model, text) > model.max_seq_length for i, text in cut
+    )
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     return Tokenized(ids, starts, lengths, int(truncated), getattr(model.tokenizer, "pad_token_id", 0) or 0, left)
 
@@ -269,7 +301,9 @@ def padded(tokenized: Tokenized, rows: np.ndarray) -> dict[str, np.ndarray]:
     real = columns[None, :] < lengths[:, None]
     if tokenized.left_padding:
         real = real[:, ::-1]
-    source = tokenized.starts[rows][:, None] + (columns[None, :] - (width - lengths[:, None] if tokenized.left_padding else 0))
+    source = tokenized.starts[rows][:, None] + (
+        columns[None, :] - (width - lengths[:, None] if tokenized.left_padding else 0)
+    )
     out = {}
     for name, flat in tokenized.ids.items():
         array = np.full((len(rows), width), tokenized.pad_id if name == "input_ids" else 0, dtype=np.int64)
@@ -293,7 +327,7 @@ def embed(model, tokenized: Tokenized, batch_size: int, normalize: bool, rows: n
     device = model.device
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            pick = order[start:start + batch_size]
+            pick = order[start : start + batch_size]
             batch = {name: torch.from_numpy(array).to(device) for name, array in padded(tokenized, rows[pick]).items()}
             batch["modality"] = "text"
             embeddings = model.forward(batch)["sentence_embedding"]

@@ -1,7 +1,7 @@
 """Passages: a document longer than one passage split into overlapping windows of the model's own tokens,
 each ending at a paragraph or sentence boundary where one is in its second half (else at a word start),
 every character of the document inside at least one passage's character span. Plain functions on a
-text's token offsets: parts/model.py tokenizes, this decides where the windows fall.
+text's token offsets: text/model.py tokenizes, this decides where the windows fall.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def default_overlap(size: int) -> int:
     return size // 8
 
 
-def windows(text: str, starts: np.ndarray, ends: np.ndarray, word_start: np.ndarray, size: int, overlap: int) -> list[Window]:
+def windows(
+    text: str, starts: np.ndarray, ends: np.ndarray, word_start: np.ndarray, size: int, overlap: int
+) -> list[Window]:
     """Token windows of at most `size` tokens over a text whose tokens span text[starts[i]:ends[i]].
 
     A window ends at the last paragraph or sentence boundary in its second half, else at the last word
@@ -53,14 +55,14 @@ def windows(text: str, starts: np.ndarray, ends: np.ndarray, word_start: np.ndar
         end = limit
         if limit < n:
             low = start + size // 2
-            breaks = np.flatnonzero(at_break[low + 1:limit + 1])
-            words = np.flatnonzero(at_word[low + 1:limit + 1]) if not len(breaks) else breaks
+            breaks = np.flatnonzero(at_break[low + 1 : limit + 1])
+            words = np.flatnonzero(at_word[low + 1 : limit + 1]) if not len(breaks) else breaks
             end = low + 1 + int(words[-1]) if len(words) else limit
         spans.append((start, end))
         if end >= n:
             break
         back = max(start + 1, end - overlap)
-        start = back + int(np.argmax(at_word[back:end + 1]))  # the first word start at or after it (end is one)
+        start = back + int(np.argmax(at_word[back : end + 1]))  # the first word start at or after it (end is one)
     out = []
     for i, (a, b) in enumerate(spans):
         char_start = 0 if i == 0 else int(starts[a])

@@ -1,0 +1,76 @@
+"""Starting the serving application from `rayindex serve` (and the Python API): the index and the
+exposure checked first, a local Ray started with the proxy's gate (gate.py) when none is running,
+replicas checked to fit a local Ray, then Ray Serve's HTTP proxy and the app (serve.app_builder)."""
+
+import os
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from rayindex.config import AppConfig, ServeConfig
+from rayindex.errors import UsageError
+from rayindex.infra.ray_session import ensure_ray, ray_address
+from rayindex.infra.storage import is_remote
+from rayindex.query.gate import API_KEY_ENV, api_key_from_environment
+from rayindex.query.gate import CALLBACK as GATE_CALLBACK
+from rayindex.query.serve import app_builder
+from rayindex.query.sharded import current_split
+from rayindex.versions import open_current
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def check_exposure(config: ServeConfig, api_key: str | None) -> None:
+    """Refuse to serve on a non-loopback host without an API key, unless --insecure says it is meant."""
+    if config.host not in LOOPBACK and not api_key and not config.insecure:
+        raise UsageError(
+            f"--host {config.host} serves beyond this machine and RAYINDEX_API_KEY is not set: anyone who reaches "
+            "the port could search and ask. Set RAYINDEX_API_KEY (clients send Authorization: Bearer <key>), or "
+            "pass --insecure if the network is private"
+        )
+
+
+def check_fits(config: AppConfig, cpus: float) -> None:
+    """Refuse replicas that reserve more CPUs than this (local, fixed-size) Ray has, naming the options."""
+    wanted = (
+        config.replica_cpus * (config.replicas or 1) + config.shard_cpus * (config.shards or 0) * config.shard_replicas
+    )
+    if wanted > cpus:
+        raise UsageError(
+            f"the replicas reserve {wanted:g} CPUs ({config.replicas or 1} x --replica-cpus {config.replica_cpus:g}"
+            + (
+                f" + {config.shards} shards x {config.shard_replicas} x --shard-cpus {config.shard_cpus:g}"
+                if config.shards
+                else ""
+            )
+            + f"), this Ray has {cpus:g}: lower --replica-cpus/--shard-cpus (fractions are fine), or join a bigger "
+            "cluster with --ray-address"
+        )
+
+
+def start_serving(config: ServeConfig) -> None:
+    """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
+    and deploy the app (returns when it is up)."""
+    api_key = config.api_key or api_key_from_environment()
+    check_exposure(config, api_key)
+    if config.shards:  # fails here, with a clear message, when nothing complete and intact is published
+        current_split(config.index, config.shards)
+    else:
+        open_current(config.index)
+    index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
+    app_config = AppConfig(
+        **config.model_dump(include=set(AppConfig.model_fields)) | {"index": index, "api_key": api_key}
+    )
+    if not ray.is_initialized():  # the Ray started here: its proxy checks bodies and tokens before reading a body
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
+        if api_key:
+            os.environ[API_KEY_ENV] = api_key
+    started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
+    ensure_ray(config.ray_address)
+    if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
+        check_fits(app_config, ray.cluster_resources().get("CPU", 0))
+    serve.start(
+        http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5}
+    )
+    serve.run(app_builder(app_config), name="rayindex", route_prefix="/")

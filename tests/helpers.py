@@ -1,0 +1,117 @@
+"""Plain helpers the tests and the benchmarks share (fixtures live in conftest.py): a free loopback port,
+the environment of a Ray client subprocess, small corpus files, a build's settings, an S3 output name,
+and clients searching a server while something else happens."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayindex.config import BuildConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client_env() -> dict:
+    """The environment of a Ray client run as a subprocess (rayindex, serve, ray CLIs) against the session's
+    Ray: token auth as the session has it (Ray 2.60 turns it on for a local cluster; a client given an
+    address must be told)."""
+    token = (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
+    )
+    return dict(
+        os.environ, RAY_AUTH_MODE="token" if token else "disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 50) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def build_args(corpus, output, *options: str) -> list[str]:
+    """`rayindex build` of a test corpus as a user types it (the corpora's id column and template), without
+    the program: callers put the console script, `python -m rayindex` or a job entrypoint in front."""
+    return ["build", str(corpus), "-o", str(output), "--id-column", "id", "--template", "{title}: {body}", *options]
+
+
+def build_config(inputs, output, **overrides) -> BuildConfig:
+    values = dict(
+        inputs=[str(i) for i in inputs],
+        output=str(output),
+        id_column="id",
+        template="{title}: {body}",
+        shards=3,
+        index="IVF8,PQ16np",
+        seed=7,
+        tune=False,
+    )
+    values.update(overrides)
+    return BuildConfig(**values)
+
+
+def s3_output(s3_server, name: str) -> str:
+    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def searches_meanwhile(url: str, payload: dict, clients: int):
+    """`clients` threads POSTing payload to <url>/search until the block ends; yields (responses' bodies,
+    failures: status codes or errors)."""
+    import httpx
+
+    results, failures, stop = [], [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/search", json=payload)
+                    (results.append(r.json()) if r.status_code == 200 else failures.append(r.status_code))
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield results, failures
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def wait_for_version(client, run_id: str, timeout_s: float = 120) -> None:
+    """Until /healthz reports run_id (and a second more, for requests under way to finish)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and client.get("/healthz").json()["version"] != run_id:
+        time.sleep(0.2)
+    time.sleep(1)
+
+
+# the session Ray's dashboard (the job server), which test_jobs, test_resume and test_deploy reach
+DASHBOARD_PORT = free_port()
