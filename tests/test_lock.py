@@ -59,6 +59,36 @@ def test_expired_lock_and_lock_of_a_dead_process_are_taken_over(store):
         assert holder(store)["run_id"] == "run-d" and lock.generation == 4
 
 
+class ListingThatRacedATakeover(Store):
+    """A local store whose first listing of LOCK shows nothing: what readdir may return while another taker
+    links generation g+1 and deletes g (entries added or removed during a readdir need not be returned)."""
+
+    raced = False
+
+    def list_files(self, rel: str) -> list[str]:
+        if not self.raced:
+            self.raced = True
+            return []
+        return super().list_files(rel)
+
+
+def test_a_taker_whose_listing_missed_the_new_generation_loses(tmp_path):
+    """The race behind two winners in one round of test_racing_takers...: the generation the late taker
+    creates (1, deleted by the winner of 2) is lower than the highest, so it is removed and the run refuses."""
+    plant(
+        Store(str(tmp_path)),
+        2,
+        run_id="winner",
+        host=socket.gethostname(),
+        pid=os.getppid(),  # alive, and not this process (whose own dead runs' locks count as gone)
+        expires_at=time.time() + 600,
+    )
+    late = OutputLock(ListingThatRacedATakeover(str(tmp_path)), "late")
+    with pytest.raises(RayIndexError, match="locked by run winner"):
+        late.acquire()
+    assert Store(str(tmp_path)).list_files("LOCK") == [f"{2:012d}"]
+
+
 def test_a_damaged_lock_is_refused_naming_it(store):
     store.write_text(generation_rel(1), "not json")
     with pytest.raises(RayIndexError, match=r"LOCK/000000000001 is not a rayindex lock; delete .*LOCK if no run"):

@@ -132,6 +132,9 @@ class RagService:
     def _watch_current(self) -> None:
         output = Store(self.config.index)
         while not self._stop.wait(self.config.poll_interval):
+            # Ray exports a gauge only in the export rounds (10 s by default) in which it was recorded: set
+            # once, this replica's version vanished from /metrics two rounds after it started (measured).
+            app.state.metrics.serving.set(1, tags={"version": self.current.run_id})
             named = None
             try:
                 named = current_run_id(output)
