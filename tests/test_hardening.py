@@ -158,6 +158,52 @@ def test_credentials_are_redacted_from_messages():
     assert "sig" not in redact("https://b.s3.amazonaws.com/k?X-Amz-Signature=sig123&x=1").split("=", 1)[1].split("&")[0]
     assert "hunter2" not in user_message(RayIndexError("token=hunter2 rejected"))
     assert "pw" not in user_message(ValueError("s3://AKIA:pw@bucket/x"))
+    assert redact("api_key=abc token: xyz mytoken=q a=token=zz Password = hunter2") == (
+        "api_key=*** token: *** mytoken=*** a=token=*** Password = ***"
+    )
+
+
+ATTACKS = {  # texts that made the earlier patterns backtrack across a long run, and their neighbours
+    "one long word": "a" * 400_000,
+    "a long word, then =": "a" * 400_000 + "=x",
+    "secret words end to end": "token" * 80_000,
+    "schemes end to end": "http" * 100_000,
+    "a scheme and no @": "http://a:" + "b" * 400_000,
+    "a key, then spaces": "token" + " " * 400_000 + "x",
+    "key=value pairs": "x=" * 200_000,
+    "words and dashes": "a-" * 200_000,
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_redaction_takes_linear_time_on_any_text(name):
+    """400,000 characters in well under a second (measured ~0.05 s). The earlier pattern was quadratic:
+    2-4 s for 8,000 characters, and 100,000 in a filter's column name froze a replica for 114 s."""
+    import time
+
+    start = time.perf_counter()
+    redact(ATTACKS[name])
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_huge_filter_column_name_is_refused_at_once_and_quoted_short(built):
+    """The filter of `rayindex search --filter` and /search: a 100,000-character column name (or value) is
+    refused naming the bound, and the message quotes 80 characters of it, not all of it."""
+    from rayindex.query.filters import MAX_NAME_CHARS, MAX_VALUE_CHARS, checked_filter
+
+    index = open_index(built[0])
+    with pytest.raises(RayIndexError, match=f"a column name of at most {MAX_NAME_CHARS} characters") as name:
+        index.matching_ids({"token" * 20_000: "x"})
+    assert len(str(name.value)) < 300 and "(100,000 characters)" in str(name.value)
+    with pytest.raises(RayIndexError, match=f"filter.kind: a value of at most {MAX_VALUE_CHARS} characters") as value:
+        checked_filter({"kind": {"in": ["class", "x" * 100_000]}})
+    assert len(str(value.value)) < 300
+    with pytest.raises(RayIndexError, match="filter: at most 32 columns, not 40"):
+        checked_filter({f"c{i}": "x" for i in range(40)})
+    assert checked_filter({"kind": {"in": ["class", 8]}, "module": "json"}) == {
+        "kind": ["class", "8"],
+        "module": ["json"],
+    }
 
 
 def test_retrieved_text_is_fenced_in_the_prompt():

@@ -13,9 +13,14 @@ import faiss
 import numpy as np
 
 from rayindex.docstore.reader import DocStore
-from rayindex.errors import RayIndexError
+from rayindex.errors import RayIndexError, quoted
 
-MAX_IN_VALUES = 1_000  # values in one {"in": [...]}: bounds the work a request can ask for
+# What one filter may hold: it bounds the work a request can ask for and every string a message quotes
+# (a 100,000-character column name once froze a replica; see errors.py)
+MAX_IN_VALUES = 1_000  # values in one {"in": [...]}
+MAX_COLUMNS = 32  # metadata columns in one filter
+MAX_NAME_CHARS = 256  # characters of a column name (Parquet/JSON column names are far shorter)
+MAX_VALUE_CHARS = 1_000  # characters of one value, as matched (canonical)
 
 
 def canonical(value) -> str:
@@ -33,10 +38,30 @@ def wanted_values(column: str, condition) -> list[str]:
             )
         if len(condition["in"]) > MAX_IN_VALUES:
             raise RayIndexError(f'filter.{column}: at most {MAX_IN_VALUES} values in "in"')
-        return [canonical(v) for v in condition["in"]]
-    if isinstance(condition, list):
+        values = [canonical(v) for v in condition["in"]]
+    elif isinstance(condition, list):
         raise RayIndexError(f'filter.{column}: for several values write {{"in": {json.dumps(condition)[:60]}}}')
-    return [canonical(condition)]
+    else:
+        values = [canonical(condition)]
+    for value in values:
+        if len(value) > MAX_VALUE_CHARS:
+            raise RayIndexError(
+                f"filter.{column}: a value of at most {MAX_VALUE_CHARS} characters, not {quoted(value)}"
+            )
+    return values
+
+
+def checked_filter(conditions) -> dict[str, list[str]]:
+    """column -> the values it accepts, for a filter as a request or the command line gives it; refused
+    (naming the column, quoting at most errors.QUOTED_CHARS of what was given) past the bounds above."""
+    if not isinstance(conditions, dict) or not conditions:
+        raise RayIndexError('filter: give an object of metadata column -> value, e.g. {"section": "8"}')
+    if len(conditions) > MAX_COLUMNS:
+        raise RayIndexError(f"filter: at most {MAX_COLUMNS} columns, not {len(conditions)}")
+    for column in conditions:
+        if len(column) > MAX_NAME_CHARS:
+            raise RayIndexError(f"filter: a column name of at most {MAX_NAME_CHARS} characters, not {quoted(column)}")
+    return {column: wanted_values(column, condition) for column, condition in conditions.items()}
 
 
 class MetadataFilter:
@@ -57,20 +82,18 @@ class MetadataFilter:
                         by_value.setdefault(canonical(value), []).append(vector_id)
             if not by_value:
                 raise RayIndexError(
-                    f"filter: this index has no metadata column {name!r} (metadata holds the corpus columns that "
-                    "are neither the id nor the text)"
+                    f"filter: this index has no metadata column {quoted(name)} (metadata holds the corpus columns "
+                    "that are neither the id nor the text)"
                 )
             self._columns[name] = {v: np.sort(np.asarray(ids, np.int64)) for v, ids in by_value.items()}
         return self._columns[name]
 
     def matching_ids(self, conditions: dict) -> np.ndarray:
         """Sorted vector ids matching every condition."""
-        if not isinstance(conditions, dict) or not conditions:
-            raise RayIndexError('filter: give an object of metadata column -> value, e.g. {"section": "8"}')
         matched = None
-        for column, condition in conditions.items():
+        for column, wanted in checked_filter(conditions).items():
             values = self._column(column)
-            ids = [values[v] for v in wanted_values(column, condition) if v in values]
+            ids = [values[v] for v in wanted if v in values]
             column_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
             matched = column_ids if matched is None else np.intersect1d(matched, column_ids, assume_unique=True)
         return matched
