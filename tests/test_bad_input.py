@@ -173,6 +173,7 @@ def test_a_parquet_text_column_of_numbers_is_refused_before_ray_starts(tmp_path,
     assert f"(run folder {version} kept for inspection; CURRENT was not changed)" in message
 
 
+@pytest.mark.slow  # a build's encode (about 20 s)
 def test_a_jsonl_text_column_of_numbers_is_refused_naming_the_line(tmp_path, output, monkeypatch):
     """JSONL declares no types: the values tell, batch by batch (before Ray starts for a corpus small enough
     for the early id check; here, as for a bigger one, in the encoder)."""
@@ -185,12 +186,13 @@ def test_a_jsonl_text_column_of_numbers_is_refused_naming_the_line(tmp_path, out
         template=None,
         text_columns=["body"],
         index="IVF1,Flat",
+        shards=1,
     )
 
 
 @pytest.mark.slow  # a build with a 3 MB document (about 20 s)
-def test_a_big_document_is_cut_at_max_document_chars_recorded_and_warned(ray_address, tmp_path, docs):
-    """A 3 MB document among small ones: its first --max-document-chars characters are indexed (found by
+def test_a_big_document_is_cut_at_max_doc_chars_recorded_and_warned(ray_address, tmp_path, docs):
+    """A 3 MB document among small ones: its first --max-doc-chars characters are indexed (found by
     search), the rest left out of the index and the doc store, the cut recorded in the manifest (id, where,
     its size, what was kept) and printed as a warning; the build publishes."""
     words = [w for d in docs for w in d["body"].split() if w.isalpha()]
@@ -200,7 +202,7 @@ def test_a_big_document_is_cut_at_max_document_chars_recorded_and_warned(ray_add
     rows = [dict(d) for d in docs[:39]] + [{"id": "big", "title": "Big", "body": big, "module": "x", "kind": "x"}]
     corpus = write_parquet(tmp_path / "docs.parquet", rows)
     out = tmp_path / "out"
-    options = ["--index", "IVF1,Flat", "--shards", "1", "--no-tune", "--max-document-chars", "20000", "--quiet"]
+    options = ["--index", "IVF1,Flat", "--shards", "1", "--no-tune", "--max-doc-chars", "20000", "--quiet"]
     result = CliRunner().invoke(app, [*build_args(corpus, out), *options])
     assert result.exit_code == 0, result.output
     published = open_index(out)
@@ -210,7 +212,7 @@ def test_a_big_document_is_cut_at_max_document_chars_recorded_and_warned(ray_add
     assert cut.id == "big" and cut.where == f"{corpus} row 39" and cut.chars == len(text)
     assert 19_900 <= cut.kept_chars <= 20_000 and published.manifest.counts.skipped == {CUT: 1}
     warning = published.manifest.warnings[0]
-    assert warning.startswith("1 document(s) longer than --max-document-chars 20,000 were cut")
+    assert warning.startswith("1 document(s) longer than --max-doc-chars 20,000 were cut")
     assert f"warning: {warning}" in " ".join(result.output.split())
     hit = published.search(f"Big: {head}", k=1)[0]
     assert hit["id"] == "big" and hit["start"] == 0
@@ -318,7 +320,7 @@ def test_wrong_id_type_names_file_line_and_column(tmp_path, docs, output):
 
 def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tmp_path):
     """Rows that are repaired (non-UTF-8 bytes, unpaired surrogates), truncated (a 10 MB document, with
-    --no-passages: cut at --max-document-chars, then the model reads its first 256 tokens) or skipped
+    --no-passages: cut at --max-doc-chars, then the model reads its first 256 tokens) or skipped
     (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
     huge = " ".join(f"word{i % 997} and more" for i in range(700_000))  # 10 MB: the model reads its first 256 tokens
     assert len(huge) > 10_000_000

@@ -195,7 +195,7 @@ def test_build_help_documents_every_option():
         "--document-prompt",
         "--query-prompt",
         "--tune",
-        "--max-document-chars",
+        "--max-doc-chars",
     ):
         assert option in result.stdout, option
     assert "50000" in result.stdout and "[default: (text)]" in result.stdout  # defaults shown, from BuildConfig

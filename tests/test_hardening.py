@@ -29,7 +29,7 @@ from rayindex.manifest import Manifest
 from rayindex.query.gate import authorized, refusal
 from rayindex.query.generate import build_prompt
 from rayindex.query.search import open_index
-from rayindex.versions import publish, save_manifest, version_store
+from rayindex.versions import check_publishable, publish, save_manifest, version_store
 
 from helpers import build_args, build_config, client_env, write_parquet
 
@@ -141,10 +141,11 @@ def test_disk_full_build_fails_clean(ray_address, docs, tmp_path):
         timeout=300,
         preexec_fn=small_files,
     )
-    assert run.returncode == 1 and "Traceback" not in run.stderr and "\x1b[" not in run.stderr
     (version,) = (out / VERSIONS).iterdir()
+    failure = run.stderr[run.stderr.index("error:") :]  # before it: Ray's own log lines (connecting)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "\x1b[" not in failure
     error = f"error: no space left to write {version / MERGED_FILE} (File too large): free space"
-    assert " ".join(run.stderr.split()).startswith(error)  # one line (rich wraps it at the terminal's width)
+    assert failure.startswith(error) and failure.count("\n") == 2  # the error line, and the run folder's
     assert f"(run folder {version} kept for inspection; CURRENT was not changed)" in " ".join(run.stderr.split())
     assert not (out / CURRENT).exists()
     left = [p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith((".new", ".download"))]
@@ -274,6 +275,23 @@ def test_a_local_output_the_cluster_does_not_see_is_refused_before_encoding(ray_
         message
     )
     assert list(private.iterdir()) == []  # nothing of the run reached the folder the cluster sees
+
+
+@pytest.mark.slow  # the session's S3 build, copied (about 40 s with the build)
+def test_an_s3_object_changed_after_its_push_is_not_published(s3_build, s3_server, tmp_path, monkeypatch):
+    """On S3 the check before publishing reads each file's checked copy in the node's mirror and lists the
+    objects' sizes: an object that no longer has its pushed size is refused, naming it. (Here a copy of the
+    session's S3 build, in a cache of its own.)"""
+    monkeypatch.setenv("RAYINDEX_CACHE", str(tmp_path / "cache"))
+    output, manifest = s3_build
+    copy = output + "-copy"
+    s3_server.fs.copy(output.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
+    version = version_store(Store(copy), manifest.run_id)
+    check_publishable(version, manifest)  # every object pulled into the mirror and checked
+    damaged = "shards/00000/docs.parquet"
+    s3_server.fs.pipe_file(version.url(damaged).removeprefix("s3://"), b"not the doc store")
+    with pytest.raises(RayIndexError, match=rf"not publishing {manifest.run_id}: {version.url(damaged)} is 17 bytes"):
+        check_publishable(version, manifest)
 
 
 def test_temp_files_a_killed_writer_left_are_not_published(output):

@@ -18,7 +18,7 @@ PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # tokens (224 new each), about 1% of a default shard (50,000 documents, at least a passage each); text with
 # about a character a token (CJK) gives ~2,200 passages, 4.5%. Measured on this 2-core machine: see
 # docs/build.md ("Big documents").
-MAX_DOCUMENT_CHARS = 500_000
+MAX_DOC_CHARS = 500_000
 
 
 def parse_bytes(text: str | int) -> int:
@@ -111,8 +111,8 @@ class BuildConfig(Settings):
     passage_overlap: int | None = Field(
         None, ge=0, description="Tokens a passage shares with the one before (default: --passage-tokens / 8)."
     )
-    max_document_chars: int = Field(
-        MAX_DOCUMENT_CHARS,
+    max_doc_chars: int = Field(
+        MAX_DOC_CHARS,
         ge=1_000,
         description="Characters of a document that are indexed; a longer one is cut at a whitespace before this "
         "and the rest left out (recorded in the manifest and warned about).",

@@ -75,7 +75,7 @@ class PassageSplit(BaseModel):
 
 
 class CutDocument(BaseModel):
-    """A document longer than --max-document-chars: only its first kept_chars characters were indexed."""
+    """A document longer than --max-doc-chars: only its first kept_chars characters were indexed."""
 
     id: str  # the corpus id, as text
     where: str  # "file row N" / "file line N"

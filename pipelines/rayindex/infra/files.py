@@ -23,8 +23,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 TEMP_SUFFIXES = (".tmp", ".download", ".new")
 
 
-class DiskFull(RayIndexError):
-    """A write failed for want of space; the message names the file (one line, also from a Ray worker)."""
+class DiskFull(RayIndexError, OSError):
+    """A write failed for want of space; the message names the file (one line, also from a Ray worker). Still
+    an OSError, for whoever catches write failures as such."""
 
 
 def no_space(exc: BaseException) -> str | None:

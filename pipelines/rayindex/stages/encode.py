@@ -70,7 +70,7 @@ from rayindex.text.shard_plan import locate_row
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
-CUT_LISTED = 100  # documents cut at --max-document-chars listed per shard in the manifest (all are counted)
+CUT_LISTED = 100  # documents cut at --max-doc-chars listed per shard in the manifest (all are counted)
 
 
 class Chunk(NamedTuple):
@@ -144,7 +144,7 @@ class ShardEncoder:
         for piece in shard.pieces:
             for batch in read_piece(piece, id_column=cfg.id_column):
                 docs = prepare(
-                    batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece), cfg.max_document_chars
+                    batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece), cfg.max_doc_chars
                 )
                 texts = docs.texts.to_pylist()
                 if settings.passage_tokens:
@@ -484,7 +484,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 previous=previous,
             )
     manifest.counts = count_documents(manifest.shard_states)
-    warning = cut_warning(manifest.shard_states, config.max_document_chars)
+    warning = cut_warning(manifest.shard_states, config.max_doc_chars)
     if warning and warning not in manifest.warnings:
         manifest.warnings.append(warning)
     if manifest.counts.docs_encoded == 0:
@@ -508,13 +508,13 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
 
 
 def cut_warning(states: list[ShardState], max_chars: int) -> str | None:
-    """What the CLI prints when documents were cut at --max-document-chars: how many, and the longest listed."""
+    """What the CLI prints when documents were cut at --max-doc-chars: how many, and the longest listed."""
     cut = sum(s.skipped.get(CUT, 0) for s in states)
     if not cut:
         return None
     longest = max((d for s in states for d in s.cut_documents), key=lambda d: d.chars)
     return (
-        f"{cut:,} document(s) longer than --max-document-chars {max_chars:,} were cut, only their start indexed: "
+        f"{cut:,} document(s) longer than --max-doc-chars {max_chars:,} were cut, only their start indexed: "
         f"the longest listed, id {longest.id!r} ({longest.where}), has {longest.chars:,} characters, "
         f"{longest.kept_chars:,} kept; listed (up to {CUT_LISTED} a shard) in manifest.json, "
         "shard_states[].cut_documents"

@@ -1,7 +1,7 @@
 """Documents from a batch of corpus rows, column by column (pyarrow compute over the whole batch, no
 Python dict per row): which rows have text, the text to embed (--text-column joined with ": ", or a
 --template), the corpus ids, the metadata the doc store keeps, and 64-bit hashes of ids and contents;
-a text longer than --max-document-chars cut first. Also the corpus's duplicate ids, read without the model.
+a text longer than --max-doc-chars cut first. Also the corpus's duplicate ids, read without the model.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rayindex.text.shard_plan import locate_row
 BLANK_LINE = "blank_line"  # a JSONL line with nothing on it
 EMPTY_TEXT = "empty_or_null_text"  # every text column null or whitespace
 NON_UTF8 = "non_utf8_replaced (kept)"  # text that was not Unicode, replaced with U+FFFD
-CUT = "cut_at_max_document_chars (kept)"  # longer than --max-document-chars: its head indexed, the rest left out
+CUT = "cut_at_max_doc_chars (kept)"  # longer than --max-doc-chars: its head indexed, the rest left out
 JOINER = ": "  # between --text-column values
 
 
@@ -225,12 +225,13 @@ def cut_text(text: str, chars: int) -> str:
 
 def cap_texts(texts: pa.Array, chars: int) -> tuple[pa.Array, list[tuple[int, int, int]]]:
     """The texts with every one longer than `chars` cut (cut_text), and (position, length, kept length) of
-    each cut one. Only the long ones become Python strings."""
+    each cut one. Only the heads of the long ones become Python strings (sliced in Arrow first)."""
     lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
     long = np.flatnonzero(lengths > chars)
     if not len(long):
         return texts, []
-    kept = {int(i): cut_text(texts[int(i)].as_py(), chars) for i in long}
+    heads = pc.utf8_slice_codeunits(texts.take(pa.array(long)), 0, chars + 1).to_pylist()
+    kept = {int(i): cut_text(head, chars) for i, head in zip(long, heads)}
     capped = pa.array([kept.get(i, None) for i in range(len(texts))], pa.string())
     return pc.if_else(pc.is_null(capped), texts, capped), [(i, int(lengths[i]), len(t)) for i, t in kept.items()]
 
