@@ -14,11 +14,14 @@ from rayindex.builder import build
 from rayindex.cli import app
 from rayindex.errors import RayIndexError
 from rayindex.ivf.index import make_index
-from rayindex.layout import CURRENT, MANIFEST, VERSIONS
+from rayindex.layout import CURRENT, DOCS_FILE, MANIFEST, VERSIONS
 from rayindex.manifest import Counts, Manifest
 from rayindex.query.search import open_index
+from rayindex.stages import encode
+from rayindex.stages import plan as plan_stage
 from rayindex.stages.train import check_trainable
 from rayindex.text.corpus import check_id
+from rayindex.text.documents import CUT
 
 from helpers import build_args, build_config, write_jsonl, write_parquet
 
@@ -116,6 +119,107 @@ def test_duplicate_ids_name_an_example_and_where(tmp_path, docs, output):
         rf"duplicate id '{docs[3]['id']}' in column 'id' .* at: .*a\.parquet row 3; .*b\.jsonl row 10",
         index="IVF1,Flat",
     )
+
+
+def no_ray(monkeypatch) -> None:
+    """Make starting or joining Ray for the encode stage fail the test: what it checks happens before."""
+
+    def refuse(*_):
+        raise AssertionError("the encode stage started: Ray was needed")
+
+    monkeypatch.setattr(encode, "connect", refuse)
+
+
+def test_duplicate_ids_of_a_small_local_corpus_are_refused_before_ray_starts(tmp_path, docs, monkeypatch):
+    """Read without the model (ids and text columns): the same message, before any encoder exists; a row
+    without text is no document, so its id repeats nothing (as in the encode stage's check)."""
+    no_ray(monkeypatch)
+    write_parquet(tmp_path / "in" / "a.parquet", docs[:20] + [dict(docs[5], title=None, body=None)])
+    write_jsonl(tmp_path / "in" / "b.jsonl", docs[20:30] + [docs[3], docs[4], docs[3]])
+    with pytest.raises(
+        RayIndexError,
+        match=rf"^duplicate id '{docs[3]['id']}' in column 'id' \(3 duplicate\(s\) in all\), at: "
+        rf"\S*a\.parquet row 3; \S*b\.jsonl row 10\. Ids must be unique",
+    ):
+        build(build_config([tmp_path / "in"], tmp_path / "out", index="IVF1,Flat"))
+
+
+@pytest.mark.slow  # a build's encode (about 15 s)
+def test_duplicate_ids_past_the_early_check_are_found_by_the_encode_stage(tmp_path, docs, output, monkeypatch):
+    """A corpus too big (or remote) for the early check: the encode stage's hashes find the duplicate, and
+    name it the same way."""
+    monkeypatch.setattr(plan_stage, "EARLY_ID_CHECK_BYTES", 0)
+    write_parquet(tmp_path / "in" / "a.parquet", [dict(d, body=d["body"][:100]) for d in docs[:20]])
+    write_jsonl(tmp_path / "in" / "b.jsonl", [dict(d, body=d["body"][:100]) for d in docs[20:30] + [docs[3]]])
+    fails(
+        [tmp_path / "in"],
+        output,
+        rf"duplicate id '{docs[3]['id']}' in column 'id' \(1 duplicate\(s\) in all\), at: .*a\.parquet row 3; "
+        r".*b\.jsonl row 10\. Ids must be unique",
+        index="IVF1,Flat",
+    )
+
+
+def test_a_parquet_text_column_of_numbers_is_refused_before_ray_starts(tmp_path, docs, monkeypatch):
+    """Its type is in the file's schema: refused at the plan, naming the file, the column and its type; the
+    CLI says the run folder it made is kept."""
+    no_ray(monkeypatch)
+    corpus = write_parquet(tmp_path / "n.parquet", [{"id": d["id"], "body": i} for i, d in enumerate(docs[:5])])
+    result = CliRunner().invoke(app, ["build", str(corpus), "-o", str(tmp_path / "out"), "--text-column", "body"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in message
+    assert f"error: {corpus}: text column 'body' holds int64 values, not text; give --text-column the column" in message
+    (version,) = (tmp_path / "out" / VERSIONS).iterdir()
+    assert f"(run folder {version} kept for inspection; CURRENT was not changed)" in message
+
+
+@pytest.mark.slow  # a build's encode (about 20 s)
+def test_a_jsonl_text_column_of_numbers_is_refused_naming_the_line(tmp_path, output, monkeypatch):
+    """JSONL declares no types: the values tell, batch by batch (before Ray starts for a corpus small enough
+    for the early id check; here, as for a bigger one, in the encoder)."""
+    monkeypatch.setattr(plan_stage, "EARLY_ID_CHECK_BYTES", 0)
+    write_jsonl(tmp_path / "x.jsonl", [{"id": str(i), "body": i * 7} for i in range(5)])
+    fails(
+        [tmp_path / "x.jsonl"],
+        output,
+        r"x\.jsonl line 1: text column 'body' holds int64 values, not text",
+        template=None,
+        text_columns=["body"],
+        index="IVF1,Flat",
+        shards=1,
+    )
+
+
+@pytest.mark.slow  # a build with a 3 MB document (about 20 s)
+def test_a_big_document_is_cut_at_max_doc_chars_recorded_and_warned(ray_address, tmp_path, docs):
+    """A 3 MB document among small ones: its first --max-doc-chars characters are indexed (found by
+    search), the rest left out of the index and the doc store, the cut recorded in the manifest (id, where,
+    its size, what was kept) and printed as a warning; the build publishes."""
+    words = [w for d in docs for w in d["body"].split() if w.isalpha()]
+    big = " ".join(f"{words[(i * 7919) % len(words)]}" for i in range(500_000))  # varied text, ~3 MB
+    head = big[:400]
+    tail = big[-400:]
+    rows = [dict(d) for d in docs[:39]] + [{"id": "big", "title": "Big", "body": big, "module": "x", "kind": "x"}]
+    corpus = write_parquet(tmp_path / "docs.parquet", rows)
+    out = tmp_path / "out"
+    options = ["--index", "IVF1,Flat", "--shards", "1", "--no-tune", "--max-doc-chars", "20000", "--quiet"]
+    result = CliRunner().invoke(app, [*build_args(corpus, out), *options])
+    assert result.exit_code == 0, result.output
+    published = open_index(out)
+    (shard,) = published.manifest.shard_states
+    (cut,) = shard.cut_documents
+    text = f"Big: {big}"
+    assert cut.id == "big" and cut.where == f"{corpus} row 39" and cut.chars == len(text)
+    assert 19_900 <= cut.kept_chars <= 20_000 and published.manifest.counts.skipped == {CUT: 1}
+    warning = published.manifest.warnings[0]
+    assert warning.startswith("1 document(s) longer than --max-doc-chars 20,000 were cut")
+    assert f"warning: {warning}" in " ".join(result.output.split())
+    hit = published.search(f"Big: {head}", k=1)[0]
+    assert hit["id"] == "big" and hit["start"] == 0
+    stored = pq.read_table(out / VERSIONS / published.manifest.run_id / "shards" / "00000" / DOCS_FILE)
+    kept = [t for d, t in zip(stored["doc_id"].to_pylist(), stored["text"].to_pylist()) if d == "big"]
+    assert max(stored["end"].to_pylist()) <= cut.kept_chars and 10 < len(kept) < 100
+    assert tail not in "".join(kept)
 
 
 def test_index_string_faiss_rejects_fails_before_encoding(corpus_dir, output):
@@ -216,7 +320,8 @@ def test_wrong_id_type_names_file_line_and_column(tmp_path, docs, output):
 
 def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tmp_path):
     """Rows that are repaired (non-UTF-8 bytes, unpaired surrogates), truncated (a 10 MB document, with
-    --no-passages) or skipped (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
+    --no-passages: cut at --max-doc-chars, then the model reads its first 256 tokens) or skipped
+    (blank line, null/empty text, text keys missing) all land in counts["skipped"]."""
     huge = " ".join(f"word{i % 997} and more" for i in range(700_000))  # 10 MB: the model reads its first 256 tokens
     assert len(huge) > 10_000_000
     write_parquet(
@@ -243,6 +348,7 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
             "blank_line": 1,
             "empty_or_null_text": 3,
             "truncated_to_max_seq_length (kept)": 1,
+            CUT: 1,
         },
     ).model_dump(exclude={"tokens_encoded"})
     published = open_index(tmp_path / "out")
@@ -251,7 +357,8 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
     assert [h["id"] for h in published.search("parquet doc 1: int ids", k=1)] == [1]
     assert [h["id"] for h in published.search("a string id: not the same id as the integer 1", k=1)] == ["1"]
     hit = published.search(f"huge: {huge[:5000]}", k=1)[0]  # the query is truncated like the document was
-    assert hit["id"] == "huge" and hit["score"] > 0.999 and hit["text"] == f"huge: {huge}"  # the doc store keeps it all
+    assert hit["id"] == "huge" and hit["score"] > 0.999  # the doc store keeps what was indexed:
+    assert f"huge: {huge}".startswith(hit["text"]) and 499_000 < len(hit["text"]) <= 500_000  # the default cap
 
 
 def test_output_not_writable(tmp_path, corpus_dir):

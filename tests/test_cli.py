@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,6 +134,36 @@ def test_cli_errors_are_messages_not_tracebacks_with_exit_codes(tmp_path):
         assert named in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
 
 
+def test_docs_give_the_exit_codes_the_cli_uses():
+    """1 for a run that failed (as test_cli_errors_are_messages_not_tracebacks_with_exit_codes sees), 2 for a
+    usage error: what docs/build.md and docs/operations.md promise an operator's scripts."""
+    build_md = " ".join((ROOT / "docs" / "build.md").read_text().split())
+    operations_md = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    assert "the CLI exits with code 1 (2 for a usage error: an option that cannot work)" in build_md
+    assert "exits 0 when it published, 1 (with an `error:` line) when it did not" in operations_md
+    assert "exits with code 2, no" not in build_md and "published and 2" not in operations_md
+
+
+def test_a_failure_names_the_run_folder_only_when_one_was_made(tmp_path, corpus_dir):
+    """A build refused before it made a version folder (the output is locked by a live run: here pid 1)
+    does not say a run folder was kept (test_a_parquet_text_column_of_numbers_is_refused_before_ray_starts
+    shows one that made it)."""
+    from typer.testing import CliRunner
+
+    from rayindex.cli import app
+    from rayindex.infra.lock import generation_rel
+    from rayindex.infra.storage import Store
+
+    out = tmp_path / "out"
+    holder = {"run_id": "other", "host": socket.gethostname(), "pid": 1, "expires_at": time.time() + 600}
+    Store(str(out)).write_text(generation_rel(1), json.dumps(holder))
+    result = CliRunner().invoke(app, ["build", str(corpus_dir), "-o", str(out), "--quiet"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the output is locked by run other" in message
+    assert message.endswith("(CURRENT was not changed)") and "run folder" not in message
+    assert [p.name for p in (out / "versions").iterdir()] == []
+
+
 def test_build_help_documents_every_option():
     result = run([RAYINDEX, "build", "--help"], cwd=ROOT)
     assert result.returncode == 0
@@ -163,6 +195,7 @@ def test_build_help_documents_every_option():
         "--document-prompt",
         "--query-prompt",
         "--tune",
+        "--max-doc-chars",
     ):
         assert option in result.stdout, option
     assert "50000" in result.stdout and "[default: (text)]" in result.stdout  # defaults shown, from BuildConfig

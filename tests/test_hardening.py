@@ -1,9 +1,14 @@
 """Nothing read from the store is trusted (CURRENT, manifest keys, every serving file by checksum), a
-failed build leaves no trace but a failed manifest, secrets stay out of messages, retrieved text is
-fenced in the prompt, and a build without --ray-address never joins a dead cluster."""
+failed build leaves no trace but a failed manifest, a version is checked against its manifest before it is
+published, secrets stay out of messages, retrieved text is fenced in the prompt, and a build without
+--ray-address never joins a dead cluster."""
 
+import errno
 import json
+import os
+import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,16 +17,21 @@ from pathlib import Path
 
 import pytest
 
+from rayindex import builder
 from rayindex.errors import RayIndexError, redact, user_message
-from rayindex.infra.files import atomic_file
+from rayindex.infra.files import atomic_file, no_space
+from rayindex.infra.lock import OutputLock, generation_rel
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.ray_session import check_shared_folder, nodes_not_seeing
 from rayindex.infra.storage import Store
-from rayindex.layout import CURRENT, INDEX_INFOS_FILE, MANIFEST, MERGED_FILE, VERSIONS
+from rayindex.layout import CURRENT, INDEX_INFOS_FILE, LOCK_DIR, MANIFEST, MERGED_FILE, VERSIONS
 from rayindex.manifest import Manifest
 from rayindex.query.gate import authorized, refusal
 from rayindex.query.generate import build_prompt
 from rayindex.query.search import open_index
+from rayindex.versions import check_publishable, publish, save_manifest, version_store
 
-from helpers import build_args, client_env, write_parquet
+from helpers import build_args, build_config, client_env, write_parquet
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -131,18 +141,194 @@ def test_disk_full_build_fails_clean(ray_address, docs, tmp_path):
         timeout=300,
         preexec_fn=small_files,
     )
-    assert (
-        run.returncode == 1
-        and "error:" in run.stderr
-        and "File too large" in run.stderr
-        and "Traceback" not in run.stderr
-    )
-    assert "CURRENT was not changed" in run.stderr and not (out / CURRENT).exists()
+    (version,) = (out / VERSIONS).iterdir()
+    failure = run.stderr[run.stderr.index("error:") :]  # before it: Ray's own log lines (connecting)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "\x1b[" not in failure
+    error = f"error: no space left to write {version / MERGED_FILE} (File too large): free space"
+    assert failure.startswith(error) and failure.count("\n") == 2  # the error line, and the run folder's
+    assert f"(run folder {version} kept for inspection; CURRENT was not changed)" in " ".join(run.stderr.split())
+    assert not (out / CURRENT).exists()
     left = [p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith((".new", ".download"))]
     assert left == []
-    (version,) = (out / VERSIONS).iterdir()
     failed = Manifest.load(version)
-    assert failed.status == "failed" and "File too large" in failed.error
+    assert failed.status == "failed" and failed.error.startswith(f"no space left to write {version / MERGED_FILE}")
+    assert "\n" not in failed.error and "\x1b[" not in failed.error
+
+
+def test_a_full_disk_in_a_ray_worker_is_one_line_naming_the_file(ray_address, tmp_path):
+    """A write that fails for want of space in a Ray worker (here: a file size limit, in a worker used once)
+    reaches the user as one line naming the file, not the worker's remote traceback in colour."""
+    import ray
+
+    @ray.remote(max_calls=1, max_retries=0)  # the limit dies with this worker
+    def write_too_much(path: str) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"x" * (1 << 20))
+
+    with pytest.raises(ray.exceptions.RayTaskError) as failed:
+        ray.get(write_too_much.remote(str(tmp_path / "embeddings.f32")))
+    message = user_message(failed.value)
+    assert message.startswith(f"no space left to write {tmp_path / 'embeddings.f32'} (File too large): free space")
+    assert "\n" not in message and "\x1b[" not in message and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        RuntimeError(  # what FAISS raises
+            "Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: Error: "
+            "'ret == (size * 4)' failed: write error in /x/.index.faiss.7.tmp: 4051 != 512000 (No space left on device)"
+        ),
+        OSError("Error writing bytes to file. Detail: [errno 122] Disk quota exceeded"),  # pyarrow's, no errno
+    ],
+)
+def test_no_space_is_recognised_in_what_the_libraries_raise(raised, tmp_path):
+    assert no_space(raised) in ("No space left on device", "Disk quota exceeded")
+    with pytest.raises(RayIndexError, match=r"^no space left to write .*/index\.faiss \((No space|Disk quota)"):
+        with atomic_file(tmp_path / "index.faiss"):
+            raise raised
+    assert no_space(OSError(errno.EACCES, "Permission denied")) is None
+
+
+def after_stage(monkeypatch, name: str, damage) -> None:
+    """The build runs damage(version folder) right after its stage `name`: what a fault, another process or
+    an attacker could do to the files between their write and the publish."""
+
+    def with_damage(run):
+        def stage(config, manifest, version, progress):
+            result = run(config, manifest, version, progress)
+            damage(version.local_root)
+            return result
+
+        return stage
+
+    monkeypatch.setattr(builder, "STAGES", tuple((n, with_damage(r) if n == name else r) for n, r in builder.STAGES))
+
+
+@pytest.mark.slow  # a build, and its re-run (about 25 s)
+def test_a_byte_flipped_before_publishing_is_refused_naming_the_file(ray_address, docs, tmp_path, monkeypatch):
+    """index.faiss damaged after the merge wrote and hashed it: the build refuses to publish it (the file
+    named), CURRENT does not move, and re-running the same build redoes the merge and publishes."""
+    corpus = write_parquet(tmp_path / "docs.parquet", docs[:60])
+    out = tmp_path / "out"
+
+    def flip(version_dir: Path) -> None:
+        data = bytearray((version_dir / MERGED_FILE).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (version_dir / MERGED_FILE).write_bytes(bytes(data))
+
+    config = build_config([corpus], out, shards=2, index="IVF2,Flat")
+    with monkeypatch.context() as patched:
+        after_stage(patched, "merge", flip)
+        with pytest.raises(RayIndexError) as refused:
+            builder.build(config)
+    (version,) = (out / VERSIONS).iterdir()
+    assert str(refused.value).startswith(
+        f"not publishing {version.name}: {version / MERGED_FILE} does not match its checksum in the manifest"
+    )
+    assert not (out / CURRENT).exists()
+    failed = Manifest.load(version)
+    assert failed.status == "failed" and MERGED_FILE in failed.error
+    published = builder.build(config)
+    assert published.run_id == version.name and (out / CURRENT).read_text().strip() == version.name
+    assert published.resumed[-1].previous_error == failed.error and not published.reused.merge
+
+
+def test_nodes_that_do_not_read_the_probe_are_named():
+    answers = {"10.0.0.1": "t0ken", "10.0.0.2": None, "10.0.0.3": "a stale probe"}
+    assert nodes_not_seeing("t0ken", answers) == ["10.0.0.2", "10.0.0.3"]
+    assert nodes_not_seeing("t0ken", {"10.0.0.1": "t0ken"}) == []
+
+
+def test_every_node_of_the_session_sees_a_local_folder(ray_address, tmp_path):
+    check_shared_folder(tmp_path)  # one task per node read the probe back
+    assert list(tmp_path.iterdir()) == []  # and it is gone
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root and unshare(1) for a folder only the driver sees",
+)
+def test_a_local_output_the_cluster_does_not_see_is_refused_before_encoding(ray_address, docs, tmp_path):
+    """The driver runs in a mount namespace where the output folder is a tmpfs of its own, as on a machine
+    whose disk the cluster's nodes do not mount: the build refuses before encoding, saying what to do."""
+    corpus = write_parquet(tmp_path / "docs.parquet", docs[:20])
+    private = tmp_path / "private"
+    private.mkdir()
+    build = shlex.join([RAYINDEX, *build_args(corpus, private / "out"), "--ray-address", ray_address, "--quiet"])
+    run = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs {shlex.quote(str(private))} && exec {build}"],
+        capture_output=True,
+        text=True,
+        env=client_env(),
+        timeout=300,
+    )
+    message = " ".join(run.stderr.split())
+    assert run.returncode == 1 and "Traceback" not in message, run.stderr
+    assert re.search(
+        rf"error: the output {private}/out/versions/\S+ is local to this machine: node\(s\) \S+ of", message
+    )
+    assert "Put --output on a filesystem every node mounts at the same path (NFS, EFS, a shared disk), or on s3://" in (
+        message
+    )
+    assert list(private.iterdir()) == []  # nothing of the run reached the folder the cluster sees
+
+
+@pytest.mark.slow  # the session's S3 build, copied (about 40 s with the build)
+def test_an_s3_object_changed_after_its_push_is_not_published(s3_build, s3_server, tmp_path, monkeypatch):
+    """On S3 the check before publishing reads each file's checked copy in the node's mirror and lists the
+    objects' sizes: an object that no longer has its pushed size is refused, naming it. (Here a copy of the
+    session's S3 build, in a cache of its own.)"""
+    monkeypatch.setenv("RAYINDEX_CACHE", str(tmp_path / "cache"))
+    output, manifest = s3_build
+    copy = output + "-copy"
+    s3_server.fs.copy(output.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
+    version = version_store(Store(copy), manifest.run_id)
+    check_publishable(version, manifest)  # every object pulled into the mirror and checked
+    damaged = "shards/00000/docs.parquet"
+    s3_server.fs.pipe_file(version.url(damaged).removeprefix("s3://"), b"not the doc store")
+    with pytest.raises(RayIndexError, match=rf"not publishing {manifest.run_id}: {version.url(damaged)} is 17 bytes"):
+        check_publishable(version, manifest)
+
+
+def test_temp_files_a_killed_writer_left_are_not_published(output):
+    """A writer SIGKILLed mid-write (an encoder, a task) leaves its .<name>.<pid>.tmp beside the file;
+    publish removes them from the version before CURRENT names it, and only them."""
+    out, published = output
+    manifest = published.model_copy(deep=True)  # the session build's own is shared
+    version_dir = out / VERSIONS / manifest.run_id
+    left = [version_dir / "shards" / "00000" / ".embeddings.f32.4242.tmp", version_dir / ".index.faiss.4242.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    manifest.status = "running"
+    version = version_store(Store(str(out)), manifest.run_id)
+    save_manifest(version, manifest)
+    publish(Store(str(out)), version, manifest)
+    assert not any(path.exists() for path in left)
+    assert Manifest.load(version_dir).status == "published" and open_index(out).search("hello", k=1)
+
+
+def test_the_lock_names_the_version_folder_it_writes(corpus_dir, tmp_path):
+    """A new run's version folder has the lock's run id; a resumed run's lock is re-written to name the
+    run it resumes (and still passes the fence)."""
+    root = Store(str(tmp_path / "out"))
+    config = build_config([corpus_dir], tmp_path / "out")
+    with OutputLock(root, "20261204-230000-aaaaaa") as lock, StageProgress() as progress:
+        manifest, _ = builder.start_or_resume(config, root, progress, None, lock.run_id)
+        assert manifest.run_id == lock.run_id
+        manifest.status = "failed"
+        save_manifest(version_store(root, manifest.run_id), manifest)
+    with OutputLock(root, "20261204-230500-bbbbbb") as lock, StageProgress() as progress:
+        resumed, _ = builder.start_or_resume(config, root, progress, None, lock.run_id)
+        assert resumed.run_id == manifest.run_id != lock.run_id
+        lock.adopt(resumed.run_id)
+        assert lock.run_id == resumed.run_id
+        assert json.loads(root.read_text(generation_rel(lock.generation)))["run_id"] == resumed.run_id
+        lock.check_held()
+    assert root.list_files(LOCK_DIR) == [f"{lock.generation:012d}"]
 
 
 def test_temp_files_are_removed_when_a_write_fails(tmp_path):

@@ -19,7 +19,7 @@ from rayindex.infra.storage import Store
 from rayindex.layout import DOCS_FILE, SHARD_ENCODE_FILES, VECTOR_IDS_FILE, shard_dir, shard_rel
 from rayindex.stages import encode, plan
 from rayindex.text.corpus import RowBatch
-from rayindex.text.documents import prepare
+from rayindex.text.documents import CUT, cut_text, prepare
 from rayindex.text.model import load_model, tokenize
 
 from helpers import build_config, write_parquet
@@ -97,6 +97,37 @@ def test_documents_are_assembled_column_by_column(tmp_path):
         prepare(
             RowBatch(np.arange(1), pa.table({"id": [1.5], "text": ["x"]})), ["text"], None, "id", lambda i: f"row {i}"
         )
+
+
+def test_cut_text_keeps_whole_words_within_the_limit():
+    assert cut_text("short", 10) == "short"
+    assert cut_text("one two three four", 10) == "one two"  # the last whitespace within 10 characters
+    assert cut_text("abcdefghijklmnop", 10) == "abcdefghij"  # no whitespace: cut at the limit
+    assert cut_text("a " + "b" * 30, 10) == "a " + "b" * 8  # a whitespace only in the first half: cut at the limit
+
+
+def test_a_document_longer_than_max_chars_is_cut_before_anything_reads_it_and_listed():
+    """prepare cuts it (so hashing, tokenizing and the doc store see only its head) and lists it: id, where,
+    its length and what was kept; the others pass untouched."""
+    big = " ".join(f"word{i}" for i in range(400_000))  # 3.3 MB
+    table = pa.table({"id": ["small", "big"], "text": ["a short one", big]})
+    docs = prepare(RowBatch(np.arange(5, 7), table), ["text"], None, "id", lambda i: f"c.jsonl line {i + 1}", 2_000)
+    kept = docs.texts.to_pylist()
+    assert kept[0] == "a short one" and big.startswith(kept[1]) and 1_990 <= len(kept[1]) <= 2_000
+    assert docs.skipped == {CUT: 1}
+    assert [d.model_dump() for d in docs.cut] == [
+        {"id": "big", "where": "c.jsonl line 2", "chars": len(big), "kept_chars": len(kept[1])}
+    ]
+
+
+@pytest.mark.parametrize("kind", ["int64", "double", "bool"])
+def test_a_text_column_that_is_not_text_is_refused_naming_it_and_its_type(kind):
+    values = {"int64": [1, 2], "double": [1.5, 2.0], "bool": [True, False]}[kind]
+    batch = RowBatch(np.arange(2), pa.table({"id": ["a", "b"], "body": values}))
+    with pytest.raises(RayIndexError, match=rf"x\.jsonl line 1: text column 'body' holds {kind} values, not text"):
+        prepare(batch, ["body"], None, "id", lambda i: f"x.jsonl line {i + 1}")
+    templated = prepare(batch, ["body"], "{body}", "id", str)  # a template formats any value, on purpose
+    assert len(templated) == 2 and all(templated.texts.to_pylist())
 
 
 def test_prefetch_overlaps_bounds_and_hands_errors_over():

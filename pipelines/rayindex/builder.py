@@ -2,8 +2,9 @@
 default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its
 outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
-included) marks the manifest failed and leaves CURRENT as it was; files are written through
-infra.files.atomic_file, so none is left half-written or as a temp file.
+included, as one line naming the file) marks the manifest failed and leaves CURRENT as it was; files are
+written through infra.files.atomic_file, so none is left half-written, and publish checks the version
+against its manifest and removes what killed writers left. The lock and the version folder share a run id.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError, user_message
+from rayindex.infra.files import DiskFull, disk_full, no_space
 from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, use_s3_endpoint
@@ -49,7 +51,9 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
     root = Store(config.output, config.storage_retry)
     check_output_writable(root)
     with OutputLock(root, new_run_id()) as lock, StageProgress(quiet=quiet) as progress:
-        manifest, version = start_or_resume(config, root, progress, reindex)
+        manifest, version = start_or_resume(config, root, progress, reindex, lock.run_id)
+        if manifest.run_id != lock.run_id:  # resumed: the lock names the version folder it writes
+            lock.adopt(manifest.run_id)
         manifest.lock_generation = lock.generation
         try:
             with timed("plan", manifest, version):
@@ -66,14 +70,28 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
                     run(config, manifest, version, progress)
             publish(root, version, manifest, fence=lock.check_held)
         except BaseException as exc:
-            manifest.status, manifest.error = "failed", user_message(exc)
+            failure = one_line(exc, version)
+            manifest.status, manifest.error = "failed", user_message(failure)
             with contextlib.suppress(Exception):  # the store may be the thing that failed
                 save_manifest(version, manifest)
-            raise
+            failure.run_folder = version.url("")  # the CLI says it is kept (cli.kept_for_inspection)
+            if failure is exc:
+                raise
+            raise failure from exc
         if keep:
             manifest.pruned = prune_versions(root, keep)
             save_manifest(version, manifest)
     return manifest
+
+
+def one_line(exc: BaseException, version: Store) -> BaseException:
+    """The failure as the user sees it: a full disk as one line naming the file (files.DiskFull: atomic_file
+    names it; else the version folder), not a Ray worker's remote traceback or a library's message; any other
+    failure as it is."""
+    reason = no_space(exc) if isinstance(exc, Exception) else None
+    if reason is None or isinstance(getattr(exc, "cause", None) or exc, DiskFull):
+        return exc
+    return disk_full(version.url(""), reason)
 
 
 @contextlib.contextmanager
@@ -87,9 +105,10 @@ def timed(name: str, manifest: Manifest, version: Store):
 
 
 def start_or_resume(
-    config: BuildConfig, root: Store, progress: StageProgress, reindex: Reindex | None = None
+    config: BuildConfig, root: Store, progress: StageProgress, reindex: Reindex | None = None, run_id: str | None = None
 ) -> tuple[Manifest, Store]:
-    """The newest version when it is an unpublished run of this config over the same inputs; else a new one."""
+    """The newest version when it is an unpublished run of this config over the same inputs; else a new one,
+    named run_id (the output lock's: default a new id)."""
     runs = version_ids(root)
     try:
         previous = read_manifest(root, runs[-1]) if runs else None
@@ -114,7 +133,7 @@ def start_or_resume(
             save_manifest(version, previous)
             return previous, version
         progress.note(f"not resuming run {previous.run_id}: the input files changed since it started")
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     version = version_store(root, run_id)
     version.local_root.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -42,8 +43,9 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def command(after_failure: str = ""):
-    """A command: options from the models, and every failure one `error:` line with the right exit code."""
+def command(after_failure: str | Callable[[Exception], str] = ""):
+    """A command: options from the models, and every failure one `error:` line with the right exit code
+    (after_failure: what follows a failure's message, or a function of the failure giving it)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -60,7 +62,7 @@ def command(after_failure: str = ""):
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes one message, not a traceback
-                fail(user_message(exc) + after_failure, 1)
+                fail(user_message(exc) + (after_failure(exc) if callable(after_failure) else after_failure), 1)
 
         return app.command(fn.__name__.removesuffix("_command"))(with_options(run))
 
@@ -74,7 +76,17 @@ def where_is(location: dict) -> str:
     return located(**location)
 
 
-@command(after_failure="\n(run folder kept for inspection; CURRENT was not changed)")
+def kept_for_inspection(exc: Exception) -> str:
+    """What a failed build leaves: its version folder when it made one (builder.build records it)."""
+    folder = getattr(exc, "run_folder", None)
+    return (
+        f"\n(run folder {folder} kept for inspection; CURRENT was not changed)"
+        if folder
+        else "\n(CURRENT was not changed)"
+    )
+
+
+@command(after_failure=kept_for_inspection)
 def build(
     inputs: list[str] | None = typer.Argument(
         None,

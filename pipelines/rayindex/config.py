@@ -13,6 +13,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# A document's cost is bounded by its characters, cut before anything reads them whole (hashing, tokenizing,
+# the doc store). 500,000 characters of English (~4.2 a token) are ~120,000 tokens: ~530 passages of 256
+# tokens (224 new each), about 1% of a default shard (50,000 documents, at least a passage each); text with
+# about a character a token (CJK) gives ~2,200 passages, 4.5%. Measured on this 2-core machine: see
+# docs/build.md ("Big documents").
+MAX_DOC_CHARS = 500_000
 
 
 def parse_bytes(text: str | int) -> int:
@@ -104,6 +110,12 @@ class BuildConfig(Settings):
     )
     passage_overlap: int | None = Field(
         None, ge=0, description="Tokens a passage shares with the one before (default: --passage-tokens / 8)."
+    )
+    max_doc_chars: int = Field(
+        MAX_DOC_CHARS,
+        ge=1_000,
+        description="Characters of a document that are indexed; a longer one is cut at a whitespace before this "
+        "and the rest left out (recorded in the manifest and warned about).",
     )
     document_prompt: str | None = Field(
         None,

@@ -74,6 +74,15 @@ class PassageSplit(BaseModel):
     overlap: int
 
 
+class CutDocument(BaseModel):
+    """A document longer than --max-doc-chars: only its first kept_chars characters were indexed."""
+
+    id: str  # the corpus id, as text
+    where: str  # "file row N" / "file line N"
+    chars: int  # the document's length, in characters
+    kept_chars: int
+
+
 class ShardState(BaseModel):
     shard_id: int
     rows_read: int = 0
@@ -90,6 +99,7 @@ class ShardState(BaseModel):
     docs_footer_sha256: str | None = (
         None  # of docs.parquet's footer (docstore.footer_sha256): checked when a reader opens it
     )
+    cut_documents: list[CutDocument] = Field(default_factory=list)  # the first CUT_LISTED per shard
 
 
 class EncodedShard(ShardState):

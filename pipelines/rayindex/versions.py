@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rayindex.errors import RayIndexError
-from rayindex.infra.files import fsync_tree, write_text_atomic
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.files import fsync_tree, remove_temp_files, write_text_atomic
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.layout import (
     CURRENT,
     DOCS_FILE,
@@ -160,17 +160,42 @@ def describe(version: Store, manifest: Manifest) -> None:
     """Write index_infos.json beside the index (checksummed in the manifest, pushed to the store)."""
     path = version.local(INDEX_INFOS_FILE)
     write_text_atomic(path, json.dumps(index_infos(manifest), indent=2))
-    manifest.files_sha256[INDEX_INFOS_FILE] = file_sha256(path)
+    manifest.files_sha256[INDEX_INFOS_FILE] = written_sha256(path)
     version.push([INDEX_INFOS_FILE])
 
 
+def check_publishable(version: Store, manifest: Manifest) -> None:
+    """Refuse, naming the file, a version whose files are not what its manifest says: each one present with
+    its recorded sha256 (a stat for a file whose hash this node recorded when it was written and that has not
+    changed since, storage.written_sha256; read back whole otherwise: written on another node, reused, or
+    changed after it was written); on an s3:// output each object also of the size of its checked copy (one
+    listing). Re-running the build redoes the refused file: the stages check what they reuse the same way."""
+    try:
+        version.pull(manifest.files_sha256, verify=True)
+    except (FileNotFoundError, RayIndexError) as exc:
+        raise RayIndexError(
+            f"not publishing {manifest.run_id}: {exc}; CURRENT was not changed, re-run the build"
+        ) from None
+    if version.remote:
+        sizes = version.file_sizes()
+        for rel in manifest.files_sha256:
+            if sizes.get(rel) != version.local(rel).stat().st_size:
+                raise RayIndexError(
+                    f"not publishing {manifest.run_id}: {version.url(rel)} is {sizes.get(rel)} bytes, its checked "
+                    f"copy {version.local(rel).stat().st_size}; CURRENT was not changed, re-run the build"
+                )
+
+
 def publish(root: Store, version: Store, manifest: Manifest, fence: Callable[[], None] = lambda: None) -> None:
-    """Make the version durable (every file and folder fsynced, locally), describe it, mark the manifest
-    published, then point CURRENT at it: an atomic rename locally, a single PUT on S3, always last.
+    """Remove the temp files a killed writer left (locally), make the version durable (every file and folder
+    fsynced, locally), describe it, check every file against the manifest (check_publishable), mark the
+    manifest published, then point CURRENT at it: an atomic rename locally, a single PUT on S3, always last.
     fence() (the output lock's check) runs right before each of the two writes that matter."""
     if not version.remote:
+        remove_temp_files(version.local_root)
         fsync_tree(version.local_root)
     describe(version, manifest)
+    check_publishable(version, manifest)
     fence()
     manifest.status = "published"
     save_manifest(version, manifest)
@@ -269,7 +294,7 @@ def save_published(output: str, version_dir: Path, manifest: Manifest, rewritten
     describe it again and write its manifest, to the store too (an s3:// output is not only the cache)."""
     version = version_store(Store(str(output)), manifest.run_id)
     for rel in rewritten:
-        manifest.files_sha256[rel] = file_sha256(version_dir / rel)
+        manifest.files_sha256[rel] = written_sha256(version_dir / rel)
     if version.remote:
         version.push(rewritten)
     describe(version, manifest)

@@ -1,17 +1,55 @@
 """Local file I/O that the stages, the query side and the store share: memory-mapping a shard's stored
 vectors, reading a uniform sample of them, writing a file atomically (temp file, fsync, rename, fsync of
-the folder) and making a whole version durable before it is published."""
+the folder), a full disk reported as one line naming the file, and making a whole version durable (and
+free of temp files) before it is published."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from rayindex.errors import RayIndexError
 from rayindex.layout import EMBEDDINGS_FILE, FP16_FILE
+
+# a disk, a quota or the file size limit full: the write failed for want of space, not for its content
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# the temporary names of a file being written (atomic_file), downloaded (Store.pull) or created
+# (Store.create_exclusive): ".<name>.<pid>[.<random>].<suffix>"
+TEMP_SUFFIXES = (".tmp", ".download", ".new")
+
+
+class DiskFull(RayIndexError, OSError):
+    """A write failed for want of space; the message names the file (one line, also from a Ray worker). Still
+    an OSError, for whoever catches write failures as such."""
+
+
+def no_space(exc: BaseException) -> str | None:
+    """The system's message when exc says there is no space left to write (ENOSPC, EDQUOT, EFBIG), else
+    None. Looks through a Ray task's error (its cause) and the exceptions it wraps, and into the text of a
+    library's error: FAISS raises RuntimeError("... write error in x.faiss: 4051 != 512000 (No space left on
+    device)"), pyarrow an OSError without errno whose text carries the system's message."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return os.strerror(exc.errno)
+        for code in NO_SPACE:
+            if os.strerror(code) in str(exc):
+                return os.strerror(code)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full(path: str | Path, reason: str) -> DiskFull:
+    return DiskFull(
+        f"no space left to write {path} ({reason}): free space on that file system (or raise the file size "
+        "limit), or choose another --output; nothing was published, and re-running the same command resumes"
+    )
 
 
 def load_embeddings(directory: str | Path, count: int, dim: int, name: str = EMBEDDINGS_FILE) -> np.ndarray:
@@ -62,8 +100,31 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except Exception as exc:
+        reason = no_space(exc)
+        if reason is None or isinstance(exc, DiskFull):
+            raise
+        raise disk_full(path, reason) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMP_SUFFIXES)
+
+
+def remove_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files under directory (a writer killed mid-write leaves its .<name>.<pid>.tmp behind:
+    atomic_file's cleanup never ran); returns them. Only for a folder no one is writing into any more: a
+    version about to be published, under the output lock, its encoders and tasks finished."""
+    removed = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            if is_temp_file(name):
+                path = Path(root) / name
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def fsync_tree(directory: str | Path) -> None:

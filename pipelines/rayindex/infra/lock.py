@@ -59,6 +59,7 @@ class OutputLock:
         self.generation: int | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._writing = threading.Lock()  # the renewer's look-and-write and adopt's change of run id, one at a time
         self.lost: str | None = None  # why the lock is no longer ours, if it was taken away
 
     def _content(self, released: bool = False) -> str:
@@ -137,17 +138,28 @@ class OutputLock:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                self.lost = self._superseded()
-                if self.lost:
-                    return
-                self.store.write_text(
-                    generation_rel(self.generation), self._content()
-                )  # only this run writes its generation
-                self.lost = self._superseded()  # a taker that came in between wins: its generation is higher
-                if self.lost:
-                    return
+                with self._writing:
+                    self.lost = self._superseded()
+                    if self.lost:
+                        return
+                    self.store.write_text(
+                        generation_rel(self.generation), self._content()
+                    )  # only this run writes its generation
+                    self.lost = self._superseded()  # a taker that came in between wins: its generation is higher
+                    if self.lost:
+                        return
             except RayIndexError:
                 continue  # the store is down: try again; if another run takes the lock meanwhile, the next look says so
+
+    def adopt(self, run_id: str) -> None:
+        """Hold the lock as run_id from now on (a resumed run: the lock names the version folder being
+        written, not the id this attempt started with). Refused like check_held if the lock was lost."""
+        with self._writing:
+            self.check_held()
+            _held_here.discard(self.run_id)
+            self.run_id = run_id
+            _held_here.add(run_id)
+            self.store.write_text(generation_rel(self.generation), self._content())
 
     def check_held(self) -> None:
         """The fence before publishing: this run's generation is still the highest and unexpired."""

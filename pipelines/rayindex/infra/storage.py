@@ -76,29 +76,54 @@ def inside(rel: str, store: Store) -> str:
         raise RayIndexError(f"{exc}: refused, nothing outside the output or its cache is read or written") from None
 
 
+def _stamp(path: Path) -> list[int]:
+    """What changes whenever the file's bytes do: size, mtime, ctime and inode (ctime changes on every write
+    and cannot be set back)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _records_file(path: Path) -> Path:
+    return cache_root() / "verified" / (hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:20] + ".json")
+
+
+def _records(path: Path) -> dict:
+    try:
+        return json.loads(_records_file(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(path: Path, stamp: list[int], sha256: str) -> None:
+    records = _records(path)
+    records[path.name] = [*stamp, sha256]
+    try:
+        write_text_atomic(_records_file(path), json.dumps(records))
+    except OSError:
+        pass  # a read-only cache only costs a re-check next time
+
+
 def file_matches(path: Path, sha256: str) -> bool:
     """Whether the file's content has this sha256. The answer is remembered per node, keyed by the file's
-    size, mtime, ctime and inode (ctime changes on every write and cannot be set back), so checking an
-    unchanged file again costs a stat instead of reading it (measured in docs/storage.md)."""
-    stat = path.stat()
-    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-    record_file = (
-        cache_root() / "verified" / (hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:20] + ".json")
-    )
-    try:
-        records = json.loads(record_file.read_text())
-    except (OSError, ValueError):
-        records = {}
-    if records.get(path.name) == [*stamp, sha256]:
+    stamp (_stamp), so checking an unchanged file again costs a stat instead of reading it (measured in
+    docs/storage.md)."""
+    stamp = _stamp(path)
+    if _records(path).get(path.name) == [*stamp, sha256]:
         return True
     if file_sha256(path) != sha256:
         return False
-    records[path.name] = [*stamp, sha256]
-    try:
-        write_text_atomic(record_file, json.dumps(records))
-    except OSError:
-        pass  # a read-only cache only costs a re-check next time
+    _remember(path, stamp, sha256)
     return True
+
+
+def written_sha256(path: Path) -> str:
+    """The sha256 of a file this process has just written, remembered like file_matches' answers: checking
+    it before publishing then costs a stat, unless its bytes changed since (its stamp did too)."""
+    stamp = _stamp(path)
+    sha256 = file_sha256(path)
+    if _stamp(path) == stamp:  # not written to while it was read
+        _remember(path, stamp, sha256)
+    return sha256
 
 
 class StorageUnavailable(Unavailable):
@@ -324,6 +349,15 @@ class Store:
             self.retry(f"delete {self.url(rel)}", lambda: fs.rm_file(f"{root}/{rel}"))
         except FileNotFoundError:
             pass
+
+    def file_sizes(self) -> dict[str, int]:
+        """Every object of a remote store (rel path -> bytes), in one recursive listing."""
+        fs, root = self._fs()
+        try:
+            found = self.retry(f"list {self.output}", lambda: fs.find(root, detail=True))
+        except FileNotFoundError:
+            return {}
+        return {name[len(root) + 1 :]: int(info.get("size") or 0) for name, info in found.items()}
 
     def list_dirs(self, rel: str) -> list[str]:
         """Names of the folders under rel (empty when rel does not exist)."""

@@ -13,7 +13,7 @@ from rayindex.infra.files import load_embeddings
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import match_threads_to_ray_cpus
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import read_index, write_index
 from rayindex.layout import EMBEDDINGS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_rel
 from rayindex.manifest import Manifest, ShardState
@@ -41,7 +41,7 @@ def add_shard(version: Store, trained_sha256: str, shard_id: int, count: int, in
         )
     write_index(index, directory / SHARD_INDEX_FILE)
     version.push([shard_rel(shard_id, SHARD_INDEX_FILE)])
-    return file_sha256(directory / SHARD_INDEX_FILE)
+    return written_sha256(directory / SHARD_INDEX_FILE)
 
 
 def add_shards(

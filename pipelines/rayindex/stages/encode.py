@@ -34,9 +34,9 @@ from rayindex.infra.faults import checkpoint
 from rayindex.infra.files import atomic_file, save_npy
 from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
-from rayindex.infra.ray_session import connect
+from rayindex.infra.ray_session import check_shared_folder, connect
 from rayindex.infra.resources import use_gpus
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import make_index
 from rayindex.layout import (
     CONTENT_HASHES_FILE,
@@ -51,9 +51,9 @@ from rayindex.layout import (
     shard_dir,
     shard_rel,
 )
-from rayindex.manifest import Counts, EncodedShard, Manifest, PassageSplit, Shard, ShardState
+from rayindex.manifest import Counts, CutDocument, EncodedShard, Manifest, PassageSplit, Shard, ShardState
 from rayindex.text.corpus import InputUnavailable, read_piece
-from rayindex.text.documents import Documents, prepare
+from rayindex.text.documents import CUT, Documents, duplicate_ids_message, prepare
 from rayindex.text.model import (
     TRUNCATED,
     Tokenized,
@@ -66,9 +66,11 @@ from rayindex.text.model import (
     vector_settings,
 )
 from rayindex.text.reuse import PreviousVectors
+from rayindex.text.shard_plan import locate_row
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
+CUT_LISTED = 100  # documents cut at --max-doc-chars listed per shard in the manifest (all are counted)
 
 
 class Chunk(NamedTuple):
@@ -141,7 +143,9 @@ class ShardEncoder:
         cfg, settings = self.config, self.settings()
         for piece in shard.pieces:
             for batch in read_piece(piece, id_column=cfg.id_column):
-                docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece))
+                docs = prepare(
+                    batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece), cfg.max_doc_chars
+                )
                 texts = docs.texts.to_pylist()
                 if settings.passage_tokens:
                     split = split_passages(
@@ -189,6 +193,7 @@ class ShardEncoder:
         out = version.local(shard_rel(shard.shard_id))
         out.mkdir(parents=True, exist_ok=True)
         skipped: dict[str, int] = {}
+        cut: list[CutDocument] = []
         id_hashes: list[np.ndarray] = []
         contents: list[np.ndarray] = []
         rows_read = encoded = passages = tokens = reused = changed = 0
@@ -202,6 +207,7 @@ class ShardEncoder:
                 rows_read += chunk.rows_read
                 for reason, n in docs.skipped.items():
                     skipped[reason] = skipped.get(reason, 0) + n
+                cut += docs.cut[: CUT_LISTED - len(cut)]
                 if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
                     skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
                 if len(docs):
@@ -225,7 +231,7 @@ class ShardEncoder:
             save_npy(files.enter_context(atomic_file(out / DOC_HASHES_FILE)), concatenated(id_hashes))
             save_npy(files.enter_context(atomic_file(out / CONTENT_HASHES_FILE)), concatenated(contents))
         seconds = time.monotonic() - started
-        shard_files = {shard_rel(shard.shard_id, name): file_sha256(out / name) for name in SHARD_ENCODE_FILES}
+        shard_files = {shard_rel(shard.shard_id, name): written_sha256(out / name) for name in SHARD_ENCODE_FILES}
         version.push(list(shard_files))
         return EncodedShard(
             shard_id=shard.shard_id,
@@ -234,6 +240,7 @@ class ShardEncoder:
             passages=passages,
             tokens_encoded=tokens,
             skipped=skipped,
+            cut_documents=cut,
             vectors_reused=reused,
             ids_changed=changed,
             encode_seconds=round(seconds, 3),
@@ -364,15 +371,6 @@ def encode_shards(
             ray.kill(actor)
 
 
-def locate_row(shards: list[Shard], row_id: int) -> str:
-    """'file row N' for a global row id, for error messages."""
-    for shard in shards:
-        for piece in shard.pieces:
-            if piece.global_start <= row_id < piece.global_start + piece.num_rows:
-                return f"{piece.path} row {row_id - piece.global_start + piece.row_start}"
-    return f"row {row_id}"
-
-
 def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None:
     """Refuse duplicate document ids, naming one and where it occurs."""
     version.pull(manifest.shard_files((DOC_HASHES_FILE,)))
@@ -392,11 +390,7 @@ def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None
             passage = store.get(int(vector_id))
             doc_id = passage["id"]
             places.append(locate_row(manifest.shards, passage["row_id"]))
-    raise RayIndexError(
-        f"duplicate id {doc_id!r} in column {id_column!r} ({len(dups)} duplicate(s) in all), at: "
-        f"{'; '.join(places[:2])}. "
-        "Ids must be unique: fix the corpus or pick another --id-column"
-    )
+    raise RayIndexError(duplicate_ids_message(doc_id, id_column, len(dups), places))
 
 
 VECTOR_SETTINGS = (
@@ -454,8 +448,11 @@ def record_settings(manifest: Manifest, dim: int, device: str, settings: VectorS
 
 def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> Counts:
     """Embeddings, ids and doc store for every shard not already done (each finished shard saved in the
-    manifest at once: a killed driver loses none); then the counts, and the checks on them."""
+    manifest at once: a killed driver loses none), after checking that every node sees a local output;
+    then the counts, and the checks on them."""
     connect(config.ray_address, config.s3_endpoint)
+    if not version.remote:
+        check_shared_folder(version.local_root)
     use_gpu = use_gpus(config.gpu)
     done = done_shards(manifest, version, "embeddings_sha256", SHARD_ENCODE_FILES)
     manifest.reused.encode = sorted(done)
@@ -487,6 +484,9 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 previous=previous,
             )
     manifest.counts = count_documents(manifest.shard_states)
+    warning = cut_warning(manifest.shard_states, config.max_doc_chars)
+    if warning and warning not in manifest.warnings:
+        manifest.warnings.append(warning)
     if manifest.counts.docs_encoded == 0:
         total_rows = sum(s.num_rows for s in manifest.shards)
         raise RayIndexError(
@@ -505,6 +505,20 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
             encoded - r.unchanged,
         )
     return manifest.counts
+
+
+def cut_warning(states: list[ShardState], max_chars: int) -> str | None:
+    """What the CLI prints when documents were cut at --max-doc-chars: how many, and the longest listed."""
+    cut = sum(s.skipped.get(CUT, 0) for s in states)
+    if not cut:
+        return None
+    longest = max((d for s in states for d in s.cut_documents), key=lambda d: d.chars)
+    return (
+        f"{cut:,} document(s) longer than --max-doc-chars {max_chars:,} were cut, only their start indexed: "
+        f"the longest listed, id {longest.id!r} ({longest.where}), has {longest.chars:,} characters, "
+        f"{longest.kept_chars:,} kept; listed (up to {CUT_LISTED} a shard) in manifest.json, "
+        "shard_states[].cut_documents"
+    )
 
 
 def count_documents(states: list[ShardState]) -> Counts:

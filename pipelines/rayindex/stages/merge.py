@@ -20,7 +20,7 @@ from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.infra.faults import checkpoint
 from rayindex.infra.progress import StageProgress
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import index_ids, read_index, set_nprobe, trained_fingerprint, write_index
 from rayindex.layout import IVFDATA_FILE, MERGED_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Manifest, MergedIndex
@@ -86,7 +86,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         on_disk = choose_on_disk(config, sum(os.path.getsize(p) for p in shard_paths))
         merged = merge_shards(str(version_dir / TRAINED_FILE), shard_paths, str(version_dir), on_disk, manifest.nprobe)
         for name in merged.files:
-            manifest.files_sha256[name] = file_sha256(version_dir / name)
+            manifest.files_sha256[name] = written_sha256(version_dir / name)
         version.push(merged.files)
     manifest.merge = merged
     return merged

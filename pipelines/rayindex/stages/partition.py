@@ -13,7 +13,7 @@ import numpy as np
 
 from rayindex.config import BuildConfig
 from rayindex.infra.progress import StageProgress
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import read_index, read_merged
 from rayindex.ivf.serving_split import list_sizes, plan_parts, write_part
 from rayindex.layout import TRAINED_FILE, serving_part_files
@@ -39,7 +39,7 @@ def record(manifest: Manifest, version_dir: Path, shards: int, parts: list[Servi
     """The split into the manifest, its files' checksums with it."""
     for part in parts:
         for rel in part.files:
-            manifest.files_sha256[rel] = file_sha256(version_dir / rel)
+            manifest.files_sha256[rel] = written_sha256(version_dir / rel)
     manifest.serving[shards] = parts
 
 

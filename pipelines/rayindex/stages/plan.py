@@ -1,5 +1,6 @@
-"""Plan stage: list the input files, check their columns, and cut the rows into a deterministic
-shard plan (the same inputs give the same shards and the same global ids)."""
+"""Plan stage: list the input files, check their columns (text columns of text), cut the rows into a
+deterministic shard plan (the same inputs give the same shards and the same global ids), and refuse
+duplicate ids of a corpus small enough to read before Ray starts."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ from typing import NamedTuple
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
+from rayindex.infra.storage import is_remote
 from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
 from rayindex.text import corpus
+from rayindex.text.documents import find_duplicate_ids
 from rayindex.text.model import resolve_model
 from rayindex.text.shard_plan import number_of_shards, plan_shards
+
+# Duplicate ids are looked for before Ray starts when the whole corpus is local and at most this big: reading
+# it (ids and text columns, JSONL parsed) costs about a second (docs/build.md), encoding it an hour or more on
+# CPU (64 MB of text is ~15M tokens). Past it, or on s3://, the encode stage finds them from its hashes.
+EARLY_ID_CHECK_BYTES = 64 << 20
 
 
 class Plan(NamedTuple):
@@ -23,6 +31,8 @@ def plan(config: BuildConfig) -> Plan:
     infos = [corpus.inspect_file(p) for p in corpus.list_input_files(config.inputs)]
     required = ([config.id_column] if config.id_column else []) + config.text_fields()
     corpus.check_columns(infos, required)
+    if not config.template:
+        corpus.check_text_columns(infos, config.text_fields())
     total = sum(i.num_rows for i in infos)
     if total == 0:
         raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
@@ -36,11 +46,20 @@ def plan(config: BuildConfig) -> Plan:
     return Plan(files, shards)
 
 
+def ids_cheap_to_read(files: list[InputFile]) -> bool:
+    """Whether the corpus is local and at most EARLY_ID_CHECK_BYTES: its ids are checked before Ray starts."""
+    return not any(is_remote(f.path) for f in files) and sum(f.size for f in files) <= EARLY_ID_CHECK_BYTES
+
+
 def run(config: BuildConfig, manifest: Manifest) -> Plan:
     """Record the plan in a new run's manifest (a resumed run keeps the plan it was checked against)."""
     if manifest.shards:
         return Plan(manifest.files, manifest.shards)
     planned = plan(config)
+    if config.id_column and ids_cheap_to_read(planned.files):
+        duplicates = find_duplicate_ids(planned.shards, config.text_fields(), config.template, config.id_column)
+        if duplicates:
+            raise RayIndexError(duplicates)
     manifest.files, manifest.shards = planned.files, planned.shards
     manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
     manifest.model = ModelInfo(

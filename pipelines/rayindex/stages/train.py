@@ -21,7 +21,7 @@ from rayindex.infra.files import read_sample
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import match_threads_to_ray_cpus, max_node_cpus
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf import index_params
 from rayindex.ivf.index import coarse_mse, make_index, pre_transforms, read_index, trained_fingerprint, write_index
 from rayindex.ivf.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
@@ -110,7 +110,7 @@ def train_quantizer(
     version.push([TRAINED_FILE])
     return {
         "sample_size": int(len(sample)),
-        "trained_sha256": file_sha256(path),
+        "trained_sha256": written_sha256(path),
         "trained_fingerprint": trained_fingerprint(index),
         "nlist": int(faiss.extract_index_ivf(index).nlist),
         "coarse_mse": coarse_mse(index, sample),

@@ -17,7 +17,7 @@ import numpy as np
 
 from rayindex.config import BuildConfig, TuneOptions
 from rayindex.infra.progress import StageProgress
-from rayindex.infra.storage import Store, file_sha256
+from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import read_index, set_nprobe, write_index
 from rayindex.ivf.recall import exact_truth, measure_sweep, nprobe_sweep, select_nprobe, sentence_queries
 from rayindex.ivf.refine import Refiner, search_ivf, write_fp16_embeddings
@@ -117,6 +117,6 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     if not tuning.reached:
         manifest.warnings.append(f"--target-recall {config.target_recall}: {tuning.note}")
     for rel in written:
-        manifest.files_sha256[rel] = file_sha256(version.local(rel))
+        manifest.files_sha256[rel] = written_sha256(version.local(rel))
     version.push(written)
     return tuning

@@ -178,6 +178,32 @@ def check_columns(files: list[FileInfo], required: list[str]) -> None:
             )
 
 
+# Arrow types a text column may have: strings, bytes (writers that store strings without the UTF-8 annotation:
+# decoded as before), null (all empty)
+TEXT_TYPES = ("string", "large_string", "string_view", "binary", "large_binary", "binary_view", "null")
+
+
+def check_text_type(column: str, type_name: str, where: str) -> None:
+    """A --text-column holds text. One of numbers, booleans, dates or lists has no words for the model: its
+    values would be indexed as digits, and it is almost always the wrong column. Refused, naming where, the
+    column and its type; a --template formats any value, so naming the column there indexes it as text."""
+    if type_name in TEXT_TYPES or type_name.startswith("dictionary<values=string"):
+        return
+    raise RayIndexError(
+        f"{where}: text column {column!r} holds {type_name} values, not text; give --text-column the column with "
+        f'the documents\' text, or name this one in a --template (e.g. --template "{{{column}}}") to index its '
+        "values as text"
+    )
+
+
+def check_text_columns(files: list[FileInfo], fields: list[str]) -> None:
+    """check_text_type for every text column whose type the file declares (Parquet), before any row is read."""
+    for info in files:
+        for column in fields:
+            if column in info.column_types:
+                check_text_type(column, info.column_types[column], info.path)
+
+
 def attach_byte_offsets(piece: Piece, info: FileInfo) -> Piece:
     """For JSONL, the checkpoint at or before the piece's first row, so a reader can seek there."""
     if info.format != "jsonl":

@@ -1,6 +1,7 @@
 """Documents from a batch of corpus rows, column by column (pyarrow compute over the whole batch, no
 Python dict per row): which rows have text, the text to embed (--text-column joined with ": ", or a
---template), the corpus ids, the metadata the doc store keeps, and 64-bit hashes of ids and contents.
+--template), the corpus ids, the metadata the doc store keeps, and 64-bit hashes of ids and contents;
+a text longer than --max-doc-chars cut first. Also the corpus's duplicate ids, read without the model.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rayindex.text.corpus import RowBatch, check_id
+from rayindex.manifest import CutDocument, Shard
+from rayindex.text.corpus import RowBatch, check_id, check_text_type, read_piece
+from rayindex.text.shard_plan import locate_row
 
 BLANK_LINE = "blank_line"  # a JSONL line with nothing on it
 EMPTY_TEXT = "empty_or_null_text"  # every text column null or whitespace
 NON_UTF8 = "non_utf8_replaced (kept)"  # text that was not Unicode, replaced with U+FFFD
+CUT = "cut_at_max_doc_chars (kept)"  # longer than --max-doc-chars: its head indexed, the rest left out
 JOINER = ": "  # between --text-column values
 
 
@@ -34,6 +38,7 @@ class Documents:
     id_hashes: np.ndarray  # uint64
     content_hashes: np.ndarray  # uint64
     skipped: dict[str, int]
+    cut: list[CutDocument]  # the documents longer than max_chars, cut
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -53,9 +58,17 @@ def is_blank(column: pa.Array) -> pa.Array:
     return pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), "")).fill_null(True)
 
 
-def compose_texts(table: pa.Table, fields: list[str], template: str | None) -> tuple[pa.Array, pa.Array]:
+def compose_texts(
+    table: pa.Table, fields: list[str], template: str | None, where: str = "the input"
+) -> tuple[pa.Array, pa.Array]:
     """(texts, has_text): --template filled (a null field as ""), else the non-blank text columns joined
-    with ": "; has_text is false where every text column is null or blank (the row is skipped)."""
+    with ": "; has_text is false where every text column is null or blank (the row is skipped). A text
+    column that does not hold text is refused (corpus.check_text_type; a JSONL column is typed by its
+    values), naming where; a template may format any value."""
+    if not template:
+        for name in fields:
+            if name in table.column_names:
+                check_text_type(name, str(table.column(name).type), where)
     columns = {
         f: as_strings(table.column(f)) if f in table.column_names else pa.nulls(table.num_rows, pa.string())
         for f in fields
@@ -188,28 +201,69 @@ def hash64(values: pa.Array, prefix: bytes = b"") -> np.ndarray:
     return out
 
 
-def prepare(batch: RowBatch, fields: list[str], template: str | None, id_column: str | None, where) -> Documents:
-    """The batch's documents: rows with text, their ids, metadata and hashes, and the skipped rows counted."""
+def document_positions(batch: RowBatch, has_text: pa.Array) -> np.ndarray:
+    """The positions of the batch's rows that become documents: with text, and not a blank JSONL line."""
+    keep = has_text.to_numpy(zero_copy_only=False).copy()
+    if batch.blank_lines is not None:
+        keep &= ~batch.blank_lines
+    return np.flatnonzero(keep)
+
+
+def typed(ids: pa.Array, is_int: pa.Array) -> pa.Array:
+    """Ids as "i1" / "s1": an integer id and the string of its digits are different ids (hashed so)."""
+    return pc.binary_join_element_wise(pc.if_else(is_int, pa.scalar("i"), pa.scalar("s")), ids, "")
+
+
+def cut_text(text: str, chars: int) -> str:
+    """The text's first `chars` characters at most, ending before the last whitespace among them (no word is
+    split) when one is in their second half; cut at `chars` otherwise."""
+    if len(text) <= chars:
+        return text
+    end = max(text.rfind(space, 0, chars + 1) for space in " \n\t")
+    return text[:end] if end > chars // 2 else text[:chars]
+
+
+def cap_texts(texts: pa.Array, chars: int) -> tuple[pa.Array, list[tuple[int, int, int]]]:
+    """The texts with every one longer than `chars` cut (cut_text), and (position, length, kept length) of
+    each cut one. Only the heads of the long ones become Python strings (sliced in Arrow first)."""
+    lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
+    long = np.flatnonzero(lengths > chars)
+    if not len(long):
+        return texts, []
+    heads = pc.utf8_slice_codeunits(texts.take(pa.array(long)), 0, chars + 1).to_pylist()
+    kept = {int(i): cut_text(head, chars) for i, head in zip(long, heads)}
+    capped = pa.array([kept.get(i, None) for i in range(len(texts))], pa.string())
+    return pc.if_else(pc.is_null(capped), texts, capped), [(i, int(lengths[i]), len(t)) for i, t in kept.items()]
+
+
+def prepare(
+    batch: RowBatch, fields: list[str], template: str | None, id_column: str | None, where, max_chars: int | None = None
+) -> Documents:
+    """The batch's documents: rows with text, their ids, metadata and hashes, and the skipped rows counted;
+    texts longer than max_chars cut (before anything else reads them) and listed."""
     table, row_ids, raw_ids = batch.table, batch.row_ids, batch.raw_ids
     skipped: dict[str, int] = {}
-    texts, has_text = compose_texts(table, fields, template)
-    keep = has_text.to_numpy(zero_copy_only=False).copy()
-    if batch.blank_lines is not None and batch.blank_lines.any():
-        skipped[BLANK_LINE] = int(batch.blank_lines.sum())
-        keep &= ~batch.blank_lines
-    empty = int(len(keep) - keep.sum() - skipped.get(BLANK_LINE, 0))
+    texts, has_text = compose_texts(table, fields, template, where(0) if len(row_ids) else "the input")
+    positions = document_positions(batch, has_text)
+    blank = 0 if batch.blank_lines is None else int(batch.blank_lines.sum())
+    if blank:
+        skipped[BLANK_LINE] = blank
+    empty = table.num_rows - len(positions) - blank
     if empty:
         skipped[EMPTY_TEXT] = empty
     if batch.non_utf8:
         skipped[NON_UTF8] = batch.non_utf8
-    positions = np.flatnonzero(keep)
     if len(positions) < table.num_rows:
         table, texts, row_ids = table.take(positions), texts.take(pa.array(positions)), row_ids[positions]
         raw_ids = None if raw_ids is None else [raw_ids[i] for i in positions]
+    texts, long = cap_texts(texts, max_chars) if max_chars is not None else (texts, [])
+    if long:
+        skipped[CUT] = len(long)
     ids, is_int = corpus_ids(table, id_column, row_ids, raw_ids, lambda i: where(int(positions[i])))
+    cut = [CutDocument(id=ids[i].as_py(), where=where(int(positions[i])), chars=n, kept_chars=k) for i, n, k in long]
     others = [c for c in table.column_names if c != id_column and c not in fields]
     metadata = metadata_json(table, others)
-    typed_ids = pc.binary_join_element_wise(pc.if_else(is_int, pa.scalar("i"), pa.scalar("s")), ids, "")
+    typed_ids = typed(ids, is_int)
     content = pc.binary_join_element_wise(typed_ids, texts, metadata, "\x1f")
     return Documents(
         row_ids=row_ids,
@@ -220,4 +274,45 @@ def prepare(batch: RowBatch, fields: list[str], template: str | None, id_column:
         id_hashes=hash64(typed_ids),
         content_hashes=hash64(content),
         skipped=skipped,
+        cut=cut,
     )
+
+
+def duplicate_ids_message(doc_id: str | int, column: str, duplicates: int, places: list[str]) -> str:
+    return (
+        f"duplicate id {doc_id!r} in column {column!r} ({duplicates} duplicate(s) in all), at: "
+        f"{'; '.join(places[:2])}. Ids must be unique: fix the corpus or pick another --id-column"
+    )
+
+
+def document_ids(batch: RowBatch, fields: list[str], template: str | None, id_column: str, where) -> tuple[list, list]:
+    """(typed ids, global rows) of the batch's rows that become documents (with text), as prepare types them
+    ("i1" and "s1": 1 and "1" differ in JSONL)."""
+    _, has_text = compose_texts(batch.table, fields, template, where(0) if len(batch.row_ids) else "the input")
+    positions = document_positions(batch, has_text)
+    raw = None if batch.raw_ids is None else [batch.raw_ids[i] for i in positions]
+    rows = batch.row_ids[positions]
+    ids, is_int = corpus_ids(batch.table.take(positions), id_column, rows, raw, lambda i: where(int(positions[i])))
+    return typed(ids, is_int).to_pylist(), rows.tolist()
+
+
+def find_duplicate_ids(shards: list[Shard], fields: list[str], template: str | None, id_column: str) -> str | None:
+    """duplicate_ids_message for the corpus, or None when the ids of its documents are unique: read without
+    the model. The first id (in row order) seen twice is named with its first two rows."""
+    first_row: dict[str, int] = {}
+    places: dict[str, list[int]] = {}
+    duplicates = 0
+    for shard in shards:
+        for piece in shard.pieces:
+            for batch in read_piece(piece, id_column=id_column):
+                for key, row in zip(*document_ids(batch, fields, template, id_column, batch.where(piece))):
+                    if key in first_row:
+                        duplicates += 1
+                        places.setdefault(key, [first_row[key]]).append(row)
+                    else:
+                        first_row[key] = row
+    if not duplicates:
+        return None
+    key, rows = next(iter(places.items()))  # the first id to repeat
+    doc_id = int(key[1:]) if key[0] == "i" else key[1:]
+    return duplicate_ids_message(doc_id, id_column, duplicates, [locate_row(shards, r) for r in rows[:2]])

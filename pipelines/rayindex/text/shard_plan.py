@@ -36,3 +36,12 @@ def plan_shards(file_rows: list[tuple[str, int]], num_shards: int) -> list[Shard
                 pieces.append(Piece(path=path, row_start=a - start, num_rows=b - a, global_start=a))
         plan.append(Shard(shard_id=shard_id, pieces=pieces, global_start=lo, global_end=hi))
     return plan
+
+
+def locate_row(shards: list[Shard], row_id: int) -> str:
+    """'file row N' for a global row id, for error messages."""
+    for shard in shards:
+        for piece in shard.pieces:
+            if piece.global_start <= row_id < piece.global_start + piece.num_rows:
+                return f"{piece.path} row {row_id - piece.global_start + piece.row_start}"
+    return f"row {row_id}"
