@@ -21,7 +21,7 @@ from rayindex.query.gate import authorized, refusal
 from rayindex.query.generate import build_prompt
 from rayindex.query.search import open_index
 
-from helpers import build_args, client_env, write_parquet
+from helpers import build_args, client_env, free_port, write_parquet
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -362,7 +362,7 @@ def test_serve_refuses_a_damaged_doc_store_naming_the_file_within_its_version(ou
         docs.unlink()
         docs.symlink_to(version / shard_rel(0, DOCS_FILE))
     with pytest.raises(RayIndexError) as refused:
-        rayindex.serve(out)
+        rayindex.serve(out, port=free_port())  # (a port of its own, should it start: no other server is disturbed)
     message = str(refused.value)
     assert f"{shard_rel(1, DOCS_FILE)} in version {manifest.run_id}" in message and "rebuild it" in message, message
     assert str(out.parent) not in message and str(out.resolve().parent) not in message, message

@@ -367,9 +367,13 @@ def test_a_chunked_body_in_any_case_is_refused_by_the_proxy_and_counted(served, 
 
 def replica_pid() -> int:
     """The process of the application's one RagService replica."""
+    import ray
     from ray.util.state import list_actors
 
-    (replica,) = list_actors(filters=[("class_name", "=", "ServeReplica:rayindex:RagService"), ("state", "=", "ALIVE")])
+    (replica,) = list_actors(
+        address=ray.get_runtime_context().gcs_address,  # the session's Ray: others may run on this machine
+        filters=[("class_name", "=", "ServeReplica:rayindex:RagService"), ("state", "=", "ALIVE")],
+    )
     return replica.pid
 
 

@@ -184,8 +184,7 @@ class Gate:
         if refused is None:
             return await call
         answered = True
-        call.cancel()
-        call.add_done_callback(lambda done: done.cancelled() or done.exception())  # nothing left to report
+        cancel(call)
         if not started.is_set():
             await self.respond(send, path, *refused)
 
@@ -198,7 +197,7 @@ class Gate:
                 wait_s = self.probe_after_s if probing and self.probe_after_s and not started.is_set() else None
                 await asyncio.wait({call, overflow}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 waiting = not (call.done() or over.is_set() or started.is_set())
-                if waiting and wait_s and not await self.probe(probing):
+                if waiting and wait_s and not await asyncio.shield(self.probe(probing)):
                     return busy("no replica of the service answered")
         finally:
             overflow.cancel()
@@ -212,7 +211,7 @@ class Gate:
         if self._probe is None or (self._probe.done() and time.monotonic() - self._probed_at >= RETRY_AFTER_S):
             self._probed_at = time.monotonic()
             self._probe = asyncio.ensure_future(self.answers_health(scope))
-        return asyncio.shield(self._probe)
+        return self._probe
 
     async def answers_health(self, scope) -> bool:
         probe_scope = {
@@ -237,8 +236,7 @@ class Gate:
         call = asyncio.ensure_future(self.app(probe_scope, receive, ignore))
         done, _ = await asyncio.wait({call}, timeout=self.probe_timeout_s)
         if not done:
-            call.cancel()
-            call.add_done_callback(lambda done: done.cancelled() or done.exception())
+            cancel(call)
         self.down = not (done and not call.cancelled() and call.exception() is None)
         return not self.down
 
@@ -261,6 +259,12 @@ class Gate:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def cancel(call: asyncio.Future) -> None:
+    """Cancel an app call the gate no longer waits for; whatever it ends with is nobody's to report."""
+    call.cancel()
+    call.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def busy(why: str) -> tuple[int, str, dict]:
