@@ -19,8 +19,15 @@ os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "rayindex.que
 # counter in /metrics (test_serve, test_deploy) wait out one export each time, and under load a missed
 # round doubled that: 2 s makes the wait short and the deadlines (120 s) many rounds long.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+# The session's Ray is a head of the suite's own that this process joins (ray_address): a driver given an
+# address uses token auth only when told, and Ray reads this once, when it is first imported.
+_TOKEN = (
+    os.environ.get("RAY_AUTH_TOKEN")
+    or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
+)
+os.environ.setdefault("RAY_AUTH_MODE", "token" if _TOKEN else "disabled")
 
-from helpers import DASHBOARD_PORT, build_config, free_port, s3_output, write_jsonl, write_parquet
+from helpers import DASHBOARD_PORT, build_config, free_port, ray_head, s3_output, write_jsonl, write_parquet
 
 # S3 for the tests is a local SeaweedFS (see s3_server). Its address and any key/secret go into the
 # environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would.
@@ -44,17 +51,13 @@ N_DOCS = 360
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """A real local Ray (token auth on, as Ray 2.60 defaults), shared by the session; CLI tests connect
-    to it, and Ray job tests submit to its dashboard (the job server) on DASHBOARD_PORT."""
-    ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=DASHBOARD_PORT,
-        log_to_driver=False,
-    )
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    """A real Ray (token auth on, as Ray 2.60 defaults), shared by the session: a head of the suite's own
+    (helpers.ray_head: its own ports, temp dir and process group), which this process joins as a driver;
+    CLI tests connect to it, and Ray job tests submit to its dashboard (the job server) on DASHBOARD_PORT."""
+    with ray_head("--num-cpus=2", "--num-gpus=0", dashboard_port=DASHBOARD_PORT) as head:
+        ray.init(address=head.address, log_to_driver=False)
+        yield head.address
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,25 @@
 """Plain helpers the tests and the benchmarks share (fixtures live in conftest.py): a free loopback port,
-the environment of a Ray client subprocess, small corpus files, a build's settings, an S3 output name,
-and clients searching a server while something else happens."""
+the environment of a Ray client subprocess, a Ray head of the tests' own, small corpus files, a build's
+settings, an S3 output name, and clients searching a server while something else happens."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,9 +40,86 @@ def client_env() -> dict:
         os.environ.get("RAY_AUTH_TOKEN")
         or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
     )
-    return dict(
-        os.environ, RAY_AUTH_MODE="token" if token else "disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
-    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # clients are given --ray-address
+    return dict(env, RAY_AUTH_MODE="token" if token else "disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@dataclass
+class RayHead:
+    address: str  # the GCS
+    pgid: int
+    temp_dir: str
+    env: dict
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
+def stop_head(head: RayHead) -> None:
+    """Stop this Ray only: SIGTERM to its process group, SIGKILL to what is left after 5 s, then any process
+    of its temp dir that escaped the group. Never `ray stop`, which stops every Ray on the machine."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(head.pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while group_members(head.pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not group_members(head.pgid):
+            break
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(head.temp_dir in arg for arg in proc.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@contextlib.contextmanager
+def ray_head(*options: str, env: dict | None = None, port: int | None = None, dashboard_port: int | None = None):
+    """A Ray head of the tests' own (`ray start --head`), yielding a RayHead: its own GCS port, temp dir
+    and process group, and every fixed default port of a head (dashboard 8265, client server 10001,
+    dashboard agent 52365) on a free one. ray.init cannot move the agent's port: with a build's local Ray
+    beside the suite holding 52365, the session's job agent failed to bind and every `ray job submit`
+    got "No available agent to submit job" for 120 s."""
+    import ray.util
+
+    ip, port = ray.util.get_node_ip_address(), port or free_port()
+    env = env or client_env()
+    temp_dir = tempfile.mkdtemp(prefix="rayindex-ray-")  # short: Ray's socket paths live under it
+    command = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port or free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        *options,
+    ]
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "wb") as log:
+        # its own session, so that its process group is this Ray's: the head's processes, the autoscaler's
+        # worker nodes and their workers all inherit it
+        start = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(address=f"{ip}:{port}", pgid=start.pid, temp_dir=temp_dir, env=env)
+    try:
+        start.wait(timeout=120)
+        assert start.returncode == 0, log_path.read_text()[-3000:]
+        yield head
+    finally:
+        stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def write_parquet(path: Path, rows: list[dict], row_group_size: int = 50) -> Path:

@@ -11,26 +11,21 @@ never connects to it (the session's Ray from conftest stays the only one in-proc
 """
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
+import ray.util
 import yaml
 
-from helpers import build_args, free_port, write_parquet
+from helpers import build_args, client_env, free_port, ray_head, write_parquet
 
 pytestmark = [pytest.mark.autoscaling, pytest.mark.slow]  # about 50 s
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 RAYINDEX = str(Path(sys.executable).with_name("rayindex"))
 HEAD_CPUS = 2
 GPU_WORKER = {"CPU": 2, "GPU": 1, "object_store_memory": 200 * 1024 * 1024}
@@ -53,14 +48,6 @@ with open(sys.argv[2], "a") as out:
         out.flush()
         time.sleep(0.5)
 """
-
-
-@dataclass
-class FakeCluster:
-    address: str
-    pgid: int
-    temp_dir: str
-    env: dict
 
 
 def fake_cluster_config(gcs_address: str) -> dict:
@@ -98,89 +85,23 @@ def fake_cluster_config(gcs_address: str) -> dict:
     }
 
 
-def cluster_env() -> dict:
-    """This machine's environment for the cluster and its clients. Token auth as local Ray 2.60 has it:
-    an explicit --ray-address never turns it on by itself, so RAY_AUTH_MODE says so when a token exists."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the build gets --ray-address
-    token = (
-        os.environ.get("RAY_AUTH_TOKEN")
-        or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
-    )
-    env.setdefault("RAY_AUTH_MODE", "token" if token else "disabled")
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return members
-
-
-def stop_cluster(cluster: FakeCluster) -> None:
-    """Stop this cluster only: SIGTERM to its process group, SIGKILL to what is left after 5 s, then
-    any process of its temp dir that escaped the group."""
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(cluster.pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while group_members(cluster.pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not group_members(cluster.pgid):
-            break
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(cluster.temp_dir in arg for arg in proc.info["cmdline"] or ()):
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-
-
 @pytest.fixture(scope="module")
 def fake_cluster():
-    import ray.util
-
-    ip, port = ray.util.get_node_ip_address(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rayindex-fake-")  # short: Ray's socket paths live under it
-    config = Path(temp_dir) / "autoscaling.yaml"
-    config.write_text(yaml.safe_dump(fake_cluster_config(f"{ip}:{port}")))
-    env = dict(cluster_env(), RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    command = [
-        RAY,
-        "start",
-        "--head",
-        f"--port={port}",
-        f"--autoscaling-config={config}",
-        f"--temp-dir={temp_dir}",
-        f"--num-cpus={HEAD_CPUS}",
-        "--num-gpus=0",
-        "--object-store-memory=200000000",
-        "--disable-usage-stats",
-        # every fixed default port of a head (8265, 10001, 52365) on a free one: other Rays may hold them
-        f"--dashboard-port={free_port()}",
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-    ]
-    log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "wb") as log:
-        # its own session, so that its process group is this cluster's: the head's processes, the
-        # autoscaler's worker nodes and their workers all inherit it
-        start = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = FakeCluster(address=f"{ip}:{port}", pgid=start.pid, temp_dir=temp_dir, env=env)
-    try:
-        start.wait(timeout=120)
-        assert start.returncode == 0, log_path.read_text()[-3000:]
-        yield cluster
-    finally:
-        stop_cluster(cluster)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A head of the module's own whose autoscaler launches fake GPU workers (RAY_FAKE_CLUSTER)."""
+    with tempfile.TemporaryDirectory(prefix="rayindex-as-") as config_dir:
+        config = Path(config_dir) / "autoscaling.yaml"
+        gcs_port = free_port()
+        config.write_text(yaml.safe_dump(fake_cluster_config(f"{ray.util.get_node_ip_address()}:{gcs_port}")))
+        env = dict(client_env(), RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        with ray_head(
+            f"--autoscaling-config={config}",
+            f"--num-cpus={HEAD_CPUS}",
+            "--num-gpus=0",
+            "--object-store-memory=200000000",
+            env=env,
+            port=gcs_port,
+        ) as head:
+            yield head
 
 
 def alive_counts(samples: list[dict]) -> list[tuple[float, int, int]]:
