@@ -52,6 +52,9 @@ LAYERS = [
             "docstore.format",
             "docstore.writer",
             "docstore.reader",
+            "lexical.analyzer",
+            "lexical.counts",
+            "lexical.postings",
         },
     ),
     (
@@ -87,7 +90,7 @@ LAYERS = [
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]
 NO_IMPORTS_WITHIN = {"stages"}
-PACKAGES = {"infra", "text", "ivf", "docstore", "stages", "query"}  # their __init__.py files are empty
+PACKAGES = {"infra", "text", "ivf", "docstore", "lexical", "stages", "query"}  # their __init__.py files are empty
 
 
 def module_name(path: Path) -> str:

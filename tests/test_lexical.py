@@ -1,0 +1,151 @@
+"""The lexical index's parts on real text (Python's docstrings): the analyzer keeps identifiers findable,
+BM25 scores from sharded counts with global statistics equal one BM25 over the whole corpus (bm25s), and
+postings split, merged, filtered and memory-mapped give the same answers."""
+
+import random
+
+import numpy as np
+import pytest
+
+from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
+from rayindex.lexical.counts import corpus_terms, count_terms, shard_terms, term_hashes
+from rayindex.lexical.postings import (
+    BM25Params,
+    merge_postings,
+    open_postings,
+    search_postings,
+    select_postings,
+    shard_postings,
+    write_postings,
+)
+from rayindex.text.stdlib_corpus import stdlib_docstrings
+
+N_PASSAGES = 3000
+
+
+@pytest.fixture(scope="module")
+def passages() -> list[str]:
+    return [f"{d['title']}: {d['body']}" for d in stdlib_docstrings()[:N_PASSAGES]]
+
+
+@pytest.fixture(scope="module")
+def analyzed(passages) -> list[list[str]]:
+    analyzer = Analyzer()
+    return [analyzer.analyze(p) for p in passages]
+
+
+def sharded_postings(analyzed, bounds, params=None):
+    """Counts per shard (ids = row numbers), global statistics from every shard, impacts per shard."""
+    counts = [count_terms(np.arange(a, b), analyzed[a:b]) for a, b in zip(bounds, bounds[1:])]
+    corpus = corpus_terms(shard_terms(c) for c in counts)
+    return [shard_postings(c, corpus, params) for c in counts], corpus
+
+
+def queries(analyzed, n=100, seed=3) -> list[list[str]]:
+    """Terms from passages: 1 to 4 of a random passage's terms, a rare term now and then."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        terms = analyzed[rng.randrange(len(analyzed))]
+        if terms:
+            out.append(rng.sample(terms, min(len(terms), rng.randint(1, 4))))
+    return out
+
+
+def test_identifiers_are_found_as_written_and_by_their_parts():
+    terms = Analyzer().analyze("Call ray.init() with --no-tune; EINVAL from IndexIVFPQ on x86_64.")
+    for written in ("ray.init", "--no-tune", "einval", "indexivfpq", "x86_64"):
+        assert written in terms
+    for part in ("ray", "init", "tune", "index", "ivfpq", "x86", "64"):
+        assert part in terms
+    assert "with" not in terms and "no" not in terms and "on" not in terms  # Lucene's English stopwords
+    assert Analyzer().analyze("Running runs") == ["run", "run"]  # Snowball
+    assert Analyzer().analyze("getHTTPResponse") == ["gethttpresponse", "get", "http", "respons"]
+
+
+def test_no_language_means_no_stemming_and_no_stopwords():
+    assert Analyzer(AnalyzerSettings(language=None)).analyze("The Running dogs") == ["the", "running", "dogs"]
+    with pytest.raises(ValueError, match="klingon"):
+        Analyzer(AnalyzerSettings(language="klingon"))
+
+
+def test_query_analysis_matches_passage_analysis_for_stopwords_only_queries():
+    assert Analyzer().analyze("the, of... is it?!") == []
+
+
+def test_sharded_scores_equal_one_bm25_over_the_whole_corpus(analyzed):
+    import bm25s
+
+    params = BM25Params(k1=1.2, b=0.75)
+    parts, _ = sharded_postings(analyzed, [0, 700, 1900, len(analyzed)], params)  # uneven shards
+    merged = merge_postings(parts)
+    reference = bm25s.BM25(k1=params.k1, b=params.b, method="lucene")
+    reference.index(analyzed, show_progress=False)
+    worst = 0.0
+    for query in queries(analyzed):
+        ids, scores = search_postings(merged, term_hashes(query), k=len(analyzed))
+        expected = reference.get_scores(query)
+        assert set(ids) == set(np.flatnonzero(expected > 0))
+        worst = max(worst, float(np.abs(scores - expected[ids]).max()))
+    assert worst <= 1e-4, worst
+
+
+def test_results_do_not_depend_on_how_the_corpus_was_sharded(analyzed):
+    one, _ = sharded_postings(analyzed, [0, len(analyzed)])
+    three, _ = sharded_postings(analyzed, [0, 1000, 2000, len(analyzed)])
+    merged = merge_postings(three)
+    for query in queries(analyzed, n=30):
+        hashes = term_hashes(query)
+        a_ids, a_scores = search_postings(one[0], hashes, k=10)
+        b_ids, b_scores = search_postings(merged, hashes, k=10)
+        assert np.array_equal(a_ids, b_ids)
+        np.testing.assert_allclose(a_scores, b_scores, rtol=0, atol=1e-6)
+
+
+def test_serving_shards_merged_by_score_equal_the_whole(analyzed):
+    """Each serving shard owns the postings of its passages; the top 10 of the top 10s is the top 10."""
+    (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
+    owners = [lambda ids, r=r: ids % 3 == r for r in range(3)]
+    shards = [select_postings(whole, keep) for keep in owners]
+    for query in queries(analyzed, n=30, seed=5):
+        hashes = term_hashes(query)
+        ids, scores = search_postings(whole, hashes, k=10)
+        partial = [search_postings(s, hashes, k=10) for s in shards]
+        all_ids = np.concatenate([p[0] for p in partial])
+        all_scores = np.concatenate([p[1] for p in partial])
+        order = np.lexsort((all_ids, -all_scores))[:10]
+        assert np.array_equal(all_ids[order], ids)
+        assert np.array_equal(all_scores[order], scores)
+
+
+def test_filters_apply_inside_scoring(analyzed):
+    (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
+    query = term_hashes(["return", "valu"])
+    everything, _ = search_postings(whole, query, k=len(analyzed))
+    even, _ = search_postings(whole, query, k=10, allowed=lambda ids: ids % 2 == 0)
+    assert len(even) == 10 and np.array_equal(even, everything[everything % 2 == 0][:10])
+
+
+def test_ties_go_to_the_lower_id():
+    analyzed = [["alpha"], ["beta"], ["alpha"], ["alpha"]]
+    (postings,), _ = sharded_postings(analyzed, [0, 4])
+    ids, scores = search_postings(postings, term_hashes(["alpha"]), k=2)
+    assert list(ids) == [0, 2] and scores[0] == scores[1]
+
+
+def test_memory_mapped_postings_answer_the_same(analyzed, tmp_path):
+    (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
+    write_postings(whole, tmp_path / "lexical")
+    mapped = open_postings(tmp_path / "lexical")
+    assert isinstance(mapped.ids, np.memmap)
+    for query in queries(analyzed, n=20, seed=9):
+        hashes = term_hashes(query)
+        for a, b in zip(search_postings(whole, hashes, k=10), search_postings(mapped, hashes, k=10)):
+            assert np.array_equal(a, b)
+
+
+def test_unknown_terms_and_empty_queries_find_nothing(analyzed):
+    (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
+    for query in ([], ["zzzznotaword"]):
+        ids, scores = search_postings(whole, term_hashes(query), k=10)
+        assert len(ids) == 0 and len(scores) == 0
