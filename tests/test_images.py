@@ -149,3 +149,16 @@ def test_a_module_missing_on_a_worker_is_named_too():
 
     assert user_message(TaskFailed("Traceback ...")).startswith("No module named 'torch': install torch first")
     assert user_message(ModuleNotFoundError("No module named 'yaml'", name="yaml")).startswith("ModuleNotFoundError")
+
+
+def test_the_docs_tell_the_commands_the_files_run():
+    """What a user types, as README and docs/operations.md show it, is what the images and cluster.yaml run."""
+    torch_gpu = str(extra("gpu")["torch"])
+    readme, operations = (ROOT / "README.md").read_text(), (ROOT / "docs" / "operations.md").read_text()
+    assert f"pip install {torch_gpu} --index-url {TORCH_GPU_INDEX} && pip install -e '.[gpu]'" in readme
+    assert f"pip install {torch_gpu} --index-url {TORCH_GPU_INDEX}\npip install -e '.[gpu]'" in operations
+    for text in (readme, operations):
+        assert (
+            "docker build --target gpu -t rayindex-gpu ." in text and "docker build --target cpu -t rayindex ." in text
+        )
+    assert "pip install -e '.[dev]'" in readme  # README's commands 1 and 2: faiss-cpu through [dev]
