@@ -9,10 +9,12 @@
 # tests/test_images.py (the pins equal pyproject's and cluster.yaml's).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 FROM ${RAY_IMAGE} AS source
+# COPY --chown makes the folder it creates the user's too (WORKDIR would make it root's, and pip's build
+# of the package writes there)
+COPY --chown=ray:users pyproject.toml README.md /home/ray/rayindex/
+COPY --chown=ray:users pipelines /home/ray/rayindex/pipelines
+COPY --chown=ray:users jobs /home/ray/rayindex/jobs
 WORKDIR /home/ray/rayindex
-COPY --chown=ray:users pyproject.toml README.md ./
-COPY --chown=ray:users pipelines ./pipelines
-COPY --chown=ray:users jobs ./jobs
 # Every Ray node started from these images runs Serve's HTTP proxy with rayindex's gate (docs/serving.md)
 ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=rayindex.query.gate:middlewares
 
