@@ -60,17 +60,29 @@ def test_token_auth_on_every_node_and_the_dashboard_on_localhost(cluster_yaml):
 
 
 def test_setup_commands_install_the_gpu_extra_on_gpu_nodes_only(cluster_yaml):
+    """The exact pins, and that they equal the images', are tests/test_images.py's."""
     prepared = prepare_config(cluster_yaml)
     types = prepared["available_node_types"]
     gpu_setup = " ; ".join(types["gpu_worker"]["worker_setup_commands"])  # replaces the global ones on that type
-    assert '$HOME/rayindex[gpu]"' in gpu_setup and "pip install torch==2.13.0" in gpu_setup
-    assert "whl/cpu" not in gpu_setup  # PyPI's Linux torch: the CUDA build
-    assert "pip uninstall -y faiss-cpu" in gpu_setup and "faiss-gpu" in gpu_setup
+    assert '$HOME/rayindex[gpu]"' in gpu_setup and "whl/cu126" in gpu_setup and "[cpu]" not in gpu_setup
+    assert "whl/cpu" not in gpu_setup and "faiss-cpu" not in gpu_setup  # nothing brings faiss-cpu to remove
     for commands in (prepared["head_setup_commands"], prepared["worker_setup_commands"]):  # head, cpu_worker
         text = " ; ".join(commands)
-        assert "[gpu]" not in text and 'pip install -e "$HOME/rayindex"' in text and "whl/cpu" in text
+        assert "[gpu]" not in text and 'pip install -e "$HOME/rayindex[cpu]"' in text and "whl/cpu" in text
         assert "ray[default,serve]==2.60.0" in text
+    for commands in (
+        prepared["head_setup_commands"],
+        prepared["worker_setup_commands"],
+        types["gpu_worker"]["worker_setup_commands"],
+    ):
+        assert (
+            commands[0]
+            == "grep -qx 'source ~/venv/bin/activate' ~/.bashrc || echo 'source ~/venv/bin/activate' >> ~/.bashrc"
+        )
+    assert "test -x ~/venv/bin/python || python3 -m venv ~/venv" in prepared["initialization_commands"]
     assert "boto3" in " ".join(prepared["head_setup_commands"])
+    # RAYINDEX_GPU also in the head's login shells (ray exec, ray attach), not only what `ray start` starts
+    assert f"echo 'export {GPU_ENV}=1' >> ~/.bashrc" in " ".join(prepared["head_setup_commands"])
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in " ".join(prepared["head_start_ray_commands"])
 
 

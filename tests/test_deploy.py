@@ -1,6 +1,6 @@
 """Serving the Ray way, against the session's real Ray: `serve run` with the application builder,
-`serve deploy` with jobs/serve_config.yaml (two replicas, /metrics summed over both), and the KubeRay
-manifests that carry the same application."""
+`serve deploy` with jobs/serve_config.yaml (two replicas, /metrics summed over both). The manifests'
+schemas and what Serve makes of the config are tests/test_manifests.py's."""
 
 import shutil
 import subprocess
@@ -13,7 +13,6 @@ import pytest
 import yaml
 from ray import serve
 
-from rayindex.config import AppConfig
 from rayindex.query.metrics import agent_metrics
 
 from helpers import DASHBOARD_PORT, client_env, free_port
@@ -116,11 +115,10 @@ def test_serve_deploy_with_the_sample_config_counts_both_replicas(serve_port, in
     app = config["applications"][0]
     app["name"] = "ri-deploy"  # its own application: /metrics counts this one's replicas only
     app["args"]["index"] = str(index_dir)
+    app["args"]["replica_cpus"] = 0  # two replicas on 2 cores, beside the session's tasks
     deployment = app["deployments"][0]
     deployment.pop("autoscaling_config")
-    deployment.update(
-        num_replicas=2, ray_actor_options={"num_cpus": 0}
-    )  # two replicas on 2 cores, beside the session's tasks
+    deployment["num_replicas"] = 2
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     deploy = subprocess.run(
@@ -170,19 +168,3 @@ def test_serve_deploy_with_the_sample_config_counts_both_replicas(serve_port, in
     }
     assert len(per_replica) == 2 and sum(per_replica.values()) == expected  # both replicas took searches
     serve.delete("ri-deploy")
-
-
-def test_kuberay_manifests_carry_the_sample_application():
-    service = yaml.safe_load((ROOT / "jobs" / "kuberay-rayservice.yaml").read_text())
-    assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
-    assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == sample_config()["applications"]
-    for app in sample_config()["applications"]:
-        AppConfig(**app["args"])  # the args the builder will be given are valid
-    job = yaml.safe_load((ROOT / "jobs" / "kuberay-rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("rayindex build ")
-    head_env = {
-        e["name"]: e.get("value")
-        for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    }
-    assert head_env["RAYINDEX_GPU"] == "1"
-    assert service["spec"]["rayClusterConfig"]["rayVersion"] == job["spec"]["rayClusterSpec"]["rayVersion"]

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rayindex.config import (
@@ -39,7 +40,8 @@ err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay copyable
+    # escaped: a message's own brackets ('rayindex[cpu]', a file name) are text, not rich markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # paths stay copyable
     raise typer.Exit(code)
 
 

@@ -19,6 +19,13 @@ _SECRET_PARAMS = re.compile(
 # characters of a user's string (a filter's column name or value, a query) quoted in a message: enough to
 # recognise it, bounded so a message costs nothing whatever a request holds
 QUOTED_CHARS = 80
+# modules rayindex imports but does not require (pyproject.toml): what to install when one is missing
+INSTALL_HINTS = {
+    "faiss": "install one FAISS build: pip install 'rayindex[cpu]', or 'rayindex[gpu]' on CUDA machines "
+    "(docs/operations.md, 'One CUDA pairing')",
+    "torch": "install torch first: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
+    "(CUDA machines: docs/operations.md, 'One CUDA pairing')",
+}
 
 
 class RayIndexError(Exception):
@@ -60,6 +67,9 @@ def user_message(exc: BaseException) -> str:
     """The message to show, redacted: a RayIndexError raised inside a Ray task arrives wrapped in
     RayTaskError, whose str() carries the remote traceback; show the original message instead."""
     cause = getattr(exc, "cause", None)
+    missing = next((e for e in (cause, exc) if isinstance(e, ModuleNotFoundError) and e.name in INSTALL_HINTS), None)
+    if missing is not None:  # on this machine or on the node that ran the task
+        return f"{missing}: {INSTALL_HINTS[missing.name]}"
     if isinstance(cause, RayIndexError):
         return redact(str(cause))
     if isinstance(exc, RayIndexError):

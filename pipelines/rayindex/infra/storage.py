@@ -58,7 +58,7 @@ def is_remote(uri: str | Path) -> bool:
 
 def use_s3_endpoint(endpoint: str | None) -> None:
     """--s3-endpoint: this process's S3 client (botocore reads AWS_ENDPOINT_URL) uses it; Ray workers get
-    it through the runtime environment (ray_session.connect, the Serve app's options)."""
+    it through the runtime environment (ray_session.connect), Serve replicas from their config (serve.py)."""
     if endpoint:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
 

@@ -32,7 +32,7 @@ from ray.serve import Application
 
 from rayindex.config import AppConfig, SearchParams
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
-from rayindex.infra.storage import Store, cache_root, is_remote
+from rayindex.infra.storage import Store, cache_root, is_remote, use_s3_endpoint
 from rayindex.layout import CURRENT
 from rayindex.query.gate import (
     COUNTED_HEADER,
@@ -126,8 +126,7 @@ class RagService:
     def __init__(self, config: dict, shards: list | None = None):
         self.config = AppConfig(**config)
         self.shard_handles = shards or []  # sharded serving: the shard deployments (query/sharded.py), one per part
-        if self.config.s3_endpoint:
-            os.environ["AWS_ENDPOINT_URL"] = self.config.s3_endpoint
+        use_s3_endpoint(self.config.s3_endpoint)
         self.current: PublishedIndex = self._load(None)
         self.degraded: dict | None = None  # the newest version CURRENT named that this replica refused, and why
         self.damaged: str | None = None  # why the version served cannot answer (its files are damaged): unhealthy
@@ -366,10 +365,11 @@ class RagService:
 def app_builder(config: AppConfig) -> Application:
     """The application, for `serve run rayindex.query.serve:app_builder index=...`, a Serve config's
     import_path (with `args:`), and `rayindex serve`. Replicas get the S3 endpoint of the config (or of
-    this process): an s3:// index's serving files are pulled into each replica's node-local cache.
+    this process) in the config they are bound with, not in ray_actor_options: a Serve config's
+    ray_actor_options replace the application's whole (tests/test_manifests.py), and would drop it. An
+    s3:// index's serving files are pulled into each replica's node-local cache.
     shards=N: N ShardServer deployments (shard-0..N-1: replicas, autoscaling) behind the RagService router."""
-    endpoint = config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    runtime_env = {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": endpoint}}} if endpoint else {}
+    config = config.model_copy(update={"s3_endpoint": config.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")})
     replicas = (
         {"num_replicas": config.replicas} if config.replicas else {}
     )  # else Serve's default or the config's autoscaling
@@ -382,10 +382,10 @@ def app_builder(config: AppConfig) -> Application:
         )
         shards = [
             ShardServer.options(
-                name=f"shard-{part}", ray_actor_options={"num_cpus": config.shard_cpus, **runtime_env}, **scaling
+                name=f"shard-{part}", ray_actor_options={"num_cpus": config.shard_cpus}, **scaling
             ).bind(config.model_dump(), config.shards, part)
             for part in range(config.shards)
         ]
-    return RagService.options(ray_actor_options={"num_cpus": config.replica_cpus, **runtime_env}, **replicas).bind(
+    return RagService.options(ray_actor_options={"num_cpus": config.replica_cpus}, **replicas).bind(
         config.model_dump(), shards
     )

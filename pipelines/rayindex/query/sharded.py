@@ -28,7 +28,7 @@ from ray import serve
 
 from rayindex.config import AppConfig
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
-from rayindex.infra.storage import Store
+from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.ivf.index import read_index
 from rayindex.ivf.serving_split import (
     coarse_assign,
@@ -144,6 +144,7 @@ class ShardServer:
 
     def __init__(self, config: dict, shards: int, part: int):
         self.config = AppConfig(**config)
+        use_s3_endpoint(self.config.s3_endpoint)  # app_builder puts the endpoint in the config
         self.shards, self.part = shards, part
         # the router keeps BATCHES_IN_FLIGHT batches going, each a call here: FAISS threads per call so that
         # they fill this replica's CPUs without OpenMP teams spinning against each other
