@@ -427,9 +427,10 @@ def encode_shards(
             )
         if on_wait and waited_s - noted[0] >= WAIT_NOTE_S:
             noted[0] = waited_s
+            asks = ", ".join(f"{n:g} {name}" for name, n in per_actor_needs(actor_options()).items())
             on_wait(
                 f"encode: waiting for a GPU node, {waited_s:.0f} s of --gpu-wait {config.gpu_wait:g} s "
-                f"(an encoder asks for {per_actor_needs(actor_options())})"
+                f"(an encoder asks for {asks})"
             )
 
     run_pool(
