@@ -191,7 +191,7 @@ class BuildConfig(Settings):
         600.0,
         gt=0,
         description="How long to wait for the first GPU node when GPUs are asked for and none is up "
-        "(an autoscaler starting one), e.g. 10m, 90s; then the build is refused.",
+        "(an autoscaler starting one), e.g. 10m, 90s; then the build is refused (default: 10m).",
         json_schema_extra=cli(metavar="DURATION", as_text=True),
     )
     ray_address: str | None = Field(
