@@ -73,6 +73,10 @@ def run_pool(
             while idle and pending:
                 actor = idle.pop()
                 busy[submit(actor, pending.pop(0))] = actor
+            # surplus waiting actors are cancelled before idle ones exit: none takes the resources they free
+            resize_waiting(
+                waiting, actor_options, new_actor, waiting_wanted(ceiling, len(pending), len(busy), len(busy))
+            )
             for actor in idle:  # nothing left to hand out: let its node go idle
                 on_retire(actor)
                 started.remove(actor)
@@ -80,9 +84,6 @@ def run_pool(
             idle.clear()
             if not pending and not busy:
                 break
-            resize_waiting(
-                waiting, actor_options, new_actor, waiting_wanted(ceiling, len(pending), len(busy), len(started))
-            )
             ready, _ = ray.wait([*busy, *waiting], num_returns=1, timeout=TICK_S)
             if ready:
                 rest = [r for r in (*busy, *waiting) if r not in ready]
