@@ -27,6 +27,8 @@ LAYERS = [
             "infra.resources",
             "infra.prefetch",
             "infra.files",
+            "infra.gpu",
+            "infra.actor_pool",
         },
     ),
     ("versions", 2, {"versions"}),

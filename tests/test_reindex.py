@@ -13,9 +13,10 @@ import pytest
 
 from rayindex.api import reindex
 from rayindex.builder import build
+from rayindex.config import parse_interval
 from rayindex.docstore.format import footer_sha256
 from rayindex.errors import RayIndexError
-from rayindex.incremental import parse_interval, run_every
+from rayindex.incremental import run_every
 from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store

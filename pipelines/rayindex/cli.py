@@ -145,8 +145,9 @@ def reindex(
 ) -> None:
     """Incremental reindex: encode only new and changed documents, drop deleted ones, reuse the quantizer unless
     drifted, publish."""
-    from rayindex.incremental import parse_interval, run_every
+    from rayindex.config import parse_interval
     from rayindex.incremental import reindex as run_reindex
+    from rayindex.incremental import run_every
 
     settled = settings(ReindexOptions, options)
     overrides = dict(overrides, inputs=inputs or None)

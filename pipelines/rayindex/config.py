@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from typing import Annotated, Literal
 
@@ -36,6 +37,19 @@ def parse_bytes(text: str | int) -> int:
 
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+
+
+def parse_interval(text: str | float) -> float:
+    """'90s', '15m', '1h', '1d' or plain seconds -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not an interval; use e.g. 90s, 15m, 1h or 1d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+Seconds = Annotated[float, BeforeValidator(parse_interval)]
 
 
 def cli(*decls: str, metavar: str | None = None, as_text: bool = False) -> dict:
@@ -173,6 +187,13 @@ class BuildConfig(Settings):
         description="Encode and train on GPUs (default: RAYINDEX_GPU=1/0, else whether the cluster has GPUs now).",
         json_schema_extra=cli("--gpu/--cpu"),
     )
+    gpu_wait: Seconds = Field(
+        600.0,
+        gt=0,
+        description="How long to wait for the first GPU node when GPUs are asked for and none is up "
+        "(an autoscaler starting one), e.g. 10m, 90s; then the build is refused (default: 10m).",
+        json_schema_extra=cli(metavar="DURATION", as_text=True),
+    )
     ray_address: str | None = Field(
         None,
         description="Ray cluster address, or auto to join the one running on this machine "
@@ -215,6 +236,7 @@ class BuildConfig(Settings):
                 "encoders",
                 "encoder_cpus",
                 "gpu",
+                "gpu_wait",
                 "on_disk",
                 "memory_budget",
                 "s3_endpoint",

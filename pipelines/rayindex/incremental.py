@@ -7,7 +7,6 @@ run_every() repeats it on a fixed interval (`rayindex reindex --every 1h`).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 
@@ -32,14 +31,6 @@ def reindex(options: ReindexOptions, overrides: dict | None = None, quiet: bool 
     config = before.config.model_copy(update=dict(overrides, output=options.output))
     record = Reindex(previous=run_id, drift_threshold=options.drift_threshold, previous_docs=before.counts.docs_encoded)
     return build(config, quiet, reindex=record, keep=options.keep)
-
-
-def parse_interval(text: str) -> float:
-    """'90s', '15m', '1h', '1d' or plain seconds -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not an interval; use e.g. 90s, 15m, 1h or 1d")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 def run_every(

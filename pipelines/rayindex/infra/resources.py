@@ -1,11 +1,13 @@
 """What a Ray task may use: CPU threads that match its reservation, the biggest node's cores, and
 whether to use GPUs, decided through public APIs only: the --gpu/--cpu flag, else the RAYINDEX_GPU
 environment variable (cluster.yaml sets it on clusters whose GPU workers autoscale from zero, where
-no GPU is visible until one is asked for), else whether the cluster has GPUs now."""
+no GPU is visible until one is asked for), else whether the cluster has GPUs now; whether GPUs can come at
+all when none is up (gpu_refusal); and how many GPUs or CPUs the autoscaler may add at most."""
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import faiss
 import ray
@@ -13,6 +15,9 @@ import ray
 from rayindex.errors import UsageError
 
 GPU_ENV = "RAYINDEX_GPU"
+# "the GPU resource is reserved but torch and FAISS run on the CPU": for Ray's fake multi-node clusters
+# (tests/test_autoscaling.py), where a GPU is a resource a raylet declares and no device; never a default
+GPU_ON_CPU_ENV = "RAYINDEX_GPU_ON_CPU"
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -43,6 +48,75 @@ def gpu_from_environment() -> bool | None:
         return value in TRUE
     raise UsageError(
         f"{GPU_ENV}={os.environ[GPU_ENV]!r}: use 1 (encode and train on GPUs) or 0 (on CPUs), or leave it unset"
+    )
+
+
+def gpu_on_cpu() -> bool:
+    """RAYINDEX_GPU_ON_CPU=1: encoders reserve GPUs but run on the CPU (fake clusters); recorded in the manifest."""
+    value = os.environ.get(GPU_ON_CPU_ENV, "").strip().lower()
+    if value and value not in TRUE + FALSE:
+        raise UsageError(
+            f"{GPU_ON_CPU_ENV}={os.environ[GPU_ON_CPU_ENV]!r}: use 1 (reserve GPUs, run on the CPU: fake clusters "
+            "only) or 0, or leave it unset"
+        )
+    return value in TRUE
+
+
+class NodeGroup(NamedTuple):
+    """A node type the autoscaler may start: its name, the resources of one node, at most how many (-1: no limit)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int
+
+
+def autoscaler_node_groups() -> list[NodeGroup] | None:
+    """The node types the cluster's autoscaler reported to the GCS, or None when none reported them (no
+    autoscaler, or one that does not report: Ray's v1 autoscaler started by `ray up` or `ray start
+    --autoscaling-config`). Read as Ray Train and Ray Data read it (ray._private.state.get_cluster_config:
+    no public API says what an autoscaler may add); a Ray that moves it gives None, never a failure."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [NodeGroup(g.name, dict(g.resources), int(g.max_count)) for g in config.node_group_configs]
+
+
+def max_resource(groups: list[NodeGroup], resource: str) -> float:
+    """The most of a resource the node groups can add up to (inf when a group has no node limit)."""
+    total = 0.0
+    for group in groups:
+        per_node = group.resources.get(resource, 0)
+        if per_node and group.max_count:
+            total += float("inf") if group.max_count < 0 else per_node * group.max_count
+    return total
+
+
+def gpu_refusal(gpus_now: float, groups: list[NodeGroup] | None, gpus_declared: bool, address: str) -> str | None:
+    """Why GPUs asked for cannot come, or None when they are here or may come (the caller then waits up to
+    --gpu-wait for the first). GPUs may come when the autoscaler reported a node type with GPUs, or, where no
+    autoscaler reported its node types, when RAYINDEX_GPU=1 says so (cluster.yaml and the KubeRay RayJob set
+    it where GPU workers autoscale from zero)."""
+    if gpus_now > 0:
+        return None
+    if groups is not None:
+        if max_resource(groups, "GPU") > 0:
+            return None
+        names = ", ".join(f"{g.name} {g.resources}" for g in groups)
+        return (
+            f"GPUs asked for (--gpu or {GPU_ENV}=1) but the Ray cluster at {address} has no GPU and none of its "
+            f"autoscaler's node types offers one ({names}): add a node type with GPUs, or build with --cpu"
+        )
+    if gpus_declared:
+        return None
+    return (
+        f"GPUs asked for (--gpu) but the Ray cluster at {address} has no GPU node, and nothing says one can come: "
+        f"no autoscaler reported node types with GPUs, and {GPU_ENV}=1 (set where GPU workers autoscale from "
+        "zero) is not set. Add GPU nodes, set it where an autoscaler adds GPU workers, or build with --cpu"
     )
 
 

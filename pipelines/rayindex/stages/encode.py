@@ -30,12 +30,23 @@ from rayindex.docstore.format import footer_sha256
 from rayindex.docstore.reader import DocStore
 from rayindex.docstore.writer import DocWriter
 from rayindex.errors import RayIndexError
+from rayindex.infra.actor_pool import run_pool
 from rayindex.infra.faults import checkpoint
 from rayindex.infra.files import atomic_file, save_npy
+from rayindex.infra.gpu import encoder_device
 from rayindex.infra.prefetch import prefetched
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import check_shared_folder, connect
-from rayindex.infra.resources import use_gpus
+from rayindex.infra.resources import (
+    GPU_ON_CPU_ENV,
+    NodeGroup,
+    autoscaler_node_groups,
+    gpu_from_environment,
+    gpu_on_cpu,
+    gpu_refusal,
+    max_resource,
+    use_gpus,
+)
 from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import make_index
 from rayindex.layout import (
@@ -71,6 +82,7 @@ from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
 CUT_LISTED = 100  # documents cut at --max-doc-chars listed per shard in the manifest (all are counted)
+WAIT_NOTE_S = 30.0  # a line while the build waits for its first GPU node
 
 
 class Chunk(NamedTuple):
@@ -102,7 +114,7 @@ class ShardEncoder:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = encoder_device(use_gpu)  # refuses a GPU it cannot use, naming what is missing
         self.model = load_model(config.model, self.device, fp16=self.device == "cuda")
         self.config = config
         self.previous = previous  # a reindex: vectors of unchanged documents are copied, not encoded
@@ -120,7 +132,7 @@ class ShardEncoder:
         return self._settings
 
     def device_used(self) -> str:
-        """ "cuda", or "cpu" also on a node that advertises a GPU torch cannot use (fake clusters)."""
+        """ "cuda", or "cpu" (also where RAYINDEX_GPU_ON_CPU=1 reserved a GPU for it: fake clusters)."""
         return self.device
 
     def rows_done(self) -> int:
@@ -283,14 +295,15 @@ def concatenated(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype="<u8")
 
 
-def cpus_per_gpu(nodes: list[dict]) -> float | None:
-    """CPUs per GPU of the alive GPU nodes (the smallest ratio: an encoder must fit on every GPU node), or
-    None when no GPU node is up (GPU workers autoscaling from zero)."""
+def cpus_per_gpu(nodes: list[dict], groups: list[NodeGroup] | None = None) -> float | None:
+    """CPUs per GPU of the alive GPU nodes (the smallest ratio: an encoder must fit on every GPU node), else of
+    the GPU node types the autoscaler reported, or None when neither tells (GPU workers autoscaling from zero
+    under an autoscaler that does not report its node types)."""
     ratios = [
         n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
         for n in nodes
         if n.get("Alive") and n["Resources"].get("GPU", 0) > 0
-    ]
+    ] or [g.resources.get("CPU", 0) / g.resources["GPU"] for g in groups or () if g.resources.get("GPU", 0) > 0]
     return min(ratios) if ratios else None
 
 
@@ -303,7 +316,7 @@ def encoder_resources(
     encoder_cpus: float | None = None,
     gpu_node_cpus_per_gpu: float | None = None,
 ) -> tuple[int, dict]:
-    """How many encoder actors (never more than shards), and the resources each asks Ray for.
+    """How many encoder actors the cluster runs now (never more than shards), and the resources each asks Ray for.
 
     On GPUs one actor per GPU, with the CPUs it reads and tokenizes on: --encoder-cpus, else a GPU node's
     CPUs divided by its GPUs (1 when no GPU node is up yet to tell). On CPU the cores are split between
@@ -316,6 +329,24 @@ def encoder_resources(
     return count, {"num_cpus": encoder_cpus or max(1, int(cluster_cpus) // count)}
 
 
+def pool_ceiling(encoders: int | None, per_actor: dict, groups: list[NodeGroup] | None, n_shards: int) -> int:
+    """At most how many encoders the pool runs at once: --encoders, else as many as the autoscaler's node types
+    can hold at their maximum (when it reported them), else one per shard: the pool asks for encoders while
+    shards wait, and the cluster places what it can."""
+    if encoders:
+        return min(encoders, n_shards)
+    if groups is not None:
+        fits = min(max_resource(groups, name) / need for name, need in per_actor_needs(per_actor).items() if need)
+        if fits != float("inf"):
+            return max(1, min(int(fits), n_shards))
+    return n_shards
+
+
+def per_actor_needs(per_actor: dict) -> dict[str, float]:
+    """Ray actor options as resource names: {"num_gpus": 1, "num_cpus": 4} -> {"GPU": 1, "CPU": 4}."""
+    return {"GPU": per_actor.get("num_gpus", 0), "CPU": per_actor.get("num_cpus", 0)}
+
+
 def encode_shards(
     config: BuildConfig,
     shards: list[Shard],
@@ -325,50 +356,95 @@ def encode_shards(
     on_model=None,
     on_shard_done=None,
     previous: PreviousVectors | None = None,
+    on_wait=None,
 ) -> None:
-    """Run every shard through an actor pool.
+    """Run every shard through a pool of encoders that follows the cluster (infra/actor_pool.py): encoders are
+    asked for while shards wait, start as nodes join (each GPU encoder with its node's CPUs per GPU), and exit
+    once no shard is left for them.
 
-    on_model(dim, device, settings) runs once the model is loaded and before any shard is encoded, with
-    the embedding dimension, the device the encoders use ("cpu" on a node that advertises a GPU torch
-    cannot use) and the VectorSettings (to record them, and refuse an unusable --index early);
-    on_progress(rows_done) is called while encoding runs, and
-    on_shard_done(EncodedShard) as each shard finishes (in completion order). previous: a reindex's
-    earlier version, whose vectors of unchanged documents are copied instead of encoded.
+    GPUs asked for but none up: refused at once when none can come (resources.gpu_refusal), else waited for up to
+    --gpu-wait, on_wait(line) saying so every WAIT_NOTE_S. on_model(dim, device, settings) runs once the first
+    encoder has loaded the model and before any shard is encoded, with the embedding dimension, the device the
+    encoders use and the VectorSettings (to record them, and refuse an unusable --index early);
+    on_progress(rows_done) is called while encoding runs, and on_shard_done(EncodedShard) as each shard
+    finishes (in completion order). previous: a reindex's earlier version, whose vectors of unchanged documents
+    are copied instead of encoded.
     """
-    resources = ray.cluster_resources()
-    count, per_actor = encoder_resources(
+    resources, groups = ray.cluster_resources(), autoscaler_node_groups()
+    address = ray.get_runtime_context().gcs_address
+    gpus_at_start = resources.get("GPU", 0)
+    if use_gpu:
+        refusal = gpu_refusal(gpus_at_start, groups, gpu_from_environment() is True, address)
+        if refusal:
+            raise RayIndexError(refusal)
+    _, per_actor = encoder_resources(
         use_gpu,
         resources.get("CPU", 1),
-        resources.get("GPU", 0),
+        gpus_at_start,
         config.encoders,
         len(shards),
         config.encoder_cpus,
-        cpus_per_gpu(ray.nodes()),
+        cpus_per_gpu(ray.nodes(), groups),
     )
-    actor_cls = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=2, **per_actor)(ShardEncoder)
-    actors = [actor_cls.remote(config, use_gpu, max(1, int(per_actor["num_cpus"])), previous) for _ in range(count)]
-    try:
-        described = ray.get([actors[0].dimension.remote(), actors[0].device_used.remote(), actors[0].settings.remote()])
-        if on_model:
-            on_model(*described)
-        pending = list(shards)
-        running: dict = {}
-        idle = list(actors)
-        while pending or running:
-            while idle and pending:
-                actor = idle.pop()
-                running[actor.encode_shard.remote(pending.pop(0), version)] = actor
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            for ref in ready:
-                idle.append(running.pop(ref))
-                state = ray.get(ref)
-                if on_shard_done:
-                    on_shard_done(state)
-            if on_progress:
-                on_progress(sum(ray.get([a.rows_done.remote() for a in actors])))
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    on_cpu = use_gpu and gpu_on_cpu()  # explicit: fake clusters' GPUs are resources, not devices
+    actor_cls = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=2)(ShardEncoder)
+
+    def actor_options() -> dict:
+        if not use_gpu or config.encoder_cpus:
+            return per_actor
+        ratio = cpus_per_gpu(ray.nodes(), groups)  # known once a GPU node is up: waiting encoders re-asked
+        return dict(per_actor, num_cpus=max(1.0, float(int(ratio or 1))))
+
+    def new_actor(options: dict):
+        threads = max(1, int(options["num_cpus"]))
+        return actor_cls.options(**options).remote(config, use_gpu and not on_cpu, threads, previous)
+
+    retired_rows, described = [0], []
+
+    def on_started(actor) -> None:
+        if not described:
+            described.append(ray.get([actor.dimension.remote(), actor.device_used.remote(), actor.settings.remote()]))
+            if on_model:
+                on_model(*described[0])
+
+    def on_retire(actor) -> None:
+        retired_rows[0] += ray.get(actor.rows_done.remote())
+
+    def on_tick(started: list) -> None:
+        if on_progress:
+            on_progress(retired_rows[0] + sum(ray.get([a.rows_done.remote() for a in started])))
+
+    noted = [-WAIT_NOTE_S]
+
+    def on_none_started(waited_s: float) -> None:
+        if not use_gpu or ray.cluster_resources().get("GPU", 0) > 0:
+            return  # a GPU node is up: its encoder is starting (runtime environment, model)
+        if waited_s > config.gpu_wait:
+            raise RayIndexError(
+                f"no GPU node joined the Ray cluster at {address} within --gpu-wait {config.gpu_wait:g} s: the "
+                "autoscaler may be at its GPU node type's max_workers, out of capacity or failing to launch (see "
+                "`ray status` and its monitor.log). Raise --gpu-wait, or build with --cpu"
+            )
+        if on_wait and waited_s - noted[0] >= WAIT_NOTE_S:
+            noted[0] = waited_s
+            asks = ", ".join(f"{n:g} {name}" for name, n in per_actor_needs(actor_options()).items())
+            on_wait(
+                f"encode: waiting for a GPU node, {waited_s:.0f} s of --gpu-wait {config.gpu_wait:g} s "
+                f"(an encoder asks for {asks})"
+            )
+
+    run_pool(
+        shards,
+        pool_ceiling(config.encoders, per_actor, groups, len(shards)),
+        actor_options,
+        new_actor,
+        lambda actor, shard: actor.encode_shard.remote(shard, version),
+        on_shard_done or (lambda state: None),
+        on_started=on_started,
+        on_tick=on_tick,
+        on_none_started=on_none_started,
+        on_retire=on_retire,
+    )
 
 
 def check_unique_ids(manifest: Manifest, version: Store, id_column: str) -> None:
@@ -454,6 +530,10 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     if not version.remote:
         check_shared_folder(version.local_root)
     use_gpu = use_gpus(config.gpu)
+    if use_gpu and gpu_on_cpu():
+        warning = f"{GPU_ON_CPU_ENV}=1: the encoders reserved GPUs but ran on the CPU (a fake cluster's GPUs)"
+        if warning not in manifest.warnings:
+            manifest.warnings.append(warning)
     done = done_shards(manifest, version, "embeddings_sha256", SHARD_ENCODE_FILES)
     manifest.reused.encode = sorted(done)
     todo = [s for s in manifest.shards if s.shard_id not in done]
@@ -482,6 +562,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 on_model=on_model,
                 on_shard_done=record,
                 previous=previous,
+                on_wait=progress.note,
             )
     manifest.counts = count_documents(manifest.shard_states)
     warning = cut_warning(manifest.shard_states, config.max_doc_chars)

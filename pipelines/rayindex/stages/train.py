@@ -18,6 +18,7 @@ import ray
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.infra.files import read_sample
+from rayindex.infra.gpu import require_faiss_gpu
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import match_threads_to_ray_cpus, max_node_cpus
@@ -99,6 +100,8 @@ def train_quantizer(
 ) -> dict:
     """The Ray task: sample (from the shards' embeddings, pulled into this node's mirror and checked),
     train, write and push trained.faiss; returns the facts the stage records."""
+    if use_gpu:
+        require_faiss_gpu()  # never a quiet k-means on the CPU while a GPU is held
     match_threads_to_ray_cpus()
     version.pull(embeddings)
     n_train = min(sample_size, int(sum(counts)))
