@@ -89,6 +89,7 @@ def test_labelled_queries_hit_and_mrr(index_copy, docs, tmp_path):
     assert every["hit@1"] == np.mean([f == d["id"] for f, d in zip(firsts, docs[::36])])
 
 
+@pytest.mark.slow  # three CLI runs, each loading the model (about 70 s on 2 shared cores)
 def test_eval_cli(index_copy, docs, tmp_path):
     rayindex = str(Path(sys.executable).with_name("rayindex"))
     result = subprocess.run(
@@ -110,7 +111,7 @@ def test_eval_cli(index_copy, docs, tmp_path):
     assert with_labels.returncode == 0, with_labels.stderr
     saved = json.loads((open_index(index_copy).version_dir / "eval.json").read_text())["labelled"]
     lines = with_labels.stdout.splitlines()
-    head = next(line for line in lines if "default nprobe" in line)
+    head = next(line for line in lines if "default nprobe" in line and " lists" in line)
     assert f"default nprobe {saved['nprobe']}" in head and f"all {saved['all_lists']['nprobe']} lists" in head
     for key in ("hit@1", "hit@10", "mrr"):  # a row: the measure, at the default nprobe, with all lists
         row = next(line for line in lines if f" {key} " in line)
