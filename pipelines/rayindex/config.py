@@ -20,9 +20,10 @@ PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # docs/build.md ("Big documents").
 MAX_DOC_CHARS = 500_000
 # Tuning takes the largest nprobe that reaches the recall target while one query searched alone takes at most
-# this (median, measured at tune time on the machine tuning runs on). Encoding a short query with the packaged
-# model takes about 5 ms on one core of the development machine, so up to 2 ms of search leaves it the larger
-# part of a request; at 11,489 vectors (IVF256,Flat) every list takes about 1 ms (issue #24).
+# this (median, measured at tune time on the machine tuning runs on). 2 ms is a choice, not a measure of what
+# users notice: about every list of a 12,624-entry IVF256,Flat index (benchmarks/short_questions_benchmark.py:
+# 2.95 ms on this 2-core machine under a load of 12, about 1 ms quiet per issue #24), and small beside encoding
+# the question itself (542 ms for one question alone under the same load).
 DEFAULT_MAX_SEARCH_MS = 2.0
 MAX_SEARCH_MS_HELP = (
     "Per-query search budget in ms, measured at tune time on this machine: the largest nprobe reaching the "
