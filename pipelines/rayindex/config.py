@@ -380,7 +380,9 @@ class ServeConfig(AppConfig):
 
 class EvalOptions(Settings):
     queries: str | None = Field(
-        None, description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline.'
+        None,
+        description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline, at the default '
+        "nprobe and with all lists probed.",
     )
     ks: str = Field("1,10,100", description="Comma-separated k values for recall@k.", json_schema_extra=cli("--k"))
     n_queries: int = Field(
