@@ -31,6 +31,10 @@ def test_pure_helpers():
     found = np.array([[7, 1, 2, 3], [9, 9, -1, -1]])
     assert recall.drop_self(found, np.array([7, 9]), 2).tolist() == [[1, 2], [-1, -1]]
     assert recall.recall_at(np.array([[1, 2], [3, 4]]), np.array([[2, 5], [3, 4]]), 2) == 0.75
+    assert recall.recall_at(np.array([[1, 2]]), np.array([[2, -1]]), 2) == 1.0  # one true neighbour, found
+    # passages (row << 20 | passage) ranked into documents: first appearance wins, -1 padding
+    found = np.array([[(3 << 20) | 1, 3 << 20, 5 << 20, -1], [(7 << 20) | 2, -1, -1, -1]])
+    assert recall.ranked_documents(found, 2).tolist() == [[3, 5], [7, -1]]
 
 
 @pytest.fixture
@@ -72,12 +76,21 @@ def test_labelled_queries_hit_and_mrr(index_copy, docs, tmp_path):
     labelled.write_text(
         "\n".join(json.dumps({"query": f"{d['title']}: {d['body']}", "id": d["id"]}) for d in docs[::36])
     )
-    result = evaluate(open_index(index_copy), EvalOptions(n_queries=20, ks="1,10", queries=str(labelled)))
-    assert result["labelled"]["queries"] == 10
+    published = open_index(index_copy)
+    result = evaluate(published, EvalOptions(n_queries=20, ks="1,10", queries=str(labelled)))
+    assert result["labelled"]["queries"] == 10 and result["labelled"]["nprobe"] == published.manifest.nprobe
     assert result["labelled"]["hit@10"] == 1.0 and result["labelled"]["mrr"] > 0.8
+    every = result["labelled"]["all_lists"]
+    assert every["nprobe"] == published.manifest.nlist and every["hit@10"] == 1.0 and every["mrr"] > 0.8
+    # the all-lists column is the pipeline searched with nprobe = nlist
+    vectors = published.encode([json.loads(line)["query"] for line in labelled.read_text().splitlines()])
+    found = published.search_documents(vectors, 1, published.manifest.nlist)
+    firsts = [published.docs.get(hits[0][1])["id"] for hits in found]
+    assert every["hit@1"] == np.mean([f == d["id"] for f, d in zip(firsts, docs[::36])])
 
 
-def test_eval_cli(index_copy):
+@pytest.mark.slow  # three CLI runs, each loading the model (about 70 s on 2 shared cores)
+def test_eval_cli(index_copy, docs, tmp_path):
     rayindex = str(Path(sys.executable).with_name("rayindex"))
     result = subprocess.run(
         [rayindex, "eval", "--index", str(index_copy), "--k", "1,10", "--n-queries", "40"],
@@ -87,6 +100,23 @@ def test_eval_cli(index_copy):
     )
     assert result.returncode == 0, result.stderr
     assert "recall@10" in result.stdout and "eval.json" in result.stdout
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"query": d["title"], "id": d["id"]}) + "\n" for d in docs[:40:8]))
+    with_labels = subprocess.run(
+        [rayindex, "eval", "--index", str(index_copy), "--k", "1,10", "--n-queries", "20", "--queries", str(labelled)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert with_labels.returncode == 0, with_labels.stderr
+    saved = json.loads((open_index(index_copy).version_dir / "eval.json").read_text())["labelled"]
+    lines = with_labels.stdout.splitlines()
+    head = next(line for line in lines if "default nprobe" in line and " lists" in line)
+    assert f"default nprobe {saved['nprobe']}" in head and f"all {saved['all_lists']['nprobe']} lists" in head
+    for key in ("hit@1", "hit@10", "mrr"):  # a row: the measure, at the default nprobe, with all lists
+        row = next(line for line in lines if f" {key} " in line)
+        cells = [cell.strip() for cell in row.split("│") if cell.strip()]
+        assert cells == [key, f"{saved[key]:.3f}", f"{saved['all_lists'][key]:.3f}"]
     bad = subprocess.run(
         [rayindex, "eval", "--index", str(index_copy), "--k", "ten"], capture_output=True, text=True, timeout=300
     )

@@ -45,6 +45,7 @@ LAYERS = [
             "text.stdlib_corpus",
             "text.documents",
             "text.passages",
+            "text.queries",
             "ivf.index_params",
             "ivf.capacity",
             "ivf.index",

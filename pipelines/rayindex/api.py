@@ -5,7 +5,7 @@
     index = rayindex.open_index("out")
     index.search("parse a JSON document", k=5)
     index.ask("How do I decode base64 data?")["answer"]
-    rayindex.tune("out", target_recall=0.99)          # store the nprobe that reaches it
+    rayindex.tune("out", target_recall=0.99)          # store the nprobe that reaches it (queries="log.jsonl")
     rayindex.evaluate("out", ks="1,10")               # recall@k vs exact search per nprobe
     rayindex.partition("out", shards=4)               # split for sharded serving
     rayindex.plan(1e9, gpus=8)                        # disk, RAM, hours
@@ -98,8 +98,10 @@ def located(index: str | Path | None = None, s3_endpoint: str | None = None) -> 
 
 
 def tune(index: str | Path | None = None, *, s3_endpoint: str | None = None, **options) -> Tuning:
-    """Store the smallest nprobe (and re-rank factor, when nprobe alone cannot) that reaches target_recall
-    (TuneOptions) in the published version's manifest and index.faiss; returns the tuning with its sweep."""
+    """Store the nprobe (and re-rank factor, when nprobe alone cannot) for target_recall (TuneOptions): the
+    largest reaching it whose query takes at most max_search_ms here, else the smallest reaching it, on
+    queries made from the corpus or read from queries=JSONL; in the published version's manifest and
+    index.faiss. Returns the tuning with its sweep."""
     from rayindex.stages.tune import tune as tune_version
     from rayindex.versions import save_published
 
@@ -113,7 +115,8 @@ def tune(index: str | Path | None = None, *, s3_endpoint: str | None = None, **o
 
 def evaluate(index: str | Path | None = None, *, s3_endpoint: str | None = None, **options) -> dict:
     """recall@k vs exact search and latency for a sweep of nprobe (EvalOptions; with queries=JSONL, hit@k
-    and MRR too), written to eval.json and PNG plots in the version; returns what eval.json holds."""
+    and MRR at the default nprobe and with all lists probed), written to eval.json and PNG plots in the
+    version; returns what eval.json holds."""
     from rayindex.query.evaluate import evaluate as evaluate_version
 
     eval_options = settings(EvalOptions, options)

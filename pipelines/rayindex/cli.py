@@ -208,7 +208,9 @@ def search(
 
 def print_sweep(points, ks: list[int], title: str) -> None:
     table = Table(title=title)
-    for col in ["nprobe", "re-rank", *[f"recall@{k}" for k in ks], "ms/query"]:
+    timed_alone = any(p.p50_ms is not None for p in points)
+    alone = ["p50 ms alone"] if timed_alone else []
+    for col in ["nprobe", "re-rank", *[f"recall@{k}" for k in ks], "ms/query", *alone]:
         table.add_column(col, justify="right")
     for p in points:
         table.add_row(
@@ -216,7 +218,19 @@ def print_sweep(points, ks: list[int], title: str) -> None:
             f"x{p.refine}" if p.refine > 1 else "-",
             *[f"{p.recall[k]:.3f}" for k in ks],
             f"{p.ms_per_query:.3f}",
+            *([f"{p.p50_ms:.3f}" if p.p50_ms is not None else "-"] if timed_alone else []),
         )
+    console.print(table)
+
+
+def print_labelled(labelled: dict, ks: list[int]) -> None:
+    """hit@k and MRR at the default nprobe next to every list probed."""
+    default, every = labelled, labelled["all_lists"]
+    table = Table(title=f"{labelled['queries']} labelled queries: documents found")
+    for col in ("", f"default nprobe {default['nprobe']}", f"all {every['nprobe']} lists"):
+        table.add_column(col, justify="right")
+    for key in [*(f"hit@{k}" for k in ks), "mrr"]:
+        table.add_row(key, f"{default[key]:.3f}", f"{every[key]:.3f}")
     console.print(table)
 
 
@@ -237,7 +251,7 @@ def eval_command(
         f"{result['queries']} queries (default nprobe {result['default_nprobe']})",
     )
     if "labelled" in result:
-        console.print({key: round(v, 4) for key, v in result["labelled"].items()})
+        print_labelled(result["labelled"], result["ks"])
     console.print(
         f"Wrote {Path(result['plots'][0]).parent / 'eval.json'} and {', '.join(Path(p).name for p in result['plots'])}"
     )
@@ -248,15 +262,25 @@ def tune(
     location: Annotated[dict, From(IndexLocation)] = None,
     options: Annotated[dict, From(TuneOptions)] = None,
 ) -> None:
-    """Store the smallest nprobe that reaches --target-recall in the version's manifest and index.faiss (search/serve
-    default)."""
+    """Store the nprobe for --target-recall (the largest reaching it within --max-search-ms) in the version's manifest
+    and index.faiss (search/serve default); --queries tunes on a query log."""
     from rayindex import api
 
     tuning = api.tune(**location, **options)
-    print_sweep(tuning.sweep, [tuning.k], f"tuning for recall@{tuning.k} >= {tuning.target}")
+    print_sweep(
+        tuning.sweep,
+        [tuning.k],
+        f"tuning for recall@{tuning.k} >= {tuning.target} ({tuning.recall_of}) on {tuning.queries} queries from "
+        f"{tuning.queries_from}",
+    )
+    console.print(f"Latencies measured on {tuning.measured_on}.", highlight=False)
     if tuning.reached:
-        console.print(f"nprobe {tuning.nprobe} reaches recall@{tuning.k} {tuning.recall:.3f}; stored as the default.")
-    else:
+        console.print(
+            f"nprobe {tuning.nprobe} reaches recall@{tuning.k} {tuning.recall:.3f} in {tuning.p50_ms:.2f} ms a query "
+            f"(budget {tuning.max_search_ms:g} ms); stored as the default.",
+            highlight=False,
+        )
+    if tuning.note:
         err_console.print(f"[yellow]warning:[/] {tuning.note}; stored nprobe {tuning.nprobe}.")
 
 

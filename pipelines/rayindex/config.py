@@ -20,6 +20,16 @@ PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # about a character a token (CJK) gives ~2,200 passages, 4.5%. Measured on this 2-core machine: see
 # docs/build.md ("Big documents").
 MAX_DOC_CHARS = 500_000
+# Tuning takes the largest nprobe that reaches the recall target while one query searched alone takes at most
+# this (median, measured at tune time on the machine tuning runs on). 2 ms is a choice, not a measure of what
+# users notice: about every list of a 12,624-entry IVF256,Flat index (benchmarks/short_questions_benchmark.py:
+# 2.95 ms on this 2-core machine under a load of 12, about 1 ms quiet per issue #24), and small beside encoding
+# the question itself (542 ms for one question alone under the same load).
+DEFAULT_MAX_SEARCH_MS = 2.0
+MAX_SEARCH_MS_HELP = (
+    "Per-query search budget in ms, measured at tune time on this machine: the largest nprobe reaching the "
+    "target within it is kept (0: the smallest nprobe reaching the target)."
+)
 
 
 def parse_bytes(text: str | int) -> int:
@@ -166,9 +176,10 @@ class BuildConfig(Settings):
         0.95,
         gt=0,
         le=1,
-        description="Tune nprobe to the smallest reaching this recall@10 vs exact "
-        "search (stored in the manifest and the index; search/serve use it).",
+        description="Tune nprobe to reach this recall@10 of the documents found vs exhaustive search "
+        "(stored in the manifest and the index; search/serve use it).",
     )
+    max_search_ms: float = Field(DEFAULT_MAX_SEARCH_MS, ge=0, description=MAX_SEARCH_MS_HELP)
     tune: bool | None = Field(
         None,
         description="Tune nprobe for --target-recall after the merge (default: when the index "
@@ -391,7 +402,9 @@ class ServeConfig(AppConfig):
 
 class EvalOptions(Settings):
     queries: str | None = Field(
-        None, description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline.'
+        None,
+        description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline, at the default '
+        "nprobe and with all lists probed.",
     )
     ks: str = Field("1,10,100", description="Comma-separated k values for recall@k.", json_schema_extra=cli("--k"))
     n_queries: int = Field(
@@ -409,9 +422,21 @@ class EvalOptions(Settings):
 
 
 class TuneOptions(Settings):
-    target_recall: float = Field(0.95, gt=0, le=1, description="recall@k vs exact search to reach.")
+    target_recall: float = Field(
+        0.95, gt=0, le=1, description="recall@k of the documents found vs exhaustive search to reach."
+    )
     k: int = Field(10, ge=1, description="k of recall@k.", json_schema_extra=cli("--k"))
-    n_queries: int = Field(500, ge=1, description="Held-out queries sampled from the corpus.")
+    n_queries: int = Field(
+        500,
+        ge=1,
+        description="Queries made from the corpus (sentences, titles, key phrases, short questions), "
+        "or drawn from --queries when it holds more.",
+    )
+    queries: str | None = Field(
+        None,
+        description='JSONL of {"query": ...} lines (a query log, no labels needed): tune on these instead.',
+    )
+    max_search_ms: float = Field(DEFAULT_MAX_SEARCH_MS, ge=0, description=MAX_SEARCH_MS_HELP)
 
 
 class PartitionOptions(Settings):

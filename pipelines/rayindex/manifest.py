@@ -138,10 +138,12 @@ class SweepPoint(BaseModel):
     refine: int  # re-rank factor (1: none)
     ms_per_query: float
     recall: dict[int, float]  # k -> recall@k vs exact search
+    p50_ms: float | None = None  # median time of one query searched alone (tune measures it; eval does not)
 
 
 class Tuning(BaseModel):
-    """The tune stage's record: the nprobe (and re-rank factor) chosen for a recall target."""
+    """The tune stage's record: the nprobe (and re-rank factor) chosen for a recall target, within a per-query
+    latency budget measured on the machine named in measured_on."""
 
     target: float
     k: int
@@ -152,6 +154,13 @@ class Tuning(BaseModel):
     refine_factor: int
     recall: float
     note: str | None = None
+    # recorded since issue #24 (None in older manifests): what the queries were, how recall was counted,
+    # the latency budget and the machine its latencies were measured on
+    queries_from: str | None = None
+    recall_of: Literal["passages", "documents"] = "passages"
+    max_search_ms: float | None = None
+    p50_ms: float | None = None
+    measured_on: str | None = None
 
 
 class MergedIndex(BaseModel):
@@ -330,6 +339,12 @@ class Manifest(BaseModel):
     def shard_counts(self) -> list[int]:
         """Vectors (passages) per shard, in shard order."""
         return [s.passages for s in self.shard_states]
+
+    def first_fetch(self, k: int, per_document: int = 1) -> int:
+        """Passages a search fetches first to find k documents (query/search.py search_documents; tune ranks
+        the same number): twice the passages of an average document per document, at most every vector."""
+        passages_per_doc = max(1, -(-self.counts.passages // max(1, self.counts.docs_encoded)))
+        return min(self.merge.ntotal, k * max(per_document, 2 * passages_per_doc))
 
 
 def library_versions() -> dict[str, str]:

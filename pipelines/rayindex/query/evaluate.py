@@ -1,6 +1,7 @@
 """`rayindex eval`: recall@k against exact search (over the stored passage vectors) and latency per
 query for a sweep of nprobe (ivf/recall.py), document-level hit@k / MRR of the whole pipeline on
-labelled queries, written to eval.json and PNG plots in the version folder."""
+labelled queries at the default nprobe and with every list probed (so a loss from tuning shows), written
+to eval.json and PNG plots in the version folder."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import faiss
 import numpy as np
 
 from rayindex.config import EvalOptions
-from rayindex.errors import RayIndexError
 from rayindex.ivf.recall import exact_truth, measure_sweep, nprobe_sweep, sample_queries
 from rayindex.layout import EVAL_FILE
 from rayindex.manifest import SweepPoint
 from rayindex.query.search import PublishedIndex
+from rayindex.text.queries import read_query_file
 
 EVAL_SEED = 7
 
@@ -34,28 +35,6 @@ def labelled_metrics(published: PublishedIndex, labelled: list[dict], ks: list[i
     result["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
     result["queries"] = len(labelled)
     return result
-
-
-def read_labelled(path: str | Path) -> list[dict]:
-    """A JSONL file of {"query": str, "id": corpus id} objects."""
-    items = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RayIndexError(f"--queries {path}: cannot read it ({exc})") from None
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RayIndexError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(item, dict) or "query" not in item or "id" not in item:
-            raise RayIndexError(f'{path} line {line_no}: expected {{"query": ..., "id": ...}}')
-        items.append(item)
-    if not items:
-        raise RayIndexError(f"{path}: no labelled queries")
-    return items
 
 
 def evaluate(published: PublishedIndex, options: EvalOptions | None = None) -> dict:
@@ -89,7 +68,12 @@ def evaluate(published: PublishedIndex, options: EvalOptions | None = None) -> d
         "default_nprobe": published.manifest.nprobe,
     }
     if options.queries:
-        result["labelled"] = labelled_metrics(published, read_labelled(options.queries), ks, published.manifest.nprobe)
+        labelled = read_query_file(options.queries, labelled=True)
+        # at the default nprobe, and with every list probed: what tuning costs the queries, next to each other
+        result["labelled"] = labelled_metrics(published, labelled, ks, published.manifest.nprobe)
+        result["labelled"]["nprobe"] = published.manifest.nprobe
+        result["labelled"]["all_lists"] = labelled_metrics(published, labelled, ks, published.manifest.nlist)
+        result["labelled"]["all_lists"]["nprobe"] = published.manifest.nlist
     (published.version_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     result["plots"] = plot_sweep(points, ks, published.version_dir, published.manifest.index_string)
     return result

@@ -139,8 +139,7 @@ class PublishedIndex:
             nprobe = min(self.manifest.nlist, math.ceil(nprobe * self.ntotal / len(matching)))
         ntotal = self.ntotal
         fetch_cap = min(ntotal, FETCH_LIMIT)
-        passages_per_doc = max(1, -(-self.manifest.counts.passages // max(1, self.manifest.counts.docs_encoded)))
-        fetch = min(ntotal, k * max(per_document, 2 * passages_per_doc))
+        fetch = self.manifest.first_fetch(k, per_document)
         results: list = [None] * len(vectors)
         todo = np.arange(len(vectors))
         while len(todo):

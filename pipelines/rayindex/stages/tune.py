@@ -1,7 +1,12 @@
-"""Tune stage: the smallest nprobe whose recall@k against exact search reaches a target, on queries made
-of sentences of the corpus's passages encoded as queries (ivf/recall.py sentence_queries); when no
-nprobe does (PQ codes cap recall), re-ranking turns on with the smallest factor that does. The choice
-goes into the manifest and into index.faiss itself, so search, serving and a plain faiss.read_index all use it.
+"""Tune stage: the nprobe to search with, for a recall@k target against exhaustive search counted over the
+documents a user sees (search returns documents by their best passage), within a per-query latency budget:
+of the nprobe values reaching the target, the largest whose query searched alone takes at most
+--max-search-ms (median, measured here and recorded with this machine's description), else the smallest
+reaching it. The queries are made from the corpus in the shapes users send (ivf/recall.py corpus_queries:
+sentences, titles and headings, key phrases, short questions), or read from a query log (--queries). When no
+nprobe reaches the target (PQ codes cap recall), re-ranking turns on with the smallest factor that does. The
+choice goes into the manifest and into index.faiss itself, so search, serving and a plain faiss.read_index
+all use it.
 
 Runs at the end of a build (by default when the index holds at most AUTO_TUNE_VECTORS vectors, where
 exact ground truth for 500 queries takes seconds: a newcomer's index reaches recall@10 0.95 without
@@ -19,22 +24,33 @@ from rayindex.config import BuildConfig, TuneOptions
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import read_index, set_nprobe, write_index
-from rayindex.ivf.recall import exact_truth, measure_sweep, nprobe_sweep, select_nprobe, sentence_queries
+from rayindex.ivf.recall import (
+    corpus_queries,
+    document_truth,
+    measure_sweep,
+    nprobe_sweep,
+    select_nprobe,
+    this_machine,
+)
 from rayindex.ivf.refine import Refiner, search_ivf, write_fp16_embeddings
 from rayindex.layout import EMBEDDINGS_FILE, IVFDATA_FILE, MERGED_FILE, VECTOR_IDS_FILE, is_serving_file
 from rayindex.manifest import Manifest, Tuning
 from rayindex.text.model import encode_queries, load_model
+from rayindex.text.queries import read_query_file
 
 REFINE_FACTORS = (2, 4, 8, 16)
 AUTO_TUNE_VECTORS = 2_000_000  # exact search of 500 queries over 2M x 384 floats: ~15 s on 2 cores
 TUNE_SEED = 11
+# queries timed one at a time per sweep point for the budget: their median (p50_ms) is what the budget is
+# compared with
+LATENCY_QUERIES = 50
 
 
 def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[Tuning, list[str]]:
-    """Choose nprobe (and a re-rank factor) for options.target_recall, record them in the manifest and
-    write them into index.faiss; returns the tuning and the files (paths in the version) it wrote."""
+    """Choose nprobe (and a re-rank factor) for options.target_recall within options.max_search_ms, record
+    them in the manifest and write them into index.faiss; returns the tuning and the files (paths in the
+    version) it wrote."""
     ntotal = manifest.merge.ntotal
-    n_queries = min(options.n_queries, ntotal)
     k = min(options.k, ntotal - 1) or 1
     index = read_index(
         version_dir / MERGED_FILE, faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.merge.on_disk else faiss.IO_FLAG_MMAP
@@ -46,18 +62,26 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
             refiner.append(Refiner(version_dir, manifest))
         return search_ivf(index, queries, kk, nprobe, refiner[0] if refiner else None, refine)
 
-    queries = sentence_queries(version_dir, manifest, n_queries, TUNE_SEED, query_encoder(manifest))
-    self_ids = np.full(len(queries), -1, np.int64)  # a sentence is not a stored vector: nothing to leave out
-    truth = exact_truth(version_dir, manifest, queries, self_ids, k)
+    texts, queries_from = tuning_texts(version_dir, manifest, options)
+    queries = np.ascontiguousarray(query_encoder(manifest)(texts), dtype=np.float32)
+    no_self = np.full(len(queries), -1, np.int64)  # not stored vectors: nothing to leave out
+    fetch = manifest.first_fetch(k)  # the passages search ranks into its first k documents
+    truth = document_truth(version_dir, manifest, queries, k, fetch)
     nprobes = nprobe_sweep(manifest.nlist)
-    sweep = measure_sweep(search, queries, self_ids, truth, [k], nprobes)
-    chosen, written = select_nprobe(sweep, options.target_recall, k), []
+
+    def sweep_at(refine: int):
+        return measure_sweep(
+            search, queries, no_self, truth, [k], nprobes, refine, fetch=fetch, latency_queries=LATENCY_QUERIES
+        )
+
+    sweep = sweep_at(1)
+    chosen, written = select_nprobe(sweep, options.target_recall, k, options.max_search_ms), []
     if chosen is None:
         written = write_fp16_embeddings(version_dir, manifest)
         for factor in REFINE_FACTORS:
-            refined = measure_sweep(search, queries, self_ids, truth, [k], nprobes, refine=factor)
+            refined = sweep_at(factor)
             sweep += refined
-            chosen = select_nprobe(refined, options.target_recall, k)
+            chosen = select_nprobe(refined, options.target_recall, k, options.max_search_ms)
             if chosen:
                 break
     best = max(sweep, key=lambda p: (p.recall[k], -p.ms_per_query))
@@ -65,17 +89,27 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
     tuning = Tuning(
         target=options.target_recall,
         k=k,
-        queries=n_queries,
+        queries=len(texts),
         sweep=sweep,
         reached=chosen is not None,
         nprobe=pick.nprobe,
         refine_factor=pick.refine,
         recall=pick.recall[k],
+        queries_from=queries_from,
+        recall_of="documents",
+        max_search_ms=options.max_search_ms,
+        p50_ms=pick.p50_ms,
+        measured_on=this_machine(),
     )
     if chosen is None:
         tuning.note = (
             f"recall@{k} {best.recall[k]:.3f} at nprobe {best.nprobe} (re-rank x{best.refine}) is the best "
             "this index reaches; a finer index (more PQ bytes, or Flat/SQ8) is needed for the target"
+        )
+    elif options.max_search_ms and chosen.p50_ms > options.max_search_ms:
+        tuning.note = (
+            f"nprobe {chosen.nprobe}, the smallest reaching the target, takes {chosen.p50_ms:.2f} ms a query here, "
+            f"over --max-search-ms {options.max_search_ms:g}"
         )
     manifest.tuning = tuning
     manifest.refine_factor = tuning.refine_factor if tuning.refine_factor > 1 else None
@@ -84,6 +118,20 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
         store_nprobe(version_dir, manifest)
         written.append(MERGED_FILE)
     return tuning, written
+
+
+def tuning_texts(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[list[str], str]:
+    """The queries to tune on and where they come from: options.queries' lines (a seeded sample of
+    n_queries when it holds more), else n_queries made from the corpus (corpus_queries)."""
+    if options.queries:
+        texts = [item["query"] for item in read_query_file(options.queries)]
+        total = len(texts)
+        if total > options.n_queries:
+            rows = np.random.default_rng(TUNE_SEED).choice(total, options.n_queries, replace=False)
+            texts = [texts[row] for row in sorted(rows)]
+        return texts, f"{options.queries} ({len(texts)} of its {total} queries)"
+    texts = corpus_queries(version_dir, manifest, min(options.n_queries, manifest.merge.ntotal), TUNE_SEED)
+    return texts, "the corpus: sentences, titles and headings, key phrases, short questions"
 
 
 def query_encoder(manifest: Manifest):
@@ -113,7 +161,8 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         | manifest.shard_files((EMBEDDINGS_FILE, VECTOR_IDS_FILE))
     )
     with progress.stage("tune", 1, "sweeps"):
-        tuning, written = tune(version.local_root, manifest, TuneOptions(target_recall=config.target_recall))
+        options = TuneOptions(target_recall=config.target_recall, max_search_ms=config.max_search_ms)
+        tuning, written = tune(version.local_root, manifest, options)
     if not tuning.reached:
         manifest.warnings.append(f"--target-recall {config.target_recall}: {tuning.note}")
     for rel in written:
