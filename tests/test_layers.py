@@ -68,6 +68,7 @@ LAYERS = [
             "stages.merge",
             "stages.tune",
             "stages.partition",
+            "stages.lexical",
         },
     ),
     (
@@ -84,6 +85,7 @@ LAYERS = [
             "query.metrics",
             "query.launch",
             "query.sharded",
+            "query.fusion",
         },
     ),
     ("build", 5, {"builder", "incremental"}),
