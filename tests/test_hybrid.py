@@ -18,9 +18,24 @@ from rayindex.layout import DOCS_FILE, LEXICAL_COUNTS_FILE, LEXICAL_FILES, shard
 from rayindex.lexical.analyzer import Analyzer
 from rayindex.lexical.counts import term_hashes
 from rayindex.lexical.postings import search_postings
+from rayindex.query.fusion import fuse_documents
 from rayindex.query.search import open_index
 
 from helpers import build_args, client_env
+
+
+def test_fusion_ranks_documents_not_passages():
+    """Document 1 is first on both sides by different passages (10 and 11): it stays first. Passages are
+    ids; the document is id // 10."""
+    dense = [(0.9, 10), (0.8, 20), (0.7, 30)]
+    lexical = [(40.0, 11), (30.0, 30), (20.0, 20)]
+    fused = fuse_documents([dense, lexical], lambda p: p // 10, per_document=1, k=3)
+    assert [p for _, p in fused] == [10, 20, 30]  # 20 and 30 tie (ranks 2+3): the lower document first
+    assert fused[0][0] == pytest.approx(2 / 61) and fused[1][0] == fused[2][0] == pytest.approx(1 / 62 + 1 / 63)
+    two = fuse_documents([dense, lexical], lambda p: p // 10, per_document=2, k=1)
+    assert [p for _, p in two] == [10, 11]  # both passages of the document, each side's best
+    weighted = fuse_documents([dense, lexical], lambda p: p // 10, per_document=1, k=3, weights=[0.0, 1.0])
+    assert [p for _, p in weighted] == [11, 30, 20]  # BM25's order alone, by BM25's passages
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from rayindex.lexical.counts import term_hashes
 from rayindex.lexical.postings import Postings, open_postings, search_postings
 from rayindex.manifest import Manifest
 from rayindex.query.filters import MetadataFilter, id_selector
-from rayindex.query.fusion import reciprocal_rank_fusion
+from rayindex.query.fusion import fuse_documents
 from rayindex.versions import open_current
 
 if TYPE_CHECKING:
@@ -222,12 +222,15 @@ class PublishedIndex:
             return [self.lexical_documents(q, k, per_document, matching) for q in queries]
         depth = max(k, FUSION_DEPTH)
         dense = self.search_documents(self.encode(queries), depth, nprobe, per_document, filter, missing)
-        results = []
-        for query, dense_ranked in zip(queries, dense):
-            fused = reciprocal_rank_fusion([dense_ranked, self.lexical_documents(query, depth, per_document, matching)])
-            scores, ids = (np.asarray(column) for column in zip(*fused)) if fused else (np.zeros(0), np.zeros(0, int))
-            results.append(best_per_document(scores, ids, per_document, k)[0])
-        return results
+        return [
+            fuse_documents(
+                [dense_ranked, self.lexical_documents(query, depth, per_document, matching)],
+                document_of=lambda passage_id: passage_id >> PASSAGE_BITS,
+                per_document=per_document,
+                k=k,
+            )
+            for query, dense_ranked in zip(queries, dense)
+        ]
 
     def search(
         self,
