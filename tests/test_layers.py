@@ -71,6 +71,7 @@ LAYERS = [
             "stages.merge",
             "stages.tune",
             "stages.partition",
+            "stages.lexical",
         },
     ),
     (
@@ -87,6 +88,7 @@ LAYERS = [
             "query.metrics",
             "query.launch",
             "query.sharded",
+            "query.fusion",
         },
     ),
     ("build", 5, {"builder", "incremental"}),

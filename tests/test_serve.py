@@ -57,6 +57,10 @@ def test_search_returns_the_document(client, docs, built):
     assert set(body["hits"][0]) == {"id", "score", "passage", "start", "end", "text", "metadata"}
     assert len({h["id"] for h in body["hits"]}) == 3  # one hit per document
     assert client.post("/search", json={"query": "base64", "k": 2, "nprobe": 8}).json()["hits"]
+    for mode in ("dense", "lexical", "hybrid"):  # the build has a lexical index: every mode answers
+        r = client.post("/search", json={"query": target["title"], "k": 3, "mode": mode})
+        assert r.status_code == 200 and r.json()["hits"], (mode, r.text)
+    assert client.post("/ask", json={"question": target["title"], "mode": "lexical"}).json()["sources"]
 
 
 def test_search_filters_on_metadata_and_returns_passages_per_document(client, docs):
@@ -145,6 +149,7 @@ def test_health_metrics_and_openapi(client, built):
         ("/search", {"query": "ok", "nprobe": 0}, "nprobe"),
         ("/search", {"query": "ok", "nprobe": 9}, "nprobe"),  # the index has 8 lists
         ("/search", {"k": 3}, "query"),
+        ("/search", {"query": "ok", "mode": "fuzzy"}, "mode"),
         ("/ask", {"question": 42}, "question"),
         ("/ask", {"question": " "}, "question"),
     ],

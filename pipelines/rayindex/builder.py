@@ -1,4 +1,5 @@
-"""The build: lock the output -> resume or start a version -> plan, encode, train, add, merge, tune (by
+"""The build: lock the output -> resume or start a version -> plan, encode, lexical (BM25, unless
+--no-lexical), train, add, merge, tune (by
 default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its
 outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
@@ -19,7 +20,7 @@ from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.manifest import Manifest, Reindex, Resumption, library_versions, now_iso
-from rayindex.stages import add, encode, merge, partition, plan, train, tune
+from rayindex.stages import add, encode, lexical, merge, partition, plan, train, tune
 from rayindex.versions import (
     check_output_writable,
     current_run_id,
@@ -34,6 +35,7 @@ from rayindex.versions import (
 
 STAGES = (
     ("encode", encode.run),
+    ("lexical", lexical.run),
     ("train", train.run),
     ("add", add.run),
     ("merge", merge.run),
@@ -64,6 +66,8 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
                     and not tune.wanted(config, manifest.counts.passages)
                     or name == "partition"
                     and not config.serving_shards
+                    or name == "lexical"
+                    and not config.lexical
                 ):
                     continue
                 with timed(name, manifest, version):

@@ -186,7 +186,12 @@ def search(
 
     search_params = settings(SearchParams, params)
     hits = open_index(where_is(location)).search(
-        query, search_params.k, search_params.nprobe, search_params.per_document, search_params.filter
+        query,
+        search_params.k,
+        search_params.nprobe,
+        search_params.per_document,
+        search_params.filter,
+        search_params.mode,
     )
     if as_json:
         sys.stdout.write(json.dumps(hits, ensure_ascii=False, default=str) + "\n")

@@ -76,6 +76,23 @@ def _metric_name(value):
 Metric = Annotated[Literal["cosine", "dot", "l2"], BeforeValidator(_metric_name)]
 
 
+def _snowball_language(value):
+    """A Snowball language (PyStemmer's names, any case), or "none" / None: no stemming and no stopwords."""
+    if value is None or str(value).lower() == "none":
+        return None
+    import Stemmer
+
+    name = str(value).lower()
+    if name not in Stemmer.algorithms():
+        raise ValueError(
+            f"{value!r} is not a Snowball language: one of {', '.join(sorted(Stemmer.algorithms()))}, or none"
+        )
+    return name
+
+
+LexicalLanguage = Annotated[str | None, BeforeValidator(_snowball_language)]
+
+
 class Settings(BaseModel):
     """Unknown keys are refused: a typo in an option, a Serve config's args or an API call is an error."""
 
@@ -191,6 +208,15 @@ class BuildConfig(Settings):
         ge=1,
         description="Also split the merged inverted lists into this many parts, "
         "balanced by size, for `rayindex serve --shards N` (each serving shard maps one part).",
+    )
+    lexical: bool = Field(
+        True,
+        description="Also build a BM25 index of the passages, searched with the vectors (hybrid search).",
+        json_schema_extra=cli("--lexical/--no-lexical"),
+    )
+    lexical_language: LexicalLanguage = Field(
+        "english",
+        description="Stemmer and stopwords of the BM25 index (a Snowball language), or none.",
     )
     seed: int = Field(1234, description="Seed of the training sample and k-means.")
     gpu: bool | None = Field(
@@ -312,6 +338,11 @@ class SearchParams(Settings):
         description='Only documents whose metadata match, as JSON: {"section": "8"} or {"section": {"in": ["8", '
         '"9"]}}.',
         json_schema_extra=cli(metavar="JSON", as_text=True),
+    )
+    mode: Literal["hybrid", "dense", "lexical"] | None = Field(
+        None,
+        description="hybrid (the vectors and BM25, fused by reciprocal rank), dense or lexical (BM25) (default: "
+        "hybrid when the index has a lexical index, else dense).",
     )
 
 

@@ -36,6 +36,10 @@ DOCS_FILE = "docs.parquet"  # the doc store, a row per passage: vector_id, doc_i
 DOC_HASHES_FILE = "doc_hashes.npy"  # 64-bit hashes of the corpus ids, one per document (duplicate check)
 CONTENT_HASHES_FILE = "content_hashes.npy"  # 64-bit hashes of id + text + metadata, one per document (reindex)
 SHARD_INDEX_FILE = "index.faiss"  # the shard's own index, before the merge
+LEXICAL_COUNTS_FILE = "lexical_counts.npz"  # a shard's term counts (lexical/counts.py TermCounts)
+LEXICAL_DIR = "lexical"  # the version's BM25 postings (lexical/postings.py): one .npy file per array
+LEXICAL_ARRAYS = ("terms", "starts", "ids", "impacts")
+LEXICAL_FILES = tuple(f"{LEXICAL_DIR}/{name}.npy" for name in LEXICAL_ARRAYS)
 SHARD_ENCODE_FILES = (EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)
 
 
@@ -113,7 +117,8 @@ def serving_part_files(shards: int, part: int) -> tuple[str, str]:
 
 
 def is_serving_file(rel: str) -> bool:
-    """What a replica holds whole before it answers: the merged index and its description. The doc store
-    is read on demand where the version lives (docstore/reader.py), and the fp16 vectors and ids that
-    re-ranking reads are wanted only by a version that re-ranks (versions.open_current)."""
-    return rel in (MERGED_FILE, IVFDATA_FILE, INDEX_INFOS_FILE)
+    """What a replica holds whole before it answers: the merged index and its description, and the lexical
+    postings (memory-mapped). The doc store is read on demand where the version lives (docstore/reader.py),
+    and the fp16 vectors and ids that re-ranking reads are wanted only by a version that re-ranks
+    (versions.open_current)."""
+    return rel in (MERGED_FILE, IVFDATA_FILE, INDEX_INFOS_FILE, *LEXICAL_FILES)

@@ -100,6 +100,7 @@ class ShardState(BaseModel):
         None  # of docs.parquet's footer (docstore.footer_sha256): checked when a reader opens it
     )
     cut_documents: list[CutDocument] = Field(default_factory=list)  # the first CUT_LISTED per shard
+    lexical_of_docs: str | None = None  # the docs.parquet sha256 its lexical counts were made from
 
 
 class EncodedShard(ShardState):
@@ -131,6 +132,21 @@ class TrainedIndex(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     embeddings_sha256: list[str | None] = Field(default_factory=list)  # trained from these shards' vectors
     reused_from: str | None = None  # reindex: the version whose trained index was taken
+
+
+class LexicalIndex(BaseModel):
+    """The BM25 index beside the vectors (stages/lexical.py): how passages and queries are analyzed, the BM25
+    parameters, and the corpus statistics every passage was scored with."""
+
+    language: str | None
+    stopwords: bool
+    k1: float
+    b: float
+    passages: int
+    avg_length: float
+    terms: int
+    postings: int
+    files: list[str]
 
 
 class SweepPoint(BaseModel):
@@ -253,6 +269,7 @@ class Manifest(BaseModel):
     counts: Counts = Field(default_factory=Counts)
     training: TrainedIndex | None = None
     merge: MergedIndex | None = None
+    lexical: LexicalIndex | None = None
     tuning: Tuning | None = None
     nprobe: int | None = None  # what search uses by default: the trained default, or the tuned one
     refine_factor: int | None = None  # re-rank k x factor PQ candidates with exact fp16 distances (refine.py)

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rayindex.infra.files import atomic_file
+
 
 def term_hash(term: str) -> int:
     return int.from_bytes(hashlib.blake2b(term.encode("utf-8"), digest_size=8).digest(), "little")
@@ -39,6 +41,24 @@ class TermCounts(NamedTuple):
     starts: np.ndarray  # int64, len(ids) + 1
     terms: np.ndarray  # uint64
     counts: np.ndarray  # int32
+
+
+def save_counts(counts: TermCounts, path) -> None:
+    """One .npz file, whole or not at all."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **counts._asdict())
+
+
+def load_counts(path) -> TermCounts:
+    """ValueError naming the file when it is not a shard's term counts."""
+    try:
+        with np.load(path) as arrays:
+            counts = TermCounts(*(arrays[name] for name in TermCounts._fields))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path} is not a shard's term counts ({exc})") from exc
+    if len(counts.starts) != len(counts.ids) + 1 or len(counts.terms) != len(counts.counts):
+        raise ValueError(f"{path}: its arrays disagree in length")
+    return counts
 
 
 def count_terms(ids: np.ndarray, analyzed: Iterable[list[str]]) -> TermCounts:

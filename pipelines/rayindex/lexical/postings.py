@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rayindex.infra.files import atomic_file, save_npy
+from rayindex.layout import LEXICAL_ARRAYS
 from rayindex.lexical.counts import CorpusTerms, TermCounts
-
-FILES = ("terms", "starts", "ids", "impacts")
 
 
 class BM25Params(NamedTuple):
@@ -83,21 +83,23 @@ def select_postings(postings: Postings, keep) -> Postings:
 
 
 def write_postings(postings: Postings, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+    """One .npy file per array, each whole or not at all."""
     paths = []
-    for name, array in zip(FILES, postings):
-        path = folder / f"{name}.npy"
-        np.save(path, array)
-        paths.append(path)
+    for name, array in zip(LEXICAL_ARRAYS, postings):
+        with atomic_file(folder / f"{name}.npy") as tmp:
+            save_npy(tmp, array)
+        paths.append(folder / f"{name}.npy")
     return paths
 
 
 def open_postings(folder: Path) -> Postings:
-    """Memory-mapped: nothing is read until a search slices it."""
-    arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in FILES]
-    postings = Postings(*arrays)
+    """Memory-mapped: nothing is read until a search slices it. ValueError naming the folder when the arrays
+    do not fit together."""
+    postings = Postings(*(np.load(folder / f"{name}.npy", mmap_mode="r") for name in LEXICAL_ARRAYS))
     if len(postings.starts) != len(postings.terms) + 1 or len(postings.ids) != len(postings.impacts):
-        raise ValueError(f"{folder}: postings arrays disagree in length; rebuild the index")
+        raise ValueError(f"{folder}: the lexical postings' arrays disagree in length")
+    if len(postings.starts) and (postings.starts[0] != 0 or postings.starts[-1] != len(postings.ids)):
+        raise ValueError(f"{folder}: the lexical postings' offsets do not cover its postings")
     return postings
 
 

@@ -1,6 +1,7 @@
 """Search a published index: open the version CURRENT names (memory-mapped), encode queries with
 the model and query prompt the build recorded, search passages (optionally only those whose metadata
-matches a filter: filters.py) and return documents, each by its best passage with its span, text and
+matches a filter: filters.py) by their vectors, by BM25 (the version's lexical postings) or both fused
+by reciprocal rank (fusion.py), and return documents, each by its best passage with its span, text and
 the document's metadata; `ask` answers a question from the hits with a generator (generate.py).
 """
 
@@ -16,13 +17,17 @@ import numpy as np
 
 from rayindex.config import AskParams, GeneratorConfig, IndexLocation, SearchParams
 from rayindex.docstore.reader import DocStore
-from rayindex.errors import DamagedIndex, RayIndexError
+from rayindex.errors import DamagedIndex, RayIndexError, UsageError
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.ivf.index import read_merged
 from rayindex.ivf.refine import Refiner, search_ivf
-from rayindex.layout import MERGED_FILE, PASSAGE_BITS
+from rayindex.layout import LEXICAL_DIR, MERGED_FILE, PASSAGE_BITS
+from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
+from rayindex.lexical.counts import term_hashes
+from rayindex.lexical.postings import Postings, open_postings, search_postings
 from rayindex.manifest import Manifest
 from rayindex.query.filters import MetadataFilter, id_selector
+from rayindex.query.fusion import fuse_documents
 from rayindex.versions import open_current
 
 if TYPE_CHECKING:
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
     from rayindex.query.generate import Generator
 
 FETCH_LIMIT = 4_096  # passages fetched per query at most while looking for k distinct documents
+# documents each side brings to hybrid fusion: at least this many, k when more (Elasticsearch's
+# rank_window_size plays this part; a window of k alone lets one side's k-th document decide)
+FUSION_DEPTH = 50
 
 
 class ListSearch(Protocol):
@@ -58,6 +66,8 @@ class PublishedIndex:
     refiner: Refiner | None = field(default=None, repr=False)
     filters: MetadataFilter | None = field(default=None, repr=False)
     shards: ListSearch | None = None  # sharded serving: searches go to the serving shards
+    lexical: Postings | None = field(default=None, repr=False)  # BM25 postings, memory-mapped (None: --no-lexical)
+    analyzer: Analyzer | None = field(default=None, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -160,6 +170,65 @@ class PublishedIndex:
             fetch = max(fetch, min(fetch_cap, fetch * 4))  # never below a first fetch already past the cap
         return results
 
+    def check_mode(self, mode: str | None) -> str:
+        """The search mode: the one asked for, else hybrid when the version has a lexical index, else dense.
+        A mode that needs the lexical index of a version built without one is refused (UsageError)."""
+        if mode is None:
+            return "hybrid" if self.lexical is not None else "dense"
+        if mode != "dense" and self.lexical is None:
+            raise UsageError(
+                f"mode {mode} needs a lexical (BM25) index, and version {self.run_id} was built with --no-lexical: "
+                "search it with mode dense, or rebuild it without --no-lexical"
+            )
+        return mode
+
+    def lexical_documents(
+        self, query: str, k: int, per_document: int, matching: np.ndarray | None
+    ) -> list[tuple[float, int]]:
+        """Up to k documents' best passages by BM25 (at most per_document each) as (score, vector id), best
+        first; with matching (a filter's ids) only those passages are scored."""
+        if self.analyzer is None:
+            lexical = self.manifest.lexical
+            self.analyzer = Analyzer(AnalyzerSettings(lexical.language, lexical.stopwords))
+        terms = term_hashes(self.analyzer.analyze(query))
+        allowed = None if matching is None else (lambda ids: np.isin(ids, matching))
+        fetch = min(FETCH_LIMIT, self.manifest.first_fetch(k, per_document))
+        ids, scores = search_postings(self.lexical, terms, fetch, allowed)
+        return best_per_document(scores, ids, per_document, k)[0]
+
+    def rank(
+        self,
+        queries: list[str],
+        k: int,
+        nprobe: int | None = None,
+        per_document: int = 1,
+        filter: dict | None = None,
+        mode: str | None = None,
+        missing: set | None = None,
+    ) -> list[list[tuple[float, int]]]:
+        """Per query, up to k documents' best passages (at most per_document each) as (score, vector id), best
+        first, in the mode asked (check_mode). Scores: the vectors' similarity (dense), the BM25 score
+        (lexical), the fused reciprocal-rank score (hybrid). missing: as for search_vectors."""
+        mode = self.check_mode(mode)
+        if mode == "dense":
+            return self.search_documents(self.encode(queries), k, nprobe, per_document, filter, missing)
+        matching = self.matching_ids(filter) if filter else None
+        if matching is not None and not len(matching):
+            return [[] for _ in queries]
+        if mode == "lexical":
+            return [self.lexical_documents(q, k, per_document, matching) for q in queries]
+        depth = max(k, FUSION_DEPTH)
+        dense = self.search_documents(self.encode(queries), depth, nprobe, per_document, filter, missing)
+        return [
+            fuse_documents(
+                [dense_ranked, self.lexical_documents(query, depth, per_document, matching)],
+                document_of=lambda passage_id: passage_id >> PASSAGE_BITS,
+                per_document=per_document,
+                k=k,
+            )
+            for query, dense_ranked in zip(queries, dense)
+        ]
+
     def search(
         self,
         query: str,
@@ -167,13 +236,15 @@ class PublishedIndex:
         nprobe: int | None = None,
         per_document: int | None = None,
         filter: dict | None = None,
+        mode: str | None = None,
     ) -> list[dict]:
         """The k best documents for the query, each by its best passage(s): {id, score, passage, start, end,
-        text, metadata} (text: the passage; start/end: its span in the document)."""
-        params = settings_given(SearchParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
+        text, metadata} (text: the passage; start/end: its span in the document). mode: hybrid, dense or
+        lexical (default: hybrid when the version has a lexical index)."""
+        params = settings_given(SearchParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter, mode=mode)
         if not query.strip():
             raise RayIndexError("the query is empty")
-        found = self.search_documents(self.encode([query]), params.k, params.nprobe, params.per_document, params.filter)
+        found = self.rank([query], params.k, params.nprobe, params.per_document, params.filter, params.mode)
         return self.hits(found[0])
 
     def hits(self, found: list[tuple[float, int]]) -> list[dict]:
@@ -202,16 +273,17 @@ class PublishedIndex:
         generator: GeneratorConfig | Generator | None = None,
         per_document: int | None = None,
         filter: dict | None = None,
+        mode: str | None = None,
     ) -> dict:
         """{answer, sources}: the question answered from the k best passages (one per document), which the
         answer cites as [n]; each source names its document and the passage's span in it.
         generator: a GeneratorConfig, or a generator made by query.generate.make_generator (default: extractive)."""
         from rayindex.query.generate import make_generator
 
-        params = settings_given(AskParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
+        params = settings_given(AskParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter, mode=mode)
         if generator is None or isinstance(generator, GeneratorConfig):
             generator = make_generator(generator or GeneratorConfig(), self.encode)
-        hits = self.search(question, params.k, params.nprobe, params.per_document, params.filter)
+        hits = self.search(question, params.k, params.nprobe, params.per_document, params.filter, params.mode)
         return {
             "answer": generator.generate(question, hits),
             "sources": [{"n": n, **hit} for n, hit in enumerate(hits, 1)],
@@ -256,7 +328,13 @@ def open_version(version_dir: str | Path, manifest: Manifest, shards: ListSearch
                 f"{manifest.merge.ntotal} of {manifest.dimension}; the version is damaged: rebuild it"
             )
     docs = DocStore.of_version(Store.of_folder(version_dir), manifest)  # read on demand, where the version lives
-    return PublishedIndex(version_dir, manifest, index, docs, shards=shards)
+    lexical = None
+    if manifest.lexical:
+        try:
+            lexical = open_postings(version_dir / LEXICAL_DIR)
+        except (OSError, ValueError) as exc:
+            raise DamagedIndex(f"{version_dir / LEXICAL_DIR}: {exc}; the version is damaged: rebuild it") from exc
+    return PublishedIndex(version_dir, manifest, index, docs, shards=shards, lexical=lexical)
 
 
 def open_index(

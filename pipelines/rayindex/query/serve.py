@@ -227,20 +227,27 @@ class RagService:
         out: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, (loaded, _, params) in enumerate(items):
-            key = (id(loaded), params.k, params.nprobe, params.per_document, json.dumps(params.filter, sort_keys=True))
+            key = (
+                id(loaded),
+                params.k,
+                params.nprobe,
+                params.per_document,
+                json.dumps(params.filter, sort_keys=True),
+                params.mode,
+            )
             groups.setdefault(key, []).append(i)
         for positions in groups.values():
             loaded, _, params = items[positions[0]]
-            vectors = await asyncio.to_thread(loaded.encode, [items[i][1] for i in positions])
             missing: set = set()
             try:
                 found = await asyncio.to_thread(
-                    loaded.search_documents,
-                    vectors,
+                    loaded.rank,
+                    [items[i][1] for i in positions],
                     params.k,
                     params.nprobe,
                     params.per_document,
                     params.filter,
+                    params.mode,
                     missing,
                 )
             except Exception as exc:  # this group's requests fail alike; the batch's other groups still answer
@@ -253,7 +260,9 @@ class RagService:
 
     async def _retrieve(self, loaded: PublishedIndex, text: str, params: SearchParams) -> tuple[list[dict], dict]:
         """The hits, and what a sharded response adds: {partial, missing_shards} ({} when not sharded)."""
-        params = params.model_copy(update={"nprobe": loaded.check_nprobe(params.nprobe)})
+        params = params.model_copy(
+            update={"nprobe": loaded.check_nprobe(params.nprobe), "mode": loaded.check_mode(params.mode)}
+        )
         if params.filter:  # a bad filter is this request's 422 here, not an error for the whole batch
             await asyncio.to_thread(loaded.matching_ids, params.filter)
         result = await self._search_batch((loaded, text, params))

@@ -293,7 +293,8 @@ def current_split(output: str, shards: int) -> tuple[Store, Store, Manifest, lis
 
 def open_router(config: AppConfig, handles: list) -> PublishedIndex:
     """The version CURRENT names, opened as the router of `rayindex serve --shards N`: trained.faiss (coarse
-    quantizer, pre-transforms) pulled and checked, the split checked, the doc store; no inverted list."""
+    quantizer, pre-transforms) and the lexical postings pulled and checked, the split checked, the doc store;
+    no inverted list."""
     root, version, manifest, split = current_split(config.index, config.shards)
     if manifest.refine_factor and manifest.refine_factor > 1:
         raise RayIndexError(
@@ -301,7 +302,12 @@ def open_router(config: AppConfig, handles: list) -> PublishedIndex:
             "fp16 copy where the shards' results meet; serve this version without --shards, or tune it without "
             "re-ranking"
         )
-    version_dir = pull_version_files(root, version, manifest, {TRAINED_FILE: manifest.training.trained_sha256})
+    lexical = {rel: manifest.files_sha256[rel] for rel in manifest.lexical.files} if manifest.lexical else {}
+    # the router scores BM25 itself, from the whole version's postings (memory-mapped): the serving shards
+    # hold only inverted lists
+    version_dir = pull_version_files(
+        root, version, manifest, {TRAINED_FILE: manifest.training.trained_sha256, **lexical}
+    )
     sharded = ShardedSearch(
         manifest.run_id,
         read_index(version_dir / TRAINED_FILE),
