@@ -356,7 +356,7 @@ def test_messy_rows_are_kept_or_skipped_and_every_one_is_counted(ray_address, tm
     assert published.search("half a pair \ufffd: kept", k=1)[0]["id"] == "surrogate"
     assert [h["id"] for h in published.search("parquet doc 1: int ids", k=1)] == [1]
     assert [h["id"] for h in published.search("a string id: not the same id as the integer 1", k=1)] == ["1"]
-    hit = published.search(f"huge: {huge[:5000]}", k=1)[0]  # the query is truncated like the document was
+    hit = published.search(f"huge: {huge[:5000]}", k=1, mode="dense")[0]  # the query is truncated like the document was
     assert hit["id"] == "huge" and hit["score"] > 0.999  # the doc store keeps what was indexed:
     assert f"huge: {huge}".startswith(hit["text"]) and 499_000 < len(hit["text"]) <= 500_000  # the default cap
 
