@@ -196,7 +196,7 @@ def gpu_figures(texts: list[str]) -> dict:
     out = {}
     vectors = {}
     for fp16 in (True, False):
-        model = load_model("all-MiniLM-L6-v2", "cuda", fp16=fp16)
+        model = load_model("all-MiniLM-L6-v2", "cuda", "fp16" if fp16 else "fp32")
         chunks = [tokenize(model, texts[i : i + 2048]) for i in range(0, len(texts), 2048)]
         embed(model, chunks[0], 256, True)  # warm up
         start = time.perf_counter()
