@@ -20,10 +20,18 @@ from rayindex.errors import RayIndexError
 from rayindex.infra.files import read_sample
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
-from rayindex.infra.resources import match_threads_to_ray_cpus, max_node_cpus
+from rayindex.infra.resources import gpu_task_resources, match_threads_to_ray_cpus, max_node_cpus
 from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf import index_params
-from rayindex.ivf.index import coarse_mse, make_index, pre_transforms, read_index, trained_fingerprint, write_index
+from rayindex.ivf.index import (
+    coarse_mse,
+    gpus_usable,
+    make_index,
+    pre_transforms,
+    read_index,
+    trained_fingerprint,
+    write_index,
+)
 from rayindex.ivf.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
 from rayindex.layout import EMBEDDINGS_FILE, TRAINED_FILE, shard_rel
 from rayindex.manifest import Drift, Manifest, TrainedIndex
@@ -72,7 +80,7 @@ def train_index(index_string: str, dim: int, metric: str, sample: np.ndarray, se
     index = make_index(index_string, dim, metric)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
-    if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+    if use_gpu and gpus_usable():
         # the FAISS-recommended way: run the coarse k-means assignment on GPU, keep the index on CPU
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
     try:
@@ -115,7 +123,7 @@ def train_quantizer(
         "nlist": int(faiss.extract_index_ivf(index).nlist),
         "coarse_mse": coarse_mse(index, sample),
         "warnings": warnings,
-        "gpu": bool(use_gpu and faiss.get_num_gpus() > 0) if hasattr(faiss, "get_num_gpus") else False,
+        "gpu": bool(use_gpu and gpus_usable()),
     }
 
 
@@ -202,8 +210,10 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
             sample_size = config.train_sample or index_params.training_sample_size(
                 n_vectors, ivf.nlist, uses_pq=hasattr(ivf, "pq")
             )
-            # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
-            task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)
+            # every core of one node (OPQ, PQ codebooks, the HNSW quantizer, coarse_mse and CPU k-means run on
+            # FAISS's threads, set to the task's CPUs); on a GPU build a whole GPU node, k-means on its GPU
+            resources = gpu_task_resources(ray.nodes(), whole_node=True) if use_gpu else {"num_cpus": max_node_cpus()}
+            task = ray.remote(**resources)(train_quantizer)
             facts = ray.get(
                 task.remote(
                     index_string,
