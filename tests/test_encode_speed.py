@@ -124,6 +124,7 @@ def test_writes_behind_run_in_order_bounded_and_their_errors_reach_the_caller(tm
     assert not target.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_resume_in_another_dtype_re_encodes_the_shards_it_finds(ray_address, docs, tmp_path):
     """A run encoded in fp32, resumed with --encode-dtype bf16: the same run (same plan), every shard encoded
     again in bf16 and saying so; never a mix of the two."""

@@ -51,8 +51,11 @@ def add_shard(
         stop = min(count, start + ADD_CHUNK)
         add_assigned(index, vectors[start:stop], row_ids[start:stop], assigner)
     write_index(index, directory / SHARD_INDEX_FILE)
-    version.push([shard_rel(shard_id, SHARD_INDEX_FILE)])
-    return written_sha256(directory / SHARD_INDEX_FILE)
+    sha256 = written_sha256(directory / SHARD_INDEX_FILE)
+    version.push([shard_rel(shard_id, SHARD_INDEX_FILE)], keep=False)  # on S3: the merge pulls it
+    del vectors, row_ids  # memory maps of the inputs, closed before their files go
+    version.drop_local(list(inputs))
+    return sha256
 
 
 def add_shards(

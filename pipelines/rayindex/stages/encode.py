@@ -244,7 +244,8 @@ class ShardEncoder:
             save_npy(files.enter_context(atomic_file(out / CONTENT_HASHES_FILE)), concatenated(contents))
         seconds = time.monotonic() - started
         shard_files = {shard_rel(shard.shard_id, name): written_sha256(out / name) for name in SHARD_ENCODE_FILES}
-        version.push(list(shard_files))
+        footer = footer_sha256(out / DOCS_FILE)
+        version.push(list(shard_files), keep=False)  # on S3 this node keeps no shard it pushed: later stages pull
         return EncodedShard(
             shard_id=shard.shard_id,
             rows_read=rows_read,
@@ -258,7 +259,7 @@ class ShardEncoder:
             encode_seconds=round(seconds, 3),
             encoded_with=self.encoded_with(),
             embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)],
-            docs_footer_sha256=footer_sha256(out / DOCS_FILE),
+            docs_footer_sha256=footer,
             files=shard_files,
         )
 

@@ -17,7 +17,7 @@ import ray
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
-from rayindex.infra.files import read_sample
+from rayindex.infra.files import read_sample, sample_rows
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
 from rayindex.infra.resources import gpu_task_resources, match_threads_to_ray_cpus, max_node_cpus
@@ -75,6 +75,34 @@ def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list
     return warnings
 
 
+def sampled_vectors(
+    version: Store,
+    embeddings: dict[str, str],
+    shard_rels: list[str],
+    counts: list[int],
+    dim: int,
+    size: int,
+    seed: int,
+) -> np.ndarray:
+    """A uniform sample of the shards' vectors (infra/files.py sample_rows), the same rows wherever the
+    version lives: on a local output from the shards' memory maps (files checked against the manifest);
+    on a remote store only the sampled rows' bytes, read as byte ranges (Store.read_ranges), instead of
+    pulling every shard's whole embeddings onto this node (each object's size is checked by the read; its
+    bytes were checked against the manifest when encoded and pushed)."""
+    if not version.remote:
+        version.pull(embeddings)
+        return read_sample([version.local(rel) for rel in shard_rels], counts, dim, size, seed)
+    row_bytes = dim * 4
+    parts = []
+    for rel, rows in zip(shard_rels, sample_rows(counts, size, seed)):
+        if len(rows):
+            chunks = version.read_ranges(
+                f"{rel}/{EMBEDDINGS_FILE}", (rows * row_bytes).tolist(), ((rows + 1) * row_bytes).tolist()
+            )
+            parts.append(np.frombuffer(b"".join(chunks), "<f4").reshape(len(rows), dim))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
 def train_index(index_string: str, dim: int, metric: str, sample: np.ndarray, seed: int, use_gpu: bool) -> faiss.Index:
     """Train an empty index on the sample; k-means of the coarse quantizer runs on GPU when asked and possible."""
     index = make_index(index_string, dim, metric)
@@ -108,10 +136,9 @@ def train_quantizer(
     """The Ray task: sample (from the shards' embeddings, pulled into this node's mirror and checked),
     train, write and push trained.faiss; returns the facts the stage records."""
     match_threads_to_ray_cpus()
-    version.pull(embeddings)
     n_train = min(sample_size, int(sum(counts)))
     warnings = check_trainable(make_index(index_string, dim, metric), index_string, n_train)
-    sample = read_sample([version.local(rel) for rel in shard_rels], counts, dim, n_train, seed)
+    sample = sampled_vectors(version, embeddings, shard_rels, counts, dim, n_train, seed)
     index = train_index(index_string, dim, metric, sample, seed, use_gpu)
     path = version.local(TRAINED_FILE)
     write_index(index, path)
@@ -155,9 +182,10 @@ def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> 
         old.pull({TRAINED_FILE: before.training.trained_sha256})
         trained = read_index(old.local(TRAINED_FILE))
         counts = manifest.shard_counts()
-        version.pull(manifest.shard_files((EMBEDDINGS_FILE,)))
-        sample = read_sample(
-            [version.local(shard_rel(s.shard_id)) for s in manifest.shards],
+        sample = sampled_vectors(
+            version,
+            manifest.shard_files((EMBEDDINGS_FILE,)),
+            [shard_rel(s.shard_id) for s in manifest.shards],
             counts,
             manifest.dimension,
             min(sum(counts), DRIFT_SAMPLE),
