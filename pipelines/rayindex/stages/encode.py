@@ -212,34 +212,34 @@ class ShardEncoder:
             writer = files.enter_context(DocWriter(out))
             emb_file = open(files.enter_context(atomic_file(out / EMBEDDINGS_FILE)), "wb")
             files.callback(emb_file.close)  # closed before atomic_file fsyncs and renames it
-            # exits first (LIFO): every write done, or the failed block's writes stopped, before the files close
-            write = files.enter_context(written_behind(WRITES_BEHIND))
-            for chunk in prefetched(self._chunks(shard), depth=PREFETCH_CHUNKS):
-                docs = chunk.documents
-                rows_read += chunk.rows_read
-                for reason, n in docs.skipped.items():
-                    skipped[reason] = skipped.get(reason, 0) + n
-                cut += docs.cut[: CUT_LISTED - len(cut)]
-                if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
-                    skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
-                if len(docs):
-                    copied = np.repeat(chunk.found, chunk.passages)
-                    vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
-                    vectors[copied] = chunk.reused
-                    if not copied.all():
-                        vectors[~copied] = embed(
-                            self.model, chunk.tokenized, self.batch_size, normalize, np.flatnonzero(~copied)
-                        )
-                        tokens += int(chunk.tokenized.lengths[~copied].sum())
-                    refuse_nonfinite(vectors, shard.shard_id, self.encoded_with(), docs, chunk.passages)
-                    write(write_chunk, emb_file, writer, vectors, docs, chunk)
-                    id_hashes.append(docs.id_hashes)
-                    contents.append(docs.content_hashes)
-                    encoded += len(docs)
-                    passages += len(copied)
-                    reused += int(chunk.found.sum())
-                    changed += chunk.changed
-                self.rows += chunk.rows_read
+            # every write done (or, when the block fails, stopped) before the files are closed or renamed
+            with written_behind(WRITES_BEHIND) as write:
+                for chunk in prefetched(self._chunks(shard), depth=PREFETCH_CHUNKS):
+                    docs = chunk.documents
+                    rows_read += chunk.rows_read
+                    for reason, n in docs.skipped.items():
+                        skipped[reason] = skipped.get(reason, 0) + n
+                    cut += docs.cut[: CUT_LISTED - len(cut)]
+                    if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
+                        skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
+                    if len(docs):
+                        copied = np.repeat(chunk.found, chunk.passages)
+                        vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
+                        vectors[copied] = chunk.reused
+                        if not copied.all():
+                            vectors[~copied] = embed(
+                                self.model, chunk.tokenized, self.batch_size, normalize, np.flatnonzero(~copied)
+                            )
+                            tokens += int(chunk.tokenized.lengths[~copied].sum())
+                        refuse_nonfinite(vectors, shard.shard_id, self.encoded_with(), docs, chunk.passages)
+                        write(write_chunk, emb_file, writer, vectors, docs, chunk)
+                        id_hashes.append(docs.id_hashes)
+                        contents.append(docs.content_hashes)
+                        encoded += len(docs)
+                        passages += len(copied)
+                        reused += int(chunk.found.sum())
+                        changed += chunk.changed
+                    self.rows += chunk.rows_read
             save_npy(files.enter_context(atomic_file(out / DOC_HASHES_FILE)), concatenated(id_hashes))
             save_npy(files.enter_context(atomic_file(out / CONTENT_HASHES_FILE)), concatenated(contents))
         seconds = time.monotonic() - started
