@@ -88,8 +88,10 @@ class BuildConfig(Settings):
     )
     encode_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",
-        description="Precision of the encoder's forward pass (default auto: fp16 on a GPU, fp32 on CPU). Each shard "
-        "records the device and dtype it was encoded with; a resume re-encodes shards encoded otherwise.",
+        description="Precision of the encoder's forward pass: auto, fp32, fp16 or bf16 (default auto: fp16 on a "
+        "GPU, fp32 on CPU). Each shard records the device and dtype it was encoded with; a resume re-encodes "
+        "shards encoded otherwise.",
+        json_schema_extra=cli(metavar="DTYPE"),
     )
     encoders: int | None = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")
     encoder_cpus: float | None = Field(
