@@ -106,6 +106,7 @@ def test_gpu_build_matches_cpu_search_results(ray_address, corpus_dir, tmp_path,
 
     manifest = build(build_config([corpus_dir], tmp_path, gpu=True))
     assert manifest.model.device == "cuda" and manifest.training.gpu
+    assert manifest.model.dtype == "fp16" and {s.encoded_with for s in manifest.shard_states} == {"cuda/fp16"}
     gpu, cpu = open_index(tmp_path), open_index(built[0])
     for query in ("parse a JSON document", "compress data", "open a network socket"):
         assert gpu.search(query, k=1, nprobe=8)[0]["id"] == cpu.search(query, k=1, nprobe=8)[0]["id"]

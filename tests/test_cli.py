@@ -182,6 +182,8 @@ def test_build_help_documents_every_option():
         "--gpu",
         "--ray-address",
         "--encoders",
+        "--encode-dtype",
+        "--batch-size",
         "--max-index-memory",
         "--target-recall",
         "--s3-endpoint",

@@ -31,6 +31,12 @@ MAX_SEARCH_MS_HELP = (
     "target within it is kept (0: the smallest nprobe reaching the target)."
 )
 
+# Encoding batch size by device: on a GPU a batch of 256 (benchmarks/encode_benchmark.py --gpu's forward-only
+# rate) keeps it busy where 64 leaves it waiting on the host between batches; on CPU a bigger batch only pads
+# more (batches are length-sorted) for no gain, so 64 stays.
+GPU_BATCH_SIZE = 256
+CPU_BATCH_SIZE = 64
+
 
 def parse_bytes(text: str | int) -> int:
     """'8G', '512M', '1.5T' or a plain number of bytes -> bytes (binary units)."""
@@ -119,7 +125,16 @@ class BuildConfig(Settings):
         PACKAGED_MODEL,
         description="sentence-transformers model name or local path (default: the packaged all-MiniLM-L6-v2, offline).",
     )
-    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
+    batch_size: int | None = Field(
+        None, ge=1, description=f"Encoding batch size (default: {GPU_BATCH_SIZE} on a GPU, {CPU_BATCH_SIZE} on CPU)."
+    )
+    encode_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="Precision of the encoder's forward pass: auto, fp32, fp16 or bf16 (default auto: fp16 on a "
+        "GPU, fp32 on CPU). Each shard records the device and dtype it was encoded with; a resume re-encodes "
+        "shards encoded otherwise.",
+        json_schema_extra=cli(metavar="DTYPE"),
+    )
     encoders: int | None = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")
     encoder_cpus: float | None = Field(
         None,
@@ -274,6 +289,7 @@ class BuildConfig(Settings):
                 "encoder_cpus",
                 "gpu",
                 "gpu_wait",
+                "encode_dtype",  # recorded per shard instead (ShardState.encoded_with): a resume re-encodes
                 "on_disk",
                 "memory_budget",
                 "s3_endpoint",

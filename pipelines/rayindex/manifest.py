@@ -62,6 +62,7 @@ class ModelInfo(BaseModel):
     normalized: bool
     dimension: int | None = None
     device: str | None = None  # what the encoders used: "cuda" or "cpu"
+    dtype: str | None = None  # their forward pass's: fp32, fp16 or bf16 (--encode-dtype)
     max_seq_length: int | None = None
     document_prompt: str | None = None  # put before every document when it was encoded
     query_prompt: str | None = None  # what search puts before every query
@@ -93,6 +94,7 @@ class ShardState(BaseModel):
     vectors_reused: int = 0  # reindex: unchanged documents whose vectors were copied from the previous version
     ids_changed: int = 0  # reindex: documents encoded again because their content changed
     encode_seconds: float | None = None  # the encoder's time on this shard (reading to writing; no actor start)
+    encoded_with: str | None = None  # device/dtype of the forward pass, e.g. "cuda/fp16": a resume never mixes two
     embeddings_sha256: str | None = None
     index_sha256: str | None = None
     trained_sha256: str | None = None  # the trained index this shard's index was built from

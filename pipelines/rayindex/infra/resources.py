@@ -39,6 +39,23 @@ def max_node_cpus() -> int:
     return int(max((n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")), default=1))
 
 
+def gpu_task_resources(nodes: list[dict], whole_node: bool) -> dict:
+    """What a GPU task asks Ray for: one GPU and the CPUs that go with it on the smallest alive GPU node
+    (the task must fit on whichever GPU node it gets): all of that node's (whole_node: training, whose
+    OPQ, PQ codebooks, HNSW quantizer and coarse_mse run on FAISS's CPU threads while k-means runs on the
+    GPU) or its CPUs per GPU (the add stage: one task per GPU). 1 CPU while no GPU node is up yet
+    (GPU workers autoscaling from zero) to tell."""
+    shapes = [
+        (int(n["Resources"].get("CPU", 0)), int(n["Resources"]["GPU"]))
+        for n in nodes
+        if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1
+    ]
+    if not shapes:
+        return {"num_cpus": 1, "num_gpus": 1}
+    cpus = min(c if whole_node else c // g for c, g in shapes)
+    return {"num_cpus": max(1, cpus), "num_gpus": 1}
+
+
 def gpu_from_environment() -> bool | None:
     """RAYINDEX_GPU as a decision: True, False, or None when it is not set."""
     value = os.environ.get(GPU_ENV, "").strip().lower()

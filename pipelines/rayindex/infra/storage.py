@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import fsspec
+from fsspec.utils import merge_offset_ranges
 
 from rayindex.errors import RayIndexError, Unavailable
 from rayindex.infra.files import fsync_dir, write_text_atomic
@@ -37,6 +38,9 @@ from rayindex.layout import safe_rel
 
 T = TypeVar("T")
 DEFAULT_RETRY_S = 300.0
+# byte ranges closer than this are read as one GET (read_ranges): a request's latency (tens of ms to S3) costs
+# more than reading the gap between them (1 MiB: ~10 ms at 100 MB/s), so a dense sample reads whole spans
+RANGE_GAP = 1 << 20
 ORIGIN_FILE = ".origin"  # in a mirror: the URL of the store it mirrors (Store.of_folder)
 ON_DEMAND_ADVICE = "It is read from the store on demand: the request fails until the store answers again"
 RESUME_ADVICE = (
@@ -210,14 +214,68 @@ class Store:
         )
 
     # -- whole files between the mirror and the store ------------------------------------------
-    def push(self, rels: list[str]) -> None:
-        """Upload these mirror files to the store (no-op for a local output)."""
+    def push(self, rels: list[str], keep: bool = True) -> None:
+        """Upload these mirror files to the store (no-op for a local output). keep=False: once the store
+        holds each file at its local size, the mirror's copies are deleted (drop_local): a node that writes
+        shards does not keep every one it pushed; whoever reads them later pulls them, checked."""
         if not self.remote:
             return
         self._record_origin()
         fs, root = self._fs()
         for rel in rels:
             self.retry(f"write {self.url(rel)}", lambda rel=rel: fs.put_file(str(self.local(rel)), f"{root}/{rel}"))
+        if keep:
+            return
+        for rel in rels:
+            written = self.local(rel).stat().st_size
+            stored = self.retry(f"check {self.url(rel)}", lambda rel=rel: fs.info(f"{root}/{rel}")["size"])
+            if stored != written:
+                raise RayIndexError(
+                    f"{self.url(rel)} holds {stored} bytes after the upload of {written}: the upload was cut "
+                    f"short; {RESUME_ADVICE}"
+                )
+        self.drop_local(rels)
+
+    def drop_local(self, rels: list[str]) -> None:
+        """Delete the mirror's copies of these files of a remote store (a local output's are the output)."""
+        if not self.remote:
+            return
+        for rel in rels:
+            self.local(rel).unlink(missing_ok=True)
+
+    def read_ranges(self, rel: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """These byte ranges [start, end) of one file, without copying the file whole: read in place for a
+        local output; from a remote store as byte-range GETs, ranges less than RANGE_GAP apart read as one
+        (fsspec's merge_offset_ranges) and fetched concurrently (cat_ranges), retried until the deadline.
+        A range the file does not hold whole is refused, naming the file."""
+        if not self.remote:
+            with open(self.local(rel), "rb") as fh:
+                chunks = [os.pread(fh.fileno(), end - start, start) for start, end in zip(starts, ends)]
+        else:
+            fs, root = self._fs()
+            path = f"{root}/{rel}"
+            _, merged_starts, merged_ends = merge_offset_ranges(
+                [path] * len(starts), list(starts), list(ends), max_gap=RANGE_GAP, sort=False
+            )
+
+            def fetch() -> list[bytes]:
+                blocks = fs.cat_ranges([path] * len(merged_starts), merged_starts, merged_ends, on_error="raise")
+                return [bytes(b) for b in blocks]
+
+            blocks = self.retry(f"read {self.url(rel)}", fetch)
+            chunks, block = [], 0
+            for start, end in zip(starts, ends):
+                while merged_ends[block] < end:
+                    block += 1
+                offset = start - merged_starts[block]
+                chunks.append(blocks[block][offset : offset + end - start])
+        for start, end, chunk in zip(starts, ends, chunks):
+            if len(chunk) != end - start:
+                raise RayIndexError(
+                    f"{self.url(rel)} ends before byte {end}: shorter than its manifest says; the version is "
+                    "damaged, rebuild it"
+                )
+        return chunks
 
     def pull(self, files: dict[str, str], verify: bool = False) -> None:
         """Make these files (rel path -> sha256) present and intact in the mirror.

@@ -61,6 +61,44 @@ def coarse_mse(index: faiss.Index, vectors: np.ndarray) -> float:
     return float(((x - centroids[nearest[:, 0]]) ** 2).sum(axis=1).mean())
 
 
+def gpus_usable() -> bool:
+    """Whether this FAISS build has GPU support and sees a GPU (faiss-cpu: never)."""
+    return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+
+
+def flat_assigner(index: faiss.Index) -> faiss.Index:
+    """An exact (flat) index over the coarse centroids: which list each vector belongs to, computed as
+    matrix products, the form a GPU runs fast (an HNSW quantizer's graph walk is CPU-only; the flat
+    answer is the exact nearest list, which the graph approximates)."""
+    ivf = faiss.extract_index_ivf(index)
+    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    return flat
+
+
+def gpu_assigner(index: faiss.Index) -> faiss.Index | None:
+    """flat_assigner on every GPU FAISS sees, or None when it sees none (add on CPU as usual)."""
+    return faiss.index_cpu_to_all_gpus(flat_assigner(index)) if gpus_usable() else None
+
+
+def add_assigned(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, assigner: faiss.Index | None) -> None:
+    """index.add_with_ids, with the coarse assignment (the nearest list of each vector) done by `assigner`
+    (gpu_assigner: on a GPU) instead of the index's quantizer; the codes and residuals are computed on the
+    CPU as add_with_ids computes them, so with an exact quantizer the index is the same, byte for byte."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if assigner is None:
+        index.add_with_ids(x, ids)
+        return
+    for transform in pre_transforms(index):
+        x = np.ascontiguousarray(transform.apply(x))
+    ivf = faiss.extract_index_ivf(index)
+    _, lists = assigner.search(x, 1)
+    lists = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+    ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    index.ntotal = ivf.ntotal  # an IndexPreTransform counts what its IVF holds
+
+
 def trained_fingerprint(index: faiss.Index) -> str:
     """sha256 of the index serialized with empty inverted lists (and nprobe 1): equal exactly when two
     indexes share coarse centroids, PQ/SQ codebooks and pre-transforms (FAISS's own merge checks only

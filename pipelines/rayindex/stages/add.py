@@ -1,5 +1,8 @@
 """Add stage: one Ray task per shard loads the trained index, checks it is the one recorded in the
-manifest, add_with_ids the shard's vectors with their global ids, and writes the shard's index."""
+manifest, adds the shard's vectors with their global ids, and writes the shard's index. On a GPU build
+each task takes a GPU and a GPU node's CPUs per GPU, and the coarse assignment (a k=1 search over nlist
+centroids per vector, the add's cost at large nlist: benchmarks/coarse_assign_benchmark.py) runs on it;
+the codes are computed on the CPU threads either way (ivf/index.py add_assigned)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,9 @@ from rayindex.infra.faults import checkpoint
 from rayindex.infra.files import load_embeddings
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
-from rayindex.infra.resources import match_threads_to_ray_cpus
+from rayindex.infra.resources import gpu_task_resources, match_threads_to_ray_cpus
 from rayindex.infra.storage import Store, written_sha256
-from rayindex.ivf.index import read_index, write_index
+from rayindex.ivf.index import add_assigned, gpu_assigner, read_index, write_index
 from rayindex.layout import EMBEDDINGS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_rel
 from rayindex.manifest import Manifest, ShardState
 from rayindex.versions import done_shards, save_manifest
@@ -22,10 +25,19 @@ from rayindex.versions import done_shards, save_manifest
 ADD_CHUNK = 65_536  # vectors per add_with_ids call: bounds peak memory for any shard size
 
 
-def add_shard(version: Store, trained_sha256: str, shard_id: int, count: int, inputs: dict[str, str], dim: int) -> str:
+def add_shard(
+    version: Store,
+    trained_sha256: str,
+    shard_id: int,
+    count: int,
+    inputs: dict[str, str],
+    dim: int,
+    use_gpu: bool = False,
+) -> str:
     """Build one shard's index from the trained index and the shard's embeddings and ids (pulled into this
-    node's mirror and checked against their sha256: a changed trained.faiss is refused); the file appears
-    only when complete, and is pushed to the output store. Returns its sha256."""
+    node's mirror and checked against their sha256: a changed trained.faiss is refused), assigning lists
+    on a GPU when asked and FAISS sees one; the file appears only when complete, and is pushed to the
+    output store. Returns its sha256."""
     match_threads_to_ray_cpus()
     version.pull({TRAINED_FILE: trained_sha256, **inputs}, verify=True)
     directory = version.local(shard_rel(shard_id))
@@ -34,23 +46,31 @@ def add_shard(version: Store, trained_sha256: str, shard_id: int, count: int, in
     row_ids = np.load(directory / VECTOR_IDS_FILE, mmap_mode="r")
     if len(row_ids) != count:
         raise RayIndexError(f"{directory}: {len(row_ids)} ids for {count} vectors; re-encode this shard")
+    assigner = gpu_assigner(index) if use_gpu else None
     for start in range(0, count, ADD_CHUNK):
         stop = min(count, start + ADD_CHUNK)
-        index.add_with_ids(
-            np.ascontiguousarray(vectors[start:stop], dtype=np.float32), np.ascontiguousarray(row_ids[start:stop])
-        )
+        add_assigned(index, vectors[start:stop], row_ids[start:stop], assigner)
     write_index(index, directory / SHARD_INDEX_FILE)
-    version.push([shard_rel(shard_id, SHARD_INDEX_FILE)])
-    return written_sha256(directory / SHARD_INDEX_FILE)
+    sha256 = written_sha256(directory / SHARD_INDEX_FILE)
+    version.push([shard_rel(shard_id, SHARD_INDEX_FILE)], keep=False)  # on S3: the merge pulls it
+    del vectors, row_ids  # memory maps of the inputs, closed before their files go
+    version.drop_local(list(inputs))
+    return sha256
 
 
 def add_shards(
-    version: Store, trained_sha256: str, jobs: list[tuple[int, int, dict[str, str]]], dim: int, on_done=None
+    version: Store,
+    trained_sha256: str,
+    jobs: list[tuple[int, int, dict[str, str]]],
+    dim: int,
+    on_done=None,
+    use_gpu: bool = False,
 ) -> dict[int, str]:
     """Run add_shard for each (shard_id, count, input files -> sha256) as Ray tasks; returns each shard's
     index sha256. on_done(shard_id, count, sha256) as each finishes."""
-    task = ray.remote(num_cpus=1, max_retries=2)(add_shard)
-    refs = {task.remote(version, trained_sha256, sid, n, files, dim): (sid, n) for sid, n, files in jobs}
+    resources = gpu_task_resources(ray.nodes(), whole_node=False) if use_gpu else {"num_cpus": 1}
+    task = ray.remote(max_retries=2, **resources)(add_shard)
+    refs = {task.remote(version, trained_sha256, sid, n, files, dim, use_gpu): (sid, n) for sid, n, files in jobs}
     results = {}
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1)
@@ -90,5 +110,6 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 added[0] += n
                 update(added[0])
 
-            add_shards(version, trained_sha, jobs, manifest.dimension, on_done=record)
+            use_gpu = manifest.model.device == "cuda"  # as training: where the encoders ran
+            add_shards(version, trained_sha, jobs, manifest.dimension, on_done=record, use_gpu=use_gpu)
     return manifest.shard_states

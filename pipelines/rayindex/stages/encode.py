@@ -34,7 +34,7 @@ from rayindex.infra.actor_pool import run_pool
 from rayindex.infra.faults import checkpoint
 from rayindex.infra.files import atomic_file, save_npy
 from rayindex.infra.gpu import encoder_device
-from rayindex.infra.prefetch import prefetched
+from rayindex.infra.prefetch import prefetched, written_behind
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import check_shared_folder, connect
 from rayindex.infra.resources import (
@@ -71,7 +71,10 @@ from rayindex.text.model import (
     VectorSettings,
     embed,
     embedding_dimension,
+    encode_batch_size,
+    encode_precision,
     load_model,
+    nonfinite_rows,
     split_passages,
     tokenize,
     vector_settings,
@@ -81,6 +84,7 @@ from rayindex.text.shard_plan import locate_row
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
+WRITES_BEHIND = 2  # chunks whose vectors and doc-store rows wait for the writer thread (bounded memory)
 CUT_LISTED = 100  # documents cut at --max-doc-chars listed per shard in the manifest (all are counted)
 WAIT_NOTE_S = 30.0  # a line while the build waits for its first GPU node
 
@@ -115,7 +119,9 @@ class ShardEncoder:
 
         torch.set_num_threads(max(1, threads))
         self.device = encoder_device(use_gpu)  # refuses a GPU it cannot use, naming what is missing
-        self.model = load_model(config.model, self.device, fp16=self.device == "cuda")
+        self.dtype = encode_precision(config.encode_dtype, self.device)
+        self.model = load_model(config.model, self.device, self.dtype)
+        self.batch_size = encode_batch_size(config.batch_size, self.device)
         self.config = config
         self.previous = previous  # a reindex: vectors of unchanged documents are copied, not encoded
         self.rows = 0
@@ -134,6 +140,10 @@ class ShardEncoder:
     def device_used(self) -> str:
         """ "cuda", or "cpu" (also where RAYINDEX_GPU_ON_CPU=1 reserved a GPU for it: fake clusters)."""
         return self.device
+
+    def encoded_with(self) -> str:
+        """The device and dtype of the forward pass, as shards record them (precision_label)."""
+        return precision_label(self.device, self.dtype)
 
     def rows_done(self) -> int:
         return self.rows
@@ -201,7 +211,7 @@ class ShardEncoder:
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
         """Output files appear only when complete, and are pushed to the output store before the shard
         counts as done."""
-        cfg, normalize = self.config, self.settings().metric == "cosine"
+        normalize = self.settings().metric == "cosine"
         out = version.local(shard_rel(shard.shard_id))
         out.mkdir(parents=True, exist_ok=True)
         skipped: dict[str, int] = {}
@@ -214,37 +224,40 @@ class ShardEncoder:
             writer = files.enter_context(DocWriter(out))
             emb_file = open(files.enter_context(atomic_file(out / EMBEDDINGS_FILE)), "wb")
             files.callback(emb_file.close)  # closed before atomic_file fsyncs and renames it
-            for chunk in prefetched(self._chunks(shard), depth=PREFETCH_CHUNKS):
-                docs = chunk.documents
-                rows_read += chunk.rows_read
-                for reason, n in docs.skipped.items():
-                    skipped[reason] = skipped.get(reason, 0) + n
-                cut += docs.cut[: CUT_LISTED - len(cut)]
-                if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
-                    skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
-                if len(docs):
-                    copied = np.repeat(chunk.found, chunk.passages)
-                    vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
-                    vectors[copied] = chunk.reused
-                    if not copied.all():
-                        vectors[~copied] = embed(
-                            self.model, chunk.tokenized, cfg.batch_size, normalize, np.flatnonzero(~copied)
-                        )
-                        tokens += int(chunk.tokenized.lengths[~copied].sum())
-                    emb_file.write(vectors.tobytes())
-                    write_passages(writer, docs, chunk)
-                    id_hashes.append(docs.id_hashes)
-                    contents.append(docs.content_hashes)
-                    encoded += len(docs)
-                    passages += len(copied)
-                    reused += int(chunk.found.sum())
-                    changed += chunk.changed
-                self.rows += chunk.rows_read
+            # every write done (or, when the block fails, stopped) before the files are closed or renamed
+            with written_behind(WRITES_BEHIND) as write:
+                for chunk in prefetched(self._chunks(shard), depth=PREFETCH_CHUNKS):
+                    docs = chunk.documents
+                    rows_read += chunk.rows_read
+                    for reason, n in docs.skipped.items():
+                        skipped[reason] = skipped.get(reason, 0) + n
+                    cut += docs.cut[: CUT_LISTED - len(cut)]
+                    if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
+                        skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
+                    if len(docs):
+                        copied = np.repeat(chunk.found, chunk.passages)
+                        vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
+                        vectors[copied] = chunk.reused
+                        if not copied.all():
+                            vectors[~copied] = embed(
+                                self.model, chunk.tokenized, self.batch_size, normalize, np.flatnonzero(~copied)
+                            )
+                            tokens += int(chunk.tokenized.lengths[~copied].sum())
+                        refuse_nonfinite(vectors, shard.shard_id, self.encoded_with(), docs, chunk.passages)
+                        write(write_chunk, emb_file, writer, vectors, docs, chunk)
+                        id_hashes.append(docs.id_hashes)
+                        contents.append(docs.content_hashes)
+                        encoded += len(docs)
+                        passages += len(copied)
+                        reused += int(chunk.found.sum())
+                        changed += chunk.changed
+                    self.rows += chunk.rows_read
             save_npy(files.enter_context(atomic_file(out / DOC_HASHES_FILE)), concatenated(id_hashes))
             save_npy(files.enter_context(atomic_file(out / CONTENT_HASHES_FILE)), concatenated(contents))
         seconds = time.monotonic() - started
         shard_files = {shard_rel(shard.shard_id, name): written_sha256(out / name) for name in SHARD_ENCODE_FILES}
-        version.push(list(shard_files))
+        footer = footer_sha256(out / DOCS_FILE)
+        version.push(list(shard_files), keep=False)  # on S3 this node keeps no shard it pushed: later stages pull
         return EncodedShard(
             shard_id=shard.shard_id,
             rows_read=rows_read,
@@ -256,8 +269,9 @@ class ShardEncoder:
             vectors_reused=reused,
             ids_changed=changed,
             encode_seconds=round(seconds, 3),
+            encoded_with=self.encoded_with(),
             embeddings_sha256=shard_files[shard_rel(shard.shard_id, EMBEDDINGS_FILE)],
-            docs_footer_sha256=footer_sha256(out / DOCS_FILE),
+            docs_footer_sha256=footer,
             files=shard_files,
         )
 
@@ -273,6 +287,32 @@ def cut_passages(
     return pa.array(
         [as_list[d][a:b] for d, a, b in zip(of_document.tolist(), starts.tolist(), ends.tolist())], pa.string()
     )
+
+
+def precision_label(device: str, dtype: str) -> str:
+    """What a shard records of how it was encoded, e.g. "cuda/fp16"."""
+    return f"{device}/{dtype}"
+
+
+def refuse_nonfinite(vectors: np.ndarray, shard_id: int, encoded_with: str, docs: Documents, passages: np.ndarray):
+    """Refuse a chunk whose vectors hold a NaN or an infinity, naming the shard and the documents (a NaN
+    vector would be indexed and found by every query, or poison k-means)."""
+    bad = nonfinite_rows(vectors)
+    if not len(bad):
+        return
+    of_document = np.repeat(np.arange(len(docs)), passages)[bad]
+    ids = docs.doc_ids.take(pa.array(np.unique(of_document)[:5])).to_pylist()
+    raise RayIndexError(
+        f"shard {shard_id}: the encoder ({encoded_with}) gave {len(bad):,} vector(s) with NaN or infinite values, "
+        f"for documents {', '.join(map(repr, ids))}{' and more' if len(np.unique(of_document)) > 5 else ''}; "
+        "fp16 overflows on some models: build with --encode-dtype fp32 (or bf16)"
+    )
+
+
+def write_chunk(emb_file, writer: DocWriter, vectors: np.ndarray, docs: Documents, chunk: Chunk) -> None:
+    """A chunk's results written (the writer thread's work): its vectors, then its doc-store rows."""
+    emb_file.write(vectors.tobytes())
+    write_passages(writer, docs, chunk)
 
 
 def write_passages(writer: DocWriter, docs: Documents, chunk: Chunk) -> None:
@@ -479,13 +519,15 @@ VECTOR_SETTINGS = (
 )  # what a vector depends on
 
 
-def previous_vectors(config: BuildConfig, manifest: Manifest) -> PreviousVectors | None:
+def previous_vectors(config: BuildConfig, manifest: Manifest, encoded_with: str) -> PreviousVectors | None:
     """The reindex's previous version as a vector source, when its vectors are comparable (same model,
-    metric, passages and document prompt) and it recorded content hashes; otherwise every document is
-    encoded (and the manifest says why)."""
+    metric, passages, document prompt, device and dtype) and it recorded content hashes; otherwise every
+    document is encoded (and the manifest says why)."""
     before, old = previous_version(Store(config.output, config.storage_retry), manifest)
     have_hashes = any(rel.endswith(CONTENT_HASHES_FILE) for rel in before.files_sha256)
     differing = [name for name in VECTOR_SETTINGS if getattr(before.config, name) != getattr(config, name)]
+    if {s.encoded_with for s in before.shard_states} != {encoded_with}:
+        differing.append("device/dtype")
     if differing or not have_hashes:
         manifest.reindex.vectors_not_reused = (
             f"the previous version's {', '.join(differing)} differ"
@@ -534,7 +576,19 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         warning = f"{GPU_ON_CPU_ENV}=1: the encoders reserved GPUs but ran on the CPU (a fake cluster's GPUs)"
         if warning not in manifest.warnings:
             manifest.warnings.append(warning)
+    device = "cuda" if use_gpu and not gpu_on_cpu() else "cpu"  # what the encoders run on
+    wanted = precision_label(device, encode_precision(config.encode_dtype, device))
     done = done_shards(manifest, version, "embeddings_sha256", SHARD_ENCODE_FILES)
+    encoded_otherwise = sorted(
+        s.shard_id for s in manifest.shard_states if s.shard_id in done and s.encoded_with != wanted
+    )
+    if encoded_otherwise:
+        progress.note(
+            f"re-encoding {len(encoded_otherwise)} shard(s) encoded with "
+            f"{', '.join(sorted({str(manifest.shard_states[i].encoded_with) for i in encoded_otherwise}))}: "
+            f"this run encodes with {wanted} (--gpu/--cpu, --encode-dtype), and one index never mixes the two"
+        )
+        done -= set(encoded_otherwise)
     manifest.reused.encode = sorted(done)
     todo = [s for s in manifest.shards if s.shard_id not in done]
 
@@ -551,7 +605,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         checkpoint("encode", sum(1 for s in manifest.shard_states if s.embeddings_sha256))
 
     if todo:
-        previous = previous_vectors(config, manifest) if manifest.reindex else None
+        previous = previous_vectors(config, manifest, wanted) if manifest.reindex else None
         with progress.stage("encode", sum(s.num_rows for s in todo), "docs") as update:
             encode_shards(
                 config,
@@ -564,6 +618,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 previous=previous,
                 on_wait=progress.note,
             )
+    check_one_precision(manifest)
     manifest.counts = count_documents(manifest.shard_states)
     warning = cut_warning(manifest.shard_states, config.max_doc_chars)
     if warning and warning not in manifest.warnings:
@@ -586,6 +641,18 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
             encoded - r.unchanged,
         )
     return manifest.counts
+
+
+def check_one_precision(manifest: Manifest) -> None:
+    """Every shard encoded on one device in one dtype (recorded in the manifest's model), or a refusal: an
+    encoder that fell back to another device would otherwise mix fp16 and fp32 vectors in one index."""
+    used = sorted({str(s.encoded_with) for s in manifest.shard_states})
+    if len(used) > 1:
+        raise RayIndexError(
+            f"shards were encoded with {' and '.join(used)}: one index must not mix them; "
+            "check that every encoder's node can use its GPU (or build with --cpu), then run the build again"
+        )
+    manifest.model = manifest.model.model_copy(update={"dtype": used[0].split("/")[-1]})
 
 
 def cut_warning(states: list[ShardState], max_chars: int) -> str | None:

@@ -17,14 +17,22 @@ import ray
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
-from rayindex.infra.files import read_sample
+from rayindex.infra.files import read_sample, sample_rows
 from rayindex.infra.gpu import require_faiss_gpu
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
-from rayindex.infra.resources import match_threads_to_ray_cpus, max_node_cpus
+from rayindex.infra.resources import gpu_task_resources, match_threads_to_ray_cpus, max_node_cpus
 from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf import index_params
-from rayindex.ivf.index import coarse_mse, make_index, pre_transforms, read_index, trained_fingerprint, write_index
+from rayindex.ivf.index import (
+    coarse_mse,
+    gpus_usable,
+    make_index,
+    pre_transforms,
+    read_index,
+    trained_fingerprint,
+    write_index,
+)
 from rayindex.ivf.index_params import MIN_POINTS_PER_CENTROID, suggest_for_too_few_points
 from rayindex.layout import EMBEDDINGS_FILE, TRAINED_FILE, shard_rel
 from rayindex.manifest import Drift, Manifest, TrainedIndex
@@ -68,12 +76,40 @@ def check_trainable(index: faiss.Index, index_string: str, n_train: int) -> list
     return warnings
 
 
+def sampled_vectors(
+    version: Store,
+    embeddings: dict[str, str],
+    shard_rels: list[str],
+    counts: list[int],
+    dim: int,
+    size: int,
+    seed: int,
+) -> np.ndarray:
+    """A uniform sample of the shards' vectors (infra/files.py sample_rows), the same rows wherever the
+    version lives: on a local output from the shards' memory maps (files checked against the manifest);
+    on a remote store only the sampled rows' bytes, read as byte ranges (Store.read_ranges), instead of
+    pulling every shard's whole embeddings onto this node (each object's size is checked by the read; its
+    bytes were checked against the manifest when encoded and pushed)."""
+    if not version.remote:
+        version.pull(embeddings)
+        return read_sample([version.local(rel) for rel in shard_rels], counts, dim, size, seed)
+    row_bytes = dim * 4
+    parts = []
+    for rel, rows in zip(shard_rels, sample_rows(counts, size, seed)):
+        if len(rows):
+            chunks = version.read_ranges(
+                f"{rel}/{EMBEDDINGS_FILE}", (rows * row_bytes).tolist(), ((rows + 1) * row_bytes).tolist()
+            )
+            parts.append(np.frombuffer(b"".join(chunks), "<f4").reshape(len(rows), dim))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
 def train_index(index_string: str, dim: int, metric: str, sample: np.ndarray, seed: int, use_gpu: bool) -> faiss.Index:
     """Train an empty index on the sample; k-means of the coarse quantizer runs on GPU when asked and possible."""
     index = make_index(index_string, dim, metric)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
-    if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+    if use_gpu and gpus_usable():
         # the FAISS-recommended way: run the coarse k-means assignment on GPU, keep the index on CPU
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
     try:
@@ -103,10 +139,9 @@ def train_quantizer(
     if use_gpu:
         require_faiss_gpu()  # never a quiet k-means on the CPU while a GPU is held
     match_threads_to_ray_cpus()
-    version.pull(embeddings)
     n_train = min(sample_size, int(sum(counts)))
     warnings = check_trainable(make_index(index_string, dim, metric), index_string, n_train)
-    sample = read_sample([version.local(rel) for rel in shard_rels], counts, dim, n_train, seed)
+    sample = sampled_vectors(version, embeddings, shard_rels, counts, dim, n_train, seed)
     index = train_index(index_string, dim, metric, sample, seed, use_gpu)
     path = version.local(TRAINED_FILE)
     write_index(index, path)
@@ -118,7 +153,7 @@ def train_quantizer(
         "nlist": int(faiss.extract_index_ivf(index).nlist),
         "coarse_mse": coarse_mse(index, sample),
         "warnings": warnings,
-        "gpu": bool(use_gpu and faiss.get_num_gpus() > 0) if hasattr(faiss, "get_num_gpus") else False,
+        "gpu": bool(use_gpu and gpus_usable()),
     }
 
 
@@ -150,9 +185,10 @@ def reuse_quantizer(config: BuildConfig, manifest: Manifest, version: Store) -> 
         old.pull({TRAINED_FILE: before.training.trained_sha256})
         trained = read_index(old.local(TRAINED_FILE))
         counts = manifest.shard_counts()
-        version.pull(manifest.shard_files((EMBEDDINGS_FILE,)))
-        sample = read_sample(
-            [version.local(shard_rel(s.shard_id)) for s in manifest.shards],
+        sample = sampled_vectors(
+            version,
+            manifest.shard_files((EMBEDDINGS_FILE,)),
+            [shard_rel(s.shard_id) for s in manifest.shards],
             counts,
             manifest.dimension,
             min(sum(counts), DRIFT_SAMPLE),
@@ -205,8 +241,10 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
             sample_size = config.train_sample or index_params.training_sample_size(
                 n_vectors, ivf.nlist, uses_pq=hasattr(ivf, "pq")
             )
-            # CPU k-means uses every core of one node; on GPU clusters one GPU does the work
-            task = ray.remote(num_cpus=1 if use_gpu else max_node_cpus(), num_gpus=1 if use_gpu else 0)(train_quantizer)
+            # every core of one node (OPQ, PQ codebooks, the HNSW quantizer, coarse_mse and CPU k-means run on
+            # FAISS's threads, set to the task's CPUs); on a GPU build a whole GPU node, k-means on its GPU
+            resources = gpu_task_resources(ray.nodes(), whole_node=True) if use_gpu else {"num_cpus": max_node_cpus()}
+            task = ray.remote(**resources)(train_quantizer)
             facts = ray.get(
                 task.remote(
                     index_string,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rayindex.config import PACKAGED_MODEL, BuildConfig
+from rayindex.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, PACKAGED_MODEL, BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.text.passages import default_overlap, windows
 
@@ -29,8 +29,28 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(name: str, device: str = "cpu", fp16: bool = False):
-    """Load a SentenceTransformer; local paths and the packaged model never touch the network."""
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --encode-dtype -> torch dtype
+
+
+def encode_precision(option: str, device: str) -> str:
+    """The forward pass's dtype for --encode-dtype on this device: auto is fp16 on a GPU (tensor cores;
+    fp16 vectors' recall@10 against fp32: benchmarks/encode_benchmark.py --gpu) and fp32 on CPU. fp16 on
+    CPU is refused: CPUs have no fast fp16 matrix path (bf16 has one on recent ones)."""
+    if option == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if option == "fp16" and device != "cuda":
+        raise RayIndexError("--encode-dtype fp16 needs a GPU; on CPU use fp32 (the default) or bf16")
+    return option
+
+
+def encode_batch_size(given: int | None, device: str) -> int:
+    """--batch-size, else GPU_BATCH_SIZE on a GPU and CPU_BATCH_SIZE on CPU (config.py: why each)."""
+    return given or (GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE)
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "fp32"):
+    """Load a SentenceTransformer in this dtype (fp32, fp16, bf16); local paths and the packaged model
+    never touch the network."""
     path = resolve_model(name)
     if os.path.isdir(path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,8 +60,10 @@ def load_model(name: str, device: str = "cpu", fp16: bool = False):
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor is noise in the build's output
 
     model = SentenceTransformer(path, device=device)
-    if fp16 and device.startswith("cuda"):
-        model.half()
+    if dtype != "fp32":
+        import torch
+
+        model.to(getattr(torch, TORCH_DTYPES[dtype]))
     return model
 
 
@@ -317,21 +339,44 @@ def padded(tokenized: Tokenized, rows: np.ndarray) -> dict[str, np.ndarray]:
 def embed(model, tokenized: Tokenized, batch_size: int, normalize: bool, rows: np.ndarray | None = None) -> np.ndarray:
     """Sentence embeddings of the tokenized texts (of `rows` of them, default all), as model.encode
     computes them, in length-sorted batches padded to each batch's longest text: little padding, the
-    same vectors. On a GPU the model runs in fp16 (load_model)."""
+    same vectors, returned in the rows' order (float32 whatever the model's dtype: load_model).
+
+    On a GPU nothing waits per batch: inputs go up from pinned memory and each batch's vectors come down
+    into one pinned host buffer with non-blocking copies, so padding the next batch and queueing its
+    forward pass overlap the GPU's work; one synchronize at the end replaces a blocking .cpu() per batch."""
     import torch
     import torch.nn.functional as F
 
     rows = np.arange(len(tokenized.lengths)) if rows is None else rows
-    out = np.empty((len(rows), embedding_dimension(model)), dtype=np.float32)
     order = np.argsort(-tokenized.lengths[rows], kind="stable")
     device = model.device
+    on_gpu = device.type == "cuda"
+    by_length = torch.empty((len(rows), embedding_dimension(model)), dtype=torch.float32, pin_memory=on_gpu)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             pick = order[start : start + batch_size]
-            batch = {name: torch.from_numpy(array).to(device) for name, array in padded(tokenized, rows[pick]).items()}
+            batch = {
+                name: to_device(torch.from_numpy(array), device, on_gpu)
+                for name, array in padded(tokenized, rows[pick]).items()
+            }
             batch["modality"] = "text"
             embeddings = model.forward(batch)["sentence_embedding"]
             if normalize:
                 embeddings = F.normalize(embeddings, p=2, dim=1)
-            out[pick] = embeddings.float().cpu().numpy()
+            by_length[start : start + len(pick)].copy_(embeddings.float(), non_blocking=on_gpu)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    out = np.empty(by_length.shape, dtype=np.float32)
+    out[order] = by_length.numpy()
     return out
+
+
+def to_device(tensor, device, pinned: bool):
+    """The tensor on the model's device; from pinned memory without waiting when it goes to a GPU (torch's
+    caching host allocator keeps the pinned copy alive until the transfer is done)."""
+    return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
+
+
+def nonfinite_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows with a NaN or an infinity (fp16 overflows on some models and inputs)."""
+    return np.flatnonzero(~np.isfinite(vectors).all(axis=1))
