@@ -138,14 +138,14 @@ def test_a_version_without_lexical_index_refuses_the_lexical_modes(ray_address, 
     with pytest.raises(UsageError, match="built with --no-lexical"):
         index.search("format a string", mode="hybrid")
     cli = subprocess.run(
-        [sys.executable, "-m", "rayindex", "search", "format a string", "-o", str(out), "--mode", "lexical", "--json"],
+        [sys.executable, "-m", "rayindex", "search", "format a string", "-i", str(out), "--mode", "lexical", "--json"],
         env=client_env(),
         capture_output=True,
         text=True,
     )
     assert cli.returncode == 2 and "built with --no-lexical" in cli.stderr and "Traceback" not in cli.stderr
     hits = subprocess.run(
-        [sys.executable, "-m", "rayindex", "search", "format a string", "-o", str(out), "--json"],
+        [sys.executable, "-m", "rayindex", "search", "format a string", "-i", str(out), "--json"],
         env=client_env(),
         capture_output=True,
         text=True,
