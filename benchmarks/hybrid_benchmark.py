@@ -291,36 +291,19 @@ def serve_postings(folder: Path, searches: int) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--man-pages", type=int, default=1000)
-    parser.add_argument("--queries", type=int, default=300, help="per query set")
-    parser.add_argument("--latency-queries", type=int, default=100)
-    parser.add_argument("--memory-passages", default="1000000,10000000")
-    parser.add_argument("--searches", type=int, default=1000)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-hybrid"))
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--png", type=Path)
-    parser.add_argument("--serve-postings", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve_postings:
-        return serve_postings(args.serve_postings, args.searches)
-    for name in ("gcide", "jargon"):
-        if not (GCIDE / f"{name}.index").exists():
-            raise SystemExit(f"dict-{name} is not installed: apt-get install dict-{name}")
-    console = Console(width=140)
-
-    print("man pages: reading", file=sys.stderr)
-    pages = man_pages(args.man_pages)
-    man_output, man_build_s = built(pages, args.work / "man", "{text}")
-    jargon, other_words = jargon_corpus_and_queries(args.queries)
-    jargon_output, _ = built(jargon, args.work / "jargon", "{word}: {entry}")
-    sets = {
-        "quotes": (man_output, quote_queries(pages, args.queries), f"{len(pages):,} man pages (English, at random)"),
-        "other_words": (jargon_output, other_words, f"{len(jargon):,} Jargon File entries"),
-    }
-    result = {"k": K, "cpus": os.cpu_count(), "sets": {}}
-    for name, (output, asked, corpus) in sets.items():
+def measure_sets(args, result: dict) -> None:
+    """Builds (or reuses) each query set's index and measures it; the man page set also gives the build's
+    lexical share and the query cost."""
+    for name in args.sets.split(","):
+        if name == "quotes":
+            print("man pages: reading", file=sys.stderr)
+            pages = man_pages(args.man_pages)
+            output, build_s = built(pages, args.work / "man", "{text}")
+            asked, corpus = quote_queries(pages, args.queries), f"{len(pages):,} man pages (English, at random)"
+        else:
+            jargon, asked = jargon_corpus_and_queries(args.queries)
+            output, build_s = built(jargon, args.work / "jargon", "{word}: {entry}")
+            corpus = f"{len(jargon):,} Jargon File entries"
         index = open_index(output)
         print(f"{name}: {len(asked)} queries on {corpus}", file=sys.stderr)
         scores, per_query = quality(index, asked)
@@ -340,7 +323,7 @@ def main() -> None:
             result["build"] = {
                 "corpus": corpus,
                 "passages": manifest.merge.ntotal,
-                "wall_s": man_build_s,
+                "wall_s": build_s,
                 "timings_s": manifest.timings_s,
                 "lexical_share": manifest.timings_s["lexical"] / sum(manifest.timings_s.values()),
             }
@@ -349,11 +332,8 @@ def main() -> None:
             ratio = p50["hybrid"] / p50["dense"]
             result["query_cost"] = {"queries": args.latency_queries, "p50_ms": p50, "ratio": ratio}
 
-    print("lexical serving memory: synthetic postings", file=sys.stderr)
-    memory = [serving_memory(int(n), args.searches, args.work) for n in args.memory_passages.split(",")]
-    ratio = memory[-1]["rss_after_mb"] / memory[0]["rss_after_mb"]
-    result["memory"] = {"searches": args.searches, "runs": memory, "rss_ratio": ratio}
 
+def print_tables(result: dict, console: Console) -> None:
     table = Table(title="Document hit@10 / MRR@10 by mode (target: hybrid >= max(dense, lexical) - 0.01)")
     for col in ("query set", "corpus", "queries", *MODES, "target", "holds"):
         table.add_column(col, justify="right")
@@ -367,43 +347,89 @@ def main() -> None:
             "yes" if s["holds"] else "NO",
         )
     console.print(table)
-    b, q = result["build"], result["query_cost"]
     costs = Table(title="Costs")
     for col in ("measure", "value", "target"):
         costs.add_column(col, justify="right")
-    stages_s = sum(b["timings_s"].values())
-    share = f"{b['lexical_share']:.1%} ({b['timings_s']['lexical']:.1f} of {stages_s:.1f} s)"
-    costs.add_row("lexical share of build stages", share, "<= 15%")
-    costs.add_row("p50 ms dense / lexical / hybrid", " / ".join(f"{q['p50_ms'][m]:.1f}" for m in MODES), "")
-    costs.add_row("hybrid / dense p50", f"{q['ratio']:.2f}x", "<= 1.3x")
-    for run in memory:
+    if "build" in result:
+        b = result["build"]
+        stages_s = sum(b["timings_s"].values())
+        share = f"{b['lexical_share']:.1%} ({b['timings_s']['lexical']:.1f} of {stages_s:.1f} s)"
+        costs.add_row("lexical share of build stages", share, "<= 15%")
+    if "query_cost" in result:
+        q = result["query_cost"]
+        costs.add_row("p50 ms dense / lexical / hybrid", " / ".join(f"{q['p50_ms'][m]:.1f}" for m in MODES), "")
+        costs.add_row("hybrid / dense p50", f"{q['ratio']:.2f}x", "<= 1.3x")
+    if "memory" in result:
+        m = result["memory"]
+        for run in m["runs"]:
+            costs.add_row(
+                f"RSS after {m['searches']} searches, {run['passages']:,} passages",
+                f"{run['rss_after_mb']:.0f} MB (searches' growth {run['rss_growth_mb']:.0f}: anon "
+                f"{run['rss_anon_after_mb']:.0f}, file {run['rss_file_after_mb']:.0f}; {run['ms_per_search']:.1f} ms)",
+                "",
+            )
         costs.add_row(
-            f"RSS after {args.searches} searches, {run['passages']:,} passages",
-            f"{run['rss_after_mb']:.0f} MB (anon {run['rss_anon_after_mb']:.0f}, file {run['rss_file_after_mb']:.0f}; "
-            f"{run['ms_per_search']:.1f} ms/search)",
-            "",
+            "RSS ratio 10M / 1M (total; searches' growth)", f"{m['rss_ratio']:.2f}x; {m['growth_ratio']:.2f}x", "flat"
         )
-    costs.add_row("RSS ratio 10M / 1M", f"{result['memory']['rss_ratio']:.2f}x", "flat")
     console.print(costs)
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.27
+    for i, mode in enumerate(MODES):
+        values = [s["scores"][mode]["hit_at_10"] for s in result["sets"].values()]
+        bars = ax.bar(np.arange(len(values)) + (i - 1) * width, values, width, label=mode)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(result["sets"])), [f"{n} ({s['queries']} q)" for n, s in result["sets"].items()])
+    ax.set(ylabel="document hit@10", ylim=(0, 1.08), title="Hybrid retrieval: hit@10 per mode")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="quotes,other_words", help="query sets to measure, comma-separated")
+    parser.add_argument("--man-pages", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=300, help="per query set")
+    parser.add_argument("--latency-queries", type=int, default=100)
+    parser.add_argument("--memory-passages", default="1000000,10000000", help="'' to skip the memory measure")
+    parser.add_argument("--searches", type=int, default=1000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-hybrid"))
+    parser.add_argument("--json", type=Path, help="results, merged into the file's (a run may measure a part)")
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--serve-postings", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_postings:
+        return serve_postings(args.serve_postings, args.searches)
+    for name in ("gcide", "jargon"):
+        if not (GCIDE / f"{name}.index").exists():
+            raise SystemExit(f"dict-{name} is not installed: apt-get install dict-{name}")
+    result = {"k": K, "cpus": os.cpu_count(), "sets": {}}
+    if args.json and args.json.exists():
+        result = json.loads(args.json.read_text())
+    if args.sets:
+        measure_sets(args, result)
+    if args.memory_passages:
+        print("lexical serving memory: synthetic postings", file=sys.stderr)
+        memory = [serving_memory(int(n), args.searches, args.work) for n in args.memory_passages.split(",")]
+        result["memory"] = {
+            "searches": args.searches,
+            "runs": memory,
+            "rss_ratio": memory[-1]["rss_after_mb"] / memory[0]["rss_after_mb"],
+            "growth_ratio": memory[-1]["rss_growth_mb"] / memory[0]["rss_growth_mb"],
+        }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.5, 3.6))
-        width = 0.27
-        for i, mode in enumerate(MODES):
-            values = [s["scores"][mode]["hit_at_10"] for s in result["sets"].values()]
-            bars = ax.bar(np.arange(len(values)) + (i - 1) * width, values, width, label=mode)
-            ax.bar_label(bars, fmt="%.3f", fontsize=7)
-        ax.set_xticks(range(len(result["sets"])), [f"{n} ({s['queries']} q)" for n, s in result["sets"].items()])
-        ax.set(ylabel="document hit@10", ylim=(0, 1.08), title="Hybrid retrieval: hit@10 per mode")
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=110)
+    print_tables(result, Console(width=140))
+    if args.png and result["sets"]:
+        plot(result, args.png)
 
 
 if __name__ == "__main__":
