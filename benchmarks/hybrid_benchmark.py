@@ -21,6 +21,9 @@ process' RSS for 1M and 10M passages and their ratio.
     apt-get install dict-gcide dict-jargon
     python benchmarks/hybrid_benchmark.py [--man-pages 1000] [--queries 300] [--work /tmp/rayindex-hybrid] \
         [--json docs/benchmark-hybrid.json] [--png docs/benchmark-hybrid.png]
+    # a part only (merged into the JSON): --sets quotes|other_words|'' and --memory-passages ''
+
+Builds are kept in --work and reused by a rerun (delete it to rebuild); the synthetic postings are removed.
 """
 
 from __future__ import annotations
@@ -388,7 +391,7 @@ def plot(result: dict, png: Path) -> None:
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(result["sets"])), [f"{n} ({s['queries']} q)" for n, s in result["sets"].items()])
     ax.set(ylabel="document hit@10", ylim=(0, 1.08), title="Hybrid retrieval: hit@10 per mode")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
