@@ -1,0 +1,439 @@
+"""Hybrid retrieval (issue #21): quality of dense, lexical (BM25) and hybrid search, the lexical stage's share
+of a build, the query cost of hybrid vs dense, and the lexical serving memory from 1M to 10M passages.
+
+Two query sets built from real text, each searched with `index.search(query, k=10, mode=...)` on an index
+built with default options (real model, CPU); document hit@10 and MRR@10 per mode:
+
+(a) quotes: man pages (English, /usr/share/man/man*/, roff markup stripped), drawn at random; a query is a
+    sentence quoted from past the first 2,000 characters of one page (so never from its first passage) and found in
+    no other page;
+    the answer is that page.
+(b) other words: the Jargon File (Debian dict-jargon), one document per entry; a query is the first sense
+    of the same headword's GCIDE definition (Debian dict-gcide), the headword itself removed; the answer is
+    that Jargon entry.
+
+Target per set: hybrid hit@10 >= max(dense, lexical) - 0.01. Build cost: the manifest's `lexical` timing
+over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50 of one query
+searched alone in process, hybrid / dense (target <= 1.3). Memory: synthetic postings (Zipf term
+frequencies) written with write_postings, opened memory-mapped in a fresh process, 1,000 searches; the
+process' RSS for 1M and 10M passages and their ratio.
+
+    apt-get install dict-gcide dict-jargon
+    python benchmarks/hybrid_benchmark.py [--man-pages 1000] [--queries 300] [--work /tmp/rayindex-hybrid] \
+        [--json docs/benchmark-hybrid.json] [--png docs/benchmark-hybrid.png]
+    # a part only (merged into the JSON): --sets quotes|other_words|'' and --memory-passages ''
+
+Builds are kept in --work and reused by a rerun (delete it to rebuild); the synthetic postings are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from encode_benchmark import GCIDE, dictd_number, gcide_entries
+from rich.console import Console
+from rich.table import Table
+
+from rayindex.builder import build
+from rayindex.config import BuildConfig
+from rayindex.lexical.postings import Postings, open_postings, search_postings, write_postings
+from rayindex.query.search import open_index
+
+K = 10
+MODES = ("dense", "lexical", "hybrid")
+MAN = Path("/usr/share/man")
+QUOTE_FROM = 2_000  # characters: past a passage of 256 tokens (about 1,000 characters), the first one
+POSTINGS_PER_PASSAGE = 16  # distinct terms per synthetic passage: 10M passages in 1.9 GB of postings
+MAX_DF_SHARE = 0.05  # no term in more than 5% of the passages: stopwords never reach the postings
+
+
+def strip_roff(source: str) -> str:
+    """The text of a man page's roff source: request lines dropped but for their arguments (.SH, .B, .TP...),
+    font and character escapes removed."""
+    lines = []
+    for line in source.splitlines():
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith((".", "'")):
+            request, _, rest = line[1:].partition(" ")
+            if request not in {"SH", "SS", "B", "I", "BR", "IR", "RB", "RI", "BI", "IB", "TP", "IP", "Nm", "Nd"}:
+                continue
+            line = rest.replace('"', "")
+        line = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", line)
+        line = re.sub(r"\\\((..)", " ", line).replace("\\-", "-").replace("\\e", "\\")
+        line = re.sub(r"\\s[-+]?\d|\\[&/,|^%:]", "", line)
+        line = re.sub(r"\\(.)", r"\1", line)
+        lines.append(line)
+    return re.sub(r"[ \t]+", " ", "\n".join(lines)).strip()
+
+
+def man_pages(n: int) -> list[dict]:
+    """n English man pages (one per name, longer than QUOTE_FROM + 500 characters) drawn at random, as text."""
+    pages = {}
+    for path in sorted(MAN.glob("man[1-8]/*.gz")):
+        try:
+            text = strip_roff(gzip.open(path).read().decode("utf-8", "replace"))
+        except (OSError, EOFError):
+            continue
+        if not text.startswith(".so") and len(text) > QUOTE_FROM + 500:
+            pages[path.name.removesuffix(".gz")] = text
+    return [{"id": name, "text": pages[name]} for name in sorted(random.Random(21).sample(sorted(pages), n))]
+
+
+def quote_queries(pages: list[dict], n: int, seed: int = 21) -> list[dict]:
+    """One sentence per page (n pages at random): 8 to 30 words, starting past QUOTE_FROM characters, found in
+    no other page (boilerplate such as gcloud's "This command is currently in beta" names no page)."""
+    rng = random.Random(seed)
+    everything = "\n".join(" ".join(page["text"].split()) for page in pages)
+    asked = []
+    for page in rng.sample(pages, len(pages)):
+        deep = page["text"][QUOTE_FROM:]
+        sentences = [
+            s.strip()
+            for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", deep)[1:]  # the first may be cut
+            if 8 <= len(s.split()) <= 30 and re.search(r"[a-z]{3}", s)
+        ]
+        sentences = [s for s in sentences if everything.count(" ".join(s.split())) == 1]
+        if sentences:
+            asked.append({"query": " ".join(rng.choice(sentences).split()), "id": page["id"]})
+        if len(asked) == n:
+            break
+    return asked
+
+
+def dictd_entries(name: str) -> list[tuple[str, str]]:
+    """(headword, entry) of a Debian dictd dictionary, one per distinct entry."""
+    data = gzip.open(GCIDE / f"{name}.dict.dz").read()
+    seen, entries = set(), []
+    for line in (GCIDE / f"{name}.index").read_text(encoding="utf-8", errors="replace").splitlines():
+        word, offset, length = line.split("\t")
+        span = (dictd_number(offset), dictd_number(length))
+        if word.startswith("00-database") or span in seen:
+            continue
+        seen.add(span)
+        entries.append((word, data[span[0] : span[0] + span[1]].decode("utf-8", "replace").strip()))
+    return entries
+
+
+def first_sense(word: str, definition: str) -> str:
+    """A GCIDE definition's first sense, without its headword, pronunciation, etymology and sources."""
+    text = " ".join(definition.split())
+    text = re.sub(r"^.*?\\[^\\]*\\.*?(\.\]|\)\]) ", " ", text)  # headword, pronunciation, forms
+    text = re.sub(r"\[[^\]]*\]|\\[^\\]*\\|\([^)]{0,40}\)", " ", text)  # etymology and sources, pronunciation
+    numbered = re.search(r"\b1\. (.*?)(?= 2\. |$)", text)
+    if numbered:
+        text = numbered.group(1)
+    else:  # after the part of speech
+        pos = re.search(r"\b(?:n|v\. [ti]|v|a|adv|prep|interj|pl)\. ", text)
+        text = text[pos.end() :] if pos else text
+    text = re.split(r"(?<=[.;]) (?=[A-Z])| -- ", text)[0]  # the definition, not its quotations
+    text = re.sub(re.escape(word), " ", text.replace("{", "").replace("}", ""), flags=re.I)
+    return " ".join(text.split())[:300]
+
+
+def jargon_corpus_and_queries(n: int, seed: int = 21) -> tuple[list[dict], list[dict]]:
+    """The Jargon File as documents; for n headwords also in GCIDE (one Jargon entry each), the GCIDE
+    definition's first sense as the query, the Jargon entry as the answer."""
+    entries = dictd_entries("jargon")
+    jargon = [{"id": f"{word}#{i}", "word": word, "entry": entry} for i, (word, entry) in enumerate(entries)]
+    ids_of: dict[str, list[str]] = {}
+    for doc in jargon:
+        ids_of.setdefault(doc["word"].lower(), []).append(doc["id"])
+    gcide: dict[str, str] = {}
+    for row in gcide_entries():
+        gcide.setdefault(row["word"].lower(), row["definition"])
+    asked = []
+    for word in sorted(ids_of):
+        if len(ids_of[word]) == 1 and word in gcide and len(word) > 1:
+            query = first_sense(word, gcide[word])
+            if len(query.split()) >= 4:
+                asked.append({"query": query, "id": ids_of[word][0]})
+    random.Random(seed).shuffle(asked)
+    return jargon, asked[:n]
+
+
+def built(rows: list[dict], folder: Path, template: str) -> tuple[Path, float]:
+    """An index of rows built with default options (once: a rerun measures the same build); its wall time."""
+    output = folder / "out"
+    if (output / "CURRENT").exists():
+        return output, float("nan")
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "corpus.parquet")
+    started = time.monotonic()
+    build(BuildConfig(inputs=[str(folder / "corpus.parquet")], output=str(output), id_column="id", template=template))
+    took = time.monotonic() - started
+    print(f"built {len(rows):,} documents in {took:.0f} s", file=sys.stderr)
+    return output, took
+
+
+def quality(index, asked: list[dict]) -> tuple[dict, list[dict]]:
+    """hit@10 and MRR@10 per mode; and per query the answer's rank per mode (0: not in the 10)."""
+    ranks = {mode: [] for mode in MODES}
+    for n, q in enumerate(asked):
+        for mode in MODES:
+            ids = [hit["id"] for hit in index.search(q["query"], k=K, mode=mode)]
+            ranks[mode].append(ids.index(q["id"]) + 1 if q["id"] in ids else 0)
+        if (n + 1) % 50 == 0:
+            print(f"  {n + 1}/{len(asked)} queries", file=sys.stderr)
+    scores = {
+        mode: {
+            "hit_at_10": float(np.mean([r > 0 for r in ranks[mode]])),
+            "mrr_at_10": float(np.mean([1 / r if r else 0.0 for r in ranks[mode]])),
+        }
+        for mode in MODES
+    }
+    per_query = [{**q, **{mode: ranks[mode][i] for mode in MODES}} for i, q in enumerate(asked)]
+    return scores, per_query
+
+
+def query_cost(index, queries: list[str]) -> dict:
+    """p50 ms of one query searched alone (encode + search + doc store), per mode, modes interleaved."""
+    times = {mode: [] for mode in MODES}
+    for query in queries:
+        for mode in MODES:
+            started = time.perf_counter()
+            index.search(query, k=K, mode=mode)
+            times[mode].append(time.perf_counter() - started)
+    return {mode: 1000 * float(np.median(times[mode])) for mode in MODES}
+
+
+def synthetic_postings(passages: int, seed: int = 21) -> tuple[Postings, np.ndarray]:
+    """Postings of `passages` passages with POSTINGS_PER_PASSAGE terms each on average, document frequencies
+    Zipf (s = 1) over a vocabulary of passages / 10 terms (capped at MAX_DF_SHARE), impacts idf-scaled; and
+    the Zipf probability of each term (queries are drawn from it)."""
+    rng = np.random.default_rng(seed)
+    vocabulary = passages // 10
+    zipf = 1.0 / np.arange(1, vocabulary + 1)
+    zipf /= zipf.sum()
+    doc_freqs = np.minimum(rng.multinomial(passages * POSTINGS_PER_PASSAGE, zipf), int(MAX_DF_SHARE * passages))
+    doc_freqs = np.maximum(doc_freqs, 1)
+    order = rng.permutation(vocabulary)  # the frequent terms scattered through the sorted dictionary
+    doc_freqs, probability = doc_freqs[order], zipf[order]
+    terms = np.unique(rng.integers(1, 2**63, int(vocabulary * 1.01), dtype=np.uint64))[:vocabulary]
+    starts = np.zeros(vocabulary + 1, np.int64)
+    np.cumsum(doc_freqs, out=starts[1:])
+    keys = np.repeat(np.arange(vocabulary, dtype=np.int64), doc_freqs) * passages
+    keys += rng.integers(0, passages, len(keys), dtype=np.int64)
+    keys.sort()  # ids ascending within each term
+    keys %= passages
+    idf = np.log1p((passages - doc_freqs + 0.5) / (doc_freqs + 0.5)).astype(np.float32)
+    impacts = np.repeat(idf, doc_freqs) * rng.uniform(0.3, 1.0, len(keys)).astype(np.float32)
+    return Postings(terms, starts, keys, impacts), probability
+
+
+def serving_memory(passages: int, searches: int, work: Path) -> dict:
+    """RSS of a fresh process that opens the synthetic postings memory-mapped and runs `searches` searches."""
+    folder = work / f"postings-{passages}"
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    postings, probability = synthetic_postings(passages)
+    write_postings(postings, folder)
+    np.save(folder / "probability.npy", probability)
+    size = sum(f.stat().st_size for f in folder.glob("*.npy"))
+    del postings
+    took = time.monotonic() - started
+    print(f"  {passages:,} passages: {size / 1e9:.2f} GB of postings in {took:.0f} s", file=sys.stderr)
+    child = subprocess.run(
+        [sys.executable, __file__, "--serve-postings", str(folder), "--searches", str(searches)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    shutil.rmtree(folder)
+    return {"passages": passages, "postings_bytes": size, **json.loads(child.stdout.strip().splitlines()[-1])}
+
+
+def rss_kb() -> dict:
+    status = Path("/proc/self/status").read_text()
+    keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in keys}
+
+
+def serve_postings(folder: Path, searches: int) -> None:
+    """(The child process of serving_memory.) Prints its RSS after opening and after the searches, as JSON."""
+    opened_at = rss_kb()
+    postings = open_postings(folder)
+    probability = np.load(folder / "probability.npy")
+    opened = rss_kb()
+    rng = np.random.default_rng(7)
+    started = time.perf_counter()
+    for _ in range(searches):
+        picked = rng.choice(len(probability), rng.integers(2, 7), p=probability)
+        search_postings(postings, np.sort(postings.terms[picked]), 100)
+    took = time.perf_counter() - started
+    after = rss_kb()
+    print(
+        json.dumps(
+            {
+                "rss_before_open_mb": opened_at["VmRSS"] / 1024,
+                "rss_opened_mb": opened["VmRSS"] / 1024,
+                "rss_after_mb": after["VmRSS"] / 1024,
+                "rss_growth_mb": (after["VmRSS"] - opened["VmRSS"]) / 1024,  # the searches' own
+                "rss_anon_after_mb": after["RssAnon"] / 1024,
+                "rss_file_after_mb": after["RssFile"] / 1024,
+                "peak_rss_mb": after["VmHWM"] / 1024,
+                "ms_per_search": 1000 * took / searches,
+            }
+        )
+    )
+
+
+def measure_sets(args, result: dict) -> None:
+    """Builds (or reuses) each query set's index and measures it; the man page set also gives the build's
+    lexical share and the query cost."""
+    for name in args.sets.split(","):
+        if name == "quotes":
+            print("man pages: reading", file=sys.stderr)
+            pages = man_pages(args.man_pages)
+            output, build_s = built(pages, args.work / "man", "{text}")
+            asked, corpus = quote_queries(pages, args.queries), f"{len(pages):,} man pages (English, at random)"
+        else:
+            jargon, asked = jargon_corpus_and_queries(args.queries)
+            output, build_s = built(jargon, args.work / "jargon", "{word}: {entry}")
+            corpus = f"{len(jargon):,} Jargon File entries"
+        index = open_index(output)
+        print(f"{name}: {len(asked)} queries on {corpus}", file=sys.stderr)
+        scores, per_query = quality(index, asked)
+        best_single = max(scores["dense"]["hit_at_10"], scores["lexical"]["hit_at_10"])
+        result["sets"][name] = {
+            "corpus": corpus,
+            "passages": index.manifest.merge.ntotal,
+            "queries": len(asked),
+            "scores": scores,
+            "target_hit_at_10": best_single - 0.01,
+            "holds": scores["hybrid"]["hit_at_10"] >= best_single - 0.01,
+            "examples": per_query[:5],
+            "hybrid_lost": [q for q in per_query if q["hybrid"] == 0 and (q["dense"] or q["lexical"])][:10],
+        }
+        if name == "quotes":
+            manifest = index.manifest
+            result["build"] = {
+                "corpus": corpus,
+                "passages": manifest.merge.ntotal,
+                "wall_s": build_s,
+                "timings_s": manifest.timings_s,
+                "lexical_share": manifest.timings_s["lexical"] / sum(manifest.timings_s.values()),
+            }
+            print("query cost: modes interleaved, one query at a time", file=sys.stderr)
+            p50 = query_cost(index, [q["query"] for q in asked[: args.latency_queries]])
+            ratio = p50["hybrid"] / p50["dense"]
+            result["query_cost"] = {"queries": args.latency_queries, "p50_ms": p50, "ratio": ratio}
+
+
+def print_tables(result: dict, console: Console) -> None:
+    table = Table(title="Document hit@10 / MRR@10 by mode (target: hybrid >= max(dense, lexical) - 0.01)")
+    for col in ("query set", "corpus", "queries", *MODES, "target", "holds"):
+        table.add_column(col, justify="right")
+    for name, s in result["sets"].items():
+        table.add_row(
+            name,
+            s["corpus"],
+            str(s["queries"]),
+            *[f"{s['scores'][m]['hit_at_10']:.3f} / {s['scores'][m]['mrr_at_10']:.3f}" for m in MODES],
+            f">= {s['target_hit_at_10']:.3f}",
+            "yes" if s["holds"] else "NO",
+        )
+    console.print(table)
+    costs = Table(title="Costs")
+    for col in ("measure", "value", "target"):
+        costs.add_column(col, justify="right")
+    if "build" in result:
+        b = result["build"]
+        stages_s = sum(b["timings_s"].values())
+        share = f"{b['lexical_share']:.1%} ({b['timings_s']['lexical']:.1f} of {stages_s:.1f} s)"
+        costs.add_row("lexical share of build stages", share, "<= 15%")
+    if "query_cost" in result:
+        q = result["query_cost"]
+        costs.add_row("p50 ms dense / lexical / hybrid", " / ".join(f"{q['p50_ms'][m]:.1f}" for m in MODES), "")
+        costs.add_row("hybrid / dense p50", f"{q['ratio']:.2f}x", "<= 1.3x")
+    if "memory" in result:
+        m = result["memory"]
+        for run in m["runs"]:
+            costs.add_row(
+                f"RSS after {m['searches']} searches, {run['passages']:,} passages",
+                f"{run['rss_after_mb']:.0f} MB (searches' growth {run['rss_growth_mb']:.0f}: anon "
+                f"{run['rss_anon_after_mb']:.0f}, file {run['rss_file_after_mb']:.0f}; {run['ms_per_search']:.1f} ms)",
+                "",
+            )
+        costs.add_row(
+            "RSS ratio 10M / 1M (total; searches' growth)", f"{m['rss_ratio']:.2f}x; {m['growth_ratio']:.2f}x", "flat"
+        )
+    console.print(costs)
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.27
+    for i, mode in enumerate(MODES):
+        values = [s["scores"][mode]["hit_at_10"] for s in result["sets"].values()]
+        bars = ax.bar(np.arange(len(values)) + (i - 1) * width, values, width, label=mode)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(result["sets"])), [f"{n} ({s['queries']} q)" for n, s in result["sets"].items()])
+    ax.set(ylabel="document hit@10", ylim=(0, 1.08), title="Hybrid retrieval: hit@10 per mode")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="quotes,other_words", help="query sets to measure, comma-separated")
+    parser.add_argument("--man-pages", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=300, help="per query set")
+    parser.add_argument("--latency-queries", type=int, default=100)
+    parser.add_argument("--memory-passages", default="1000000,10000000", help="'' to skip the memory measure")
+    parser.add_argument("--searches", type=int, default=1000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-hybrid"))
+    parser.add_argument("--json", type=Path, help="results, merged into the file's (a run may measure a part)")
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--serve-postings", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_postings:
+        return serve_postings(args.serve_postings, args.searches)
+    for name in ("gcide", "jargon"):
+        if not (GCIDE / f"{name}.index").exists():
+            raise SystemExit(f"dict-{name} is not installed: apt-get install dict-{name}")
+    result = {"k": K, "cpus": os.cpu_count(), "sets": {}}
+    if args.json and args.json.exists():
+        result = json.loads(args.json.read_text())
+    if args.sets:
+        measure_sets(args, result)
+    if args.memory_passages:
+        print("lexical serving memory: synthetic postings", file=sys.stderr)
+        memory = [serving_memory(int(n), args.searches, args.work) for n in args.memory_passages.split(",")]
+        result["memory"] = {
+            "searches": args.searches,
+            "runs": memory,
+            "rss_ratio": memory[-1]["rss_after_mb"] / memory[0]["rss_after_mb"],
+            "growth_ratio": memory[-1]["rss_growth_mb"] / memory[0]["rss_growth_mb"],
+        }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print_tables(result, Console(width=140))
+    if args.png and result["sets"]:
+        plot(result, args.png)
+
+
+if __name__ == "__main__":
+    main()
