@@ -18,6 +18,7 @@ import rayindex
 from rayindex.builder import build
 from rayindex.config import ServeConfig
 from rayindex.errors import RayIndexError
+from rayindex.infra.files import write_text_atomic
 from rayindex.layout import CURRENT
 from rayindex.query.launch import start_serving
 from rayindex.query.metrics import LATENCY_BUCKETS
@@ -279,7 +280,10 @@ def test_a_damaged_new_version_is_refused_and_the_old_one_served(served, client)
     data = bytearray(index.read_bytes())
     data[len(data) // 2] ^= 0x01
     index.write_bytes(bytes(data))
-    (output / CURRENT).write_text(damaged + "\n")
+    # atomically, as a publish moves it: a replica polling CURRENT between a plain write's truncate and its
+    # write read it empty, and reported that (version '') instead of the damaged version (a run with a build
+    # beside the suite)
+    write_text_atomic(output / CURRENT, damaged + "\n")
     try:
         deadline = time.monotonic() + 60
         while (health := client.get("/healthz").json())["status"] != "degraded":
@@ -290,7 +294,7 @@ def test_a_damaged_new_version_is_refused_and_the_old_one_served(served, client)
         r = client.post("/search", json={"query": "read a file", "k": 2})
         assert r.status_code == 200 and r.json()["version"] == serving
     finally:
-        (output / CURRENT).write_text(serving + "\n")
+        write_text_atomic(output / CURRENT, serving + "\n")
         shutil.rmtree(output / "versions" / damaged)
     deadline = time.monotonic() + 30
     while client.get("/healthz").json()["status"] != "ok":
