@@ -19,15 +19,21 @@ os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "rayindex.que
 # counter in /metrics (test_serve, test_deploy) wait out one export each time, and under load a missed
 # round doubled that: 2 s makes the wait short and the deadlines (120 s) many rounds long.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+
+from helpers import (
+    DASHBOARD_PORT,
+    build_config,
+    free_port,
+    ray_auth_mode,
+    ray_head,
+    s3_output,
+    write_jsonl,
+    write_parquet,
+)
+
 # The session's Ray is a head of the suite's own that this process joins (ray_address): a driver given an
 # address uses token auth only when told, and Ray reads this once, when it is first imported.
-_TOKEN = (
-    os.environ.get("RAY_AUTH_TOKEN")
-    or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
-)
-os.environ.setdefault("RAY_AUTH_MODE", "token" if _TOKEN else "disabled")
-
-from helpers import DASHBOARD_PORT, build_config, free_port, ray_head, s3_output, write_jsonl, write_parquet
+os.environ.setdefault("RAY_AUTH_MODE", ray_auth_mode())
 
 # S3 for the tests is a local SeaweedFS (see s3_server). Its address and any key/secret go into the
 # environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would.

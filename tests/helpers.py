@@ -32,16 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client_env() -> dict:
-    """The environment of a Ray client run as a subprocess (rayindex, serve, ray CLIs) against the session's
-    Ray: token auth as the session has it (Ray 2.60 turns it on for a local cluster; a client given an
-    address must be told)."""
+def ray_auth_mode() -> str:
+    """RAY_AUTH_MODE for this machine as Ray 2.60 has it: "token" when a token exists (Ray turns token auth
+    on for a local cluster; a client or driver given an address must be told), else "disabled"."""
     token = (
         os.environ.get("RAY_AUTH_TOKEN")
         or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
     )
+    return "token" if token else "disabled"
+
+
+def client_env() -> dict:
+    """The environment of a Ray client run as a subprocess (rayindex, serve, ray CLIs) against the session's
+    Ray: token auth as the session has it (ray_auth_mode)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # clients are given --ray-address
-    return dict(env, RAY_AUTH_MODE="token" if token else "disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return dict(env, RAY_AUTH_MODE=ray_auth_mode(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 @dataclass
