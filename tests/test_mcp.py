@@ -91,28 +91,70 @@ def test_stdio_server_answers_like_the_index(built, index):
 
 @pytest.fixture(scope="module")
 def served(built):
-    """The session build served (read only) by one replica that holds no CPU, with an API key."""
+    """The session build served (read only) by one replica that holds no CPU, with an API key: (URL, settings)."""
     settings = ServeConfig(index=str(built[0]), port=free_port(), api_key=API_KEY, replica_cpus=0)
     start_serving(settings)
-    yield f"http://127.0.0.1:{settings.port}"
+    yield f"http://127.0.0.1:{settings.port}", settings
     serve.shutdown()
 
 
-@pytest.mark.slow  # the Serve app (about 30 s to start)
+def mcp_client(url: str, mode: str = "legacy") -> Client:
+    """The SDK's client of the app's /mcp, with the API key."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    return Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode)
+
+
+@pytest.mark.slow  # the Serve app (about 15 s to start)
 def test_the_serve_app_answers_mcp_at_slash_mcp_behind_its_api_key(served, index):
+    url, _ = served
+
     async def main(mode: str, whole: bool):
         with anyio.fail_after(LIMIT_S):
-            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
-                async with Client(streamable_http_client(f"{served}/mcp", http_client=http), mode=mode) as client:
-                    if whole:
-                        await converse(client, index)
-                    else:
-                        assert {tool.name for tool in (await client.list_tools()).tools} == {"search", "fetch_document"}
+            async with mcp_client(url, mode) as client:
+                if whole:
+                    await converse(client, index)
+                else:
+                    assert {tool.name for tool in (await client.list_tools()).tools} == {"search", "fetch_document"}
 
     anyio.run(main, "legacy", True)  # the initialize handshake, stateless: each POST answered on its own
     anyio.run(main, "auto", False)  # the SDK's default: server/discover first
 
-    initialize = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    tools_list = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        r = httpx.post(f"{served}/mcp", json=initialize, headers=headers, timeout=30)
+        r = httpx.post(f"{url}/mcp", json=tools_list, headers=headers, timeout=30)
         assert r.status_code == 401 and "bearer token" in r.json()["detail"], (headers, r.text)
+    # reached under another name (a load balancer's, an Ingress's): no Host check refuses it (docs/mcp.md)
+    r = httpx.post(
+        f"{url}/mcp",
+        json=tools_list,
+        headers={
+            "Authorization": f"Bearer {API_KEY}",
+            "Host": "search.example.com",
+            "Accept": "application/json, text/event-stream",
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200 and {t["name"] for t in r.json()["result"]["tools"]} == {"search", "fetch_document"}
+
+
+@pytest.mark.slow  # a redeploy with max_inflight=1 (about 15 s)
+def test_tool_searches_are_admitted_like_searches(served):
+    """max_inflight=1: of 12 simultaneous tool searches, those that find the replica busy are tool errors saying so
+    (the replica's admission, as /search's 503), the others answer."""
+    url, settings = served
+    start_serving(settings.model_copy(update={"max_inflight": 1}))
+    results = []
+
+    async def one(client: Client, i: int) -> None:
+        results.append(await client.call_tool("search", {"query": f"parse json {i}", "k": 3}))
+
+    async def main():
+        with anyio.fail_after(LIMIT_S):
+            async with mcp_client(url) as client, anyio.create_task_group() as calls:
+                for i in range(12):
+                    calls.start_soon(one, client, i)
+
+    anyio.run(main)
+    busy = [r for r in results if r.is_error]
+    assert busy and len(busy) < len(results), [r.content[0].text for r in busy]
+    assert all(r.content[0].text.startswith("Error executing tool search: busy: ") for r in busy)
