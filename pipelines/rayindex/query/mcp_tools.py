@@ -189,9 +189,10 @@ class StatelessHttp:
     another replica would get 404 (unknown session) and Serve routes each request to any replica. JSON
     responses (json_response), not an SSE stream: one body per POST, which Serve's proxy and the gate handle like
     a /search response. The session manager (the task group each request's server runs in) is started by the
-    first request, in a task of the running event loop, and runs for the process's life: the lifespan Serve runs
-    is that of its own copy of the FastAPI app (serve.ingress pickles it when the class is decorated), which
-    cannot reach a replica's objects, and Starlette runs no lifespan of a routed sub-app."""
+    first request, in a task of the running event loop, and runs for the process's life: Serve does run the
+    ingress app's lifespan (ray/serve/_private/http_util.py: uvicorn's LifespanOn, after the replica's
+    constructor), but that lifespan is the module's FastAPI app's, declared before any replica exists and handed
+    only the app, and Starlette runs no lifespan of a routed sub-app."""
 
     def __init__(self, server: MCPServer, max_body: int):
         self.app = server.streamable_http_app(
