@@ -1,6 +1,6 @@
 """The package's shape: `rayindex` is importable and `pipelines` is not; every import inside the package
 goes down the layers of docs/architecture.md (stages never import each other, the query side never
-imports the build or the stages); there is no import cycle."""
+imports the build or the stages, the integrations never the build); there is no import cycle."""
 
 import ast
 import subprocess
@@ -89,13 +89,25 @@ LAYERS = [
             "query.launch",
             "query.sharded",
             "query.fusion",
+            "query.mcp_tools",
         },
     ),
     ("build", 5, {"builder", "incremental"}),
+    # the plug-ins to other stacks: they use the query side, never the build (same rank, another layer)
+    ("integrations", 5, {"integrations.mcp"}),
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]
 NO_IMPORTS_WITHIN = {"stages"}
-PACKAGES = {"infra", "text", "ivf", "docstore", "lexical", "stages", "query"}  # their __init__.py files are empty
+PACKAGES = {
+    "infra",
+    "text",
+    "ivf",
+    "docstore",
+    "lexical",
+    "stages",
+    "query",
+    "integrations",
+}  # their __init__.py files are empty
 
 
 def module_name(path: Path) -> str:

@@ -347,6 +347,15 @@ def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
 
 
 @command()
+def mcp_command(location: Annotated[dict, From(IndexLocation)] = None) -> None:
+    """Answer MCP on stdin/stdout (tools: search, fetch_document) for an MCP client that starts this command
+    (docs/mcp.md); the model is loaded before serving, logs go to stderr. Needs the extra [mcp]."""
+    from rayindex.integrations.mcp import opened, serve_stdio
+
+    serve_stdio(opened(where_is(location)))
+
+
+@command()
 def ask(
     question: str = typer.Argument(..., help="The question."),
     location: Annotated[dict, From(IndexLocation)] = None,
