@@ -4,8 +4,9 @@ that starts the server itself (Claude Desktop, an IDE, an agent framework; docs/
 The index is opened, its doc store's footers checked and the model loaded before serving: an index that cannot
 be served or a model that cannot load ends the command with its message on stderr (exit 1), which the client
 shows, instead of failing every tool call; the client's initialize is answered once they are (10.6 s after the
-spawn on 2 busy cores, measured: docs/mcp.md). Then nothing but MCP is written to stdout: what is printed while opening goes to stderr,
-and while serving the SDK points the process's fd 1 at stderr and writes the protocol to a duplicate of it.
+spawn on 2 busy cores, measured: docs/mcp.md). Then nothing but MCP is written to stdout: what is printed while
+opening goes to stderr, and while serving the SDK points the process's fd 1 at stderr and writes the protocol to a
+duplicate of it.
 """
 
 import contextlib
