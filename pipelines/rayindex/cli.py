@@ -329,11 +329,15 @@ def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
 def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
     """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token
     auth)."""
+    import signal
     import time
 
     from rayindex import api
 
     config = api.serve(**options)
+    # SIGTERM (a container runtime's, a supervisor's stop) ends the server as Ctrl-C does: Serve shut down, the
+    # Ray started here stopped with this process, exit 0 (set after ray.init, whose own handler exits 15)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     err_console.print(
         f"Serving {config.index} at http://{config.host}:{config.port} (OpenAPI page: /docs). Ctrl-C stops."
     )
