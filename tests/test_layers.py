@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "rayindex"
 
 # (layer, rank, modules): a module may import modules of a lower rank, and of its own layer where the
-# layer allows it. stages and query share a rank and may not import each other.
+# layer allows it. stages and query share a rank and may not import each other; so do build and integrations.
 LAYERS = [
     ("foundation", 0, {"errors", "config", "layout", "manifest"}),
     (
@@ -89,13 +89,25 @@ LAYERS = [
             "query.launch",
             "query.sharded",
             "query.fusion",
+            "query.client",
         },
     ),
     ("build", 5, {"builder", "incremental"}),
+    # the framework retrievers: over the query side, beside the build (same rank: neither imports the other)
+    ("integrations", 5, {"integrations.searcher", "integrations.langchain", "integrations.llama_index"}),
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]
 NO_IMPORTS_WITHIN = {"stages"}
-PACKAGES = {"infra", "text", "ivf", "docstore", "lexical", "stages", "query"}  # their __init__.py files are empty
+PACKAGES = {
+    "infra",
+    "text",
+    "ivf",
+    "docstore",
+    "lexical",
+    "stages",
+    "query",
+    "integrations",
+}  # their __init__.py files are empty
 
 
 def module_name(path: Path) -> str:

@@ -9,17 +9,12 @@
 The layers (docs/architecture.md): foundation (errors, config, layout, manifest), infrastructure
 (infra/), versions, the domains (text/, ivf/, docstore/: plain functions on numpy, FAISS and Arrow),
 stages (stages/: plan, encode, train, add, merge, tune, partition), the build (builder, incremental),
-the query side (query/), and on top the API (api: build, reindex, open_index, tune, evaluate,
-partition, plan, serve) and the command line (cli), a thin layer over the API.
+the query side (query/), the framework retrievers beside the build (integrations/: LangChain,
+LlamaIndex), and on top the API (api: build, reindex, open_index, tune, evaluate, partition, plan,
+serve) and the command line (cli), a thin layer over the API.
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("rayindex")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
 
 # name -> module: imported on first use, so `import rayindex` (and the CLI's --help) does not load Ray,
 # FAISS and torch until something needs them
@@ -47,4 +42,11 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
+    if name == "__version__":  # read when asked: importlib.metadata costs every command ~27 ms of its start
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("rayindex")
+        except PackageNotFoundError:  # imported from a source tree that was never installed
+            return "0+unknown"
     raise AttributeError(f"module 'rayindex' has no attribute {name!r}")

@@ -23,6 +23,12 @@ def _k_at_most_max(value: int) -> int:
     return value
 
 
+def validation_detail(errors: list[dict]) -> str:
+    """One line per bad field, 'k: Value error, must be at most 100': the detail of a 422 from /search and /ask
+    (serve.py), and what query/client.py refuses before sending, so that both read alike."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in errors)
+
+
 class SearchRequest(SearchParams):
     query: str = Field(..., max_length=MAX_QUERY_CHARS, description="Text to search for.")
 

@@ -44,7 +44,7 @@ from rayindex.query.gate import (
 )
 from rayindex.query.generate import GeneratorError, make_generator
 from rayindex.query.metrics import ReplicaMetrics, cluster_metrics
-from rayindex.query.requests import AskRequest, SearchRequest
+from rayindex.query.requests import AskRequest, SearchRequest, validation_detail
 from rayindex.query.search import PublishedIndex, open_index
 from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, open_router
 from rayindex.versions import current_run_id
@@ -57,11 +57,7 @@ app = FastAPI(title="rayindex", description="Search and retrieval-augmented answ
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with one readable line per bad field ('k: Value error, must be at most 100')."""
-    problems = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        problems.append(f"{loc}: {err['msg']}")
-    return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
+    return JSONResponse(status_code=422, content={"detail": validation_detail(exc.errors())})
 
 
 @app.middleware("http")
