@@ -228,11 +228,15 @@ def test_retrievers_return_the_documents_index_search_returns(framework, publish
 
 
 @pytest.mark.slow  # the Serve app
-def test_the_server_refuses_without_the_key_and_the_client_says_what_to_do(served, published):
+def test_the_server_refuses_without_the_key_and_the_client_says_what_to_do(served, published, monkeypatch):
+    monkeypatch.delenv("RAYINDEX_API_KEY", raising=False)
     for retriever in (lc.RayIndexRetriever(url=served), li.RayIndexRetriever(url=served)):
         call = retriever.invoke if isinstance(retriever, lc.RayIndexRetriever) else retriever.retrieve
         with pytest.raises(RayIndexError, match=f"{served}/search needs an API key .*RAYINDEX_API_KEY"):
             call(QUERIES[0])
+    monkeypatch.setenv("RAYINDEX_API_KEY", API_KEY)  # the key's default, as for `rayindex serve`
+    assert lc.RayIndexRetriever(url=served, k=2).invoke(QUERIES[0])
+    monkeypatch.delenv("RAYINDEX_API_KEY")
     with pytest.raises(RayIndexError, match="refused the API key given"):
         asyncio.run(ServerIndex(served, api_key="wrong").asearch(QUERIES[0]))
     with ServerIndex(served, api_key=API_KEY) as server:

@@ -9,6 +9,7 @@ a body that is not a list of hits is refused naming the URL."""
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import httpx
@@ -28,9 +29,9 @@ HIT_FIELDS = ("id", "score", "passage", "start", "end", "text", "metadata")  # o
 
 
 class ServerIndex:
-    """A running `rayindex serve` at url (http(s)://host:port), searched like a PublishedIndex. One connection
-    pool for the synchronous searches (safe from several threads); each asearch uses a client of its own
-    event loop."""
+    """A running `rayindex serve` at url (http(s)://host:port), searched like a PublishedIndex, sending api_key
+    (default: RAYINDEX_API_KEY) as a bearer token. One connection pool for the synchronous searches (safe from
+    several threads); each asearch uses a client of its own event loop."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         try:
@@ -40,8 +41,8 @@ class ServerIndex:
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise UsageError(f"server URL {quoted(url)}: give http(s)://host:port, e.g. http://127.0.0.1:8000")
         self.url = str(url).rstrip("/")
-        self.api_key, self.timeout = api_key, timeout
-        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key, self.timeout = api_key or os.environ.get(API_KEY_ENV) or None, timeout
+        self.headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.verify = True if parsed.scheme == "https" else NO_TLS
         self._client = httpx.Client(timeout=timeout, headers=self.headers, verify=self.verify)
 
