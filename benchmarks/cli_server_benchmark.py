@@ -175,6 +175,7 @@ def main() -> None:
         "k": K,
         "index": {key: health[key] for key in ("version", "documents", "vectors", "index_string")},
         "cores": os.cpu_count(),
+        "load_average_1_5_15": os.getloadavg(),  # what else ran: the wall times stretch with it
     }
     table = Table(
         title=f"rayindex search, end to end: {health['documents']:,} docs ({health['index_string']}), k={K}, "
@@ -183,8 +184,8 @@ def main() -> None:
     for col in ("command", "runs", "p50 s", "p90 s", "min s", "max s", "CPU p50 s"):
         table.add_column(col, justify="right")
     for name, key in (
-        ("rayindex search --server URL", "server"),
-        ("rayindex search --index DIR", "local"),
+        ("search --server URL", "server"),
+        ("search --index DIR", "local"),
         ("python -c pass", "python_c_pass"),
     ):
         r = result[key]

@@ -15,6 +15,12 @@ serve) and the command line (cli), a thin layer over the API.
 """
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("rayindex")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # name -> module: imported on first use, so `import rayindex` (and the CLI's --help) does not load Ray,
 # FAISS and torch until something needs them
@@ -42,11 +48,4 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    if name == "__version__":  # read when asked: importlib.metadata costs every command ~27 ms of its start
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("rayindex")
-        except PackageNotFoundError:  # imported from a source tree that was never installed
-            return "0+unknown"
     raise AttributeError(f"module 'rayindex' has no attribute {name!r}")
