@@ -271,6 +271,9 @@ def test_cli_search_through_the_server_prints_what_the_local_search_prints(serve
     assert "httpx" in imported and not imported & HEAVY, imported & HEAVY
     table = run([RAYINDEX, "search", "--server", served, "--api-key", API_KEY, "open a file", "-k", "2"])
     assert table.returncode == 0 and "2 hits for 'open a file'" in table.stdout, table.stderr
+    without_key = {name: value for name, value in client_env().items() if name != "RAYINDEX_API_KEY"}
+    keyless = run([RAYINDEX, "search", "--server", served, "open a file"], env=without_key)
+    assert keyless.returncode == 1 and "needs an API key" in keyless.stderr and "set RAYINDEX_API_KEY" in keyless.stderr
 
 
 def code_blocks(path: Path) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
@@ -39,12 +39,12 @@ def passage_key(hit: dict) -> str:
     return f"{hit['id']}#{hit['passage']}"
 
 
-def missing_extra(exc: ImportError, package: str, extra: str) -> ImportError:
-    """The ImportError to raise when a framework's package is missing: what to install. Another ImportError
-    (the package there but broken) is returned as it is."""
+def missing_extra(exc: ImportError, package: str, extra: str) -> NoReturn:
+    """Raise, for a framework's package that is missing, an ImportError saying what to install; another
+    ImportError (the package there but broken) as it is."""
     if (exc.name or "").split(".")[0] != package:
-        return exc
-    return ImportError(f"{exc}: the {extra} integration needs it: pip install 'rayindex[{extra}]'")
+        raise exc
+    raise ImportError(f"{exc}: the {extra} integration needs it: pip install 'rayindex[{extra}]'") from exc
 
 
 class Searcher:
@@ -79,10 +79,6 @@ class Searcher:
         self.location, self.s3_endpoint = index, s3_endpoint
         self._opened: PublishedIndex | None = None if isinstance(index, (str, Path)) or index is None else index
         self._opening = threading.Lock()
-
-    def __repr__(self) -> str:
-        where = f"url={self.server.url!r}" if self.server else f"index={str(self.location)!r}"
-        return f"Searcher({where}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
     def published(self) -> PublishedIndex:
         """The local index, opened on first use (once, whichever thread asks first)."""
