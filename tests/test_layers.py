@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "rayindex"
 
 # (layer, rank, modules): a module may import modules of a lower rank, and of its own layer where the
-# layer allows it. stages and query share a rank and may not import each other.
+# layer allows it. stages and query share a rank and may not import each other; so do build and integrations.
 LAYERS = [
     ("foundation", 0, {"errors", "config", "layout", "manifest"}),
     (
@@ -90,11 +90,17 @@ LAYERS = [
             "query.sharded",
             "query.fusion",
             "query.mcp_tools",
+            "query.client",
         },
     ),
     ("build", 5, {"builder", "incremental"}),
-    # the plug-ins to other stacks: they use the query side, never the build (same rank, another layer)
-    ("integrations", 5, {"integrations.mcp"}),
+    # the plug-ins to other stacks (framework retrievers, MCP): over the query side, beside the build (same rank:
+    # neither imports the other)
+    (
+        "integrations",
+        5,
+        {"integrations.searcher", "integrations.langchain", "integrations.llama_index", "integrations.mcp"},
+    ),
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]
 NO_IMPORTS_WITHIN = {"stages"}

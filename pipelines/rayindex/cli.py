@@ -27,6 +27,7 @@ from rayindex.config import (
     ReindexOptions,
     SearchParams,
     ServeConfig,
+    ServerLocation,
     TuneOptions,
 )
 from rayindex.errors import UsageError, user_message
@@ -176,16 +177,27 @@ def reindex(
 def search(
     query: str = typer.Argument(..., help="What to look for."),
     location: Annotated[dict, From(IndexLocation)] = None,
+    remote: Annotated[dict, From(ServerLocation)] = None,
     params: Annotated[dict, From(SearchParams)] = None,
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata}."
     ),
 ) -> None:
-    """Search the published index (an s3:// index is cached locally by version, checked by checksum)."""
-    from rayindex.query.search import open_index
-
+    """Search the published index (an s3:// index is cached locally by version, checked by checksum), or a running
+    server's (--server)."""
     search_params = settings(SearchParams, params)
-    hits = open_index(where_is(location)).search(
+    through = settings(ServerLocation, remote)
+    if through.server:
+        if location:
+            raise UsageError("--server searches the server's index: leave out --index and --s3-endpoint")
+        from rayindex.query.client import ServerIndex  # httpx only: no model, FAISS or Ray to load
+
+        index = ServerIndex(through.server, through.api_key)
+    else:
+        from rayindex.query.search import open_index
+
+        index = open_index(where_is(location))
+    hits = index.search(
         query,
         search_params.k,
         search_params.nprobe,

@@ -22,7 +22,8 @@ import os
 import time
 from collections.abc import Callable
 
-API_KEY_ENV = "RAYINDEX_API_KEY"
+from rayindex.config import API_KEY_ENV  # the bearer token's variable: the CLI's --api-key reads it too
+
 MAX_BODY_ENV = "RAYINDEX_MAX_BODY_BYTES"
 MAX_INFLIGHT_ENV = "RAYINDEX_PROXY_MAX_INFLIGHT"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a query is at most 2,000 characters: 1 MiB is generous

@@ -13,7 +13,8 @@ MAX_ASK_K = 20  # passages per /ask: with the sentence budget (generate.MAX_SENT
 
 def field_problems(errors: list[dict]) -> str:
     """One readable line per bad field of a request's validation errors ('k: Value error, must be at most 100'),
-    joined: a 422's detail (serve.py), an MCP tool's error (mcp_tools.py)."""
+    joined: a 422's detail (serve.py), an MCP tool's error (mcp_tools.py), and what query/client.py refuses before
+    sending, so that all read alike."""
     problems = []
     for err in errors:
         loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
