@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 import httpx
 import numpy as np
 import psutil
+import ray
 from ray import serve
 from rich.console import Console
 from rich.table import Table
@@ -81,11 +82,13 @@ def serve_processes() -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     for process in psutil.Process().children(recursive=True):
         try:
-            title = " ".join(process.cmdline())
+            title, name = " ".join(process.cmdline()), process.name()
         except psutil.Error:
             continue
-        for name, role in roles.items():
-            if title.startswith("ray::") and name in title:
+        if name == "haproxy":  # --ingress haproxy: HAProxy is the ingress, beside the ProxyActor that manages it
+            found.setdefault("proxy", []).append(process.pid)
+        for actor, role in roles.items():
+            if title.startswith("ray::") and actor in title:
                 found.setdefault(role, []).append(process.pid)
     return found
 
@@ -130,12 +133,12 @@ def peer_server(index: str, port: int):
         process.wait(30)
 
 
-def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: int) -> dict:
+def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: int, headers: dict | None = None) -> dict:
     latencies, errors, lock = [], [], threading.Lock()
     work = list(queries)
 
     def client():
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
             while True:
                 with lock:
                     if not work:
@@ -163,12 +166,34 @@ def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: in
     }
 
 
-def measured(url: str, queries: list[str], concurrency: int, k: int, nprobe: int, processes: dict) -> dict:
+def measured(
+    url: str, queries: list[str], concurrency: int, k: int, nprobe: int, processes: dict, headers=None
+) -> dict:
     """over_http with the CPU each process spent per answered request."""
     result = {"answered": 0}
     with cpu_per_request(processes, result):
-        result.update(over_http(url, queries, concurrency, k, nprobe))
+        result.update(over_http(url, queries, concurrency, k, nprobe, headers))
     return result
+
+
+def rayindex_serve(index: str, ingress: str, queries: list[str], k: int, nprobe: int) -> dict:
+    """`rayindex serve` (start_serving, in a local Ray of its own) with this ingress, at each concurrency."""
+    key = "benchmark-key"  # --ingress haproxy needs one (its replicas listen on all interfaces); both modes pay it
+    headers = {"Authorization": f"Bearer {key}"}
+    before = dict(os.environ)
+    port = free_port()
+    start_serving(ServeConfig(index=index, port=port, replica_cpus=0, ingress=ingress, api_key=key))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        over_http(url, queries[:16], 4, k, nprobe, headers)  # warm up
+        processes = serve_processes()
+        print(f"{ingress} ingress: Serve's processes {processes}", flush=True)
+        return {c: measured(url, queries, c, k, nprobe, processes, headers) for c in CONCURRENCY}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()  # the next Ray starts without this one's ingress settings
+        os.environ.update(before)
 
 
 def recall_at_10(published, queries: list[str], nprobe: int) -> float:
@@ -192,35 +217,40 @@ def cpu_text(cpu_ms: dict) -> str:
     return ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(cpu_ms.items()))
 
 
-def targets(baseline: dict, rayindex: dict, peer: dict) -> list[tuple[str, float, float, bool]]:
-    """(target, measured, limit, met) for each serving target."""
-    over = rayindex[1]["p50_ms"] - baseline["p50_ms"]
-    proxy = rayindex[1]["cpu_ms"].get("proxy", float("nan"))
-    ratio = rayindex[32]["qps"] / peer[32]["qps"]
+def targets(baseline: dict, served: dict, peer: dict, ingress: str) -> list[tuple[str, float, float, bool]]:
+    """(target, measured, limit, met) for each serving target, for one ingress."""
+    over = served[1]["p50_ms"] - baseline["p50_ms"]
+    proxy = served[1]["cpu_ms"].get("proxy", float("nan"))
+    ratio = served[32]["qps"] / peer[32]["qps"]
     return [
-        ("HTTP p50 - in-process p50, concurrency 1 (ms)", over, P50_OVER_IN_PROCESS_MS, over <= P50_OVER_IN_PROCESS_MS),
-        ("proxy CPU per request, concurrency 1 (ms)", proxy, PROXY_CPU_MS, proxy <= PROXY_CPU_MS),
-        ("QPS vs the peer, concurrency 32", ratio, QPS_VS_PEER, ratio >= QPS_VS_PEER),
+        (
+            f"{ingress}: HTTP p50 - in-process p50, concurrency 1 (ms)",
+            over,
+            P50_OVER_IN_PROCESS_MS,
+            over <= P50_OVER_IN_PROCESS_MS,
+        ),
+        (f"{ingress}: proxy CPU per request, concurrency 1 (ms)", proxy, PROXY_CPU_MS, proxy <= PROXY_CPU_MS),
+        (f"{ingress}: QPS vs the peer, concurrency 32", ratio, QPS_VS_PEER, ratio >= QPS_VS_PEER),
     ]
 
 
-def plot(path: Path, baseline: dict, rayindex: dict, peer: dict) -> None:
+def plot(path: Path, baseline: dict, servers: dict[str, dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    cs = list(rayindex)
-    for name, results, style in (("rayindex serve", rayindex, "o-"), ("FastAPI + uvicorn peer", peer, "s--")):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (name, results), style in zip(servers.items(), ("o-", "^-", "s--")):
+        cs = list(results)
         a.plot(cs, [results[c]["qps"] for c in cs], style, label=name)
         b.plot(cs, [results[c]["p50_ms"] for c in cs], style, label=f"{name} p50")
     a.axhline(baseline["qps"], color="grey", linestyle=":", label="in-process, sequential")
     a.set(xlabel="concurrent clients", ylabel="queries / s", xscale="log", title="Throughput")
-    a.legend(fontsize=8)
+    a.legend(fontsize=7)
     b.axhline(baseline["p50_ms"], color="grey", linestyle=":", label="in-process p50")
     b.set(xlabel="concurrent clients", ylabel="ms", xscale="log", yscale="log", title="Latency")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -231,6 +261,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--nprobe", type=int, default=None, help="default: the build's")
+    parser.add_argument("--ingress", default="python,haproxy", help="rayindex serve's ingresses to measure")
     parser.add_argument("--png", type=Path, default=None, help="write a QPS / latency plot here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -242,19 +273,16 @@ def main() -> None:
     baseline = in_process(published, queries, args.k, nprobe)
     recall = recall_at_10(published, queries, nprobe)
 
-    port = free_port()
-    start_serving(ServeConfig(index=args.index, port=port, replica_cpus=0))
-    url = f"http://127.0.0.1:{port}"
-    over_http(url, queries[:16], 4, args.k, nprobe)  # warm up
-    processes = serve_processes()
-    print("Serve processes:", processes, flush=True)
-    rayindex = {c: measured(url, queries, c, args.k, nprobe, processes) for c in CONCURRENCY}
-    serve.shutdown()
+    ingresses = [i.strip() for i in args.ingress.split(",") if i.strip()]
+    servers = {
+        f"rayindex serve, {i} ingress": rayindex_serve(args.index, i, queries, args.k, nprobe) for i in ingresses
+    }
     peer_port = free_port()
     with peer_server(args.index, peer_port) as pid:
         peer_url = f"http://127.0.0.1:{peer_port}"
         over_http(peer_url, queries[:16], 4, args.k, nprobe)
         peer = {c: measured(peer_url, queries, c, args.k, nprobe, {"peer": [pid]}) for c in CONCURRENCY}
+    servers["FastAPI + uvicorn peer"] = peer
 
     table = Table(
         title=f"/search on {published.manifest.run_id}: {int(published.index.ntotal):,} vectors, "
@@ -273,7 +301,7 @@ def main() -> None:
         "",
         "0",
     )
-    for name, results in (("rayindex serve", rayindex), ("FastAPI peer", peer)):
+    for name, results in servers.items():
         for c, r in results.items():
             table.add_row(
                 name,
@@ -287,7 +315,7 @@ def main() -> None:
             )
     console = Console()
     console.print(table)
-    met = targets(baseline, rayindex, peer)
+    met = [line for i in ingresses for line in targets(baseline, servers[f"rayindex serve, {i} ingress"], peer, i)]
     for name, value, limit, ok in met:
         console.print(f"{'met' if ok else 'MISSED'}: {name}: {value:.2f} (target {limit:g})", highlight=False)
     if args.json:
@@ -295,8 +323,7 @@ def main() -> None:
             json.dumps(
                 {
                     "in_process": baseline,
-                    "rayindex": rayindex,
-                    "peer": peer,
+                    "servers": servers,
                     "targets": [{"target": n, "measured": v, "limit": lim, "met": ok} for n, v, lim, ok in met],
                     "recall_at_10": recall,
                     "nprobe": nprobe,
@@ -308,7 +335,7 @@ def main() -> None:
             )
         )
     if args.png:
-        plot(args.png, baseline, rayindex, peer)
+        plot(args.png, baseline, servers)
 
 
 if __name__ == "__main__":

@@ -275,18 +275,8 @@ class RagService:
             groups.setdefault(key, []).append(i)
         for positions in groups.values():
             loaded, _, params = items[positions[0]]
-            missing: set = set()
             try:
-                found = await asyncio.to_thread(
-                    loaded.rank,
-                    [items[i][1] for i in positions],
-                    params.k,
-                    params.nprobe,
-                    params.per_document,
-                    params.filter,
-                    params.mode,
-                    missing,
-                )
+                found, missing = await self._rank(loaded, [items[i][1] for i in positions], params)
             except Exception as exc:  # this group's requests fail alike; the batch's other groups still answer
                 for i in positions:
                     out[i] = exc
@@ -295,6 +285,15 @@ class RagService:
                 out[i] = (found[row], missing)
         return out
 
+    async def _rank(self, loaded: PublishedIndex, texts: list[str], params: SearchParams) -> tuple[list, set]:
+        """The ranked (score, id) lists of queries sharing params, in one model call and one search, in a worker
+        thread; and the shards that did not answer."""
+        missing: set = set()
+        found = await asyncio.to_thread(
+            loaded.rank, texts, params.k, params.nprobe, params.per_document, params.filter, params.mode, missing
+        )
+        return found, missing
+
     async def _retrieve(self, loaded: PublishedIndex, text: str, params: SearchParams) -> tuple[list[dict], dict]:
         """The hits, and what a sharded response adds: {partial, missing_shards} ({} when not sharded)."""
         params = params.model_copy(
@@ -302,10 +301,14 @@ class RagService:
         )
         if params.filter:  # a bad filter is this request's 422 here, not an error for the whole batch
             await asyncio.to_thread(loaded.matching_ids, params.filter)
-        result = await self._search_batch((loaded, text, params))
-        if isinstance(result, Exception):
-            raise result
-        found, missing = result
+        if self.inflight > 1:  # others in flight: share a batch with them
+            result = await self._search_batch((loaded, text, params))
+            if isinstance(result, Exception):
+                raise result
+            found, missing = result
+        else:  # alone: @serve.batch would wait batch_wait_timeout_s for company that is not coming
+            found, missing = await self._rank(loaded, [text], params)
+            found = found[0]
         hits = await asyncio.to_thread(loaded.hits, found)
         return hits, (
             {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
