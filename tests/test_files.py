@@ -341,3 +341,26 @@ def test_a_folder_of_only_bad_files_fails_naming_them(ray_address, tmp_path):
     message = str(caught.value)
     assert "no documents to index: all 4 rows were skipped" in message
     assert "damaged.pdf (file_damaged:" in message and "files skipped:" in message and "1 more" in message
+
+
+@pytest.mark.slow
+def test_files_on_s3_are_named_under_the_prefix_and_parsed(s3_server, tmp_path):
+    """A prefix of files on a real S3 (the suite's SeaweedFS): listed with their ids under the prefix, read and
+    parsed through fsspec, the object's LastModified as mtime."""
+    fs, bucket = s3_server.fs, s3_server.bucket
+    fs.pipe(
+        f"{bucket}/files/docs/report.pdf", write_pdf(tmp_path / "r.pdf", report_pages(), "Field Report").read_bytes()
+    )
+    fs.pipe(f"{bucket}/files/docs/web/tidal.html", html_page().encode())
+    names = corpus.input_files([f"s3://{bucket}/files/docs"])
+    assert names == {
+        f"s3://{bucket}/files/docs/report.pdf": "report.pdf",
+        f"s3://{bucket}/files/docs/web/tidal.html": "web/tidal.html",
+    }
+    pieces = [Piece(path=p, row_start=0, num_rows=1, global_start=i, doc_id=names[p]) for i, p in enumerate(names)]
+    ((batch, where),) = corpus.read_pieces(pieces)
+    docs = prepare(batch, ["text"], None, None, where)
+    assert docs.doc_ids.to_pylist() == ["report.pdf", "web/tidal.html"] and docs.skipped == {}
+    assert [len(p) for p in docs.page_starts] == [4, 0]
+    metadata = [json.loads(m) for m in docs.metadata.to_pylist()]
+    assert metadata[0]["path"] == f"s3://{bucket}/files/docs/report.pdf" and metadata[0]["mtime"].endswith("+00:00")
