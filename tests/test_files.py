@@ -158,6 +158,14 @@ def test_an_encrypted_or_damaged_pdf_is_unreadable_with_its_reason(tmp_path):
         files.parse_document(b"abc\x00def", "text")
     with pytest.raises(files.Unreadable, match=files.NO_TEXT):
         files.parse_document(write_pdf(tmp_path / "blank.pdf", [""]).read_bytes(), "pdf")
+    from fpdf import FPDF
+
+    owner_only = FPDF()  # encrypted, with an owner password only: it opens without one, and is read
+    owner_only.set_font("helvetica", size=12)
+    owner_only.add_page()
+    owner_only.multi_cell(0, 10, "Printing is restricted, reading is not.")
+    owner_only.set_encryption(owner_password="owner")
+    assert "reading is not" in files.parse_document(bytes(owner_only.output()), "pdf").text
 
 
 def test_text_files_in_utf8_or_utf16_with_a_bom():
@@ -299,6 +307,8 @@ def test_a_folder_builds_and_a_pdf_hit_names_its_page(folder_build, monkeypatch)
         best = index.search(sentence, k=1)[0]
         assert (best["id"], best["page"]) == ("report.pdf", number), (sentence, best)
         assert best["metadata"]["page"] == number and best["metadata"]["pages"] == 4
+    on_page_3 = index.search(PAGE_SENTENCES[0], k=1, filter={"page": 3})[0]  # page 1's sentence, page 3 only
+    assert (on_page_3["id"], on_page_3["page"]) == ("report.pdf", 3)
     answer = index.ask(PAGE_SENTENCES[2], k=2)
     assert answer["sources"][0]["id"] == "report.pdf" and answer["sources"][0]["page"] == 3
     tidal = index.search("electricity from the tides", k=1)[0]
