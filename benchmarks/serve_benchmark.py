@@ -1,10 +1,14 @@
-"""Serving benchmark: /search over HTTP at concurrency 1, 8 and 32 vs in-process encode + index.search
-on the same queries, in the same run; recall@10 against exact search at the nprobe used.
+"""Serving benchmark: /search over HTTP through `rayindex serve` and through the peer a user would otherwise
+pick (benchmarks/peer_server.py: a plain FastAPI app around the same index, one uvicorn worker), at concurrency
+1, 8 and 32, vs in-process `index.search` on the same queries, in the same run on the same cores; recall@10
+against exact search at the nprobe used.
 
     rayindex build                       # or any build; then
     python benchmarks/serve_benchmark.py --index rayindex-data [--queries 200] [--png docs/serve-benchmark.png]
 
-Prints QPS and p50/p99 latency per concurrency, the HTTP+Serve overhead as ratios, and recall@10.
+Prints QPS and p50/p99 latency per concurrency, the CPU each process spends per request (Serve's proxy,
+replicas and controller; the peer's process; the in-process search), the ratios the serving targets are
+stated in (docs/serving.md), and recall@10.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 
 import httpx
 import numpy as np
+import psutil
+import ray
 from ray import serve
 from rich.console import Console
 from rich.table import Table
@@ -41,7 +49,8 @@ def query_texts(published, n: int) -> list[str]:
     texts = []
     for shard in published.manifest.shards:
         row_ids = np.load(shard_dir(published.version_dir, shard.shard_id) / VECTOR_IDS_FILE)
-        texts += [published.docs.get(int(r))["text"].split(". ")[0][:200] for r in row_ids[::step]]
+        firsts = (published.docs.get(int(r))["text"].split(". ")[0][:200] for r in row_ids[::step])
+        texts += [text for text in firsts if text.strip()]  # a passage may start with its sentence's end
     return texts[:n]
 
 
@@ -50,23 +59,86 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
 
 
 def in_process(published, queries: list[str], k: int, nprobe: int) -> dict:
+    """index.search (encode, search, the hits read from the doc store): what a request answers, without HTTP."""
     latencies = []
+    cpu = psutil.Process().cpu_times()
     start = time.perf_counter()
     for q in queries:
         t = time.perf_counter()
-        published.search_vectors(published.encode([q]), k, nprobe)
+        published.search(q, k, nprobe)
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - start
+    used = psutil.Process().cpu_times()
     p50, p99 = percentiles(latencies)
-    return {"qps": len(queries) / wall, "p50_ms": p50, "p99_ms": p99}
+    cpu_ms = 1000 * (used.user + used.system - cpu.user - cpu.system) / len(queries)
+    return {"qps": len(queries) / wall, "p50_ms": p50, "p99_ms": p99, "cpu_ms": {"in-process": cpu_ms}}
 
 
-def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: int) -> dict:
+def serve_processes() -> dict[str, list[int]]:
+    """Ray Serve's processes by role (the HTTP proxy, the app's replicas and shards, the controller): the Ray
+    workers this process's local Ray started, by their process titles (ray::ProxyActor, ...). Not the state
+    API: other Rays on the machine make its address ambiguous."""
+    roles = {"ProxyActor": "proxy", "ServeController": "controller", "RagService": "replica", "ShardServer": "shard"}
+    found: dict[str, list[int]] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title, name = " ".join(process.cmdline()), process.name()
+        except psutil.Error:
+            continue
+        if name == "haproxy":  # --ingress haproxy: HAProxy is the ingress, beside the ProxyActor that manages it
+            found.setdefault("proxy", []).append(process.pid)
+        for actor, role in roles.items():
+            if title.startswith("ray::") and actor in title:
+                found.setdefault(role, []).append(process.pid)
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+@contextmanager
+def cpu_per_request(processes: dict[str, list[int]], result: dict):
+    """CPU ms per answered request spent in each process group while the block runs, into result["cpu_ms"]."""
+    before = {role: cpu_seconds(pids) for role, pids in processes.items()}
+    yield
+    answered = max(1, result["answered"])
+    result["cpu_ms"] = {role: 1000 * (cpu_seconds(pids) - before[role]) / answered for role, pids in processes.items()}
+
+
+@contextmanager
+def peer_server(index: str, port: int):
+    """benchmarks/peer_server.py in one uvicorn worker on port, until the block ends; yields its pid."""
+    env = dict(os.environ, RAYINDEX_PEER_INDEX=index)
+    command = [sys.executable, "-m", "uvicorn", "peer_server:app", "--app-dir", str(Path(__file__).parent)]
+    command += ["--port", str(port), "--workers", "1", "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/search", json={"query": "warm-up"}, timeout=30).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the peer server did not start") from None
+                time.sleep(0.5)
+        yield process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: int, headers: dict | None = None) -> dict:
     latencies, errors, lock = [], [], threading.Lock()
     work = list(queries)
 
     def client():
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
             while True:
                 with lock:
                     if not work:
@@ -85,7 +157,43 @@ def over_http(url: str, queries: list[str], concurrency: int, k: int, nprobe: in
         t.join()
     wall = time.perf_counter() - start
     p50, p99 = percentiles(latencies)
-    return {"qps": len(latencies) / wall, "p50_ms": p50, "p99_ms": p99, "errors": len(errors)}
+    return {
+        "qps": len(latencies) / wall,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "errors": len(errors),
+        "answered": len(latencies),
+    }
+
+
+def measured(
+    url: str, queries: list[str], concurrency: int, k: int, nprobe: int, processes: dict, headers=None
+) -> dict:
+    """over_http with the CPU each process spent per answered request."""
+    result = {"answered": 0}
+    with cpu_per_request(processes, result):
+        result.update(over_http(url, queries, concurrency, k, nprobe, headers))
+    return result
+
+
+def rayindex_serve(index: str, ingress: str, queries: list[str], k: int, nprobe: int) -> dict:
+    """`rayindex serve` (start_serving, in a local Ray of its own) with this ingress, at each concurrency."""
+    key = "benchmark-key"  # --ingress haproxy needs one (its replicas listen on all interfaces); both modes pay it
+    headers = {"Authorization": f"Bearer {key}"}
+    before = dict(os.environ)
+    port = free_port()
+    start_serving(ServeConfig(index=index, port=port, replica_cpus=0, ingress=ingress, api_key=key))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        over_http(url, queries[:16], 4, k, nprobe, headers)  # warm up
+        processes = serve_processes()
+        print(f"{ingress} ingress: Serve's processes {processes}", flush=True)
+        return {c: measured(url, queries, c, k, nprobe, processes, headers) for c in CONCURRENCY}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()  # the next Ray starts without this one's ingress settings
+        os.environ.update(before)
 
 
 def recall_at_10(published, queries: list[str], nprobe: int) -> float:
@@ -98,12 +206,62 @@ def recall_at_10(published, queries: list[str], nprobe: int) -> float:
     return recall_at(drop_self(found, no_self, 10), truth, 10)
 
 
+CONCURRENCY = (1, 8, 32)
+# the serving targets (issue #26, docs/serving.md)
+P50_OVER_IN_PROCESS_MS = 5.0  # concurrency 1: HTTP p50 <= in-process p50 + 5 ms
+PROXY_CPU_MS = 2.0  # proxy CPU per request
+QPS_VS_PEER = 0.8  # concurrency 32: rayindex QPS >= 0.8x the peer's
+
+
+def cpu_text(cpu_ms: dict) -> str:
+    return ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(cpu_ms.items()))
+
+
+def targets(baseline: dict, served: dict, peer: dict, ingress: str) -> list[tuple[str, float, float, bool]]:
+    """(target, measured, limit, met) for each serving target, for one ingress."""
+    over = served[1]["p50_ms"] - baseline["p50_ms"]
+    proxy = served[1]["cpu_ms"].get("proxy", float("nan"))
+    ratio = served[32]["qps"] / peer[32]["qps"]
+    return [
+        (
+            f"{ingress}: HTTP p50 - in-process p50, concurrency 1 (ms)",
+            over,
+            P50_OVER_IN_PROCESS_MS,
+            over <= P50_OVER_IN_PROCESS_MS,
+        ),
+        (f"{ingress}: proxy CPU per request, concurrency 1 (ms)", proxy, PROXY_CPU_MS, proxy <= PROXY_CPU_MS),
+        (f"{ingress}: QPS vs the peer, concurrency 32", ratio, QPS_VS_PEER, ratio >= QPS_VS_PEER),
+    ]
+
+
+def plot(path: Path, baseline: dict, servers: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (name, results), style in zip(servers.items(), ("o-", "^-", "s--")):
+        cs = list(results)
+        a.plot(cs, [results[c]["qps"] for c in cs], style, label=name)
+        b.plot(cs, [results[c]["p50_ms"] for c in cs], style, label=f"{name} p50")
+    a.axhline(baseline["qps"], color="grey", linestyle=":", label="in-process, sequential")
+    a.set(xlabel="concurrent clients", ylabel="queries / s", xscale="log", title="Throughput")
+    a.legend(fontsize=7)
+    b.axhline(baseline["p50_ms"], color="grey", linestyle=":", label="in-process p50")
+    b.set(xlabel="concurrent clients", ylabel="ms", xscale="log", yscale="log", title="Latency")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", default="rayindex-data")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--nprobe", type=int, default=None, help="default: the build's")
+    parser.add_argument("--ingress", default="python,haproxy", help="rayindex serve's ingresses to measure")
     parser.add_argument("--png", type=Path, default=None, help="write a QPS / latency plot here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -111,76 +269,73 @@ def main() -> None:
     published = open_index(args.index, with_vectors=True)
     nprobe = args.nprobe or published.manifest.nprobe
     queries = query_texts(published, args.queries)
-    published.encode(queries[:8])  # warm up the model
+    published.search(queries[0], args.k, nprobe)  # warm up the model and the doc store
     baseline = in_process(published, queries, args.k, nprobe)
     recall = recall_at_10(published, queries, nprobe)
 
-    port = free_port()
-    start_serving(ServeConfig(index=args.index, port=port, replica_cpus=0))
-    url = f"http://127.0.0.1:{port}"
-    over_http(url, queries[:16], 4, args.k, nprobe)  # warm up
-    results = {c: over_http(url, queries, c, args.k, nprobe) for c in (1, 8, 32)}
-    serve.shutdown()
+    ingresses = [i.strip() for i in args.ingress.split(",") if i.strip()]
+    servers = {
+        f"rayindex serve, {i} ingress": rayindex_serve(args.index, i, queries, args.k, nprobe) for i in ingresses
+    }
+    peer_port = free_port()
+    with peer_server(args.index, peer_port) as pid:
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        over_http(peer_url, queries[:16], 4, args.k, nprobe)
+        peer = {c: measured(peer_url, queries, c, args.k, nprobe, {"peer": [pid]}) for c in CONCURRENCY}
+    servers["FastAPI + uvicorn peer"] = peer
 
     table = Table(
-        title=f"/search on {published.manifest.run_id}: {int(published.index.ntotal):,} docs, "
-        f"{published.manifest.index_string}, nprobe {nprobe}, recall@10 {recall:.3f} ({os.cpu_count()} cores)"
+        title=f"/search on {published.manifest.run_id}: {int(published.index.ntotal):,} vectors, "
+        f"{published.manifest.index_string}, nprobe {nprobe}, k {args.k}, recall@10 {recall:.3f} "
+        f"({os.cpu_count()} cores)"
     )
-    for col in ("client", "QPS", "p50 ms", "p99 ms", "QPS vs in-process", "p50 vs in-process", "errors"):
+    for col in ("server", "clients", "QPS", "p50 ms", "p99 ms", "CPU ms / request", "QPS vs peer", "errors"):
         table.add_column(col, justify="right")
     table.add_row(
-        "in-process, sequential",
+        "in-process index.search",
+        "1",
         f"{baseline['qps']:.1f}",
         f"{baseline['p50_ms']:.1f}",
         f"{baseline['p99_ms']:.1f}",
-        "1.00",
-        "1.00",
+        cpu_text(baseline["cpu_ms"]),
+        "",
         "0",
     )
-    for c, r in results.items():
-        table.add_row(
-            f"HTTP, concurrency {c}",
-            f"{r['qps']:.1f}",
-            f"{r['p50_ms']:.1f}",
-            f"{r['p99_ms']:.1f}",
-            f"{r['qps'] / baseline['qps']:.2f}",
-            f"{r['p50_ms'] / baseline['p50_ms']:.2f}",
-            str(r["errors"]),
-        )
-    Console().print(table)
+    for name, results in servers.items():
+        for c, r in results.items():
+            table.add_row(
+                name,
+                str(c),
+                f"{r['qps']:.1f}",
+                f"{r['p50_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                cpu_text(r["cpu_ms"]),
+                f"{r['qps'] / peer[c]['qps']:.2f}",
+                str(r["errors"]),
+            )
+    console = Console()
+    console.print(table)
+    met = [line for i in ingresses for line in targets(baseline, servers[f"rayindex serve, {i} ingress"], peer, i)]
+    for name, value, limit, ok in met:
+        console.print(f"{'met' if ok else 'MISSED'}: {name}: {value:.2f} (target {limit:g})", highlight=False)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "in_process": baseline,
-                    "http": results,
+                    "servers": servers,
+                    "targets": [{"target": n, "measured": v, "limit": lim, "met": ok} for n, v, lim, ok in met],
                     "recall_at_10": recall,
                     "nprobe": nprobe,
                     "index_string": published.manifest.index_string,
-                    "docs": int(published.index.ntotal),
+                    "vectors": int(published.index.ntotal),
+                    "cores": os.cpu_count(),
                 },
                 indent=2,
             )
         )
     if args.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        cs = list(results)
-        a.plot(cs, [results[c]["qps"] for c in cs], "o-", label="HTTP /search")
-        a.axhline(baseline["qps"], color="grey", linestyle="--", label="in-process, sequential")
-        a.set(xlabel="concurrent clients", ylabel="queries / s", xscale="log", title="Throughput")
-        a.legend()
-        b.plot(cs, [results[c]["p50_ms"] for c in cs], "o-", label="p50")
-        b.plot(cs, [results[c]["p99_ms"] for c in cs], "s-", label="p99")
-        b.axhline(baseline["p50_ms"], color="grey", linestyle="--", label="in-process p50")
-        b.set(xlabel="concurrent clients", ylabel="ms", xscale="log", title="Latency")
-        b.legend()
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=110)
+        plot(args.png, baseline, servers)
 
 
 if __name__ == "__main__":

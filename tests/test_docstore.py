@@ -1,8 +1,10 @@
-"""The doc store read on demand (docstore/reader.py): every lookup equals what was written, nothing is
+"""The doc store read on demand (docstore/reader.py): every lookup equals what was written, by vector id and by
+document id (1 and "1" different ids, a second lookup reading only its document's row groups), nothing is
 opened before a lookup needs it, a tampered footer and a flipped byte in a page are refused naming the
 file, a doc store on S3 answers by byte ranges without landing in the node-local cache, and opening a
 version on S3 pulls no doc store."""
 
+import io
 import json
 import shutil
 import uuid
@@ -17,7 +19,7 @@ import pytest
 from rayindex.docstore.format import footer_sha256, read_footer
 from rayindex.docstore.reader import DocStore, ShardDocs
 from rayindex.docstore.writer import DocWriter
-from rayindex.errors import DamagedIndex
+from rayindex.errors import DamagedIndex, NotFound
 from rayindex.infra.storage import Store
 from rayindex.layout import DOCS_FILE, PASSAGE_BITS, shard_dir, shard_rel
 from rayindex.query.search import open_version
@@ -116,6 +118,75 @@ def test_every_lookup_equals_what_was_written_from_several_threads(written):
     )  # lookups went to several row groups
     by_id = {int(i): json.loads(m) for ids, column in store.column("metadata") for i, m in zip(ids, column.to_pylist())}
     assert by_id == {i: r["metadata"] for i, r in expected.items()}
+
+
+def test_every_document_by_id_is_its_passages_in_order(written):
+    folder, expected, starts = written
+    store = DocStore(local_shards(folder, starts))
+    by_document: dict = {}
+    for vector_id in sorted(expected):
+        by_document.setdefault(expected[vector_id]["id"], []).append(expected[vector_id])
+    assert {type(i) for i in by_document} == {int, str} and len(by_document) == sum(SHARD_DOCUMENTS)
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(store.document, by_document))
+    assert found == list(by_document.values())
+
+
+class CountedFile(io.FileIO):
+    """A file whose bytes read are added up in `read_bytes` (a list of one int, shared by its opener)."""
+
+    def __init__(self, path, read_bytes: list):
+        super().__init__(path, "rb")
+        self.read_bytes = read_bytes
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_bytes[0] += len(data)
+        return data
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        self.read_bytes[0] += n or 0
+        return n
+
+
+def test_the_integer_1_and_the_string_1_are_different_documents_and_a_lookup_reads_its_row_groups(tmp_path):
+    """One shard: the integer id 1 (300 passages: over two row groups of 256), the string "1" (2 passages),
+    300 one-passage documents and the integer 7 after them. A lookup after the first reads its document's row
+    groups, not the file; an unknown id is NotFound, naming the id of the other type when there is one."""
+    rows, row = [], 0
+    for doc_id, passages in [(1, 300), ("1", 2), *((f"doc-{n}", 1) for n in range(300)), (7, 1)]:
+        for passage in range(passages):
+            text = f"{doc_id!r} passage {passage}"
+            rows.append(
+                {
+                    "vector_id": (row << PASSAGE_BITS) | passage,
+                    "row_id": row,
+                    "id": doc_id,
+                    "passage": passage,
+                    "start": 10 * passage,
+                    "end": 10 * passage + len(text),
+                    "text": text,
+                    "metadata": {"n": row},
+                }
+            )
+        row += 1
+    write_shard(shard_dir(tmp_path, 0), rows)
+    path = shard_dir(tmp_path, 0) / DOCS_FILE
+    read_bytes = [0]
+    store = DocStore([ShardDocs(str(path), partial(CountedFile, path, read_bytes), 0, footer_sha256(path))])
+    integer_one = store.document(1)
+    assert integer_one == [r for r in rows if r["id"] == 1] and len(integer_one) == 300
+    assert store.document("1") == [r for r in rows if r["id"] == "1"]
+    before = read_bytes[0]
+    assert store.document("doc-250") == [r for r in rows if r["id"] == "doc-250"]
+    assert 0 < read_bytes[0] - before < path.stat().st_size / 3  # one row group (91 rows) of the file's 603 rows
+    with pytest.raises(NotFound, match=r"^no document has the string id '7' \(a document has the integer id 7: ids"):
+        store.document("7")
+    with pytest.raises(NotFound, match=r"^no document has the integer id 2$"):
+        store.document(2)
+    with pytest.raises(NotFound, match=r"^no document has the string id 'x{80}'\.\.\. \(1,000 characters\)$"):
+        store.document("x" * 1000)
 
 
 def test_nothing_is_opened_before_a_lookup_needs_it(written, tmp_path):

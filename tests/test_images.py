@@ -44,8 +44,9 @@ def test_one_faiss_build_per_install_and_the_gpu_pairing():
     # an exact local version: PyPI's torch 2.13.0 (CUDA 13) cannot satisfy it, so a plain install fails loudly
     assert torch.operator == "==" and torch.version == "2.13.0+cu126"
     assert torch.version.split("+cu")[1].startswith(FAISS_GPU_CUDA) and TORCH_GPU_INDEX.endswith("/cu126")
-    # README's commands install [dev]: faiss-cpu and the suite's tools; a GPU machine takes [gpu,test]
-    assert pyproject()["project"]["optional-dependencies"]["dev"] == ["rayindex[cpu,test]"]
+    # README's commands install [dev]: faiss-cpu, the suite's tools and the integrations' frameworks; a GPU machine
+    # takes [gpu,test,langchain,llama-index,mcp]
+    assert pyproject()["project"]["optional-dependencies"]["dev"] == ["rayindex[cpu,test,langchain,llama-index,mcp]"]
     assert not {n for n in extra("test") if n.startswith(("faiss", "torch"))}
 
 

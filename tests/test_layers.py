@@ -1,6 +1,6 @@
 """The package's shape: `rayindex` is importable and `pipelines` is not; every import inside the package
 goes down the layers of docs/architecture.md (stages never import each other, the query side never
-imports the build or the stages); there is no import cycle."""
+imports the build or the stages, the integrations never the build); there is no import cycle."""
 
 import ast
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "rayindex"
 
 # (layer, rank, modules): a module may import modules of a lower rank, and of its own layer where the
-# layer allows it. stages and query share a rank and may not import each other.
+# layer allows it. stages and query share a rank and may not import each other; so do build and integrations.
 LAYERS = [
     ("foundation", 0, {"errors", "config", "layout", "manifest"}),
     (
@@ -90,13 +90,31 @@ LAYERS = [
             "query.launch",
             "query.sharded",
             "query.fusion",
+            "query.mcp_tools",
+            "query.client",
         },
     ),
     ("build", 5, {"builder", "incremental"}),
+    # the plug-ins to other stacks (framework retrievers, MCP): over the query side, beside the build (same rank:
+    # neither imports the other)
+    (
+        "integrations",
+        5,
+        {"integrations.searcher", "integrations.langchain", "integrations.llama_index", "integrations.mcp"},
+    ),
     ("interface", 6, {"api", "options", "cli", "__main__", ""}),  # "": the package's __init__
 ]
 NO_IMPORTS_WITHIN = {"stages"}
-PACKAGES = {"infra", "text", "ivf", "docstore", "lexical", "stages", "query"}  # their __init__.py files are empty
+PACKAGES = {
+    "infra",
+    "text",
+    "ivf",
+    "docstore",
+    "lexical",
+    "stages",
+    "query",
+    "integrations",
+}  # their __init__.py files are empty
 
 
 def module_name(path: Path) -> str:

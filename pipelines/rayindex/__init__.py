@@ -9,8 +9,9 @@
 The layers (docs/architecture.md): foundation (errors, config, layout, manifest), infrastructure
 (infra/), versions, the domains (text/, ivf/, docstore/: plain functions on numpy, FAISS and Arrow),
 stages (stages/: plan, encode, train, add, merge, tune, partition), the build (builder, incremental),
-the query side (query/), and on top the API (api: build, reindex, open_index, tune, evaluate,
-partition, plan, serve) and the command line (cli), a thin layer over the API.
+the query side (query/), the framework retrievers beside the build (integrations/: LangChain,
+LlamaIndex), and on top the API (api: build, reindex, open_index, tune, evaluate, partition, plan,
+serve) and the command line (cli), a thin layer over the API.
 """
 
 from importlib import import_module

@@ -27,6 +27,7 @@ from rayindex.config import (
     ReindexOptions,
     SearchParams,
     ServeConfig,
+    ServerLocation,
     TuneOptions,
 )
 from rayindex.errors import UsageError, user_message
@@ -177,16 +178,27 @@ def reindex(
 def search(
     query: str = typer.Argument(..., help="What to look for."),
     location: Annotated[dict, From(IndexLocation)] = None,
+    remote: Annotated[dict, From(ServerLocation)] = None,
     params: Annotated[dict, From(SearchParams)] = None,
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata, page (PDFs)}."
     ),
 ) -> None:
-    """Search the published index (an s3:// index is cached locally by version, checked by checksum)."""
-    from rayindex.query.search import open_index
-
+    """Search the published index (an s3:// index is cached locally by version, checked by checksum), or a running
+    server's (--server)."""
     search_params = settings(SearchParams, params)
-    hits = open_index(where_is(location)).search(
+    through = settings(ServerLocation, remote)
+    if through.server:
+        if location:
+            raise UsageError("--server searches the server's index: leave out --index and --s3-endpoint")
+        from rayindex.query.client import ServerIndex  # httpx only: no model, FAISS or Ray to load
+
+        index = ServerIndex(through.server, through.api_key)
+    else:
+        from rayindex.query.search import open_index
+
+        index = open_index(where_is(location))
+    hits = index.search(
         query,
         search_params.k,
         search_params.nprobe,
@@ -335,11 +347,15 @@ def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
 def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
     """Serve /search, /ask, /healthz, /metrics and /docs over HTTP with Ray Serve (RAYINDEX_API_KEY: bearer-token
     auth)."""
+    import signal
     import time
 
     from rayindex import api
 
     config = api.serve(**options)
+    # SIGTERM (a container runtime's, a supervisor's stop) ends the server as Ctrl-C does: Serve shut down, the
+    # Ray started here stopped with this process, exit 0 (set after ray.init, whose own handler exits 15)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     err_console.print(
         f"Serving {config.index} at http://{config.host}:{config.port} (OpenAPI page: /docs). Ctrl-C stops."
     )
@@ -350,6 +366,15 @@ def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
         from ray import serve as ray_serve
 
         ray_serve.shutdown()
+
+
+@command()
+def mcp_command(location: Annotated[dict, From(IndexLocation)] = None) -> None:
+    """Answer MCP on stdin/stdout (tools: search, fetch_document) for an MCP client that starts this command
+    (docs/mcp.md); the model is loaded before serving, logs go to stderr. Needs the extra [mcp]."""
+    from rayindex.integrations.mcp import opened, serve_stdio
+
+    serve_stdio(opened(where_is(location)))
 
 
 @command()

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The bearer token a server requires (`rayindex serve`, query/gate.py) and a client sends (`rayindex search --server`)
+API_KEY_ENV = "RAYINDEX_API_KEY"
 # A document's cost is bounded by its characters, cut before anything reads them whole (hashing, tokenizing,
 # the doc store). 500,000 characters of English (~4.2 a token) are ~120,000 tokens: ~530 passages of 256
 # tokens (224 new each), about 1% of a default shard (50,000 documents, at least a passage each); text with
@@ -71,10 +73,11 @@ def parse_interval(text: str | float) -> float:
 Seconds = Annotated[float, BeforeValidator(parse_interval)]
 
 
-def cli(*decls: str, metavar: str | None = None, as_text: bool = False) -> dict:
+def cli(*decls: str, metavar: str | None = None, as_text: bool = False, envvar: str | None = None) -> dict:
     """How a field appears on the command line (cli.py): its flags when not --field-name, a metavar,
-    and as_text for fields the command line takes as text and the model parses (sizes)."""
-    return {"cli": {"decls": list(decls), "metavar": metavar, "as_text": as_text}}
+    as_text for fields the command line takes as text and the model parses (sizes), and the environment
+    variable read when the option is not given."""
+    return {"cli": {"decls": list(decls), "metavar": metavar, "as_text": as_text, "envvar": envvar}}
 
 
 def _metric_name(value):
@@ -346,6 +349,23 @@ class IndexLocation(Settings):
     )
 
 
+class ServerLocation(Settings):
+    """A running `rayindex serve` to search through instead of opening the index in this process."""
+
+    server: str | None = Field(
+        None,
+        description="URL of a running `rayindex serve`, e.g. http://127.0.0.1:8000: search through it (no model "
+        "loaded here; --index and --s3-endpoint are the server's own).",
+        json_schema_extra=cli(metavar="URL"),
+    )
+    api_key: str | None = Field(
+        None,
+        description="The server's API key, sent as a bearer token (better in the environment variable: an option's "
+        "value shows in the process list).",
+        json_schema_extra=cli(metavar="KEY", envvar=API_KEY_ENV),
+    )
+
+
 def _json_object(value):
     """A filter given as JSON text (the command line) parsed; objects pass as they are."""
     if isinstance(value, str):
@@ -457,6 +477,12 @@ class ServeConfig(AppConfig):
     )
     insecure: bool = Field(
         False, description="Serve on a non-loopback host without RAYINDEX_API_KEY (refused otherwise)."
+    )
+    ingress: Literal["python", "haproxy"] = Field(
+        "python",
+        description="python: Ray Serve's HTTP proxy, with rayindex's gate in it; haproxy: Ray Serve's HAProxy "
+        "ingress (replicas answer HTTP themselves, each on all interfaces: needs RAYINDEX_API_KEY or --insecure). "
+        "For the Ray this command starts; a cluster's nodes take RAY_SERVE_ENABLE_HA_PROXY=1 (docs/serving.md).",
     )
 
 

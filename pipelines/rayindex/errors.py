@@ -25,6 +25,7 @@ INSTALL_HINTS = {
     "(docs/operations.md, 'One CUDA pairing')",
     "torch": "install torch first: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
     "(CUDA machines: docs/operations.md, 'One CUDA pairing')",
+    "mcp": "install the MCP SDK: pip install 'rayindex[mcp]' (docs/mcp.md)",
 }
 
 
@@ -36,6 +37,10 @@ class RayIndexError(Exception):
 class DamagedIndex(RayIndexError):
     """A version's files disagree with each other or with their checksums: its data, not the request, is at
     fault. A server keeps serving the version it had and reports this one as degraded."""
+
+
+class NotFound(RayIndexError):
+    """What was asked for by name or id is not there (a document id no document has)."""
 
 
 class Unavailable(RayIndexError):

@@ -67,9 +67,9 @@ def option_decls(name: str, info: FieldInfo) -> list[str]:
 
 
 def _cli_type(info: FieldInfo) -> tuple[Any, dict]:
-    """The Python type typer should parse, and extra typer.Option arguments (choices, metavar)."""
+    """The Python type typer should parse, and extra typer.Option arguments (choices, metavar, envvar)."""
     meta = (info.json_schema_extra or {}).get("cli") or {}
-    extra = {"metavar": meta["metavar"]} if meta.get("metavar") else {}
+    extra = {key: meta[key] for key in ("metavar", "envvar") if meta.get(key)}
     if meta.get("as_text"):
         return Optional[str], extra
     annotation = info.annotation

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,13 +27,15 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayindex.docstore.format import DAMAGED, PARQUET_MAGIC, SCHEMA, read_footer, vector_id_ranges
-from rayindex.errors import DamagedIndex
+from rayindex.errors import DamagedIndex, NotFound, RayIndexError, quoted
 from rayindex.infra.storage import Store
-from rayindex.layout import DOCS_FILE, PASSAGE_BITS, document_rows, shard_rel
+from rayindex.layout import DOCS_FILE, PASSAGE_BITS, document_rows, document_starts, shard_rel
 from rayindex.manifest import Manifest
+from rayindex.text.documents import typed
 
 T = TypeVar("T")
 # decoded row groups kept, least recently used dropped first: bounds a replica's memory whatever the
@@ -62,6 +65,31 @@ class OpenedShard:
     file: pq.ParquetFile
     group_mins: np.ndarray
     group_maxs: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShardDocuments:
+    """A shard's documents in vector-id order: each one's corpus id typed as text/documents.typed writes it
+    ("i1" the integer 1, "s1" the string "1": different ids), its first vector id and its number of passages."""
+
+    typed_ids: pa.StringArray
+    firsts: np.ndarray
+    counts: np.ndarray
+
+
+INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")  # an integer id as the doc store writes it (Arrow's cast to text)
+
+
+def shown_id(doc_id: str | int) -> str:
+    """An id in a message, its type said: "integer id 1", "string id '1'" (quoted, bounded)."""
+    return f"integer id {doc_id}" if isinstance(doc_id, int) else f"string id {quoted(doc_id)}"
+
+
+def typed_id(doc_id: str | int) -> str:
+    """A corpus id as ShardDocuments.typed_ids holds it; anything but a string or an integer is refused."""
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise RayIndexError(f"a document id is a string or an integer, not {type(doc_id).__name__} {quoted(doc_id)}")
+    return f"i{doc_id}" if isinstance(doc_id, int) else f"s{doc_id}"
 
 
 class RowGroupCache:
@@ -104,6 +132,8 @@ class DocStore:
         self._locks = [threading.Lock() for _ in shards]  # a shard's file: opened once, read by one thread at a time
         self._reads = threading.BoundedSemaphore(READS_AT_ONCE)
         self._cache = RowGroupCache(CACHE_BYTES)
+        self._documents: list[ShardDocuments | None] = [None] * len(shards)
+        self._documents_locks = [threading.Lock() for _ in shards]  # a shard's ids: read once
 
     @classmethod
     def of_version(cls, version: Store, manifest: Manifest) -> DocStore:
@@ -215,17 +245,84 @@ class DocStore:
             raise DamagedIndex(
                 f"{name} row group {group} does not hold passage {vector_id}, which its statistics include; {DAMAGED}"
             )
-        try:
-            row = rows.slice(pos, 1).to_pylist()[0]
-            return {
-                "vector_id": row["vector_id"],
-                "row_id": row["vector_id"] >> PASSAGE_BITS,
-                "id": int(row["doc_id"]) if row["doc_id_int"] else row["doc_id"],
-                "passage": row["passage"],
-                "start": row["start"],
-                "end": row["end"],
-                "text": row["text"],
-                "metadata": json.loads(row["metadata"]),
-            }
-        except (ValueError, TypeError) as exc:
-            raise DamagedIndex(f"{name} row group {group} row {pos} cannot be read ({exc}); {DAMAGED}") from None
+        return passage_of(rows.slice(pos, 1).to_pylist()[0], f"{name} row group {group} row {pos}")
+
+    def document(self, doc_id: str | int) -> list[dict]:
+        """The passages of the document with this corpus id, in order, as `get` returns them; NotFound when no
+        document has it (1 and "1" are different ids). The first call reads each shard's vector_id, doc_id and
+        doc_id_int columns once, until the shard that has the id (ShardDocuments: an Arrow string array and two
+        int64 arrays, kept); each call then scans those ids in C (pyarrow.compute.index) and reads only the row
+        groups holding the document's passages, from the cache when they are in it."""
+        wanted = typed_id(doc_id)
+        for shard in range(len(self.shards)):
+            documents = self._shard_documents(shard)
+            position = pc.index(documents.typed_ids, wanted).as_py()
+            if position >= 0:
+                return self._passages(shard, int(documents.firsts[position]), int(documents.counts[position]))
+        raise NotFound(f"no document has the {shown_id(doc_id)}{self._twin_found(doc_id)}")
+
+    def _twin_found(self, doc_id: str | int) -> str:
+        """ " (a document has the string id '1': ids keep their type)" when the id of the other type is a document's."""
+        twin = str(doc_id) if isinstance(doc_id, int) else int(doc_id) if INTEGER.fullmatch(doc_id) else None
+        if twin is None:
+            return ""
+        key = typed_id(twin)
+        if all(pc.index(self._shard_documents(s).typed_ids, key).as_py() < 0 for s in range(len(self.shards))):
+            return ""
+        return f" (a document has the {shown_id(twin)}: ids keep their type)"
+
+    def _shard_documents(self, shard: int) -> ShardDocuments:
+        """The shard's documents (ShardDocuments), read from its file once, by whichever thread needs them first."""
+        documents = self._documents[shard]
+        if documents is None:
+            with self._documents_locks[shard]:
+                documents = self._documents[shard]
+                if documents is None:
+                    columns = ["vector_id", "doc_id", "doc_id_int"]
+                    table = self._read(shard, f"columns {', '.join(columns)}", lambda file: file.read(columns=columns))
+                    vector_ids = table.column(0).to_numpy()
+                    starts = document_starts(vector_ids)
+                    at = pa.array(starts)
+                    typed_ids = typed(
+                        table.column(1).combine_chunks().take(at), table.column(2).combine_chunks().take(at)
+                    )
+                    counts = np.diff(np.append(starts, len(vector_ids)))
+                    documents = self._documents[shard] = ShardDocuments(typed_ids, vector_ids[starts], counts)
+        return documents
+
+    def _passages(self, shard: int, first: int, count: int) -> list[dict]:
+        """The `count` passages from vector id `first` on (one document's), from the row groups that hold them."""
+        name, opened = self.shards[shard].name, self._shard(shard)
+        last = first + count - 1
+        groups = range(
+            int(np.searchsorted(opened.group_maxs, first, side="left")),
+            int(np.searchsorted(opened.group_mins, last, side="right")),
+        )
+        passages = []
+        for group in groups:
+            ids, rows = self._row_group(shard, group)
+            lo, hi = np.searchsorted(ids, [first, last + 1])
+            where = f"{name} row group {group}"
+            passages += [passage_of(row, where) for row in rows.slice(int(lo), int(hi - lo)).to_pylist()]
+        if [p["vector_id"] for p in passages] != list(range(first, first + count)):
+            raise DamagedIndex(
+                f"{name} does not hold the {count} passages of the document at vector id {first} in order; {DAMAGED}"
+            )
+        return passages
+
+
+def passage_of(row: dict, where: str) -> dict:
+    """A doc-store row as `DocStore.get` returns it (where: the row's place, for the message when it is damaged)."""
+    try:
+        return {
+            "vector_id": row["vector_id"],
+            "row_id": row["vector_id"] >> PASSAGE_BITS,
+            "id": int(row["doc_id"]) if row["doc_id_int"] else row["doc_id"],
+            "passage": row["passage"],
+            "start": row["start"],
+            "end": row["end"],
+            "text": row["text"],
+            "metadata": json.loads(row["metadata"]),
+        }
+    except (ValueError, TypeError) as exc:
+        raise DamagedIndex(f"{where} cannot be read ({exc}); {DAMAGED}") from None

@@ -22,7 +22,8 @@ import os
 import time
 from collections.abc import Callable
 
-API_KEY_ENV = "RAYINDEX_API_KEY"
+from rayindex.config import API_KEY_ENV  # the bearer token's variable: the CLI's --api-key reads it too
+
 MAX_BODY_ENV = "RAYINDEX_MAX_BODY_BYTES"
 MAX_INFLIGHT_ENV = "RAYINDEX_PROXY_MAX_INFLIGHT"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a query is at most 2,000 characters: 1 MiB is generous
@@ -30,8 +31,9 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # a query is at most 2,000 characters: 1 MiB i
 # in the replica alone was not enough: each request that reaches a replica costs Serve two actor calls,
 # and 1,000 concurrent ones on 2 cores made even the refusals take 34 s (benchmarks/load_benchmark.py).
 DEFAULT_PROXY_MAX_INFLIGHT = 128
-SHED_PATHS = frozenset({"/search", "/ask"})
-ENDPOINTS = ("/search", "/ask", "/healthz", "/metrics")  # metric labels; every other path is "other"
+MCP_PATH = "/mcp"  # MCP over streamable HTTP (query/mcp_tools.py): its tool calls are searches
+SHED_PATHS = frozenset({"/search", "/ask", MCP_PATH})
+ENDPOINTS = ("/search", "/ask", MCP_PATH, "/healthz", "/metrics")  # metric labels; every other path is "other"
 # the replicas' request counter (query/metrics.py), which the proxy's counts join
 REQUESTS_METRIC, REQUESTS_DOC = "rayindex_requests", "HTTP requests"
 RETRY_AFTER_S = 1

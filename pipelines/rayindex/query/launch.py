@@ -1,9 +1,12 @@
 """Starting the serving application from `rayindex serve` (and the Python API): the index and the
-exposure checked first, a local Ray started with the proxy's gate (gate.py) when none is running,
-replicas sized and checked to fit a local Ray, then Ray Serve's HTTP proxy and the app (serve.app_builder)."""
+exposure checked first, a local Ray started with the proxy's gate (gate.py) when none is running (or, with
+--ingress haproxy, with Ray Serve's HAProxy ingress), replicas sized and checked to fit a local Ray, then
+Ray Serve's ingress and the app (serve.app_builder)."""
 
 import math
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 import ray
@@ -31,6 +34,48 @@ def check_exposure(config: ServeConfig, api_key: str | None) -> None:
             "the port could search and ask. Set RAYINDEX_API_KEY (clients send Authorization: Bearer <key>), or "
             "pass --insecure if the network is private"
         )
+
+
+def check_ingress(config: ServeConfig, api_key: str | None, starts_ray: bool) -> None:
+    """Refuse --ingress haproxy where it cannot take effect (a Ray already running: its nodes' environment
+    decides) or would expose the replicas unauthenticated (Serve makes each listen on all interfaces)."""
+    if config.ingress != "haproxy":
+        return
+    if not starts_ray:
+        raise UsageError(
+            "--ingress haproxy applies to the Ray this command starts, and a Ray is already running (--ray-address, "
+            "RAY_ADDRESS or this process): start that Ray with RAY_SERVE_ENABLE_HA_PROXY=1 in every node's "
+            "environment instead (docs/serving.md), and leave --ingress out"
+        )
+    if not api_key and not config.insecure:
+        raise UsageError(
+            "--ingress haproxy: Ray Serve makes every replica listen on all interfaces (ports 30000-31000) beside "
+            "HAProxy's port, and RAYINDEX_API_KEY is not set: anyone who reaches the machine could search. Set "
+            "RAYINDEX_API_KEY (clients send Authorization: Bearer <key>), or pass --insecure if the network is private"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_environment(folder: str) -> dict[str, str]:
+    """The environment that makes the Ray started here serve through HAProxy, with its files and side ports of
+    its own: Serve's defaults (/tmp/haproxy-serve, stats port 8404, metrics port 9101) are one per machine, and a
+    second HAProxy-mode Serve on the machine would clash on them, as a second Ray did on its fixed dashboard agent
+    port (docs/operations.md)."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 def check_fits(config: AppConfig, cpus: float) -> None:
@@ -78,7 +123,9 @@ def start_serving(config: ServeConfig) -> None:
     """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
     and deploy the app (returns when it is up)."""
     api_key = config.api_key or api_key_from_environment()
+    started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
     check_exposure(config, api_key)
+    check_ingress(config, api_key, started_here)
     check_index(config)  # fails here, with a clear message, when nothing complete and intact is published
     index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
     app_config = AppConfig(
@@ -88,7 +135,9 @@ def start_serving(config: ServeConfig) -> None:
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
         if api_key:
             os.environ[API_KEY_ENV] = api_key
-    started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
+    if config.ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
+        # short: Serve adds a 57-character folder per node, and HAProxy refuses socket paths over 97 characters
+        os.environ.update(haproxy_environment(tempfile.mkdtemp(prefix="rih-", dir="/tmp")))
     ensure_ray(config.ray_address)
     if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
         cpus = ray.cluster_resources().get("CPU", 0)

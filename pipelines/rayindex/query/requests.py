@@ -11,6 +11,17 @@ MAX_K = 100  # hits per /search: bounds the doc-store reads and the response siz
 MAX_ASK_K = 20  # passages per /ask: with the sentence budget (generate.MAX_SENTENCES_SCORED) bounds an answer's work
 
 
+def field_problems(errors: list[dict]) -> str:
+    """One readable line per bad field of a request's validation errors ('k: Value error, must be at most 100'),
+    joined: a 422's detail (serve.py), an MCP tool's error (mcp_tools.py), and what query/client.py refuses before
+    sending, so that all read alike."""
+    problems = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        problems.append(f"{loc}: {err['msg']}")
+    return "; ".join(problems)
+
+
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or only whitespace")

@@ -39,6 +39,7 @@ FETCH_LIMIT = 4_096  # passages fetched per query at most while looking for k di
 # documents each side brings to hybrid fusion: at least this many, k when more (Elasticsearch's
 # rank_window_size plays this part; a window of k alone lets one side's k-th document decide)
 FUSION_DEPTH = 50
+DOCUMENT_FIELDS = ("id", "passage", "start", "end", "text", "metadata")  # a passage of `document`
 
 
 class ListSearch(Protocol):
@@ -268,6 +269,12 @@ class PublishedIndex:
                 hit["page"] = page
             hits.append(hit)
         return hits
+
+    def document(self, doc_id: str | int) -> list[dict]:
+        """The passages of the document with this corpus id, in order: {id, passage, start, end, text, metadata}
+        (text: the passage, start/end: its span in the document). NotFound when no document has the id: ids keep
+        their corpus type, the integer 1 and the string "1" are different ids (docstore/reader.py DocStore.document)."""
+        return [{field: passage[field] for field in DOCUMENT_FIELDS} for passage in self.docs.document(doc_id)]
 
     def ask(
         self,

@@ -9,7 +9,8 @@ Deployed the Ray way: `app_builder` takes one argument (AppConfig), so `serve ru
 rayindex.query.serve:app_builder index=/data/rayindex`, a Serve config file (jobs/serve_config.yaml)
 with `serve deploy`, and a KubeRay RayService all start the same application; `rayindex serve` calls
 it too (launch.py). Request bodies are requests.py's models; metrics are metrics.py's (Ray Serve's
-metrics API, summed over the application's replicas by /metrics).
+metrics API, summed over the application's replicas by /metrics). /mcp answers MCP (streamable HTTP, the
+tools of mcp_tools.py) behind the same gate as /search, its tools' work within the same admission.
 
 (No `from __future__ import annotations` here: Serve's ingress wrapper makes FastAPI miss string
 annotations, and Serve's builder check wants the argument's class, not its name.)
@@ -29,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rayindex.config import AppConfig, SearchParams
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
@@ -36,6 +38,7 @@ from rayindex.infra.storage import Store, cache_root, is_remote, use_s3_endpoint
 from rayindex.layout import CURRENT
 from rayindex.query.gate import (
     COUNTED_HEADER,
+    MCP_PATH,
     RETRY_AFTER_S,
     api_key_from_environment,
     endpoint,
@@ -44,7 +47,7 @@ from rayindex.query.gate import (
 )
 from rayindex.query.generate import GeneratorError, make_generator
 from rayindex.query.metrics import ReplicaMetrics, cluster_metrics
-from rayindex.query.requests import AskRequest, SearchRequest
+from rayindex.query.requests import AskRequest, SearchRequest, field_problems
 from rayindex.query.search import PublishedIndex, open_index
 from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, open_router
 from rayindex.versions import current_run_id
@@ -57,11 +60,7 @@ app = FastAPI(title="rayindex", description="Search and retrieval-augmented answ
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with one readable line per bad field ('k: Value error, must be at most 100')."""
-    problems = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        problems.append(f"{loc}: {err['msg']}")
-    return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
+    return JSONResponse(status_code=422, content={"detail": field_problems(exc.errors())})
 
 
 @app.middleware("http")
@@ -103,6 +102,43 @@ def shed(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+class Refused(RayIndexError):
+    """A request the replica does not answer: its HTTP status and message, and whether to retry it (Retry-After).
+    An MCP tool reports it as its error (mcp_tools.py)."""
+
+    def __init__(self, status: int, detail: str, retry: bool = False):
+        super().__init__(detail)
+        self.status, self.retry = status, retry
+
+    def response(self) -> JSONResponse:
+        if self.retry:
+            return shed(self.status, str(self))
+        return JSONResponse(status_code=self.status, content={"detail": str(self)})
+
+
+class Handoff(Response):
+    """Another ASGI app's answer to the same request (the MCP transport's): FastAPI sends the Response an endpoint
+    returns by calling it with the request's scope, receive and send."""
+
+    def __init__(self, app: ASGIApp):
+        self.app, self.background = app, None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def mcp_over_http(search, fetch) -> tuple[ASGIApp | None, str | None]:
+    """(the MCP tools over streamable HTTP (mcp_tools.StatelessHttp), None) or, without the mcp extra, (None, what to
+    install)."""
+    try:
+        from rayindex.query.mcp_tools import StatelessHttp, mcp_server
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "mcp":
+            raise
+        return None, user_message(exc)
+    return StatelessHttp(mcp_server(search, fetch), MAX_BODY_BYTES), None
+
+
 # Load is shed in the replica, not queued: Serve hands it up to MAX_ONGOING_REQUESTS requests at once, so
 # /healthz is never stuck in the proxy's queue behind searches; the replica works on max_inflight
 # searches (two full @serve.batch batches: with Serve's default of 5 ongoing requests the batches
@@ -132,6 +168,7 @@ class RagService:
         self.damaged: str | None = None  # why the version served cannot answer (its files are damaged): unhealthy
         self.inflight = 0
         self.generator = make_generator(self.config, self._encode_now)
+        self.mcp_http, self.mcp_missing = mcp_over_http(self._mcp_search, self._mcp_fetch)
         app.state.api_key = self.config.api_key or api_key_from_environment()
         app.state.metrics = ReplicaMetrics()
         app.state.metrics.serving.set(1, tags={"version": self.current.run_id})
@@ -201,14 +238,14 @@ class RagService:
         local = {} if is_remote(index) else {index.rstrip("/"): "<index>", str(Path(index).resolve()): "<index>"}
         return without_paths(text, {**local, str(cache_root()): "<cache>"})
 
-    def _damaged(self, loaded: PublishedIndex, exc: DamagedIndex) -> JSONResponse:
-        """503 naming the damaged file; when it belongs to the version served, this replica cannot answer
-        searches: it fails its health checks from now on (/healthz 503, check_health), and Serve replaces it."""
+    def _damaged(self, loaded: PublishedIndex, exc: DamagedIndex) -> str:
+        """The message naming the damaged file (a 503's); when it belongs to the version served, this replica cannot
+        answer searches: it fails its health checks from now on (/healthz 503, check_health), and Serve replaces it."""
         message = self._message(exc)
         if loaded is self.current and self.damaged is None:
             self.damaged = message
             log.error("the version served (%s) is damaged: %s; failing health checks", loaded.run_id, message)
-        return JSONResponse(status_code=503, content={"detail": message})
+        return message
 
     def check_health(self) -> None:
         """Serve's health check: fails while the version served is damaged."""
@@ -238,18 +275,8 @@ class RagService:
             groups.setdefault(key, []).append(i)
         for positions in groups.values():
             loaded, _, params = items[positions[0]]
-            missing: set = set()
             try:
-                found = await asyncio.to_thread(
-                    loaded.rank,
-                    [items[i][1] for i in positions],
-                    params.k,
-                    params.nprobe,
-                    params.per_document,
-                    params.filter,
-                    params.mode,
-                    missing,
-                )
+                found, missing = await self._rank(loaded, [items[i][1] for i in positions], params)
             except Exception as exc:  # this group's requests fail alike; the batch's other groups still answer
                 for i in positions:
                     out[i] = exc
@@ -258,6 +285,15 @@ class RagService:
                 out[i] = (found[row], missing)
         return out
 
+    async def _rank(self, loaded: PublishedIndex, texts: list[str], params: SearchParams) -> tuple[list, set]:
+        """The ranked (score, id) lists of queries sharing params, in one model call and one search, in a worker
+        thread; and the shards that did not answer."""
+        missing: set = set()
+        found = await asyncio.to_thread(
+            loaded.rank, texts, params.k, params.nprobe, params.per_document, params.filter, params.mode, missing
+        )
+        return found, missing
+
     async def _retrieve(self, loaded: PublishedIndex, text: str, params: SearchParams) -> tuple[list[dict], dict]:
         """The hits, and what a sharded response adds: {partial, missing_shards} ({} when not sharded)."""
         params = params.model_copy(
@@ -265,51 +301,87 @@ class RagService:
         )
         if params.filter:  # a bad filter is this request's 422 here, not an error for the whole batch
             await asyncio.to_thread(loaded.matching_ids, params.filter)
-        result = await self._search_batch((loaded, text, params))
-        if isinstance(result, Exception):
-            raise result
-        found, missing = result
+        if self.inflight > 1:  # others in flight: share a batch with them
+            result = await self._search_batch((loaded, text, params))
+            if isinstance(result, Exception):
+                raise result
+            found, missing = result
+        else:  # alone: @serve.batch would wait batch_wait_timeout_s for company that is not coming
+            found, missing = await self._rank(loaded, [text], params)
+            found = found[0]
         hits = await asyncio.to_thread(loaded.hits, found)
         return hits, (
             {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
         )
 
-    async def _admitted(self, work, loaded: PublishedIndex):
-        """Run a search (or an answer) within max_inflight and request_timeout; the JSON error response
-        instead when it is refused, too slow, asks for the impossible or meets damaged files."""
+    async def _limited(self, work, loaded: PublishedIndex):
+        """Run a search (or an answer, or a document's fetch) within max_inflight and request_timeout; Refused when
+        it is refused, too slow, asks for the impossible or meets damaged files."""
         if self.inflight >= self.config.max_inflight:
-            return shed(
-                503, f"busy: {self.inflight} searches in progress on this replica; retry after {RETRY_AFTER_S} s"
+            work.close()  # never started
+            raise Refused(
+                503, f"busy: {self.inflight} searches in progress on this replica; retry after {RETRY_AFTER_S} s", True
             )
         self.inflight += 1
         try:
             return await asyncio.wait_for(work, self.config.request_timeout)
         except asyncio.TimeoutError:
-            return shed(504, f"no answer within {self.config.request_timeout:g} s; retry after {RETRY_AFTER_S} s")
+            raise Refused(
+                504, f"no answer within {self.config.request_timeout:g} s; retry after {RETRY_AFTER_S} s", True
+            ) from None
         except Unavailable as exc:
-            return shed(503, f"{self._message(exc)}; retry after {RETRY_AFTER_S} s")
+            raise Refused(503, f"{self._message(exc)}; retry after {RETRY_AFTER_S} s", True) from None
         except DamagedIndex as exc:
-            return self._damaged(loaded, exc)
+            raise Refused(503, self._damaged(loaded, exc)) from None
         except RayIndexError as exc:
-            return JSONResponse(status_code=422, content={"detail": self._message(exc)})
+            raise Refused(422, self._message(exc)) from None
         finally:
             self.inflight -= 1
+
+    async def _admitted(self, work, loaded: PublishedIndex):
+        """_limited's result, or the JSON error response of its refusal."""
+        try:
+            return await self._limited(work, loaded)
+        except Refused as refused:
+            return refused.response()
+
+    async def _search_body(self, loaded: PublishedIndex, request: SearchRequest, start: float) -> dict:
+        """A /search response's body: the version, the hits (sharded: partial, missing_shards) and the time taken."""
+        hits, sharding = await self._retrieve(loaded, request.query, request)
+        return {
+            "version": loaded.run_id,
+            "hits": hits,
+            **sharding,
+            "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)},
+        }
 
     @app.post("/search")
     async def search(self, request: SearchRequest):
         loaded = self.current  # one version for the whole request
-        start = time.perf_counter()
+        return await self._admitted(self._search_body(loaded, request, time.perf_counter()), loaded)
+
+    async def _mcp_search(self, request: SearchRequest) -> dict:
+        """The MCP tool `search`: /search's work, admitted like a /search (its Refused is the tool's error)."""
+        loaded = self.current
+        return await self._limited(self._search_body(loaded, request, time.perf_counter()), loaded)
+
+    async def _mcp_fetch(self, doc_id: str | int) -> dict:
+        """The MCP tool `fetch_document`: the document's passages from the doc store, admitted like a /search."""
+        loaded = self.current
 
         async def work():
-            hits, sharding = await self._retrieve(loaded, request.query, request)
-            return {
-                "version": loaded.run_id,
-                "hits": hits,
-                **sharding,
-                "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)},
-            }
+            passages = await asyncio.to_thread(loaded.document, doc_id)
+            return {"version": loaded.run_id, "id": doc_id, "passages": passages}
 
-        return await self._admitted(work(), loaded)
+        return await self._limited(work(), loaded)
+
+    @app.api_route(MCP_PATH, methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    async def mcp(self, request: Request):
+        """MCP over streamable HTTP (mcp_tools.py: the tools search and fetch_document), behind the gate's token and
+        body checks like /search; 501 naming the extra to install when the mcp package is missing."""
+        if self.mcp_http is None:
+            return JSONResponse(status_code=501, content={"detail": self.mcp_missing})
+        return Handoff(self.mcp_http)
 
     @app.post("/ask")
     async def ask(self, request: AskRequest):

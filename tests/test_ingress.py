@@ -1,0 +1,89 @@
+"""`rayindex serve --ingress haproxy`: Ray Serve's HAProxy ingress in front of the same app, run as a user runs it
+(the CLI, starting its own local Ray): the same hits as index.search, the replica's gate (token, body size) still in
+force, HAProxy's files and side ports its own, SIGTERM stopping it all."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+import rayindex
+from rayindex.query.launch import haproxy_environment
+
+from helpers import client_env, free_port
+
+RAYINDEX = [sys.executable, "-m", "rayindex"]
+
+
+def test_haproxy_is_refused_without_an_api_key_or_on_a_running_ray(built, tmp_path):
+    env = {k: v for k, v in client_env().items() if k != "RAYINDEX_API_KEY"}
+    done = subprocess.run(
+        [*RAYINDEX, "serve", "--index", str(built[0]), "--ingress", "haproxy"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "every replica listen on all interfaces" in done.stderr and "RAYINDEX_API_KEY" in done.stderr
+    with pytest.raises(rayindex.UsageError, match="applies to the Ray this command starts"):
+        rayindex.serve(built[0], ingress="haproxy", api_key="k")  # this process has the session's Ray
+
+
+def test_haproxy_environment_is_its_own():
+    first = haproxy_environment("/tmp/a")
+    assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    paths = [name for name in first if name.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(paths) == 5 and all(first[name].startswith("/tmp/a") for name in paths)
+    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    assert {first[p] for p in ports}.isdisjoint({"8404", "9101"})  # never Serve's machine-wide defaults
+
+
+@pytest.mark.slow  # its own local Ray and Serve (about 40 s)
+def test_search_through_haproxy_matches_the_index(built):
+    port, key = free_port(), "haproxy-key"
+    env = dict(client_env(), RAYINDEX_API_KEY=key)
+    server = subprocess.Popen(
+        [*RAYINDEX, "serve", "--index", str(built[0]), "--ingress", "haproxy", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the Ray it starts is stopped with it, and nothing else
+    )
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.poll() else ""
+            time.sleep(1)
+        tree = psutil.Process(server.pid).children(recursive=True)
+        assert any(p.name() == "haproxy" for p in tree), "no HAProxy in the server's process tree"
+
+        index = rayindex.open_index(built[0])
+        for query in ("parse a JSON document", "base64 encoding"):
+            r = httpx.post(f"{url}/search", json={"query": query, "k": 5}, headers=auth, timeout=60)
+            assert r.status_code == 200, r.text
+            expected = index.search(query, k=5)
+            assert [h["id"] for h in r.json()["hits"]] == [h["id"] for h in expected]
+            assert [h["score"] for h in r.json()["hits"]] == pytest.approx([h["score"] for h in expected], abs=1e-5)
+        assert httpx.post(f"{url}/search", json={"query": "json"}, timeout=30).status_code == 401
+        big = httpx.post(f"{url}/search", content=b"x" * (2 << 20), headers=auth, timeout=60)
+        assert big.status_code == 413 and "over the limit" in big.json()["detail"]
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(os.getpgid(server.pid), signal.SIGKILL)  # never reached when SIGTERM works; fails below
+            server.wait()
+    assert server.returncode == 0, server.stderr.read()[-3000:]
+    _, alive = psutil.wait_procs(tree, timeout=60)  # the local Ray's processes stop with it
+    assert not alive, f"left running: {[p.name() for p in alive]}"
