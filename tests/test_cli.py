@@ -198,6 +198,7 @@ def test_build_help_documents_every_option():
         "--query-prompt",
         "--tune",
         "--max-doc-chars",
+        "--max-file-bytes",
     ):
         assert option in result.stdout, option
     assert "50000" in result.stdout and "[default: (text)]" in result.stdout  # defaults shown, from BuildConfig

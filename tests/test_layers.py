@@ -39,6 +39,7 @@ LAYERS = [
         3,
         {
             "text.corpus",
+            "text.files",
             "text.shard_plan",
             "text.model",
             "text.reuse",

@@ -93,7 +93,8 @@ def kept_for_inspection(exc: Exception) -> str:
 def build(
     inputs: list[str] | None = typer.Argument(
         None,
-        help="Parquet/JSONL files or folders, local or fsspec URIs (s3://...). "
+        help="Parquet/JSONL files, PDF/HTML/Markdown/text files, or folders of them, local or fsspec URIs "
+        "(s3://...). "
         "None: the Python standard library's docstrings (the embedded default).",
     ),
     options: Annotated[dict, From(BuildConfig, exclude={"inputs"})] = None,
@@ -180,7 +181,7 @@ def search(
     remote: Annotated[dict, From(ServerLocation)] = None,
     params: Annotated[dict, From(SearchParams)] = None,
     as_json: bool = typer.Option(
-        False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata}."
+        False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata, page (PDFs)}."
     ),
 ) -> None:
     """Search the published index (an s3:// index is cached locally by version, checked by checksum), or a running
@@ -216,11 +217,16 @@ def search(
         table.add_row(
             str(rank),
             f"{hit['score']:.3f}",
-            str(hit["id"]),
+            cited(hit),
             f"{hit['start']}-{hit['end']}",
             text[:160] + ("…" if len(text) > 160 else ""),
         )
     console.print(table)
+
+
+def cited(hit: dict) -> str:
+    """A hit's document as the tables show it: its id, and its page when it has one ("report.pdf p. 3")."""
+    return f"{hit['id']} p. {hit['page']}" if "page" in hit else str(hit["id"])
 
 
 def print_sweep(points, ks: list[int], title: str) -> None:
@@ -397,7 +403,7 @@ def ask(
     for source in result["sources"]:
         text = " ".join(source["text"].split())
         console.print(
-            f"[{source['n']}] {source['id']} chars {source['start']}-{source['end']} ({source['score']:.3f}) "
+            f"[{source['n']}] {cited(source)} chars {source['start']}-{source['end']} ({source['score']:.3f}) "
             f"{text[:100]}{'…' if len(text) > 100 else ''}",
             highlight=False,
             markup=False,

@@ -22,6 +22,9 @@ API_KEY_ENV = "RAYINDEX_API_KEY"
 # about a character a token (CJK) gives ~2,200 passages, 4.5%. Measured on this 2-core machine: see
 # docs/build.md ("Big documents").
 MAX_DOC_CHARS = 500_000
+# A document file (PDF, HTML, ...) past this size is skipped unread: a parse holds the whole file in memory, and
+# 100 MB is past most books as PDF (a scanned one, which has no text to index without OCR, is often more)
+MAX_FILE_BYTES = 100 << 20
 # Tuning takes the largest nprobe that reaches the recall target while one query searched alone takes at most
 # this (median, measured at tune time on the machine tuning runs on). 2 ms is a choice, not a measure of what
 # users notice: about every list of a 12,624-entry IVF256,Flat index (benchmarks/short_questions_benchmark.py:
@@ -111,7 +114,10 @@ class Settings(BaseModel):
 class BuildConfig(Settings):
     """Everything a build needs; recorded in the run manifest so a run can be resumed or repeated."""
 
-    inputs: list[str] = Field(description="Parquet/JSONL files or folders, local paths or fsspec URIs (s3://...).")
+    inputs: list[str] = Field(
+        description="Parquet/JSONL files, PDF/HTML/Markdown/text files (a document each), or folders or globs of "
+        "them, local paths or fsspec URIs (s3://...)."
+    )
     output: str = Field(
         "rayindex-data",
         description="Output folder or s3:// prefix: versions/<run-id>/ and CURRENT go there.",
@@ -175,6 +181,13 @@ class BuildConfig(Settings):
         ge=1_000,
         description="Characters of a document that are indexed; a longer one is cut at a whitespace before this "
         "and the rest left out (recorded in the manifest and warned about).",
+    )
+    max_file_bytes: Bytes = Field(
+        MAX_FILE_BYTES,
+        ge=1,
+        description="Document files (PDF, HTML, Markdown, text) larger than this are skipped, e.g. 200M "
+        "(counted and listed in the manifest).",
+        json_schema_extra=cli(metavar="SIZE", as_text=True),
     )
     document_prompt: str | None = Field(
         None,

@@ -33,6 +33,7 @@ class Piece(BaseModel):
     global_start: int
     byte_start: int | None = None  # JSONL: offset of a line at or before row_start, so readers can seek
     byte_start_row: int | None = None  # the row that starts at byte_start
+    doc_id: str | None = None  # a document file (PDF, HTML, ...): its id, its path under its input
 
 
 class Shard(BaseModel):
@@ -84,6 +85,14 @@ class CutDocument(BaseModel):
     kept_chars: int
 
 
+class SkippedFile(BaseModel):
+    """A document file that was not indexed: why (a skipped-count reason, text/files.py) and what was found."""
+
+    path: str
+    reason: str
+    detail: str
+
+
 class ShardState(BaseModel):
     shard_id: int
     rows_read: int = 0
@@ -102,6 +111,7 @@ class ShardState(BaseModel):
         None  # of docs.parquet's footer (docstore.footer_sha256): checked when a reader opens it
     )
     cut_documents: list[CutDocument] = Field(default_factory=list)  # the first CUT_LISTED per shard
+    skipped_files: list[SkippedFile] = Field(default_factory=list)  # the first SKIPPED_LISTED per shard
     lexical_of_docs: str | None = None  # the docs.parquet sha256 its lexical counts were made from
 
 

@@ -240,7 +240,8 @@ class PublishedIndex:
         mode: str | None = None,
     ) -> list[dict]:
         """The k best documents for the query, each by its best passage(s): {id, score, passage, start, end,
-        text, metadata} (text: the passage; start/end: its span in the document). mode: hybrid, dense or
+        text, metadata}, and page where the passage has one (text: the passage; start/end: its span in the
+        document; page: 1-based, a PDF's). mode: hybrid, dense or
         lexical (default: hybrid when the version has a lexical index)."""
         params = settings_given(SearchParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter, mode=mode)
         if not query.strip():
@@ -249,21 +250,24 @@ class PublishedIndex:
         return self.hits(found[0])
 
     def hits(self, found: list[tuple[float, int]]) -> list[dict]:
-        """One query's results from the doc store: the document's id and metadata, the passage's text and span."""
+        """One query's results from the doc store: the document's id and metadata, the passage's text and span,
+        and its page (1-based) where it has one (passage_page)."""
         hits = []
         for score, vector_id in found:
             passage = self.docs.get(vector_id)
-            hits.append(
-                {
-                    "id": passage["id"],
-                    "score": score,
-                    "passage": passage["passage"],
-                    "start": passage["start"],
-                    "end": passage["end"],
-                    "text": passage["text"],
-                    "metadata": passage["metadata"],
-                }
-            )
+            hit = {
+                "id": passage["id"],
+                "score": score,
+                "passage": passage["passage"],
+                "start": passage["start"],
+                "end": passage["end"],
+                "text": passage["text"],
+                "metadata": passage["metadata"],
+            }
+            page = passage_page(passage["metadata"])
+            if page is not None:
+                hit["page"] = page
+            hits.append(hit)
         return hits
 
     def document(self, doc_id: str | int) -> list[dict]:
@@ -295,6 +299,13 @@ class PublishedIndex:
             "answer": generator.generate(question, hits),
             "sources": [{"n": n, **hit} for n, hit in enumerate(hits, 1)],
         }
+
+
+def passage_page(metadata: dict) -> int | None:
+    """The page of a passage: its metadata's "page" when that is a positive integer (a PDF's passages have it,
+    the page holding their first character; so may a table's rows, from a column named page), else None."""
+    page = metadata.get("page")
+    return page if isinstance(page, int) and not isinstance(page, bool) and page > 0 else None
 
 
 def settings_given(model: type[SearchParams], **values) -> SearchParams:

@@ -62,9 +62,19 @@ from rayindex.layout import (
     shard_dir,
     shard_rel,
 )
-from rayindex.manifest import Counts, CutDocument, EncodedShard, Manifest, PassageSplit, Shard, ShardState
-from rayindex.text.corpus import InputUnavailable, read_piece
-from rayindex.text.documents import CUT, Documents, duplicate_ids_message, prepare
+from rayindex.manifest import (
+    Counts,
+    CutDocument,
+    EncodedShard,
+    Manifest,
+    PassageSplit,
+    Shard,
+    ShardState,
+    SkippedFile,
+)
+from rayindex.text.corpus import InputUnavailable, read_pieces
+from rayindex.text.documents import CUT, Documents, duplicate_ids_message, prepare, with_pages
+from rayindex.text.files import passage_pages
 from rayindex.text.model import (
     TRUNCATED,
     Tokenized,
@@ -86,6 +96,7 @@ from rayindex.versions import done_shards, previous_version, save_manifest
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
 WRITES_BEHIND = 2  # chunks whose vectors and doc-store rows wait for the writer thread (bounded memory)
 CUT_LISTED = 100  # documents cut at --max-doc-chars listed per shard in the manifest (all are counted)
+SKIPPED_LISTED = 100  # document files skipped (damaged, encrypted, ...) listed per shard (all are counted)
 WAIT_NOTE_S = 30.0  # a line while the build waits for its first GPU node
 
 
@@ -103,6 +114,7 @@ class Chunk(NamedTuple):
     found: np.ndarray  # reindex: documents whose vectors are copied from the previous version
     reused: np.ndarray  # their passages' vectors
     changed: int  # reindex: documents encoded again because their content changed
+    pages: np.ndarray | None  # document files: each passage's page (0: none), None for a table's rows
 
 
 class ShardEncoder:
@@ -163,50 +175,49 @@ class ShardEncoder:
         """The producer's side: each corpus batch read, made into documents (columnar), tokenized and split
         into passages once, and looked up in the previous version (reindex)."""
         cfg, settings = self.config, self.settings()
-        for piece in shard.pieces:
-            for batch in read_piece(piece, id_column=cfg.id_column):
-                docs = prepare(
-                    batch, cfg.text_fields(), cfg.template, cfg.id_column, batch.where(piece), cfg.max_doc_chars
+        for batch, where in read_pieces(shard.pieces, cfg.id_column, cfg.max_file_bytes):
+            docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, where, cfg.max_doc_chars)
+            texts = docs.texts.to_pylist()
+            if settings.passage_tokens:
+                split = split_passages(
+                    self.model, texts, settings.passage_tokens, settings.passage_overlap, settings.document_prompt
                 )
-                texts = docs.texts.to_pylist()
-                if settings.passage_tokens:
-                    split = split_passages(
-                        self.model, texts, settings.passage_tokens, settings.passage_overlap, settings.document_prompt
-                    )
-                    tokenized, passages, starts, ends, truncated = (
-                        split.tokenized,
-                        split.counts,
-                        split.char_starts,
-                        split.char_ends,
-                        0,
-                    )
-                    if len(passages) and passages.max() >= MAX_PASSAGES:
-                        too_long = int(np.argmax(passages))
-                        raise RayIndexError(
-                            f"{batch.where(piece)(too_long)}: {passages[too_long]:,} passages, more than the "
-                            f"{MAX_PASSAGES - 1:,} a document may have; raise --passage-tokens or split the document"
-                        )
-                else:
-                    tokenized = tokenize(self.model, texts, settings.document_prompt)
-                    passages, starts = np.ones(len(texts), np.int64), np.zeros(len(texts), np.int64)
-                    ends, truncated = np.fromiter(map(len, texts), np.int64, len(texts)), tokenized.truncated
-                found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, self.dimension()), "<f4"), 0
-                if self.previous is not None and len(docs):
-                    found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes, passages)
-                passage_texts = cut_passages(docs.texts, texts, passages, starts, ends)
-                yield Chunk(
-                    len(batch.row_ids),
-                    docs,
-                    tokenized,
-                    passages,
-                    starts,
-                    ends,
-                    passage_texts,
-                    truncated,
-                    found,
-                    reused,
-                    changed,
+                tokenized, passages, starts, ends, truncated = (
+                    split.tokenized,
+                    split.counts,
+                    split.char_starts,
+                    split.char_ends,
+                    0,
                 )
+                if len(passages) and passages.max() >= MAX_PASSAGES:
+                    too_long = int(np.argmax(passages))
+                    raise RayIndexError(
+                        f"{where(too_long)}: {passages[too_long]:,} passages, more than the "
+                        f"{MAX_PASSAGES - 1:,} a document may have; raise --passage-tokens or split the document"
+                    )
+            else:
+                tokenized = tokenize(self.model, texts, settings.document_prompt)
+                passages, starts = np.ones(len(texts), np.int64), np.zeros(len(texts), np.int64)
+                ends, truncated = np.fromiter(map(len, texts), np.int64, len(texts)), tokenized.truncated
+            found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, self.dimension()), "<f4"), 0
+            if self.previous is not None and len(docs):
+                found, reused, changed = self.previous.lookup(docs.content_hashes, docs.id_hashes, passages)
+            passage_texts = cut_passages(docs.texts, texts, passages, starts, ends)
+            pages = None if docs.page_starts is None else passage_pages(docs.page_starts, passages, starts)
+            yield Chunk(
+                len(batch.row_ids),
+                docs,
+                tokenized,
+                passages,
+                starts,
+                ends,
+                passage_texts,
+                truncated,
+                found,
+                reused,
+                changed,
+                pages,
+            )
 
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
         """Output files appear only when complete, and are pushed to the output store before the shard
@@ -216,6 +227,7 @@ class ShardEncoder:
         out.mkdir(parents=True, exist_ok=True)
         skipped: dict[str, int] = {}
         cut: list[CutDocument] = []
+        skipped_files: list[SkippedFile] = []
         id_hashes: list[np.ndarray] = []
         contents: list[np.ndarray] = []
         rows_read = encoded = passages = tokens = reused = changed = 0
@@ -232,6 +244,7 @@ class ShardEncoder:
                     for reason, n in docs.skipped.items():
                         skipped[reason] = skipped.get(reason, 0) + n
                     cut += docs.cut[: CUT_LISTED - len(cut)]
+                    skipped_files += (docs.skipped_files or [])[: SKIPPED_LISTED - len(skipped_files)]
                     if chunk.truncated:  # kept: embedded from their first max_seq_length tokens
                         skipped[TRUNCATED] = skipped.get(TRUNCATED, 0) + chunk.truncated
                     if len(docs):
@@ -266,6 +279,7 @@ class ShardEncoder:
             tokens_encoded=tokens,
             skipped=skipped,
             cut_documents=cut,
+            skipped_files=skipped_files,
             vectors_reused=reused,
             ids_changed=changed,
             encode_seconds=round(seconds, 3),
@@ -316,9 +330,11 @@ def write_chunk(emb_file, writer: DocWriter, vectors: np.ndarray, docs: Document
 
 
 def write_passages(writer: DocWriter, docs: Documents, chunk: Chunk) -> None:
-    """The doc-store rows of a chunk: a row per passage, the document's id and metadata repeated."""
+    """The doc-store rows of a chunk: a row per passage, the document's id and metadata repeated (a PDF's
+    passages' metadata with each one's page)."""
     of_document = pa.array(np.repeat(np.arange(len(docs)), chunk.passages))
     ids = passage_ids(docs.row_ids, chunk.passages)
+    metadata = docs.metadata.take(of_document)
     writer.write(
         ids,
         docs.doc_ids.take(of_document),
@@ -327,7 +343,7 @@ def write_passages(writer: DocWriter, docs: Documents, chunk: Chunk) -> None:
         chunk.char_starts,
         chunk.char_ends,
         chunk.passage_texts,
-        docs.metadata.take(of_document),
+        metadata if chunk.pages is None else with_pages(metadata, chunk.pages),
     )
 
 
@@ -620,14 +636,15 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
             )
     check_one_precision(manifest)
     manifest.counts = count_documents(manifest.shard_states)
-    warning = cut_warning(manifest.shard_states, config.max_doc_chars)
-    if warning and warning not in manifest.warnings:
-        manifest.warnings.append(warning)
+    for warning in (cut_warning(manifest.shard_states, config.max_doc_chars), skipped_files_warning(manifest)):
+        if warning and warning not in manifest.warnings:
+            manifest.warnings.append(warning)
     if manifest.counts.docs_encoded == 0:
         total_rows = sum(s.num_rows for s in manifest.shards)
+        listed = [f for s in manifest.shard_states for f in s.skipped_files]
         raise RayIndexError(
             f"no documents to index: all {total_rows} rows were skipped ({manifest.counts.skipped}); "
-            "check --text-column"
+            + (f"files skipped: {files_named(listed)}" if listed else "check --text-column")
         )
     if config.id_column:
         check_unique_ids(manifest, version, config.id_column)
@@ -666,6 +683,23 @@ def cut_warning(states: list[ShardState], max_chars: int) -> str | None:
         f"the longest listed, id {longest.id!r} ({longest.where}), has {longest.chars:,} characters, "
         f"{longest.kept_chars:,} kept; listed (up to {CUT_LISTED} a shard) in manifest.json, "
         "shard_states[].cut_documents"
+    )
+
+
+def files_named(listed: list[SkippedFile], at_most: int = 3) -> str:
+    """The first files skipped and why, for a message."""
+    named = "; ".join(f"{f.path} ({f.reason}: {f.detail})" for f in listed[:at_most])
+    return named + (f"; and {len(listed) - at_most:,} more" if len(listed) > at_most else "")
+
+
+def skipped_files_warning(manifest: Manifest) -> str | None:
+    """What the CLI prints when document files were skipped: how many, the first named, where all are listed."""
+    listed = [f for s in manifest.shard_states for f in s.skipped_files]
+    if not listed or not manifest.counts.docs_encoded:
+        return None
+    return (
+        f"{len(listed):,} file(s) could not be indexed and were skipped: {files_named(listed)}; "
+        f"listed (up to {SKIPPED_LISTED} a shard) in manifest.json, shard_states[].skipped_files"
     )
 
 

@@ -1,5 +1,6 @@
-"""Plan stage: list the input files, check their columns (text columns of text), cut the rows into a
-deterministic shard plan (the same inputs give the same shards and the same global ids), and refuse
+"""Plan stage: list the input files, check the columns of the tables among them (text columns of text), cut
+the rows into a deterministic shard plan (the same inputs give the same shards and the same global ids; a
+document file (PDF, HTML, Markdown, text) is one row, named by its path under its input), and refuse
 duplicate ids of a corpus small enough to read before Ray starts."""
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ class Plan(NamedTuple):
 
 
 def plan(config: BuildConfig) -> Plan:
-    """Files (columns checked, rows counted from metadata or one pass over JSONL) and the shard plan."""
-    infos = [corpus.inspect_file(p) for p in corpus.list_input_files(config.inputs)]
+    """Files (columns of tables checked, rows counted from metadata or one pass over JSONL; a document file is
+    a row) and the shard plan."""
+    names = corpus.input_files(config.inputs)
+    duplicates = corpus.duplicate_names(names)
+    if duplicates:
+        raise RayIndexError(duplicates)
+    infos = [corpus.inspect_file(p) for p in sorted(names)]
+    tables = [i for i in infos if i.format in corpus.TABLE_FORMATS]
     required = ([config.id_column] if config.id_column else []) + config.text_fields()
-    corpus.check_columns(infos, required)
+    corpus.check_columns(tables, required)
     if not config.template:
-        corpus.check_text_columns(infos, config.text_fields())
+        corpus.check_text_columns(tables, config.text_fields())
     total = sum(i.num_rows for i in infos)
     if total == 0:
         raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
@@ -41,7 +48,12 @@ def plan(config: BuildConfig) -> Plan:
     )
     by_path = {i.path: i for i in infos}
     for shard in shards:
-        shard.pieces = [corpus.attach_byte_offsets(p, by_path[p.path]) for p in shard.pieces]
+        shard.pieces = [
+            p.model_copy(update={"doc_id": names[p.path]})
+            if corpus.is_document_file(p.path)
+            else corpus.attach_byte_offsets(p, by_path[p.path])
+            for p in shard.pieces
+        ]
     files = [InputFile(path=i.path, format=i.format, rows=i.num_rows, **corpus.file_signature(i.path)) for i in infos]
     return Plan(files, shards)
 

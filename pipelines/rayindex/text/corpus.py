@@ -1,13 +1,19 @@
-"""Read the corpus: list Parquet/JSONL files (local or any fsspec URI), check their columns,
-count rows, and stream the rows of one shard piece in batches.
+"""Read the corpus: list its files (local or any fsspec URI), check their columns, count rows, and stream
+the rows of one shard piece in batches.
 
-JSONL rows are physical lines (a blank line is a row with no text), so a row number is
-always "line - 1" and errors can name the line.
+Tables (Parquet, JSONL) hold a document per row. JSONL rows are physical lines (a blank line is a row with
+no text), so a row number is always "line - 1" and errors can name the line. A PDF, HTML, Markdown or text
+file is one document (text/files.py parses it), named by its path under its input; consecutive files of a
+shard are read into one batch (read_pieces).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import itertools
 import json
+import posixpath
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,8 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rayindex.config import MAX_FILE_BYTES
 from rayindex.errors import RayIndexError
 from rayindex.manifest import Piece
+from rayindex.text import files
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -27,13 +35,44 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's \ud800-\udfff: one
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a half left unpaired after parsing: not text
 
 
+TABLE_FORMATS = ("parquet", "jsonl")
+CORPUS_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + tuple(files.DOCUMENT_FORMATS)
+# files of a shard read into one batch: enough documents for full forward-pass batches, their texts bounded
+FILES_PER_BATCH = 64
+FILE_BATCH_CHARS = 8 << 20
+
+
+# a document file's row: its text, and its metadata in the doc store: where it is, what it was parsed as, its
+# title, its pages (PDF), size and modification time (ISO 8601, UTC)
+FILE_SCHEMA = pa.schema(
+    [
+        (files.TEXT, pa.string()),
+        ("path", pa.string()),
+        ("format", pa.string()),
+        ("title", pa.string()),
+        ("pages", pa.int64()),
+        ("bytes", pa.int64()),
+        ("mtime", pa.string()),
+    ]
+)
+
+
 def file_format(path: str) -> str:
+    """parquet, jsonl, or the format of a document file (text/files.py); refused for any other name."""
     lower = path.lower()
     if lower.endswith(PARQUET_SUFFIXES):
         return "parquet"
     if lower.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    raise RayIndexError(f"{path}: unknown file type; rayindex reads {PARQUET_SUFFIXES + JSONL_SUFFIXES} files")
+    fmt = files.document_format(path)
+    if fmt is None:
+        raise RayIndexError(f"{path}: unknown file type; rayindex reads {', '.join(CORPUS_SUFFIXES)} files")
+    return fmt
+
+
+def is_document_file(path: str) -> bool:
+    """A file that is one document (PDF, HTML, Markdown, text), not a table of them."""
+    return files.document_format(path) is not None
 
 
 def _filesystem(path: str):
@@ -47,26 +86,66 @@ def _with_protocol(fs, fs_path: str, original: str) -> str:
 
 def list_input_files(inputs: list[str]) -> list[str]:
     """All corpus files named by the inputs (files, folders searched recursively, globs), sorted."""
-    found: list[str] = []
+    return sorted(input_files(inputs))
+
+
+def input_files(inputs: list[str]) -> dict[str, str]:
+    """Every corpus file named by the inputs -> its name under its input: its path below the folder, or below
+    a glob's fixed part, or, for an input that is a file, its file name (a document file's id). A folder is
+    searched recursively for the corpus's file types; hidden files and folders (a name starting with ".") in
+    it are left out."""
+    found: dict[str, str] = {}
     for item in inputs:
         fs, fs_path = _filesystem(item)
         try:
             if any(ch in fs_path for ch in "*?["):
+                root = fixed_prefix(fs_path)
                 matches = sorted(fs.glob(fs_path))
             elif fs.isdir(fs_path):
-                matches = sorted(p for p in fs.find(fs_path) if p.lower().endswith(PARQUET_SUFFIXES + JSONL_SUFFIXES))
+                root = fs_path.rstrip("/")
+                matches = sorted(
+                    p
+                    for p in fs.find(fs_path)
+                    if p.lower().endswith(CORPUS_SUFFIXES) and not hidden(posixpath.relpath(p, root))
+                )
             elif fs.exists(fs_path):
-                matches = [fs_path]
+                root, matches = posixpath.dirname(fs_path), [fs_path]
             else:
                 raise RayIndexError(f"input path {item} does not exist; check the path (and credentials for s3://)")
         except PermissionError as exc:
             raise RayIndexError(f"input path {item} is not readable: {exc}") from exc
         if not matches:
-            raise RayIndexError(f"input {item} contains no {PARQUET_SUFFIXES + JSONL_SUFFIXES} files")
-        found.extend(_with_protocol(fs, p, item) for p in matches)
-    for path in found:
-        file_format(path)
-    return sorted(set(found))
+            raise RayIndexError(f"input {item} contains no {', '.join(CORPUS_SUFFIXES)} files")
+        for p in matches:
+            file_format(p)
+            found.setdefault(_with_protocol(fs, p, item), posixpath.relpath(p, root) if root else p)
+    return found
+
+
+def fixed_prefix(pattern: str) -> str:
+    """The folder a glob starts in: its path up to the first part with a wildcard."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    return "/".join(parts[:fixed])
+
+
+def hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def duplicate_names(names: dict[str, str]) -> str | None:
+    """A refusal when two document files have the same name under their inputs (their ids), else None."""
+    seen: dict[str, str] = {}
+    for path, name in sorted(names.items()):
+        if not is_document_file(path):
+            continue
+        if name in seen:
+            return (
+                f"two input files would have the same id {name!r}: {seen[name]} and {path}; a file's id is its path "
+                "under the input folder it was found in: give their common parent folder as the input instead"
+            )
+        seen[name] = path
+    return None
 
 
 @dataclass
@@ -80,8 +159,11 @@ class FileInfo:
 
 
 def inspect_file(path: str) -> FileInfo:
-    """Columns and row count of one file, reading only Parquet metadata or one pass over JSONL lines."""
+    """Columns and row count of one file, reading only Parquet metadata or one pass over JSONL lines; a
+    document file is one row, read when it is encoded."""
     fmt = file_format(path)
+    if fmt not in TABLE_FORMATS:
+        return FileInfo(path, fmt, FILE_SCHEMA.names, {}, 1)
     fs, fs_path = _filesystem(path)
     try:
         if fmt == "parquet":
@@ -218,18 +300,34 @@ class InputUnavailable(RayIndexError):
 
 
 @dataclass
+class FileRows:
+    """What a batch of document files holds besides its table (FILE_SCHEMA): each file's id (its name
+    under its input), path, where its pages start in its text (PDF; [] otherwise), and why it was skipped
+    (None: parsed; else the reason and what the parser said, its text null)."""
+
+    ids: list[str]
+    paths: list[str]
+    page_starts: list[list[int]]
+    skipped: list[tuple[str, str] | None]
+
+
+@dataclass
 class RowBatch:
     """Rows of one piece, as a table: global row ids, the columns, which rows were blank JSONL lines (no
-    record at all), and how many rows had text that was not Unicode (replaced with U+FFFD, kept)."""
+    record at all), and how many rows had text that was not Unicode (replaced with U+FFFD, kept). A batch of
+    document files (a row each) also has their FileRows."""
 
     row_ids: np.ndarray
     table: pa.Table
     blank_lines: np.ndarray | None = None
     non_utf8: int = 0
     raw_ids: list | None = None  # JSONL: the id column's values as parsed (a JSONL column has no one type)
+    files: FileRows | None = None
 
-    def where(self, piece: Piece) -> Callable[[int], str]:
-        """'file row N' (or 'file line N') of the batch's i-th row, for error messages."""
+    def where(self, piece: Piece | None) -> Callable[[int], str]:
+        """'file row N' (or 'file line N') of the batch's i-th row, for error messages; a document file's path."""
+        if self.files is not None:
+            return lambda i: self.files.paths[i]
         jsonl = file_format(piece.path) == "jsonl"
 
         def at(i: int) -> str:
@@ -239,21 +337,115 @@ class RowBatch:
         return at
 
 
-def read_piece(piece: Piece, batch_rows: int = 2048, id_column: str | None = None) -> Iterator[RowBatch]:
-    """Stream the rows of a piece in batches of at most batch_rows (id_column: kept as parsed for JSONL)."""
+def read_piece(
+    piece: Piece, batch_rows: int = 2048, id_column: str | None = None, max_file_bytes: int = MAX_FILE_BYTES
+) -> Iterator[RowBatch]:
+    """Stream the rows of a piece in batches of at most batch_rows (id_column: kept as parsed for JSONL); a
+    document file's piece is one row, its parsed text (a file over max_file_bytes is skipped unread)."""
     fmt = file_format(piece.path)
+    if fmt not in TABLE_FORMATS:
+        yield from _file_batches([piece], max_file_bytes)
+        return
     fs, fs_path = _filesystem(piece.path)
-    try:
+    with read_errors(piece.path):
         if fmt == "parquet":
             yield from _read_parquet_piece(piece, fs, fs_path, batch_rows)
         else:
             yield from _read_jsonl_piece(piece, fs, fs_path, batch_rows, id_column)
+
+
+@contextlib.contextmanager
+def read_errors(path: str):
+    """A failed read as a RayIndexError naming the file; InputUnavailable when the store may come back."""
+    try:
+        yield
     except RayIndexError:
         raise
     except (FileNotFoundError, PermissionError, ValueError) as exc:
-        raise RayIndexError(f"{piece.path}: read failed ({type(exc).__name__}: {exc})") from exc
+        raise RayIndexError(f"{path}: read failed ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:  # connection refused/reset, 5xx: the store may come back
-        raise InputUnavailable(f"{piece.path}: read failed ({type(exc).__name__}: {exc})") from exc
+        raise InputUnavailable(f"{path}: read failed ({type(exc).__name__}: {exc})") from exc
+
+
+def read_pieces(
+    pieces: list[Piece], id_column: str | None = None, max_file_bytes: int = MAX_FILE_BYTES, batch_rows: int = 2048
+) -> Iterator[tuple[RowBatch, Callable[[int], str]]]:
+    """A shard's rows in batches, each with where(i) for messages: a table's pieces as read_piece reads them,
+    consecutive document files together (up to FILES_PER_BATCH, or FILE_BATCH_CHARS of text), so that short
+    files still fill the model's batches."""
+    for documents, group in itertools.groupby(pieces, key=lambda p: is_document_file(p.path)):
+        if documents:
+            for batch in _file_batches(list(group), max_file_bytes):
+                yield batch, batch.where(None)
+            continue
+        for piece in group:
+            for batch in read_piece(piece, batch_rows, id_column):
+                yield batch, batch.where(piece)
+
+
+def _file_batches(pieces: list[Piece], max_file_bytes: int) -> Iterator[RowBatch]:
+    rows: list[tuple[Piece, dict, files.ParsedDocument | files.Unreadable]] = []
+    chars = 0
+    for piece in pieces:
+        row, parsed = _read_file(piece, max_file_bytes)
+        rows.append((piece, row, parsed))
+        chars += len(parsed.text) if isinstance(parsed, files.ParsedDocument) else 0
+        if len(rows) == FILES_PER_BATCH or chars >= FILE_BATCH_CHARS:
+            yield _files_batch(rows)
+            rows, chars = [], 0
+    if rows:
+        yield _files_batch(rows)
+
+
+def _read_file(piece: Piece, max_file_bytes: int) -> tuple[dict, files.ParsedDocument | files.Unreadable]:
+    """A document file's metadata, and its parsed text or why it was skipped (over max_file_bytes: unread)."""
+    fs, fs_path = _filesystem(piece.path)
+    fmt = file_format(piece.path)
+    with read_errors(piece.path):
+        info = fs.info(fs_path)
+        size = int(info.get("size") or 0)
+        if size > max_file_bytes:
+            parsed = files.Unreadable(files.TOO_BIG, f"{size:,} bytes, over --max-file-bytes {max_file_bytes:,}")
+        else:
+            data = fs.cat_file(fs_path)
+            try:
+                parsed = files.parse_document(data, fmt)
+            except files.Unreadable as exc:
+                parsed = exc
+    row = {
+        "path": piece.path,
+        "format": fmt,
+        "title": parsed.title if isinstance(parsed, files.ParsedDocument) else None,
+        "pages": len(parsed.page_starts) if isinstance(parsed, files.ParsedDocument) and fmt == "pdf" else None,
+        "bytes": size,
+        "mtime": modified(info),
+    }
+    return row, parsed
+
+
+def modified(info: dict) -> str | None:
+    """A file's modification time as ISO 8601 UTC: a local file's mtime, an object's LastModified."""
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if isinstance(stamp, (int, float)):
+        stamp = dt.datetime.fromtimestamp(stamp, dt.timezone.utc)
+    if isinstance(stamp, dt.datetime):
+        return stamp.astimezone(dt.timezone.utc).isoformat(timespec="seconds")
+    return None if stamp is None else str(stamp)
+
+
+def _files_batch(rows: list[tuple[Piece, dict, files.ParsedDocument | files.Unreadable]]) -> RowBatch:
+    parsed = [p if isinstance(p, files.ParsedDocument) else None for _, _, p in rows]
+    table = pa.Table.from_pylist([dict(row, text=p and p.text) for (_, row, _), p in zip(rows, parsed)], FILE_SCHEMA)
+    return RowBatch(
+        np.array([piece.global_start for piece, _, _ in rows], np.int64),
+        table,
+        files=FileRows(
+            ids=[piece.doc_id or posixpath.basename(piece.path) for piece, _, _ in rows],
+            paths=[piece.path for piece, _, _ in rows],
+            page_starts=[p.page_starts if p else [] for p in parsed],
+            skipped=[None if p else (u.reason, u.detail) for (_, _, u), p in zip(rows, parsed)],
+        ),
+    )
 
 
 def _read_parquet_piece(piece: Piece, fs, fs_path: str, batch_rows: int) -> Iterator[RowBatch]:

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rayindex.manifest import CutDocument, Shard
-from rayindex.text.corpus import RowBatch, check_id, check_text_type, read_piece
+from rayindex.manifest import CutDocument, Shard, SkippedFile
+from rayindex.text import files
+from rayindex.text.corpus import RowBatch, check_id, check_text_type, is_document_file, read_piece
 from rayindex.text.shard_plan import locate_row
 
 BLANK_LINE = "blank_line"  # a JSONL line with nothing on it
@@ -39,6 +40,8 @@ class Documents:
     content_hashes: np.ndarray  # uint64
     skipped: dict[str, int]
     cut: list[CutDocument]  # the documents longer than max_chars, cut
+    page_starts: list[list[int]] | None = None  # document files: where each page starts in the text (PDF)
+    skipped_files: list[SkippedFile] | None = None  # document files not indexed, and why
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -240,15 +243,22 @@ def prepare(
     batch: RowBatch, fields: list[str], template: str | None, id_column: str | None, where, max_chars: int | None = None
 ) -> Documents:
     """The batch's documents: rows with text, their ids, metadata and hashes, and the skipped rows counted;
-    texts longer than max_chars cut (before anything else reads them) and listed."""
-    table, row_ids, raw_ids = batch.table, batch.row_ids, batch.raw_ids
+    texts longer than max_chars cut (before anything else reads them) and listed. A batch of document files
+    (batch.files) is their text, each named by its id; those that could not be parsed are counted by reason,
+    and listed."""
+    table, row_ids, raw_ids, from_files = batch.table, batch.row_ids, batch.raw_ids, batch.files
+    if from_files is not None:
+        fields, template, id_column = [files.TEXT], None, None
     skipped: dict[str, int] = {}
     texts, has_text = compose_texts(table, fields, template, where(0) if len(row_ids) else "the input")
     positions = document_positions(batch, has_text)
     blank = 0 if batch.blank_lines is None else int(batch.blank_lines.sum())
     if blank:
         skipped[BLANK_LINE] = blank
-    empty = table.num_rows - len(positions) - blank
+    unreadable = [] if from_files is None else [(i, s) for i, s in enumerate(from_files.skipped) if s is not None]
+    for _, (reason, _) in unreadable:
+        skipped[reason] = skipped.get(reason, 0) + 1
+    empty = table.num_rows - len(positions) - blank - len(unreadable)
     if empty:
         skipped[EMPTY_TEXT] = empty
     if batch.non_utf8:
@@ -259,12 +269,19 @@ def prepare(
     texts, long = cap_texts(texts, max_chars) if max_chars is not None else (texts, [])
     if long:
         skipped[CUT] = len(long)
-    ids, is_int = corpus_ids(table, id_column, row_ids, raw_ids, lambda i: where(int(positions[i])))
+    if from_files is not None:
+        ids = pa.array([from_files.ids[i] for i in positions], pa.string())
+        is_int = pa.array(np.zeros(len(positions), bool))
+    else:
+        ids, is_int = corpus_ids(table, id_column, row_ids, raw_ids, lambda i: where(int(positions[i])))
     cut = [CutDocument(id=ids[i].as_py(), where=where(int(positions[i])), chars=n, kept_chars=k) for i, n, k in long]
     others = [c for c in table.column_names if c != id_column and c not in fields]
     metadata = metadata_json(table, others)
+    hashed = metadata
+    if from_files is not None:  # a file copied, moved or touched keeps its vectors
+        hashed = metadata_json(table, [c for c in others if c not in files.UNHASHED_COLUMNS])
     typed_ids = typed(ids, is_int)
-    content = pc.binary_join_element_wise(typed_ids, texts, metadata, "\x1f")
+    content = pc.binary_join_element_wise(typed_ids, texts, hashed, "\x1f")
     return Documents(
         row_ids=row_ids,
         texts=texts,
@@ -275,7 +292,24 @@ def prepare(
         content_hashes=hash64(content),
         skipped=skipped,
         cut=cut,
+        page_starts=None if from_files is None else [from_files.page_starts[i] for i in positions],
+        skipped_files=None
+        if from_files is None
+        else [SkippedFile(path=from_files.paths[i], reason=r, detail=d) for i, (r, d) in unreadable],
     )
+
+
+def with_pages(metadata: pa.Array, pages: np.ndarray) -> pa.Array:
+    """Passages' metadata (JSON objects) with `"page": n` added where n > 0 (a PDF's passages)."""
+    paged = pages > 0
+    if not paged.any():
+        return metadata
+    inside = pc.utf8_slice_codeunits(metadata, 1, -1)  # the members, without the braces
+    separator = pc.if_else(pc.equal(inside, ""), pa.scalar(""), pa.scalar(","))
+    added = pc.binary_join_element_wise(
+        pa.scalar("{"), inside, separator, pa.scalar('"page":'), pa.array(pages.astype(str)), pa.scalar("}"), ""
+    )
+    return pc.if_else(pa.array(paged), added, metadata)
 
 
 def duplicate_ids_message(doc_id: str | int, column: str, duplicates: int, places: list[str]) -> str:
@@ -304,6 +338,8 @@ def find_duplicate_ids(shards: list[Shard], fields: list[str], template: str | N
     duplicates = 0
     for shard in shards:
         for piece in shard.pieces:
+            if is_document_file(piece.path):  # named by its path, unique (plan): not read here
+                continue
             for batch in read_piece(piece, id_column=id_column):
                 for key, row in zip(*document_ids(batch, fields, template, id_column, batch.where(piece))):
                     if key in first_row:
