@@ -3,18 +3,22 @@ exposure checked first, a local Ray started with the proxy's gate (gate.py) when
 --ingress haproxy, with Ray Serve's HAProxy ingress), replicas sized and checked to fit a local Ray, then
 Ray Serve's ingress and the app (serve.app_builder)."""
 
+import atexit
 import math
 import os
+import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import ray
 from ray import serve
 
 from rayindex.config import AppConfig, ServeConfig
 from rayindex.docstore.reader import DocStore
-from rayindex.errors import UsageError
+from rayindex.errors import RayIndexError, UsageError
 from rayindex.infra.ray_session import ensure_ray, ray_address
 from rayindex.infra.storage import Store, is_remote
 from rayindex.query.gate import API_KEY_ENV, APPLICATION, api_key_from_environment
@@ -78,6 +82,25 @@ def haproxy_environment(folder: str) -> dict[str, str]:
     }
 
 
+LOOPBACK_OF = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where this machine reaches a server bound to all interfaces
+STEADY_POLLS, STEADY_INTERVAL_S, STEADY_DEADLINE_S = 5, 0.5, 120
+
+
+def wait_until_steady(url: str) -> None:
+    """Return once url has answered 200 STEADY_POLLS times in a row: Serve reloads HAProxy (a new process taking
+    over the port) as replicas become ready, the last reload ~0.5 s after serve.run returns (measured), and a
+    connection made during a reload can be refused."""
+    deadline, answered = time.monotonic() + STEADY_DEADLINE_S, 0
+    while answered < STEADY_POLLS:
+        try:
+            answered = answered + 1 if httpx.get(url, timeout=5).status_code == 200 else 0
+        except httpx.HTTPError:
+            answered = 0
+        if time.monotonic() > deadline:
+            raise RayIndexError(f"HAProxy at {url} did not answer steadily in {STEADY_DEADLINE_S} s: see Serve's logs")
+        time.sleep(STEADY_INTERVAL_S)
+
+
 def check_fits(config: AppConfig, cpus: float) -> None:
     """Refuse replicas that reserve more CPUs than this (local, fixed-size) Ray has, naming the options."""
     wanted = (
@@ -137,7 +160,9 @@ def start_serving(config: ServeConfig) -> None:
             os.environ[API_KEY_ENV] = api_key
     if config.ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
         # short: Serve adds a 57-character folder per node, and HAProxy refuses socket paths over 97 characters
-        os.environ.update(haproxy_environment(tempfile.mkdtemp(prefix="rih-", dir="/tmp")))
+        folder = tempfile.mkdtemp(prefix="rih-", dir="/tmp")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the Ray using it stops with this process
+        os.environ.update(haproxy_environment(folder))
     ensure_ray(config.ray_address)
     if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
         cpus = ray.cluster_resources().get("CPU", 0)
@@ -147,3 +172,5 @@ def start_serving(config: ServeConfig) -> None:
         http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5}
     )
     serve.run(app_builder(app_config), name=APPLICATION, route_prefix="/")
+    if config.ingress == "haproxy":
+        wait_until_steady(f"http://{LOOPBACK_OF.get(config.host, config.host)}:{config.port}/healthz")
