@@ -27,6 +27,8 @@ from rayindex.config import BuildConfig
 
 
 def free_port() -> int:
+    """A free local port. Not rayindex.query.launch.free_port: importing launch imports ray, which reads
+    RAY_AUTH_MODE once, and conftest imports this module before it sets that."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

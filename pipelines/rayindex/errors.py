@@ -26,6 +26,8 @@ INSTALL_HINTS = {
     "torch": "install torch first: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
     "(CUDA machines: docs/operations.md, 'One CUDA pairing')",
     "mcp": "install the MCP SDK: pip install 'rayindex[mcp]' (docs/mcp.md)",
+    "langchain_core": "the LangChain integration needs it: pip install 'rayindex[langchain]' (docs/integrations.md)",
+    "llama_index": "the LlamaIndex integration needs it: pip install 'rayindex[llama-index]' (docs/integrations.md)",
 }
 
 
@@ -68,13 +70,20 @@ def quoted(value: object) -> str:
     return f"{text[:QUOTED_CHARS]!r}... ({len(text):,} characters)"
 
 
+def install_hint(exc: BaseException) -> str | None:
+    """What to install for a missing module rayindex does not require (INSTALL_HINTS), else None."""
+    if not isinstance(exc, ImportError) or not exc.name:
+        return None
+    return INSTALL_HINTS.get(exc.name.split(".")[0])
+
+
 def user_message(exc: BaseException) -> str:
     """The message to show, redacted: a RayIndexError raised inside a Ray task arrives wrapped in
     RayTaskError, whose str() carries the remote traceback; show the original message instead."""
     cause = getattr(exc, "cause", None)
-    missing = next((e for e in (cause, exc) if isinstance(e, ModuleNotFoundError) and e.name in INSTALL_HINTS), None)
+    missing = next((e for e in (cause, exc) if isinstance(e, ModuleNotFoundError) and install_hint(e)), None)
     if missing is not None:  # on this machine or on the node that ran the task
-        return f"{missing}: {INSTALL_HINTS[missing.name]}"
+        return f"{missing}: {install_hint(missing)}"
     if isinstance(cause, RayIndexError):
         return redact(str(cause))
     if isinstance(exc, RayIndexError):

@@ -22,7 +22,7 @@ try:
     from langchain_core.documents import Document
     from langchain_core.retrievers import BaseRetriever
 except ImportError as exc:
-    missing_extra(exc, "langchain_core", "langchain")
+    missing_extra(exc)
 
 
 def document(hit: dict) -> Document:

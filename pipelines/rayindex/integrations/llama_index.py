@@ -23,7 +23,7 @@ try:
     from llama_index.core.retrievers import BaseRetriever
     from llama_index.core.schema import NodeRelationship, NodeWithScore, QueryBundle, RelatedNodeInfo, TextNode
 except ImportError as exc:
-    missing_extra(exc, "llama_index", "llama-index")
+    missing_extra(exc)
 
 if TYPE_CHECKING:
     from rayindex.query.search import PublishedIndex

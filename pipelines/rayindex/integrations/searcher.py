@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 from pydantic import ValidationError
 
 from rayindex.config import SearchParams
-from rayindex.errors import UsageError
+from rayindex.errors import UsageError, install_hint
 from rayindex.query.client import DEFAULT_TIMEOUT_S, ServerIndex
 from rayindex.query.requests import field_problems
 
@@ -39,12 +39,13 @@ def passage_key(hit: dict) -> str:
     return f"{hit['id']}#{hit['passage']}"
 
 
-def missing_extra(exc: ImportError, package: str, extra: str) -> NoReturn:
-    """Raise, for a framework's package that is missing, an ImportError saying what to install; another
-    ImportError (the package there but broken) as it is."""
-    if (exc.name or "").split(".")[0] != package:
+def missing_extra(exc: ImportError) -> NoReturn:
+    """Raise, for a framework's package that is missing, an ImportError saying what to install (errors.INSTALL_HINTS);
+    another ImportError (the package there but broken) as it is."""
+    hint = install_hint(exc)
+    if hint is None:
         raise exc
-    raise ImportError(f"{exc}: the {extra} integration needs it: pip install 'rayindex[{extra}]'") from exc
+    raise ImportError(f"{exc}: {hint}") from exc
 
 
 class Searcher:
