@@ -23,6 +23,7 @@ def benchmark(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
+@pytest.mark.slow  # a subprocess importing faiss, torch and Ray, then training and adding
 def test_train_add_benchmark_runs_its_cpu_side_and_says_the_gpu_side_was_skipped(tmp_path):
     from rayindex.ivf.index import gpus_usable
 
@@ -63,6 +64,7 @@ def test_encode_benchmark_gpu_is_refused_at_once_without_a_usable_gpu():
     assert run.stderr.strip() == f"--gpu: no usable GPU here: {'; '.join(problems)}. Run without --gpu for the CPU side"
 
 
+@pytest.mark.slow  # the model loaded twice (bf16, fp32), 48 texts at two batch sizes each
 def test_the_forward_only_figures_run_on_the_cpu(docs):
     encode_benchmark = benchmark("encode_benchmark")
     texts = [f"{d['title']}: {d['body'][:300]}" for d in docs[:48]]
