@@ -186,10 +186,22 @@ def gpu_sampler(samples: list, stop: threading.Event) -> None:
     proc.terminate()
 
 
-def gpu_figures(texts: list[str]) -> dict:
+def gpu_problems() -> list[str]:
+    """What keeps this machine from the GPU side (infra/gpu.py's checks, as an encoder makes them); empty when
+    torch can use a GPU. --gpu is refused with them before anything runs."""
+    import torch
+
+    from rayindex.infra.gpu import cuda_problems, nvidia_driver
+
+    return cuda_problems(torch, nvidia_driver())
+
+
+def gpu_figures(texts: list[str], device: str = "cuda", dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32")) -> dict:
     """Forward-only docs/s on the GPU (tokenized beforehand, through the encoder's own embed: pinned memory,
-    non-blocking copies) in each --encode-dtype at the CPU's and the GPU's default batch sizes, and the fp16
-    and bf16 vectors' recall@10 against fp32 exact search on the same texts."""
+    non-blocking copies) in each --encode-dtype at the CPU's and the GPU's default batch sizes, and the
+    lower precisions' recall@10 against fp32 exact search on the same texts (fp32 among the dtypes). device
+    and dtypes: the same figures on the CPU (bf16, fp32), which is how they are tested on a machine without
+    a GPU (tests/test_benchmarks.py)."""
     import faiss
 
     from rayindex.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE
@@ -197,8 +209,8 @@ def gpu_figures(texts: list[str]) -> dict:
 
     out = {}
     vectors = {}
-    for dtype in ("fp16", "bf16", "fp32"):
-        model = load_model("all-MiniLM-L6-v2", "cuda", dtype)
+    for dtype in dtypes:
+        model = load_model("all-MiniLM-L6-v2", device, dtype)
         chunks = [tokenize(model, texts[i : i + 2048]) for i in range(0, len(texts), 2048)]
         for batch in (CPU_BATCH_SIZE, GPU_BATCH_SIZE):
             embed(model, chunks[0], batch, True)  # warm up
@@ -209,7 +221,7 @@ def gpu_figures(texts: list[str]) -> dict:
     exact = faiss.IndexFlatIP(vectors["fp32"].shape[1])
     exact.add(vectors["fp32"])
     _, truth = exact.search(queries, 10)
-    for dtype in ("fp16", "bf16"):
+    for dtype in (d for d in dtypes if d != "fp32"):
         low = faiss.IndexFlatIP(vectors[dtype].shape[1])
         low.add(vectors[dtype])
         _, found = low.search(queries, 10)
@@ -234,6 +246,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.gpu and (problems := gpu_problems()):
+        raise SystemExit(f"--gpu: no usable GPU here: {'; '.join(problems)}. Run without --gpu for the CPU side")
     rows, what = corpus(args.corpus, args.docs)
     texts = [f"{r['word']}: {r['definition']}" for r in rows]
     console = Console(width=150)

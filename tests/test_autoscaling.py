@@ -158,6 +158,10 @@ def test_an_encoder_no_gpu_node_can_hold_is_refused_after_gpu_wait(fake_cluster,
     assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
     assert re.search(r"encode: waiting for a GPU node, \d s of --gpu-wait 5 s", run.stderr), run.stderr[-3000:]
     assert "no GPU node joined the Ray cluster at" in run.stderr and "within --gpu-wait 5 s" in run.stderr
+    # Ray's v1 autoscaler (this cluster's) reports no node types: the wait rests on RAYINDEX_GPU=1, and says so
+    said = " ".join(run.stderr.split())  # the waiting line is wrapped to the console's width
+    assert "this autoscaler (Ray's v1) does not report its node types" in said, run.stderr[-3000:]
+    assert "or have no GPU node type (RAYINDEX_GPU=1 said it has one)" in said
     assert "Traceback" not in run.stderr and took < 60, took
 
 

@@ -17,7 +17,15 @@ from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.infra.actor_pool import MIN_WAITING, creation_error, waiting_wanted
 from rayindex.infra.gpu import cuda_problems, faiss_gpu_problems, require_faiss_gpu
-from rayindex.infra.resources import GPU_ON_CPU_ENV, NodeGroup, gpu_on_cpu, gpu_refusal, max_resource
+from rayindex.infra.resources import (
+    GPU_ON_CPU_ENV,
+    NodeGroup,
+    autoscaler_adds_nodes,
+    gpu_on_cpu,
+    gpu_refusal,
+    gpu_wait_reason,
+    max_resource,
+)
 from rayindex.stages import encode
 
 from helpers import build_args, build_config, client_env, write_parquet
@@ -64,6 +72,42 @@ def test_gpus_that_cannot_come_are_refused_at_once_naming_why():
     assert "the Ray cluster at h:1 has no GPU node, and nothing says one can come" in alone and "--cpu" in alone
     capped = [NodeGroup("gpu_worker", {"CPU": 8, "GPU": 1}, 0)]  # a GPU type at max 0 offers none
     assert "offers one" in gpu_refusal(0, capped, True, "h:1")
+    # no node types reported: RAYINDEX_GPU=1 is waited on under an autoscaler (Ray's v1), refused where Ray has none
+    assert gpu_refusal(0, None, True, "h:1", adds_nodes=True) is None
+    assert gpu_refusal(0, None, True, "h:1", adds_nodes=None) is None  # the monitor said nothing (yet): wait
+    for declared in (True, False):
+        no_autoscaler = gpu_refusal(0, None, declared, "h:1", adds_nodes=False)
+        assert "the Ray cluster at h:1 has no GPU node and no autoscaler to add one" in no_autoscaler
+        assert "started without an autoscaling config" in no_autoscaler and "--cpu" in no_autoscaler
+    assert gpu_refusal(2, None, True, "h:1", adds_nodes=False) is None  # GPUs here: no autoscaler needed
+
+
+def v1_status(*node_types: str, pending: tuple[str, ...] = ()) -> dict:
+    """The status Ray's v1 monitor writes (autoscaler_report as AutoscalerSummary, asdict'd then JSON)."""
+    return {
+        "load_metrics_report": {"usage": {"CPU": [0.0, 2.0]}},
+        "autoscaler_report": {
+            "active_nodes": {t: 1 for t in node_types},
+            "idle_nodes": None,
+            "pending_nodes": [["i-0a1b", "10.0.0.9", t, "setting-up"] for t in pending],  # id, ip, type, status
+            "pending_launches": {},
+            "failed_nodes": [],
+        },
+    }
+
+
+def test_whether_ray_has_an_autoscaler_is_read_from_its_v1_monitor():
+    """A head started without an autoscaling config runs Ray's monitor read-only: each node its own type,
+    `node_<id>`; an autoscaler (`ray up`, the fake multi-node provider, KubeRay's v1) names its node types."""
+    ids = ["a1" * 14, "b2" * 14]
+    assert autoscaler_adds_nodes(v1_status(f"node_{ids[0]}"), ids) is False  # `ray start --head`, `ray.init()`
+    assert autoscaler_adds_nodes(v1_status(f"node_{ids[0]}", f"node_{ids[1]}"), ids) is False
+    assert autoscaler_adds_nodes(v1_status("ray.head.default"), ids) is True  # GPU workers at 0: only the head
+    assert autoscaler_adds_nodes(v1_status(f"node_{ids[0]}", pending=("gpu_worker",)), ids) is True
+    assert autoscaler_adds_nodes(None, ids) is None  # no monitor status (yet, or a v2 autoscaler)
+    assert autoscaler_adds_nodes({"load_metrics_report": {}}, ids) is None  # no autoscaler report in it
+    assert "v1" in gpu_wait_reason(None) and "waits all of --gpu-wait" in gpu_wait_reason(None)
+    assert gpu_wait_reason(GPU_GROUPS) == "the autoscaler's node type(s) gpu_worker offer GPUs"
 
 
 def test_gpu_wait_takes_durations_and_gpu_on_cpu_is_explicit(monkeypatch):
@@ -121,12 +165,18 @@ def test_an_encoder_given_a_gpu_it_cannot_use_refuses_naming_what_is_missing(ray
     assert "build on CPUs with --cpu" in message
 
 
-def test_gpu_on_a_cluster_without_gpus_or_autoscaler_is_refused_within_a_minute(ray_address, tmp_path, docs):
+@pytest.mark.parametrize("asked", ["--gpu", "RAYINDEX_GPU=1"])
+def test_gpu_on_a_cluster_without_gpus_or_autoscaler_is_refused_within_a_minute(asked, ray_address, tmp_path, docs):
+    """The session's Ray is a plain `ray start --head`: no GPU, and its monitor runs no autoscaler. Asked by the
+    flag or by RAYINDEX_GPU=1 (which a v1 autoscaler's cluster would be waited on for), refused at once."""
     corpus = write_parquet(tmp_path / "docs.parquet", docs[:10])
     env = {k: v for k, v in client_env().items() if k not in ("RAYINDEX_GPU", GPU_ON_CPU_ENV)}
+    flag = [asked] if asked.startswith("--") else []
+    if not flag:
+        env["RAYINDEX_GPU"] = "1"
     started = time.monotonic()
     run = subprocess.run(
-        [RAYINDEX, *build_args(corpus, tmp_path / "out", "--gpu", "--ray-address", ray_address, "--quiet")],
+        [RAYINDEX, *build_args(corpus, tmp_path / "out", *flag, "--ray-address", ray_address, "--quiet")],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -135,6 +185,6 @@ def test_gpu_on_a_cluster_without_gpus_or_autoscaler_is_refused_within_a_minute(
     )
     took = time.monotonic() - started
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "has no GPU node, and nothing says one can come" in run.stderr and "Traceback" not in run.stderr
+    assert "has no GPU node and no autoscaler to add one" in run.stderr and "Traceback" not in run.stderr
     assert took < 60, f"refused after {took:.0f} s"
-    print(f"\n--gpu without GPUs refused in {took:.1f} s")
+    print(f"\n{asked} without GPUs or autoscaler refused in {took:.1f} s")

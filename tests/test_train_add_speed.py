@@ -1,14 +1,15 @@
-"""Training and adding on their hardware (infra/resources.py gpu_task_resources, ivf/index.py add_assigned):
-what a GPU task reserves, and the coarse assignment done by another index (a GPU's in a GPU build) giving
-the index add_with_ids gives. The GPU side runs where FAISS sees a GPU (skipped here) and in
-benchmarks/train_add_benchmark.py."""
+"""Training and adding on their hardware (infra/resources.py gpu_task_resources and cpus_per_gpu, stages/add.py
+add_task_resources, ivf/index.py add_assigned): what a GPU task reserves, whether the add takes GPUs, and
+the coarse assignment done by another index (a GPU's in a GPU build) giving the index add_with_ids gives.
+The GPU side runs where FAISS sees a GPU (skipped here) and in benchmarks/train_add_benchmark.py."""
 
 import faiss
 import numpy as np
 import pytest
 
-from rayindex.infra.resources import gpu_task_resources
+from rayindex.infra.resources import NodeGroup, cpus_per_gpu, gpu_task_resources
 from rayindex.ivf.index import add_assigned, flat_assigner, gpu_assigner, gpus_usable, make_index
+from rayindex.stages.add import add_task_resources
 
 
 def test_gpu_tasks_take_a_gpu_and_the_cpus_that_go_with_it():
@@ -22,6 +23,27 @@ def test_gpu_tasks_take_a_gpu_and_the_cpus_that_go_with_it():
     assert gpu_task_resources(nodes, whole_node=True) == {"num_cpus": 16, "num_gpus": 1}
     assert gpu_task_resources(nodes, whole_node=False) == {"num_cpus": 8, "num_gpus": 1}  # add: CPUs per GPU
     assert gpu_task_resources(nodes[2:], whole_node=True) == {"num_cpus": 1, "num_gpus": 1}  # no GPU node up yet
+    # CPUs per GPU, one function for the encoders and the add tasks: the smallest alive GPU node's ratio, else the
+    # reported GPU node types', else unknown (1 CPU asked)
+    groups = [NodeGroup("cpu", {"CPU": 32}, 4), NodeGroup("gpu", {"CPU": 24, "GPU": 4}, 2)]
+    assert cpus_per_gpu(nodes) == 8 and cpus_per_gpu(nodes[2:], groups) == 6 and cpus_per_gpu(nodes[2:]) is None
+    assert gpu_task_resources(nodes[2:], whole_node=False, groups=groups) == {"num_cpus": 6, "num_gpus": 1}
+    assert gpu_task_resources([{"Alive": True, "Resources": {"CPU": 12, "GPU": 5}}], False) == {
+        "num_cpus": 2,  # whole CPUs: 2.4 per GPU
+        "num_gpus": 1,
+    }
+
+
+def test_the_add_takes_gpus_only_where_one_is_up_now():
+    """A GPU build whose GPU workers scaled down after training assigns on the CPUs there are, one per task,
+    rather than wait for GPU nodes to be launched again; a CPU build never asks for a GPU."""
+    gpu_node = {"Alive": True, "Resources": {"CPU": 16, "GPU": 2}}
+    cpu_node = {"Alive": True, "Resources": {"CPU": 8}}
+    gone = {"Alive": False, "Resources": {"CPU": 16, "GPU": 2}}
+    assert add_task_resources(True, [cpu_node, gpu_node]) == {"num_cpus": 8, "num_gpus": 1}
+    assert add_task_resources(True, [cpu_node, gone]) == {"num_cpus": 1}  # scaled down: CPUs, no wait
+    assert add_task_resources(True, [cpu_node]) == {"num_cpus": 1}
+    assert add_task_resources(False, [cpu_node, gpu_node]) == {"num_cpus": 1}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,12 @@ max(5, upscaling_speed x nodes) nodes a round, so more demand would not come soo
 cannot grow holds few pending actors. Actors waiting with options that no longer fit (a GPU node joined and
 told the CPUs per GPU) are asked for again.
 
+A unit may end in two steps (finish): the actor's main work, then a follow-up call on the same actor (the
+encoder's push of a shard's files to the output store) that runs while the actor already works on its next
+unit; the unit's result is the follow-up's, so a unit counts as done only once its follow-up succeeded. An
+actor is handed a new unit while at most FINISHING_AHEAD of its follow-ups run, and is not let go before
+they have all ended.
+
 Why not Ray's own pools: `ray.util.ActorPool` takes a fixed list of started actors (it neither asks for
 more as nodes join nor lets idle ones go); Ray Data's autoscaling actor pool (`ActorPoolStrategy(min_size,
 max_size)`) would make a shard a row of a Dataset: its output, retries and progress belong to Ray Data,
@@ -27,6 +33,9 @@ from rayindex.errors import RayIndexError
 
 MIN_WAITING = 8  # actors asked for but not placed, at least (see above)
 TICK_S = 0.5  # how often progress and the cluster are looked at while units run
+# follow-ups (finish) an actor may have running when it is handed its next unit: one overlaps the next unit's
+# work; a second waits for the first (the store is then slower than the actors: their files would pile up)
+FINISHING_AHEAD = 1
 
 
 def waiting_wanted(ceiling: int, unassigned: int, busy: int, started: int) -> int:
@@ -53,40 +62,53 @@ def run_pool(
     on_tick: Callable[[list], None] = lambda started: None,
     on_none_started: Callable[[float], None] = lambda waited_s: None,
     on_retire: Callable[[Any], None] = lambda actor: None,
+    finish: Callable[[Any, Any], ray.ObjectRef] | None = None,
 ) -> None:
     """Run every unit through actors that come and go with the cluster; results in completion order.
 
     actor_options(): the options an actor is asked for with now; new_actor(options) asks for one. submit(actor,
-    unit) starts a unit on a started actor; on_result gets what it returned. on_started(actor) runs when an
-    actor is placed and constructed, before it gets a unit; on_tick(started actors) every TICK_S;
-    on_none_started(seconds waited) every TICK_S while no actor has started (it may raise: a deadline);
-    on_retire(actor) before an idle actor with nothing left to do is killed. A unit's or a constructor's
-    error ends the run (the constructor's RayIndexError as itself)."""
+    unit) starts a unit on a started actor; on_result gets what it returned, or, with finish, what
+    finish(actor, that) returned: a follow-up call on the same actor, run while the actor works on its next
+    unit (at most FINISHING_AHEAD of them ahead). on_started(actor) runs when an actor is placed and
+    constructed, before it gets a unit; on_tick(started actors) every TICK_S; on_none_started(seconds waited)
+    every TICK_S while no actor has started (it may raise: a deadline); on_retire(actor) before an idle actor
+    with nothing left to do is killed. A unit's, a follow-up's or a constructor's error ends the run (the
+    constructor's RayIndexError as itself), except a follow-up's actor dying: its unit starts over."""
     pending = list(units)
     waiting: dict[ray.ObjectRef, tuple[Any, dict]] = {}  # ready probe -> (actor, options it was asked with)
-    busy: dict[ray.ObjectRef, Any] = {}  # unit's result -> actor
-    idle: list = []
+    busy: dict[ray.ObjectRef, tuple[Any, Any]] = {}  # unit's result -> (actor, unit)
+    finishing: dict[ray.ObjectRef, tuple[Any, Any]] = {}  # follow-up's result -> (actor, unit)
+    idle: list = []  # started actors that may take a unit now
     started: list = []
     began = time.monotonic()
+
+    def follow_ups(actor) -> int:
+        return sum(1 for a, _ in finishing.values() if a == actor)
+
+    def free(actor) -> None:  # its unit (or follow-up) ended: it takes another unless too many follow-ups run
+        if actor not in idle and actor not in (a for a, _ in busy.values()) and follow_ups(actor) <= FINISHING_AHEAD:
+            idle.append(actor)
+
     try:
-        while pending or busy:
+        while pending or busy or finishing:
             while idle and pending:
                 actor = idle.pop()
-                busy[submit(actor, pending.pop(0))] = actor
+                unit = pending.pop(0)
+                busy[submit(actor, unit)] = (actor, unit)
+            # actors waiting for their follow-ups will take units: counted as busy ones
+            engaged = len(busy) + sum(1 for a in started if a not in idle and a not in (b for b, _ in busy.values()))
             # surplus waiting actors are cancelled before idle ones exit: none takes the resources they free
-            resize_waiting(
-                waiting, actor_options, new_actor, waiting_wanted(ceiling, len(pending), len(busy), len(busy))
-            )
-            for actor in idle:  # nothing left to hand out: let its node go idle
+            resize_waiting(waiting, actor_options, new_actor, waiting_wanted(ceiling, len(pending), engaged, engaged))
+            for actor in [a for a in idle if not follow_ups(a)]:  # nothing left to hand out: let its node go idle
                 on_retire(actor)
                 started.remove(actor)
+                idle.remove(actor)
                 ray.kill(actor)
-            idle.clear()
-            if not pending and not busy:
+            if not pending and not busy and not finishing:
                 break
-            ready, _ = ray.wait([*busy, *waiting], num_returns=1, timeout=TICK_S)
+            ready, _ = ray.wait([*busy, *finishing, *waiting], num_returns=1, timeout=TICK_S)
             if ready:
-                rest = [r for r in (*busy, *waiting) if r not in ready]
+                rest = [r for r in (*busy, *finishing, *waiting) if r not in ready]
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
             for ref in ready:
                 if ref in waiting:
@@ -98,16 +120,29 @@ def run_pool(
                     started.append(actor)
                     on_started(actor)
                     idle.append(actor)
+                elif ref in busy:
+                    actor, unit = busy.pop(ref)
+                    if finish is None:
+                        on_result(ray.get(ref))
+                    else:
+                        finishing[finish(actor, ray.get(ref))] = (actor, unit)
+                    free(actor)
                 else:
-                    actor = busy.pop(ref)
-                    on_result(ray.get(ref))
-                    idle.append(actor)
+                    actor, unit = finishing.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError:  # died during the follow-up: the unit starts over
+                        pending.insert(0, unit)
+                    else:
+                        on_result(result)
+                    free(actor)
             if not started:
                 on_none_started(time.monotonic() - began)
             else:
                 on_tick(started)
     finally:
-        for actor in dict.fromkeys([*started, *idle, *busy.values(), *(a for a, _ in waiting.values())]):
+        actors = [*started, *idle, *(a for a, _ in busy.values()), *(a for a, _ in finishing.values())]
+        for actor in dict.fromkeys([*actors, *(a for a, _ in waiting.values())]):
             ray.kill(actor)
 
 

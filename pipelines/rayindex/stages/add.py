@@ -1,8 +1,10 @@
 """Add stage: one Ray task per shard loads the trained index, checks it is the one recorded in the
 manifest, adds the shard's vectors with their global ids, and writes the shard's index. On a GPU build
-each task takes a GPU and a GPU node's CPUs per GPU, and the coarse assignment (a k=1 search over nlist
-centroids per vector, the add's cost at large nlist: benchmarks/coarse_assign_benchmark.py) runs on it;
-the codes are computed on the CPU threads either way (ivf/index.py add_assigned)."""
+where a GPU node is up when the stage starts, each task takes a GPU and a GPU node's CPUs per GPU, and the
+coarse assignment (a k=1 search over nlist centroids per vector, the add's cost at large nlist:
+benchmarks/coarse_assign_benchmark.py) runs on it; where none is up (the GPU workers scaled down after
+the encode), the tasks assign on the CPU nodes there are rather than wait for GPU workers to be launched
+again (add_task_resources); the codes are computed on the CPU threads either way (ivf/index.py add_assigned)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from rayindex.infra.faults import checkpoint
 from rayindex.infra.files import load_embeddings
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import connect
-from rayindex.infra.resources import gpu_task_resources, match_threads_to_ray_cpus
+from rayindex.infra.resources import alive_gpu_nodes, gpu_task_resources, match_threads_to_ray_cpus
 from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import add_assigned, gpu_assigner, read_index, write_index
 from rayindex.layout import EMBEDDINGS_FILE, SHARD_INDEX_FILE, TRAINED_FILE, VECTOR_IDS_FILE, shard_rel
@@ -58,19 +60,32 @@ def add_shard(
     return sha256
 
 
+def add_task_resources(gpu_build: bool, nodes: list[dict]) -> dict:
+    """What each add task asks Ray for: on a GPU build with a GPU node alive now, a GPU and its node's CPUs per
+    GPU (the coarse assignment runs on the GPU); otherwise 1 CPU, the assignment on the CPU. A GPU build whose
+    GPU workers scaled down after the encode (the autoscaler's idle timeout) does not wait for new ones: a
+    launch takes minutes, while adding is a single pass over the vectors that the CPUs already up can do
+    (the assignment's cost on CPU: benchmarks/coarse_assign_benchmark.py)."""
+    if gpu_build and alive_gpu_nodes(nodes):
+        return gpu_task_resources(nodes, whole_node=False)
+    return {"num_cpus": 1}
+
+
 def add_shards(
     version: Store,
     trained_sha256: str,
     jobs: list[tuple[int, int, dict[str, str]]],
     dim: int,
     on_done=None,
-    use_gpu: bool = False,
+    resources: dict | None = None,
 ) -> dict[int, str]:
-    """Run add_shard for each (shard_id, count, input files -> sha256) as Ray tasks; returns each shard's
-    index sha256. on_done(shard_id, count, sha256) as each finishes."""
-    resources = gpu_task_resources(ray.nodes(), whole_node=False) if use_gpu else {"num_cpus": 1}
+    """Run add_shard for each (shard_id, count, input files -> sha256) as Ray tasks, each asking for
+    `resources` (add_task_resources; 1 CPU by default), the lists assigned on the GPU when they hold one;
+    returns each shard's index sha256. on_done(shard_id, count, sha256) as each finishes."""
+    resources = resources or {"num_cpus": 1}
+    on_gpu = resources.get("num_gpus", 0) > 0
     task = ray.remote(max_retries=2, **resources)(add_shard)
-    refs = {task.remote(version, trained_sha256, sid, n, files, dim, use_gpu): (sid, n) for sid, n, files in jobs}
+    refs = {task.remote(version, trained_sha256, sid, n, files, dim, on_gpu): (sid, n) for sid, n, files in jobs}
     results = {}
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1)
@@ -110,6 +125,9 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 added[0] += n
                 update(added[0])
 
-            use_gpu = manifest.model.device == "cuda"  # as training: where the encoders ran
-            add_shards(version, trained_sha, jobs, manifest.dimension, on_done=record, use_gpu=use_gpu)
+            gpu_build = manifest.model.device == "cuda"  # as training: where the encoders ran
+            resources = add_task_resources(gpu_build, ray.nodes())
+            if gpu_build and not resources.get("num_gpus"):
+                progress.note("add: no GPU node is up (the GPU workers scaled down): the lists are assigned on CPUs")
+            add_shards(version, trained_sha, jobs, manifest.dimension, on_done=record, resources=resources)
     return manifest.shard_states

@@ -38,12 +38,17 @@ from rayindex.infra.prefetch import prefetched, written_behind
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.ray_session import check_shared_folder, connect
 from rayindex.infra.resources import (
+    GPU_ENV,
     GPU_ON_CPU_ENV,
     NodeGroup,
+    autoscaler_adds_nodes,
     autoscaler_node_groups,
+    autoscaler_status,
+    cpus_per_gpu,
     gpu_from_environment,
     gpu_on_cpu,
     gpu_refusal,
+    gpu_wait_reason,
     max_resource,
     use_gpus,
 )
@@ -98,6 +103,9 @@ WRITES_BEHIND = 2  # chunks whose vectors and doc-store rows wait for the writer
 CUT_LISTED = 100  # documents cut at --max-doc-chars listed per shard in the manifest (all are counted)
 SKIPPED_LISTED = 100  # document files skipped (damaged, encrypted, ...) listed per shard (all are counted)
 WAIT_NOTE_S = 30.0  # a line while the build waits for its first GPU node
+# the encoder's concurrency group of its pushes (store_shard): one thread, a shard's upload at a time, beside the
+# default group's two (encode_shard, and the driver's progress and settings calls)
+STORE_GROUP = "store"
 
 
 class Chunk(NamedTuple):
@@ -219,9 +227,15 @@ class ShardEncoder:
                 pages,
             )
 
+    def store_shard(self, encoded: EncodedShard, version: Store) -> EncodedShard:
+        """Push a shard's files to the output store (on S3, this node's copies then deleted: later stages pull
+        them); returns the shard, which counts as done only now. Runs on the actor's store thread
+        (STORE_GROUP) while the next shard encodes: the forward pass does not wait for the upload."""
+        version.push(list(encoded.files), keep=False)
+        return encoded
+
     def _encode_shard(self, shard: Shard, version: Store) -> EncodedShard:
-        """Output files appear only when complete, and are pushed to the output store before the shard
-        counts as done."""
+        """Output files appear only when complete; store_shard then pushes them to the output store."""
         normalize = self.settings().metric == "cosine"
         out = version.local(shard_rel(shard.shard_id))
         out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +284,6 @@ class ShardEncoder:
         seconds = time.monotonic() - started
         shard_files = {shard_rel(shard.shard_id, name): written_sha256(out / name) for name in SHARD_ENCODE_FILES}
         footer = footer_sha256(out / DOCS_FILE)
-        version.push(list(shard_files), keep=False)  # on S3 this node keeps no shard it pushed: later stages pull
         return EncodedShard(
             shard_id=shard.shard_id,
             rows_read=rows_read,
@@ -351,18 +364,6 @@ def concatenated(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype="<u8")
 
 
-def cpus_per_gpu(nodes: list[dict], groups: list[NodeGroup] | None = None) -> float | None:
-    """CPUs per GPU of the alive GPU nodes (the smallest ratio: an encoder must fit on every GPU node), else of
-    the GPU node types the autoscaler reported, or None when neither tells (GPU workers autoscaling from zero
-    under an autoscaler that does not report its node types)."""
-    ratios = [
-        n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
-        for n in nodes
-        if n.get("Alive") and n["Resources"].get("GPU", 0) > 0
-    ] or [g.resources.get("CPU", 0) / g.resources["GPU"] for g in groups or () if g.resources.get("GPU", 0) > 0]
-    return min(ratios) if ratios else None
-
-
 def encoder_resources(
     use_gpu: bool,
     cluster_cpus: float,
@@ -430,7 +431,8 @@ def encode_shards(
     address = ray.get_runtime_context().gcs_address
     gpus_at_start = resources.get("GPU", 0)
     if use_gpu:
-        refusal = gpu_refusal(gpus_at_start, groups, gpu_from_environment() is True, address)
+        adds_nodes = autoscaler_adds_nodes(autoscaler_status(), [n["NodeID"] for n in ray.nodes()])
+        refusal = gpu_refusal(gpus_at_start, groups, gpu_from_environment() is True, address, adds_nodes)
         if refusal:
             raise RayIndexError(refusal)
     _, per_actor = encoder_resources(
@@ -443,7 +445,9 @@ def encode_shards(
         cpus_per_gpu(ray.nodes(), groups),
     )
     on_cpu = use_gpu and gpu_on_cpu()  # explicit: fake clusters' GPUs are resources, not devices
-    actor_cls = ray.remote(max_concurrency=2, max_restarts=2, max_task_retries=2)(ShardEncoder)
+    actor_cls = ray.remote(max_concurrency=2, concurrency_groups={STORE_GROUP: 1}, max_restarts=2, max_task_retries=2)(
+        ShardEncoder
+    )
 
     def actor_options() -> dict:
         if not use_gpu or config.encoder_cpus:
@@ -479,14 +483,16 @@ def encode_shards(
             raise RayIndexError(
                 f"no GPU node joined the Ray cluster at {address} within --gpu-wait {config.gpu_wait:g} s: the "
                 "autoscaler may be at its GPU node type's max_workers, out of capacity or failing to launch (see "
-                "`ray status` and its monitor.log). Raise --gpu-wait, or build with --cpu"
+                "`ray status` and its monitor.log)"
+                + ("" if groups is not None else f", or have no GPU node type ({GPU_ENV}=1 said it has one)")
+                + ". Raise --gpu-wait, or build with --cpu"
             )
         if on_wait and waited_s - noted[0] >= WAIT_NOTE_S:
             noted[0] = waited_s
             asks = ", ".join(f"{n:g} {name}" for name, n in per_actor_needs(actor_options()).items())
             on_wait(
                 f"encode: waiting for a GPU node, {waited_s:.0f} s of --gpu-wait {config.gpu_wait:g} s "
-                f"(an encoder asks for {asks})"
+                f"(an encoder asks for {asks}): {gpu_wait_reason(groups)}"
             )
 
     run_pool(
@@ -496,6 +502,11 @@ def encode_shards(
         new_actor,
         lambda actor, shard: actor.encode_shard.remote(shard, version),
         on_shard_done or (lambda state: None),
+        # the push overlaps the actor's next shard; not retried by Ray on a restarted actor (maybe on another
+        # node, without the files): the pool gives the shard to an encoder again
+        finish=lambda actor, encoded: actor.store_shard.options(
+            concurrency_group=STORE_GROUP, max_task_retries=0
+        ).remote(encoded, version),
         on_started=on_started,
         on_tick=on_tick,
         on_none_started=on_none_started,
