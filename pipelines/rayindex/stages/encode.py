@@ -95,7 +95,7 @@ from rayindex.text.model import (
 )
 from rayindex.text.reuse import PreviousVectors
 from rayindex.text.shard_plan import locate_row
-from rayindex.text.vectors import column_vectors, given_settings
+from rayindex.text.vectors import column_vectors, given_settings, with_vector_hashes
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
@@ -194,7 +194,7 @@ class ShardEncoder:
         cfg, settings = self.config, self.settings()
         for batch, where in read_pieces(shard.pieces, cfg.id_column, cfg.max_file_bytes):
             if cfg.vector_column:
-                yield given_chunk(batch, where, cfg, self.dimension(), settings.metric)
+                yield given_chunk(batch, where, cfg, self.dimension(), settings.metric, self.previous)
                 continue
             docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, where, cfg.max_doc_chars)
             texts = docs.texts.to_pylist()
@@ -312,31 +312,27 @@ class ShardEncoder:
         )
 
 
-def given_chunk(batch: RowBatch, where, config: BuildConfig, dimension: int, metric: str) -> Chunk:
+def given_chunk(
+    batch: RowBatch, where, config: BuildConfig, dimension: int, metric: str, previous: PreviousVectors | None = None
+) -> Chunk:
     """A corpus batch whose rows bring their vectors (--vector-column): its documents (the rows with a vector), a
-    passage each spanning the whole text, and their vectors checked (text/vectors.py column_vectors)."""
+    passage each spanning the whole text, and their vectors checked (text/vectors.py column_vectors). Their content
+    hashes cover the vectors, so that a reindex counts a row whose vector changed as changed (the vectors written
+    are the column's either way)."""
     column = config.vector_column
     docs = prepare(batch, config.text_fields(), config.template, config.id_column, where, config.max_doc_chars, column)
     positions = np.searchsorted(batch.row_ids, docs.row_ids)
     values = batch.table.column(column).take(pa.array(positions)) if len(docs) else pa.array([], pa.null())
     given = column_vectors(values, column, dimension, metric, lambda i: where(int(positions[i])))
+    docs.content_hashes = with_vector_hashes(docs.content_hashes, given)
+    passages = np.ones(len(docs), np.int64)
+    found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, dimension), "<f4"), 0
+    if previous is not None and len(docs):
+        found, reused, changed = previous.lookup(docs.content_hashes, docs.id_hashes, passages)
     ends = pc.utf8_length(docs.texts).to_numpy(zero_copy_only=False).astype(np.int64)
-    none = np.zeros(len(docs), np.int64)
-    return Chunk(
-        len(batch.row_ids),
-        docs,
-        None,
-        np.ones(len(docs), np.int64),
-        none,
-        ends,
-        docs.texts,
-        0,
-        np.zeros(len(docs), bool),
-        np.zeros((0, dimension), "<f4"),
-        0,
-        None,
-        given,
-    )
+    starts = np.zeros(len(docs), np.int64)
+    texts = docs.texts
+    return Chunk(len(batch.row_ids), docs, None, passages, starts, ends, texts, 0, found, reused, changed, None, given)
 
 
 def cut_passages(
@@ -589,9 +585,6 @@ def previous_vectors(config: BuildConfig, manifest: Manifest, encoded_with: str)
     """The reindex's previous version as a vector source, when its vectors are comparable (same model,
     metric, passages, document prompt, device and dtype) and it recorded content hashes; otherwise every
     document is encoded (and the manifest says why)."""
-    if config.vector_column:  # reading a row's vector again costs less than finding and copying the old one
-        manifest.reindex.vectors_not_reused = f"the vectors are read from column {config.vector_column!r} again"
-        return None
     before, old = previous_version(Store(config.output, config.storage_retry), manifest)
     have_hashes = any(rel.endswith(CONTENT_HASHES_FILE) for rel in before.files_sha256)
     differing = [name for name in VECTOR_SETTINGS if getattr(before.config, name) != getattr(config, name)]
@@ -698,7 +691,13 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         listed = [f for s in manifest.shard_states for f in s.skipped_files]
         raise RayIndexError(
             f"no documents to index: all {total_rows} rows were skipped ({manifest.counts.skipped}); "
-            + (f"files skipped: {files_named(listed)}" if listed else "check --text-column")
+            + (
+                f"files skipped: {files_named(listed)}"
+                if listed
+                else "check --vector-column"
+                if config.vector_column
+                else "check --text-column"
+            )
         )
     if config.id_column:
         check_unique_ids(manifest, version, config.id_column)
