@@ -141,7 +141,7 @@ def test_the_plan_refuses_a_missing_or_wrong_vector_column_and_another_dimension
         plan.plan(BuildConfig(inputs=[str(path), str(tmp_path / "docs")], vector_column="vec"))
     config = BuildConfig(inputs=[str(path)], output=str(tmp_path / "out"), vector_column="vec")
     manifest = Manifest(
-        run_id="20260101T000000Z-aaaaaa", created_at="", config=config, config_fingerprint=config.fingerprint()
+        run_id="20260101-000000-aaaaaa", created_at="", config=config, config_fingerprint=config.fingerprint()
     )
     with pytest.raises(
         RayIndexError, match="vectors have 8 values, but --model .*all-MiniLM-L6-v2 makes vectors of 384"

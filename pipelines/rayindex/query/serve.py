@@ -103,6 +103,11 @@ def shed(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def sharded_response(loaded: PublishedIndex, missing: set) -> dict:
+    """What a sharded search's response adds: {partial, missing_shards} ({} when not sharded)."""
+    return {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
+
+
 class Refused(RayIndexError):
     """A request the replica does not answer: its HTTP status and message, and whether to retry it (Retry-After).
     An MCP tool reports it as its error (mcp_tools.py)."""
@@ -461,11 +466,6 @@ class RagService:
         """This application's request metrics summed over its replicas (Prometheus text)."""
         text = await asyncio.to_thread(cluster_metrics, serve.get_replica_context().app_name)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def sharded_response(loaded: PublishedIndex, missing: set) -> dict:
-    """What a sharded search's response adds: {partial, missing_shards} ({} when not sharded)."""
-    return {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
 
 
 def app_builder(config: AppConfig) -> Application:
