@@ -321,6 +321,8 @@ def test_a_build_refuses_a_row_of_another_dimension_naming_it(ray_address, tmp_p
     rows = [{"id": i, "vec": v.tolist()} for i, v in enumerate(unit(np.random.default_rng(5), 30))]
     rows[24]["vec"] = rows[24]["vec"][:5]
     path = write_jsonl(tmp_path / "v.jsonl", rows)
-    config = build_config([path], tmp_path / "out", template=None, vector_column="vec", model=ELSEWHERE, shards=2)
+    config = build_config(
+        [path], tmp_path / "out", template=None, vector_column="vec", model=ELSEWHERE, shards=2, index=None
+    )
     with pytest.raises(RayIndexError, match=f"{path} line 25: vector column 'vec' has 5 values, the corpus's vectors"):
         build(config)
