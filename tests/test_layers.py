@@ -47,6 +47,7 @@ LAYERS = [
             "text.documents",
             "text.passages",
             "text.queries",
+            "text.vectors",
             "ivf.index_params",
             "ivf.capacity",
             "ivf.index",

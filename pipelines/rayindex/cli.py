@@ -176,16 +176,24 @@ def reindex(
 
 @command()
 def search(
-    query: str = typer.Argument(..., help="What to look for."),
+    query: str = typer.Argument(None, help="What to look for (or --vector-file)."),
     location: Annotated[dict, From(IndexLocation)] = None,
     remote: Annotated[dict, From(ServerLocation)] = None,
     params: Annotated[dict, From(SearchParams)] = None,
+    vector_file: Path = typer.Option(
+        None,
+        "--vector-file",
+        metavar="FILE",
+        help="Search for a vector instead of a text: a .npy file holding one vector, or a JSON array of numbers.",
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON list of {id, score, passage, start, end, text, metadata, page (PDFs)}."
     ),
 ) -> None:
     """Search the published index (an s3:// index is cached locally by version, checked by checksum), or a running
     server's (--server)."""
+    if (query is None) == (vector_file is None):
+        raise UsageError("give a query text or --vector-file FILE (exactly one)")
     search_params = settings(SearchParams, params)
     through = settings(ServerLocation, remote)
     if through.server:
@@ -198,18 +206,29 @@ def search(
         from rayindex.query.search import open_index
 
         index = open_index(where_is(location))
-    hits = index.search(
-        query,
-        search_params.k,
-        search_params.nprobe,
-        search_params.per_document,
-        search_params.filter,
-        search_params.mode,
-    )
+    if vector_file is not None:
+        if search_params.mode not in (None, "dense"):
+            raise UsageError(f"--mode {search_params.mode} needs a query text; a vector is searched densely")
+        hits = index.search_vector(
+            read_vector_file(vector_file),
+            search_params.k,
+            search_params.nprobe,
+            search_params.per_document,
+            search_params.filter,
+        )
+    else:
+        hits = index.search(
+            query,
+            search_params.k,
+            search_params.nprobe,
+            search_params.per_document,
+            search_params.filter,
+            search_params.mode,
+        )
     if as_json:
         sys.stdout.write(json.dumps(hits, ensure_ascii=False, default=str) + "\n")
         return
-    table = Table(title=f"{len(hits)} hits for {query!r}")
+    table = Table(title=f"{len(hits)} hits for {repr(query) if vector_file is None else vector_file}")
     for col in ("#", "score", "id", "chars", "passage text"):
         table.add_column(col, overflow="fold")
     for rank, hit in enumerate(hits, 1):
@@ -222,6 +241,24 @@ def search(
             text[:160] + ("…" if len(text) > 160 else ""),
         )
     console.print(table)
+
+
+def read_vector_file(path: Path) -> list[float]:
+    """--vector-file: one vector, from a .npy file (numpy's format, no pickles) or a JSON array of numbers."""
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            values = np.load(path, allow_pickle=False)
+            if values.ndim != 1:
+                raise ValueError(f"it holds an array of shape {values.shape}, not one vector")
+            return values.astype(float).tolist()
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--vector-file {path}: cannot read a vector ({exc})") from None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UsageError(f"--vector-file {path}: give a JSON array of numbers, or a .npy file of one vector")
+    return [float(v) for v in values]
 
 
 def cited(hit: dict) -> str:

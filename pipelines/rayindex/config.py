@@ -128,6 +128,13 @@ class BuildConfig(Settings):
         ["text"], description="Text column; repeat to join several with ': '.", json_schema_extra=cli("--text-column")
     )
     template: str | None = Field(None, description='Text template, e.g. "{title}: {body}" (overrides --text-column).')
+    vector_column: str | None = Field(
+        None,
+        description="Column holding each row's vector, computed elsewhere (a list of numbers): no model runs, one "
+        "vector per row (no passages); --model names the model that made them (text queries are encoded by it), "
+        "--metric defaults to cosine (vectors of norm 1).",
+        json_schema_extra=cli(metavar="NAME"),
+    )
     shards: int | None = Field(None, ge=1, description="Number of shards (default: from --shard-size).")
     shard_size: int = Field(50_000, ge=1, description="Target documents per shard when --shards is not given.")
     model: str = Field(
@@ -288,6 +295,10 @@ class BuildConfig(Settings):
             )
         if not self.inputs:
             raise ValueError("give at least one input path")
+        if self.vector_column and self.vector_column in ([self.id_column] + self.text_fields()):
+            raise ValueError(
+                f"--vector-column {self.vector_column!r} is also the id or a text column; name the vectors' column"
+            )
         return self
 
     def text_fields(self) -> list[str]:

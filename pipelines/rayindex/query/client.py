@@ -70,7 +70,22 @@ class ServerIndex:
     ) -> list[dict]:
         """The server's hits for the query: {id, score, passage, start, end, text, metadata} each, best first
         (PublishedIndex.search's arguments; None: the server's default)."""
-        body = request_body(query, k=k, nprobe=nprobe, per_document=per_document, filter=filter, mode=mode)
+        return self._post(request_body(query, k=k, nprobe=nprobe, per_document=per_document, filter=filter, mode=mode))
+
+    def search_vector(
+        self,
+        vector,
+        k: int | None = None,
+        nprobe: int | None = None,
+        per_document: int | None = None,
+        filter: dict | None = None,
+    ) -> list[dict]:
+        """The server's hits for a query vector (PublishedIndex.search_vector's arguments): /search with "vector"."""
+        values = [float(v) for v in vector]
+        body = request_body(None, vector=values, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
+        return self._post(body)
+
+    def _post(self, body: dict) -> list[dict]:
         try:
             response = self._client.post(f"{self.url}/search", json=body)
         except httpx.TransportError as exc:
@@ -133,7 +148,7 @@ class ServerIndex:
         raise RayIndexError(f"{where} answered {status}: {detail}")
 
 
-def request_body(query: str, **params) -> dict:
+def request_body(query: str | None, **params) -> dict:
     """The /search body of the arguments given (None: the server's default), checked with the server's model:
     a bad one is a UsageError with the text of the server's 422."""
     given = {name: value for name, value in dict(params, query=query).items() if value is not None}

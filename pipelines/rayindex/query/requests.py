@@ -2,12 +2,14 @@
 config.py plus the query text), with the limits that bound one request's work. A bad field is a 422
 naming it (serve.py's validation handler), never a 5xx."""
 
-from pydantic import Field, field_validator
+from pydantic import Field, FiniteFloat, field_validator, model_validator
 
 from rayindex.config import AskParams, SearchParams
 
 MAX_QUERY_CHARS = 2_000
 MAX_K = 100  # hits per /search: bounds the doc-store reads and the response size
+# values of a query vector: past the largest embedding models' (4,096); the body limit (gate.py) bounds it too
+MAX_VECTOR_VALUES = 16_384
 MAX_ASK_K = 20  # passages per /ask: with the sentence budget (generate.MAX_SENTENCES_SCORED) bounds an answer's work
 
 
@@ -22,8 +24,8 @@ def field_problems(errors: list[dict]) -> str:
     return "; ".join(problems)
 
 
-def _not_blank(value: str) -> str:
-    if not value.strip():
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
         raise ValueError("must not be empty or only whitespace")
     return value
 
@@ -35,10 +37,24 @@ def _k_at_most_max(value: int) -> int:
 
 
 class SearchRequest(SearchParams):
-    query: str = Field(..., max_length=MAX_QUERY_CHARS, description="Text to search for.")
+    query: str | None = Field(None, max_length=MAX_QUERY_CHARS, description="Text to search for.")
+    vector: list[FiniteFloat] | None = Field(
+        None,
+        max_length=MAX_VECTOR_VALUES,
+        description="A vector to search for instead of a text: the index's dimension, finite values (normalized for "
+        "metric cosine); dense search only.",
+    )
 
     _query_not_blank = field_validator("query")(_not_blank)
     _k_limit = field_validator("k")(_k_at_most_max)
+
+    @model_validator(mode="after")
+    def _query_or_vector(self):
+        if (self.query is None) == (self.vector is None):
+            raise ValueError("give exactly one of query (text) and vector (a list of numbers)")
+        if self.vector is not None and self.mode not in (None, "dense"):
+            raise ValueError(f"mode {self.mode} needs query text; a vector is searched with mode dense")
+        return self
 
 
 class AskRequest(AskParams):

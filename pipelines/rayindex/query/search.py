@@ -69,6 +69,7 @@ class PublishedIndex:
     shards: ListSearch | None = None  # sharded serving: searches go to the serving shards
     lexical: Postings | None = field(default=None, repr=False)  # BM25 postings, memory-mapped (None: --no-lexical)
     analyzer: Analyzer | None = field(default=None, repr=False)
+    model_missing: str | None = None  # why text queries are refused (given vectors, their model not here)
 
     @property
     def ntotal(self) -> int:
@@ -79,12 +80,46 @@ class PublishedIndex:
         return self.manifest.run_id
 
     def encode(self, queries: list[str]) -> np.ndarray:
-        """Query vectors: the build's model, with its query prompt and its normalization."""
+        """Query vectors: the build's model, with its query prompt and its normalization. An index of given
+        vectors (--vector-column) whose model cannot be loaded here refuses text (text/vectors.py ModelUnavailable),
+        every time without trying again."""
         from rayindex.text.model import encode_queries, load_model
+        from rayindex.text.vectors import ModelUnavailable, query_model
 
         if self.model is None:
-            self.model = load_model(self.manifest.model.name)
+            if self.model_missing:
+                raise ModelUnavailable(self.model_missing)
+            if self.manifest.config.vector_column:
+                try:
+                    self.model = query_model(self.manifest.model.name, self.manifest.dimension)
+                except ModelUnavailable as exc:
+                    self.model_missing = str(exc)
+                    raise
+            else:
+                self.model = load_model(self.manifest.model.name)
         return encode_queries(self.model, queries, self.manifest.model.query_prompt, self.manifest.model.normalized)
+
+    def query_vectors(self, vector) -> np.ndarray:
+        """A vector given as a query, checked against the index (field `vector`: one vector of its dimension, finite
+        values), as a float32 (1 x dimension) array; normalized when the index's metric is cosine, as text queries
+        are."""
+        try:
+            array = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise UsageError("vector: give a list of numbers") from None
+        dimension = self.manifest.dimension
+        if array.ndim != 1 or len(array) != dimension:
+            shape = f"{len(array)} values" if array.ndim == 1 else f"shape {array.shape}"
+            raise UsageError(f"vector: has {shape}, this index's vectors have {dimension} values; give one vector")
+        array = array.reshape(1, -1)
+        if not np.isfinite(array).all():
+            raise UsageError("vector: holds NaN or infinite values; give finite numbers")
+        if self.manifest.model.normalized:
+            norms = np.linalg.norm(array, axis=1, keepdims=True)
+            if not norms.all():
+                raise UsageError("vector: is all zeros, which has no direction to compare (metric cosine)")
+            array = array / norms
+        return np.ascontiguousarray(array, dtype=np.float32)
 
     def check_nprobe(self, nprobe: int | None) -> int:
         """nprobe, or the version's default, refused when outside 1..nlist."""
@@ -247,6 +282,23 @@ class PublishedIndex:
         if not query.strip():
             raise RayIndexError("the query is empty")
         found = self.rank([query], params.k, params.nprobe, params.per_document, params.filter, params.mode)
+        return self.hits(found[0])
+
+    def search_vector(
+        self,
+        vector,
+        k: int | None = None,
+        nprobe: int | None = None,
+        per_document: int | None = None,
+        filter: dict | None = None,
+    ) -> list[dict]:
+        """The k best documents for a query vector (a list or array of the index's dimension; normalized when its
+        metric is cosine), as search returns them: dense search only, no model loaded (an index of vectors made
+        elsewhere, --vector-column, is searched this way when its model is not here)."""
+        params = settings_given(SearchParams, k=k, nprobe=nprobe, per_document=per_document, filter=filter)
+        found = self.search_documents(
+            self.query_vectors(vector), params.k, params.nprobe, params.per_document, params.filter
+        )
         return self.hits(found[0])
 
     def hits(self, found: list[tuple[float, int]]) -> list[dict]:

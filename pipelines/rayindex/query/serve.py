@@ -50,6 +50,7 @@ from rayindex.query.metrics import ReplicaMetrics, cluster_metrics
 from rayindex.query.requests import AskRequest, SearchRequest, field_problems
 from rayindex.query.search import PublishedIndex, open_index
 from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, open_router
+from rayindex.text.vectors import ModelUnavailable
 from rayindex.versions import current_run_id
 
 log = logging.getLogger("rayindex.serve")
@@ -100,6 +101,11 @@ def without_paths(text: str, folders: dict[str, str]) -> str:
 def shed(status: int, detail: str) -> JSONResponse:
     """A fast refusal the client should retry: 503 (busy) or 504 (too slow), with Retry-After."""
     return JSONResponse(status_code=status, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def sharded_response(loaded: PublishedIndex, missing: set) -> dict:
+    """What a sharded search's response adds: {partial, missing_shards} ({} when not sharded)."""
+    return {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
 
 
 class Refused(RayIndexError):
@@ -187,7 +193,10 @@ class RagService:
         loaded.docs.open_all()  # every doc store file's footer checked now: a damaged one is refused, not served
         if previous is not None and previous.manifest.model.name == loaded.manifest.model.name:
             loaded.model = previous.model
-        loaded.encode(["warm-up"])  # load the model and touch the index before taking traffic
+        try:
+            loaded.encode(["warm-up"])  # load the model and touch the index before taking traffic
+        except ModelUnavailable as exc:  # vectors made elsewhere, their model not here: searched by vector only
+            log.warning("version %s: %s", loaded.run_id, self._message(exc))
         return loaded
 
     def _watch_current(self) -> None:
@@ -310,9 +319,22 @@ class RagService:
             found, missing = await self._rank(loaded, [text], params)
             found = found[0]
         hits = await asyncio.to_thread(loaded.hits, found)
-        return hits, (
-            {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
-        )
+        return hits, sharded_response(loaded, missing)
+
+    async def _retrieve_vector(self, loaded: PublishedIndex, params: SearchRequest) -> tuple[list[dict], dict]:
+        """_retrieve for a query vector (no model, so no batch to share): checked against the index (a wrong
+        dimension is this request's 422), searched and read in a worker thread."""
+        missing: set = set()
+
+        def ranked() -> list[dict]:
+            vectors = loaded.query_vectors(params.vector)
+            found = loaded.search_documents(
+                vectors, params.k, params.nprobe, params.per_document, params.filter, missing
+            )
+            return loaded.hits(found[0])
+
+        hits = await asyncio.to_thread(ranked)
+        return hits, sharded_response(loaded, missing)
 
     async def _limited(self, work, loaded: PublishedIndex):
         """Run a search (or an answer, or a document's fetch) within max_inflight and request_timeout; Refused when
@@ -347,7 +369,10 @@ class RagService:
 
     async def _search_body(self, loaded: PublishedIndex, request: SearchRequest, start: float) -> dict:
         """A /search response's body: the version, the hits (sharded: partial, missing_shards) and the time taken."""
-        hits, sharding = await self._retrieve(loaded, request.query, request)
+        if request.vector is not None:
+            hits, sharding = await self._retrieve_vector(loaded, request)
+        else:
+            hits, sharding = await self._retrieve(loaded, request.query, request)
         return {
             "version": loaded.run_id,
             "hits": hits,

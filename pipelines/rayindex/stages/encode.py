@@ -12,6 +12,9 @@ unit that is written, checksummed and resumed (docs/build.md).
 
 On a reindex, documents whose id and content are unchanged since the previous version get their
 vector copied from it instead of encoded (text/reuse.py).
+
+With --vector-column the rows bring their own vectors (given_chunk; checked by text/vectors.py): the encoders
+load no model, and a shard's data path reads, checks and writes them in place of the forward pass.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from rayindex.config import BuildConfig
@@ -77,7 +81,7 @@ from rayindex.manifest import (
     ShardState,
     SkippedFile,
 )
-from rayindex.text.corpus import InputUnavailable, read_pieces
+from rayindex.text.corpus import InputUnavailable, RowBatch, read_pieces
 from rayindex.text.documents import CUT, Documents, duplicate_ids_message, prepare, with_pages
 from rayindex.text.files import passage_pages
 from rayindex.text.model import (
@@ -96,6 +100,7 @@ from rayindex.text.model import (
 )
 from rayindex.text.reuse import PreviousVectors
 from rayindex.text.shard_plan import locate_row
+from rayindex.text.vectors import column_vectors, given_settings, with_vector_hashes
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass
@@ -123,6 +128,7 @@ class Chunk(NamedTuple):
     reused: np.ndarray  # their passages' vectors
     changed: int  # reindex: documents encoded again because their content changed
     pages: np.ndarray | None  # document files: each passage's page (0: none), None for a table's rows
+    given: np.ndarray | None = None  # --vector-column: the rows' own vectors (nothing to encode)
 
 
 class ShardEncoder:
@@ -130,7 +136,14 @@ class ShardEncoder:
     reads, assembles, hashes and tokenizes the next batches (infra/prefetch.py) while this thread runs the
     forward pass and writes the results: the CPU work overlaps the model's."""
 
-    def __init__(self, config: BuildConfig, use_gpu: bool, threads: int, previous: PreviousVectors | None = None):
+    def __init__(
+        self,
+        config: BuildConfig,
+        use_gpu: bool,
+        threads: int,
+        previous: PreviousVectors | None = None,
+        dimension: int | None = None,
+    ):
         # the Rust tokenizer's parallelism (off in jobs/runtime_env.yaml for forked processes) is on here,
         # sized to the CPUs this actor reserved; RAYON_NUM_THREADS is read when its pool starts, below
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
@@ -140,7 +153,9 @@ class ShardEncoder:
         torch.set_num_threads(max(1, threads))
         self.device = encoder_device(use_gpu)  # refuses a GPU it cannot use, naming what is missing
         self.dtype = encode_precision(config.encode_dtype, self.device)
-        self.model = load_model(config.model, self.device, self.dtype)
+        # --vector-column: the corpus brings the vectors (of this dimension, the plan's), no model is loaded
+        self.model = None if config.vector_column else load_model(config.model, self.device, self.dtype)
+        self.given_dimension = dimension
         self.batch_size = encode_batch_size(config.batch_size, self.device)
         self.config = config
         self.previous = previous  # a reindex: vectors of unchanged documents are copied, not encoded
@@ -148,13 +163,15 @@ class ShardEncoder:
         self._settings: VectorSettings | None = None
 
     def dimension(self) -> int:
-        return embedding_dimension(self.model)
+        return self.given_dimension if self.model is None else embedding_dimension(self.model)
 
     def settings(self) -> VectorSettings:
         """The build's metric, prompts and passage size resolved against the model (refused when they
         cannot work with it); resolved on first use, where a refusal is a task's error, not the actor's."""
         if self._settings is None:
-            self._settings = vector_settings(self.model, self.config)
+            self._settings = (
+                given_settings(self.config) if self.model is None else vector_settings(self.model, self.config)
+            )
         return self._settings
 
     def device_used(self) -> str:
@@ -184,6 +201,9 @@ class ShardEncoder:
         into passages once, and looked up in the previous version (reindex)."""
         cfg, settings = self.config, self.settings()
         for batch, where in read_pieces(shard.pieces, cfg.id_column, cfg.max_file_bytes):
+            if cfg.vector_column:
+                yield given_chunk(batch, where, cfg, self.dimension(), settings.metric, self.previous)
+                continue
             docs = prepare(batch, cfg.text_fields(), cfg.template, cfg.id_column, where, cfg.max_doc_chars)
             texts = docs.texts.to_pylist()
             if settings.passage_tokens:
@@ -265,7 +285,9 @@ class ShardEncoder:
                         copied = np.repeat(chunk.found, chunk.passages)
                         vectors = np.empty((len(copied), self.dimension()), dtype="<f4")
                         vectors[copied] = chunk.reused
-                        if not copied.all():
+                        if chunk.given is not None:
+                            vectors = chunk.given
+                        elif not copied.all():
                             vectors[~copied] = embed(
                                 self.model, chunk.tokenized, self.batch_size, normalize, np.flatnonzero(~copied)
                             )
@@ -301,6 +323,29 @@ class ShardEncoder:
             docs_footer_sha256=footer,
             files=shard_files,
         )
+
+
+def given_chunk(
+    batch: RowBatch, where, config: BuildConfig, dimension: int, metric: str, previous: PreviousVectors | None = None
+) -> Chunk:
+    """A corpus batch whose rows bring their vectors (--vector-column): its documents (the rows with a vector), a
+    passage each spanning the whole text, and their vectors checked (text/vectors.py column_vectors). Their content
+    hashes cover the vectors, so that a reindex counts a row whose vector changed as changed (the vectors written
+    are the column's either way)."""
+    column = config.vector_column
+    docs = prepare(batch, config.text_fields(), config.template, config.id_column, where, config.max_doc_chars, column)
+    positions = np.searchsorted(batch.row_ids, docs.row_ids)
+    values = batch.table.column(column).take(pa.array(positions)) if len(docs) else pa.array([], pa.null())
+    given = column_vectors(values, column, dimension, metric, lambda i: where(int(positions[i])))
+    docs.content_hashes = with_vector_hashes(docs.content_hashes, given)
+    passages = np.ones(len(docs), np.int64)
+    found, reused, changed = np.zeros(len(docs), bool), np.zeros((0, dimension), "<f4"), 0
+    if previous is not None and len(docs):
+        found, reused, changed = previous.lookup(docs.content_hashes, docs.id_hashes, passages)
+    ends = pc.utf8_length(docs.texts).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.zeros(len(docs), np.int64)
+    texts = docs.texts
+    return Chunk(len(batch.row_ids), docs, None, passages, starts, ends, texts, 0, found, reused, changed, None, given)
 
 
 def cut_passages(
@@ -414,6 +459,7 @@ def encode_shards(
     on_shard_done=None,
     previous: PreviousVectors | None = None,
     on_wait=None,
+    dimension: int | None = None,
 ) -> None:
     """Run every shard through a pool of encoders that follows the cluster (infra/actor_pool.py): encoders are
     asked for while shards wait, start as nodes join (each GPU encoder with its node's CPUs per GPU), and exit
@@ -425,7 +471,7 @@ def encode_shards(
     encoders use and the VectorSettings (to record them, and refuse an unusable --index early);
     on_progress(rows_done) is called while encoding runs, and on_shard_done(EncodedShard) as each shard
     finishes (in completion order). previous: a reindex's earlier version, whose vectors of unchanged documents
-    are copied instead of encoded.
+    are copied instead of encoded. dimension: the corpus's vectors' (--vector-column), where no model tells it.
     """
     resources, groups = ray.cluster_resources(), autoscaler_node_groups()
     address = ray.get_runtime_context().gcs_address
@@ -457,7 +503,7 @@ def encode_shards(
 
     def new_actor(options: dict):
         threads = max(1, int(options["num_cpus"]))
-        return actor_cls.options(**options).remote(config, use_gpu and not on_cpu, threads, previous)
+        return actor_cls.options(**options).remote(config, use_gpu and not on_cpu, threads, previous, dimension)
 
     retired_rows, described = [0], []
 
@@ -598,7 +644,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     connect(config.ray_address, config.s3_endpoint)
     if not version.remote:
         check_shared_folder(version.local_root)
-    use_gpu = use_gpus(config.gpu)
+    use_gpu = use_gpus(config.gpu) and not config.vector_column  # given vectors: no forward pass to run
     if use_gpu and gpu_on_cpu():
         warning = f"{GPU_ON_CPU_ENV}=1: the encoders reserved GPUs but ran on the CPU (a fake cluster's GPUs)"
         if warning not in manifest.warnings:
@@ -644,6 +690,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
                 on_shard_done=record,
                 previous=previous,
                 on_wait=progress.note,
+                dimension=manifest.dimension,
             )
     check_one_precision(manifest)
     manifest.counts = count_documents(manifest.shard_states)
@@ -655,7 +702,13 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         listed = [f for s in manifest.shard_states for f in s.skipped_files]
         raise RayIndexError(
             f"no documents to index: all {total_rows} rows were skipped ({manifest.counts.skipped}); "
-            + (f"files skipped: {files_named(listed)}" if listed else "check --text-column")
+            + (
+                f"files skipped: {files_named(listed)}"
+                if listed
+                else "check --vector-column"
+                if config.vector_column
+                else "check --text-column"
+            )
         )
     if config.id_column:
         check_unique_ids(manifest, version, config.id_column)

@@ -11,7 +11,7 @@ from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
 from rayindex.infra.storage import is_remote
 from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
-from rayindex.text import corpus
+from rayindex.text import corpus, vectors
 from rayindex.text.documents import find_duplicate_ids
 from rayindex.text.model import resolve_model
 from rayindex.text.shard_plan import number_of_shards, plan_shards
@@ -36,10 +36,14 @@ def plan(config: BuildConfig) -> Plan:
         raise RayIndexError(duplicates)
     infos = [corpus.inspect_file(p) for p in sorted(names)]
     tables = [i for i in infos if i.format in corpus.TABLE_FORMATS]
-    required = ([config.id_column] if config.id_column else []) + config.text_fields()
-    corpus.check_columns(tables, required)
+    fields = config.text_fields()
+    if config.vector_column:
+        check_given_vectors(infos, config.vector_column)
+        if without_text(config, tables):
+            fields = []
+    corpus.check_columns(tables, ([config.id_column] if config.id_column else []) + fields)
     if not config.template:
-        corpus.check_text_columns(tables, config.text_fields())
+        corpus.check_text_columns(tables, fields)
     total = sum(i.num_rows for i in infos)
     if total == 0:
         raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
@@ -56,6 +60,30 @@ def plan(config: BuildConfig) -> Plan:
         ]
     files = [InputFile(path=i.path, format=i.format, rows=i.num_rows, **corpus.file_signature(i.path)) for i in infos]
     return Plan(files, shards)
+
+
+def check_given_vectors(infos: list[corpus.FileInfo], column: str) -> None:
+    """--vector-column: tables only (a document file has no vectors), each with the column, of a list type."""
+    files = [i for i in infos if i.format not in corpus.TABLE_FORMATS]
+    if files:
+        raise RayIndexError(
+            f"{files[0].path}: a {files[0].format} file has no vector column; --vector-column {column} reads Parquet "
+            "and JSONL tables only: build the document files without it, in an index of their own"
+        )
+    vectors.check_vector_columns(infos, column)
+
+
+def without_text(config: BuildConfig, tables: list[corpus.FileInfo]) -> bool:
+    """Vectors brought by a table that has no text column at all: --text-column left at its default (text) and no
+    table has that column. Its hits carry metadata only, and text queries match no words (the lexical index is
+    empty): a warning says so. A text column named otherwise must exist."""
+    default = BuildConfig.model_fields["text_columns"].default
+    return (
+        bool(config.vector_column)
+        and not config.template
+        and config.text_columns == default
+        and not any(default[0] in t.columns for t in tables)
+    )
 
 
 def ids_cheap_to_read(files: list[InputFile]) -> bool:
@@ -77,4 +105,12 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     manifest.model = ModelInfo(
         name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine")
     )
+    if config.vector_column:
+        manifest.dimension = vectors.corpus_dimension([(f.path, f.rows) for f in planned.files], config.vector_column)
+        vectors.check_model_dimension(config.model, manifest.dimension)
+        if without_text(config, [corpus.inspect_file(planned.files[0].path)]):  # one schema: check_columns
+            manifest.warnings.append(
+                f"the input has no text column ({config.text_columns[0]!r}): hits carry the rows' metadata and no "
+                "text, and text queries match no words (give --text-column or --template to keep the rows' text)"
+            )
     return planned

@@ -29,6 +29,7 @@ from rayindex.ivf.recall import (
     document_truth,
     measure_sweep,
     nprobe_sweep,
+    sample_queries,
     select_nprobe,
     this_machine,
 )
@@ -37,6 +38,7 @@ from rayindex.layout import EMBEDDINGS_FILE, IVFDATA_FILE, MERGED_FILE, VECTOR_I
 from rayindex.manifest import Manifest, Tuning
 from rayindex.text.model import encode_queries, load_model
 from rayindex.text.queries import read_query_file
+from rayindex.text.vectors import ModelUnavailable, query_model
 
 REFINE_FACTORS = (2, 4, 8, 16)
 AUTO_TUNE_VECTORS = 2_000_000  # exact search of 500 queries over 2M x 384 floats: ~15 s on 2 cores
@@ -62,8 +64,14 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
             refiner.append(Refiner(version_dir, manifest))
         return search_ivf(index, queries, kk, nprobe, refiner[0] if refiner else None, refine)
 
-    texts, queries_from = tuning_texts(version_dir, manifest, options)
-    queries = np.ascontiguousarray(query_encoder(manifest)(texts), dtype=np.float32)
+    encoder = query_encoder(manifest)
+    texts, queries_from = tuning_texts(version_dir, manifest, options) if encoder else ([], "")
+    if any(text.strip() for text in texts):
+        queries = np.ascontiguousarray(encoder(texts), dtype=np.float32)
+    else:  # given vectors whose model is not here, or rows without text: the stored vectors are the queries
+        queries, _ = sample_queries(version_dir, manifest, min(options.n_queries, ntotal), TUNE_SEED)
+        why = "the corpus has no text" if encoder else f"the model that made them, {manifest.model.name}, is not here"
+        queries_from = f"stored vectors ({why})"
     no_self = np.full(len(queries), -1, np.int64)  # not stored vectors: nothing to leave out
     fetch = manifest.first_fetch(k)  # the passages search ranks into its first k documents
     truth = document_truth(version_dir, manifest, queries, k, fetch)
@@ -89,7 +97,7 @@ def tune(version_dir: Path, manifest: Manifest, options: TuneOptions) -> tuple[T
     tuning = Tuning(
         target=options.target_recall,
         k=k,
-        queries=len(texts),
+        queries=len(queries),
         sweep=sweep,
         reached=chosen is not None,
         nprobe=pick.nprobe,
@@ -135,8 +143,15 @@ def tuning_texts(version_dir: Path, manifest: Manifest, options: TuneOptions) ->
 
 
 def query_encoder(manifest: Manifest):
-    """The build's model as search runs it: its query prompt and normalization."""
-    model = load_model(manifest.model.name)
+    """The build's model as search runs it: its query prompt and normalization; None for an index of given vectors
+    (--vector-column) whose model cannot be loaded here."""
+    if manifest.config.vector_column:
+        try:
+            model = query_model(manifest.model.name, manifest.dimension)
+        except ModelUnavailable:
+            return None
+    else:
+        model = load_model(manifest.model.name)
     return lambda texts: encode_queries(model, texts, manifest.model.query_prompt, manifest.model.normalized)
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayindex.manifest import CutDocument, Shard, SkippedFile
-from rayindex.text import files
+from rayindex.text import files, vectors
 from rayindex.text.corpus import RowBatch, check_id, check_text_type, is_document_file, read_piece
 from rayindex.text.shard_plan import locate_row
 
@@ -240,17 +240,26 @@ def cap_texts(texts: pa.Array, chars: int) -> tuple[pa.Array, list[tuple[int, in
 
 
 def prepare(
-    batch: RowBatch, fields: list[str], template: str | None, id_column: str | None, where, max_chars: int | None = None
+    batch: RowBatch,
+    fields: list[str],
+    template: str | None,
+    id_column: str | None,
+    where,
+    max_chars: int | None = None,
+    vector_column: str | None = None,
 ) -> Documents:
     """The batch's documents: rows with text, their ids, metadata and hashes, and the skipped rows counted;
     texts longer than max_chars cut (before anything else reads them) and listed. A batch of document files
     (batch.files) is their text, each named by its id; those that could not be parsed are counted by reason,
-    and listed."""
+    and listed. With a vector_column (vectors brought by the corpus) the rows with a vector are the documents,
+    with or without text, and the vectors are not metadata."""
     table, row_ids, raw_ids, from_files = batch.table, batch.row_ids, batch.raw_ids, batch.files
     if from_files is not None:
         fields, template, id_column = [files.TEXT], None, None
     skipped: dict[str, int] = {}
     texts, has_text = compose_texts(table, fields, template, where(0) if len(row_ids) else "the input")
+    if vector_column:
+        has_text, texts = pa.array(vectors.present(table, vector_column)), pc.fill_null(texts, "")
     positions = document_positions(batch, has_text)
     blank = 0 if batch.blank_lines is None else int(batch.blank_lines.sum())
     if blank:
@@ -260,7 +269,7 @@ def prepare(
         skipped[reason] = skipped.get(reason, 0) + 1
     empty = table.num_rows - len(positions) - blank - len(unreadable)
     if empty:
-        skipped[EMPTY_TEXT] = empty
+        skipped[vectors.NULL_VECTOR if vector_column else EMPTY_TEXT] = empty
     if batch.non_utf8:
         skipped[NON_UTF8] = batch.non_utf8
     if len(positions) < table.num_rows:
@@ -275,7 +284,7 @@ def prepare(
     else:
         ids, is_int = corpus_ids(table, id_column, row_ids, raw_ids, lambda i: where(int(positions[i])))
     cut = [CutDocument(id=ids[i].as_py(), where=where(int(positions[i])), chars=n, kept_chars=k) for i, n, k in long]
-    others = [c for c in table.column_names if c != id_column and c not in fields]
+    others = [c for c in table.column_names if c not in (id_column, vector_column) and c not in fields]
     metadata = metadata_json(table, others)
     hashed = metadata
     if from_files is not None:  # a file copied, moved or touched keeps its vectors
