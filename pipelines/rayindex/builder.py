@@ -1,5 +1,5 @@
-"""The build: lock the output -> resume or start a version -> plan, encode, lexical (BM25, unless
---no-lexical), train, add, merge, tune (by
+"""The build: lock the output -> resume or start a version -> Ray (connected, or a local one started: timed
+on its own) -> plan, encode, lexical (BM25, unless --no-lexical), train, add, merge, tune (by
 default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its
 outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
@@ -18,6 +18,7 @@ from rayindex.errors import RayIndexError, user_message
 from rayindex.infra.files import DiskFull, disk_full, no_space
 from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
+from rayindex.infra.ray_session import connect
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.manifest import Manifest, Reindex, Resumption, library_versions, now_iso
 from rayindex.stages import add, encode, lexical, merge, partition, plan, train, tune
@@ -58,6 +59,8 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
             lock.adopt(manifest.run_id)
         manifest.lock_generation = lock.generation
         try:
+            with timed("ray", manifest, version):  # starting a local Ray is a cost of its own, not the encode's
+                connect(config.ray_address, config.s3_endpoint)
             with timed("plan", manifest, version):
                 plan.run(config, manifest)
             for name, run in STAGES:
@@ -125,7 +128,7 @@ def start_or_resume(
         and (previous.status != "published" or current_run_id(root) != previous.run_id)
         and bool(previous.reindex) == bool(reindex)
     ):
-        if not previous.files or plan.plan(config) == (previous.files, previous.shards):
+        if not previous.files or plan.inspected(config)[2] == previous.files:
             progress.note(
                 f"resuming run {previous.run_id} (stopped while {previous.status}: {previous.error or 'killed'})"
             )

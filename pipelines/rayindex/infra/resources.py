@@ -113,6 +113,23 @@ def max_resource(groups: list[NodeGroup], resource: str) -> float:
     return total
 
 
+def encoder_slots(
+    use_gpu: bool,
+    cluster: dict[str, float],
+    groups: list[NodeGroup] | None,
+    encoders: int | None,
+    encoder_cpus: float | None,
+) -> int:
+    """How many encoders can run at once, what the shard plan cuts units for: --encoders; else one per GPU
+    (use_gpu) or per core (per --encoder-cpus) that the cluster has now, or that its autoscaler's node types
+    hold at their maximum when it reported them and they are bounded; at least 1."""
+    if encoders:
+        return encoders
+    name, need = ("GPU", 1.0) if use_gpu else ("CPU", float(encoder_cpus or 1))
+    most = max_resource(groups, name) if groups else 0.0
+    return max(1, int(cluster.get(name, 0) // need), int(most // need) if most != float("inf") else 0)
+
+
 def gpu_refusal(gpus_now: float, groups: list[NodeGroup] | None, gpus_declared: bool, address: str) -> str | None:
     """Why GPUs asked for cannot come, or None when they are here or may come (the caller then waits up to
     --gpu-wait for the first). GPUs may come when the autoscaler reported a node type with GPUs, or, where no

@@ -1,22 +1,27 @@
 """Plan stage: list the input files, check the columns of the tables among them (text columns of text), cut
-the rows into a deterministic shard plan (the same inputs give the same shards and the same global ids; a
-document file (PDF, HTML, Markdown, text) is one row, named by its path under its input), and refuse
-duplicate ids of a corpus small enough to read before Ray starts."""
+the rows into a deterministic shard plan sized by cost for the encoders the cluster can run at once
+(text/shard_plan.py: the same inputs, options and encoder slots give the same shards; global ids are row
+numbers whatever the plan; a document file (PDF, HTML, Markdown, text) is one row, named by its path under its
+input), and refuse duplicate ids of a corpus small enough to read before anything is encoded."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import ray
+
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
+from rayindex.infra.ray_session import connect
+from rayindex.infra.resources import autoscaler_node_groups, encoder_slots, use_gpus
 from rayindex.infra.storage import is_remote
 from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
 from rayindex.text import corpus
 from rayindex.text.documents import find_duplicate_ids
 from rayindex.text.model import resolve_model
-from rayindex.text.shard_plan import number_of_shards, plan_shards
+from rayindex.text.shard_plan import FileCost, number_of_shards, plan_shards
 
-# Duplicate ids are looked for before Ray starts when the whole corpus is local and at most this big: reading
+# Duplicate ids are looked for before encoding when the whole corpus is local and at most this big: reading
 # it (ids and text columns, JSONL parsed) costs about a second (docs/build.md), encoding it an hour or more on
 # CPU (64 MB of text is ~15M tokens). Past it, or on s3://, the encode stage finds them from its hashes.
 EARLY_ID_CHECK_BYTES = 64 << 20
@@ -27,9 +32,31 @@ class Plan(NamedTuple):
     shards: list[Shard]
 
 
-def plan(config: BuildConfig) -> Plan:
+def plan(config: BuildConfig, slots: int) -> Plan:
     """Files (columns of tables checked, rows counted from metadata or one pass over JSONL; a document file is
-    a row) and the shard plan."""
+    a row) and the shard plan for `slots` encoders running at once."""
+    names, infos, files = inspected(config)
+    total = sum(i.num_rows for i in infos)
+    costs = [
+        FileCost(i.path, i.num_rows, i.cost_marks if i.cost_marks is not None else [(0, 0), (1, f.size)])
+        for i, f in zip(infos, files)
+    ]
+    total_cost = sum(c.marks[-1][1] for c in costs) + total
+    shards = plan_shards(costs, number_of_shards(total, total_cost, slots, config.shards, config.shard_size))
+    by_path = {i.path: i for i in infos}
+    for shard in shards:
+        shard.pieces = [
+            p.model_copy(update={"doc_id": names[p.path]})
+            if corpus.is_document_file(p.path)
+            else corpus.attach_byte_offsets(p, by_path[p.path])
+            for p in shard.pieces
+        ]
+    return Plan(files, shards)
+
+
+def inspected(config: BuildConfig) -> tuple[dict[str, str], list[corpus.FileInfo], list[InputFile]]:
+    """The input files (path -> name under its input), each inspected (columns checked), and as the manifest
+    records them; refused when there are no rows."""
     names = corpus.input_files(config.inputs)
     duplicates = corpus.duplicate_names(names)
     if duplicates:
@@ -40,22 +67,18 @@ def plan(config: BuildConfig) -> Plan:
     corpus.check_columns(tables, required)
     if not config.template:
         corpus.check_text_columns(tables, config.text_fields())
-    total = sum(i.num_rows for i in infos)
-    if total == 0:
+    if sum(i.num_rows for i in infos) == 0:
         raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
-    shards = plan_shards(
-        [(i.path, i.num_rows) for i in infos], number_of_shards(total, config.shards, config.shard_size)
-    )
-    by_path = {i.path: i for i in infos}
-    for shard in shards:
-        shard.pieces = [
-            p.model_copy(update={"doc_id": names[p.path]})
-            if corpus.is_document_file(p.path)
-            else corpus.attach_byte_offsets(p, by_path[p.path])
-            for p in shard.pieces
-        ]
     files = [InputFile(path=i.path, format=i.format, rows=i.num_rows, **corpus.file_signature(i.path)) for i in infos]
-    return Plan(files, shards)
+    return names, infos, files
+
+
+def cluster_encoder_slots(config: BuildConfig) -> int:
+    """How many encoders the build's Ray cluster can run at once (resources.encoder_slots)."""
+    connect(config.ray_address, config.s3_endpoint)
+    return encoder_slots(
+        use_gpus(config.gpu), ray.cluster_resources(), autoscaler_node_groups(), config.encoders, config.encoder_cpus
+    )
 
 
 def ids_cheap_to_read(files: list[InputFile]) -> bool:
@@ -64,15 +87,17 @@ def ids_cheap_to_read(files: list[InputFile]) -> bool:
 
 
 def run(config: BuildConfig, manifest: Manifest) -> Plan:
-    """Record the plan in a new run's manifest (a resumed run keeps the plan it was checked against)."""
+    """Record the plan, cut for the encoders the cluster can run at once, in a new run's manifest (a resumed
+    run keeps the plan it was checked against, whatever the cluster is now)."""
     if manifest.shards:
         return Plan(manifest.files, manifest.shards)
-    planned = plan(config)
+    slots = cluster_encoder_slots(config)
+    planned = plan(config, slots)
     if config.id_column and ids_cheap_to_read(planned.files):
         duplicates = find_duplicate_ids(planned.shards, config.text_fields(), config.template, config.id_column)
         if duplicates:
             raise RayIndexError(duplicates)
-    manifest.files, manifest.shards = planned.files, planned.shards
+    manifest.files, manifest.shards, manifest.encoder_slots = planned.files, planned.shards, slots
     manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
     manifest.model = ModelInfo(
         name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine")
