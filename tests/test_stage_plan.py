@@ -10,7 +10,14 @@ from rayindex.infra.resources import NodeGroup, encoder_slots
 from rayindex.manifest import Manifest
 from rayindex.stages import plan as plan_stage
 from rayindex.stages.plan import plan
-from rayindex.text.shard_plan import MIN_UNIT_BYTES, FileCost, number_of_shards, plan_shards, unit_bounds
+from rayindex.text.shard_plan import (
+    MIN_UNIT_BYTES,
+    FileCost,
+    cumulative_cost,
+    number_of_shards,
+    plan_shards,
+    unit_bounds,
+)
 
 from helpers import write_jsonl, write_parquet
 
@@ -41,12 +48,13 @@ def test_units_are_cut_at_equal_cost_not_equal_rows():
     assert [(s.global_start, s.global_end) for s in plan_shards([FileCost("x", 100)], 2)] == [(0, 50), (50, 100)]
     # between marks the cost is linear: a Parquet file's row groups of 10 rows, the second ten times heavier
     groups = FileCost("p.parquet", 20, [(0, 0), (10, 1_000), (20, 11_000)])
-    assert unit_bounds([groups], 2) == [0, 14, 20]  # 5,510 of 11,020: 4.5 of its 10 rows into the second group
+    # half the cost, 5,510 of 11,020, is 4.495 of the second group's 10 rows in: row 14 (the nearest)
+    assert unit_bounds(*cumulative_cost([groups]), 2) == [0, 14, 20]
 
 
 def test_bounds_stay_increasing_when_one_row_holds_most_of_the_cost():
     files = [FileCost("huge.pdf", 1, [(0, 0), (1, 10_000_000)]), FileCost("rest.jsonl", 3, [(0, 0), (3, 30)])]
-    assert unit_bounds(files, 4) == [0, 1, 2, 3, 4]  # every unit at least one row, ids unchanged
+    assert unit_bounds(*cumulative_cost(files), 4) == [0, 1, 2, 3, 4]  # every unit at least one row, ids unchanged
 
 
 def test_number_of_units():

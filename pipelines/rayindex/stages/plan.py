@@ -19,7 +19,7 @@ from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
 from rayindex.text import corpus
 from rayindex.text.documents import find_duplicate_ids
 from rayindex.text.model import resolve_model
-from rayindex.text.shard_plan import FileCost, number_of_shards, plan_shards
+from rayindex.text.shard_plan import FileCost, cumulative_cost, number_of_shards, plan_shards
 
 # Duplicate ids are looked for before encoding when the whole corpus is local and at most this big: reading
 # it (ids and text columns, JSONL parsed) costs about a second (docs/build.md), encoding it an hour or more on
@@ -41,8 +41,8 @@ def plan(config: BuildConfig, slots: int) -> Plan:
         FileCost(i.path, i.num_rows, i.cost_marks if i.cost_marks is not None else [(0, 0), (1, f.size)])
         for i, f in zip(infos, files)
     ]
-    total_cost = sum(c.marks[-1][1] for c in costs) + total
-    shards = plan_shards(costs, number_of_shards(total, total_cost, slots, config.shards, config.shard_size))
+    cost = cumulative_cost(costs)[1][-1]
+    shards = plan_shards(costs, number_of_shards(total, cost, slots, config.shards, config.shard_size))
     by_path = {i.path: i for i in infos}
     for shard in shards:
         shard.pieces = [
@@ -82,7 +82,7 @@ def cluster_encoder_slots(config: BuildConfig) -> int:
 
 
 def ids_cheap_to_read(files: list[InputFile]) -> bool:
-    """Whether the corpus is local and at most EARLY_ID_CHECK_BYTES: its ids are checked before Ray starts."""
+    """Whether the corpus is local and at most EARLY_ID_CHECK_BYTES: its ids are checked before encoding."""
     return not any(is_remote(f.path) for f in files) and sum(f.size for f in files) <= EARLY_ID_CHECK_BYTES
 
 

@@ -14,6 +14,7 @@ cluster gives the same shards. Global ids are row numbers whatever the plan.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import NamedTuple
 
@@ -75,18 +76,18 @@ def cumulative_cost(files: list[FileCost]) -> tuple[list[int], list[int]]:
 
 def row_at_cost(rows: list[int], costs: list[int], target: int) -> int:
     """The row where the cumulative cost reaches target (the nearest row, linear between marks)."""
-    for i in range(1, len(rows)):
-        if costs[i] >= target and costs[i] > costs[i - 1]:
-            num = (target - costs[i - 1]) * (rows[i] - rows[i - 1])
-            den = costs[i] - costs[i - 1]
-            return rows[i - 1] + (2 * num + den) // (2 * den)
-    return rows[-1]
+    i = bisect.bisect_left(costs, target)  # costs[i - 1] < target <= costs[i]
+    if i == 0:
+        return 0
+    if i == len(costs):
+        return rows[-1]
+    num, den = (target - costs[i - 1]) * (rows[i] - rows[i - 1]), costs[i] - costs[i - 1]
+    return rows[i - 1] + (2 * num + den) // (2 * den)
 
 
-def unit_bounds(files: list[FileCost], num_shards: int) -> list[int]:
-    """num_shards + 1 increasing row bounds from 0 to the total rows, cutting the cost in equal parts (each
-    shard at least one row)."""
-    rows, costs = cumulative_cost(files)
+def unit_bounds(rows: list[int], costs: list[int], num_shards: int) -> list[int]:
+    """num_shards + 1 increasing row bounds from 0 to the total rows, cutting the cumulative cost (rows, costs:
+    cumulative_cost) in equal parts, each shard at least one row."""
     total_rows, total = rows[-1], costs[-1]
     bounds = [0]
     for k in range(1, num_shards):
@@ -98,8 +99,8 @@ def unit_bounds(files: list[FileCost], num_shards: int) -> list[int]:
 def plan_shards(files: list[FileCost], num_shards: int) -> list[Shard]:
     """Split the concatenation of the files (in the order given) into num_shards row ranges of near-equal
     estimated cost (of near-equal rows where no file says more), each with its estimated cost."""
-    bounds = unit_bounds(files, num_shards)
     rows, costs = cumulative_cost(files)
+    bounds = unit_bounds(rows, costs, num_shards)
     file_starts = []
     offset = 0
     for f in files:
@@ -120,10 +121,12 @@ def plan_shards(files: list[FileCost], num_shards: int) -> list[Shard]:
 
 def cost_at(rows: list[int], costs: list[int], row: int) -> int:
     """The cumulative cost before a row (linear between marks)."""
-    for i in range(1, len(rows)):
-        if rows[i] >= row and rows[i] > rows[i - 1]:
-            return costs[i - 1] + (costs[i] - costs[i - 1]) * (row - rows[i - 1]) // (rows[i] - rows[i - 1])
-    return costs[-1]
+    i = bisect.bisect_left(rows, row)  # rows[i - 1] < row <= rows[i]
+    if i == 0:
+        return 0
+    if i == len(rows):
+        return costs[-1]
+    return costs[i - 1] + (costs[i] - costs[i - 1]) * (row - rows[i - 1]) // (rows[i] - rows[i - 1])
 
 
 def locate_row(shards: list[Shard], row_id: int) -> str:
