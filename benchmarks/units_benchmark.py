@@ -103,11 +103,11 @@ def shard_cost(args) -> dict:
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             corpus = Path(tmp) / "gcide.jsonl"
             corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            for shards in (1, 8, 1, 8):  # twice each, interleaved: the machine is shared
+            for run, shards in enumerate((1, 8, 1, 8)):  # twice each, interleaved: the machine is shared
                 manifest = build(
                     BuildConfig(
                         inputs=[str(corpus)],
-                        output=str(Path(tmp) / f"out-{shards}-{len(out)}"),
+                        output=str(Path(tmp) / f"out-{run}"),
                         id_column="id",
                         text_columns=["text"],
                         shards=shards,
