@@ -19,14 +19,20 @@ QUERIES = ["parse a JSON document", "compress a file", "random numbers", "format
 
 @pytest.fixture(scope="module")
 def long_documents(docs, tmp_path_factory):
-    """A folder of text files, one per standard-library module: its docstrings joined (a few KB each)."""
+    """A folder of text files, one per standard-library module: its docstrings joined (a few KB each), the first
+    modules up to 64 KB in all."""
     folder = tmp_path_factory.mktemp("long") / "in"
     folder.mkdir()
     modules: dict[str, list[str]] = {}
     for d in docs:
         modules.setdefault(d["module"], []).append(f"{d['title']}\n\n{d['body']}")
+    size = 0
     for module, parts in sorted(modules.items()):
-        (folder / f"{module}.txt").write_text("\n\n".join(parts), encoding="utf-8")
+        text = "\n\n".join(parts)
+        (folder / f"{module}.txt").write_text(text, encoding="utf-8")
+        size += len(text)
+        if size >= 64_000:
+            break
     return folder
 
 
@@ -46,7 +52,7 @@ def stored_vectors(output, manifest) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.slow
 def test_long_documents_fill_both_cpus_and_answer_as_one_shard(ray_address, long_documents, tmp_path, monkeypatch):
-    # the floor scaled down with the corpus (~100 KB here, against 256 KB a unit by default): what is tested is
+    # the floor scaled down with the corpus (64 KB here, against 256 KB a unit by default): what is tested is
     # the cut by cost for the encoders Ray has, not the size of the floor (test_stage_plan.py tests that)
     monkeypatch.setattr(shard_plan, "MIN_UNIT_BYTES", 16 << 10)
     options = dict(template=None, id_column=None, index="IVF1,Flat", lexical=False, ray_address=ray_address)

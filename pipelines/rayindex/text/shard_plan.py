@@ -20,11 +20,11 @@ from typing import NamedTuple
 
 from rayindex.manifest import Piece, Shard
 
-# A shard's fixed cost, measured on 2 cores (benchmarks/units_benchmark.py --shard-cost; docs/build.md "Shard
-# plan"): ~0.6 s of build time per extra shard (its add and BM25 count tasks, its files and their checksums,
-# its merge entry, the encoder's start and end of a unit). The CPU encoder reads ~2.4 KB of man page text a
-# second per core (benchmarks/passages_benchmark.py: 1,086 tokens/s on 2 cores, 4.4 characters a token), so a
-# unit of MIN_UNIT_BYTES encodes for ~100 s on one core: its fixed cost stays under 1%. A corpus smaller than
+# The floor under a unit: each shard costs a build a fixed part besides its text (its add and BM25 count tasks,
+# its files and their checksums, its merge entry, an encoder's start and end of a unit; benchmarks/units_benchmark.py
+# --shard-cost measures it, not yet run quietly: docs/benchmarks.md). The CPU encoder reads ~2.4 KB of man page
+# text a second per core (benchmarks/passages_benchmark.py: 1,086 tokens/s on 2 cores, ~4.4 characters a token), so
+# a unit of MIN_UNIT_BYTES encodes for ~100 s on one core, against a fixed part of about a second. A corpus under
 # two of them is one shard.
 MIN_UNIT_BYTES = 256 << 10
 ROW_BYTES = 1  # the cost of a row besides its bytes (see above)
@@ -45,15 +45,14 @@ def number_of_shards(
     encoder_slots: int,
     shards: int | None,
     shard_size: int,
-    min_unit_cost: int = MIN_UNIT_BYTES,
 ) -> int:
     """--shards when given; else ceil(rows / --shard-size), raised to one per encoder that can run at once as
-    far as each still costs at least min_unit_cost, and past one wave to whole waves of encoders (a last unit
+    far as each still costs at least MIN_UNIT_BYTES, and past one wave to whole waves of encoders (a last unit
     alone on one encoder while the others idle is the tail this avoids); never more shards than rows."""
     if shards:
         return max(1, min(shards, total_rows))
     slots = max(1, encoder_slots)
-    worth = max(1, total_cost // min_unit_cost)
+    worth = max(1, total_cost // MIN_UNIT_BYTES)
     wanted = max(math.ceil(total_rows / shard_size), min(slots, worth))
     if wanted > slots:
         wanted = math.ceil(wanted / slots) * slots
