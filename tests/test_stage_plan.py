@@ -122,17 +122,17 @@ def test_cost_marks_are_the_files_own_sizes(tmp_path, docs):
 
 
 def test_a_folder_of_long_files_is_cut_by_their_sizes(tmp_path):
-    sizes = [300_000, 20_000, 20_000, 20_000, 200_000, 100_000, 20_000, 20_000]  # 700,000 bytes
+    sizes = [60_000, 4_000, 4_000, 4_000, 40_000, 20_000, 4_000, 4_000]  # 140,000 bytes
     for i, size in enumerate(sizes):
         (tmp_path / "in" / f"{i:02d}.txt").parent.mkdir(exist_ok=True)
         (tmp_path / "in" / f"{i:02d}.txt").write_text("word " * (size // 5))
     config = BuildConfig(inputs=[str(tmp_path / "in")])
     _, shards = plan(config, 2)
-    assert [(s.global_start, s.global_end) for s in shards] == [(0, 4), (4, 8)]  # 360,000 and 340,000 bytes
+    assert [(s.global_start, s.global_end) for s in shards] == [(0, 4), (4, 8)]  # 72,000 and 68,000 bytes
     _, alone = plan(config, 1)
     assert len(alone) == 1  # one encoder: one unit
     _, many = plan(config, 8)
-    assert len(many) == 2  # 700,000 bytes are worth 2 units of MIN_UNIT_BYTES, not 8
+    assert len(many) == 2  # 140,000 bytes are worth 2 units of MIN_UNIT_BYTES, not 8
 
 
 def test_a_resumed_run_keeps_its_plan_whatever_the_cluster(tmp_path, docs):

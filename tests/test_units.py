@@ -52,7 +52,7 @@ def stored_vectors(output, manifest) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.slow
 def test_long_documents_fill_both_cpus_and_answer_as_one_shard(ray_address, long_documents, tmp_path, monkeypatch):
-    # the floor scaled down with the corpus (64 KB here, against 256 KB a unit by default): what is tested is
+    # the floor scaled down with the corpus (64 KB here, as much as one unit by default): what is tested is
     # the cut by cost for the encoders Ray has, not the size of the floor (test_stage_plan.py tests that)
     monkeypatch.setattr(shard_plan, "MIN_UNIT_BYTES", 16 << 10)
     options = dict(template=None, id_column=None, index="IVF1,Flat", lexical=False, ray_address=ray_address)

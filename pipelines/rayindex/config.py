@@ -132,7 +132,7 @@ class BuildConfig(Settings):
         None,
         ge=1,
         description="Number of shards, the encoders' work units (default: one per encoder the cluster can run at "
-        "once, where each holds at least 256 KiB of text; more past --shard-size, in whole waves of encoders).",
+        "once, where each holds at least 64 KiB of text; more past --shard-size, in whole waves of encoders).",
     )
     shard_size: int = Field(
         50_000, ge=1, description="Documents per shard on average at most, when --shards is not given."

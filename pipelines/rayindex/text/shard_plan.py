@@ -24,9 +24,9 @@ from rayindex.manifest import Piece, Shard
 # its files and their checksums, its merge entry, an encoder's start and end of a unit; benchmarks/units_benchmark.py
 # --shard-cost measures it, not yet run quietly: docs/benchmarks.md). The CPU encoder reads ~2.4 KB of man page
 # text a second per core (benchmarks/passages_benchmark.py: 1,086 tokens/s on 2 cores, ~4.4 characters a token), so
-# a unit of MIN_UNIT_BYTES encodes for ~100 s on one core, against a fixed part of about a second. A corpus under
-# two of them is one shard.
-MIN_UNIT_BYTES = 256 << 10
+# a unit of MIN_UNIT_BYTES encodes for ~27 s on one core, against a fixed part estimated at about a second (<= 4%).
+# A corpus under two of them is one shard.
+MIN_UNIT_BYTES = 64 << 10
 ROW_BYTES = 1  # the cost of a row besides its bytes (see above)
 
 
