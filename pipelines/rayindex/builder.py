@@ -1,5 +1,5 @@
-"""The build: lock the output -> resume or start a version -> Ray (connected, or a local one started: timed
-on its own) -> plan, encode, lexical (BM25, unless --no-lexical), train, add, merge, tune (by
+"""The build: lock the output -> resume or start a version -> plan (Ray connected, or a local one started: timed
+on its own after the input is checked) -> encode, lexical (BM25, unless --no-lexical), train, add, merge, tune (by
 default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its
 outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
@@ -18,7 +18,6 @@ from rayindex.errors import RayIndexError, user_message
 from rayindex.infra.files import DiskFull, disk_full, no_space
 from rayindex.infra.lock import OutputLock
 from rayindex.infra.progress import StageProgress
-from rayindex.infra.ray_session import connect
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.manifest import Manifest, Reindex, Resumption, library_versions, now_iso
 from rayindex.stages import add, encode, lexical, merge, partition, plan, train, tune
@@ -59,9 +58,7 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
             lock.adopt(manifest.run_id)
         manifest.lock_generation = lock.generation
         try:
-            with timed("ray", manifest, version):  # starting a local Ray is a cost of its own, not the encode's
-                connect(config.ray_address, config.s3_endpoint)
-            with timed("plan", manifest, version):
+            with timed("plan", manifest, version):  # Ray's start in it is timed on its own (plan.py: `ray`)
                 plan.run(config, manifest)
             for name, run in STAGES:
                 if (
@@ -103,11 +100,13 @@ def one_line(exc: BaseException, version: Store) -> BaseException:
 
 @contextlib.contextmanager
 def timed(name: str, manifest: Manifest, version: Store):
-    """Add the stage's wall time to the manifest's timings and save the manifest after it."""
-    start = time.monotonic()
+    """Add the stage's wall time to the manifest's timings and save the manifest after it; what the stage timed
+    on its own meanwhile (the plan: Ray's start, `ray`) is not counted twice."""
+    start, own = time.monotonic(), sum(manifest.timings_s.values())
     version.local_root.mkdir(parents=True, exist_ok=True)
     yield
-    manifest.timings_s[name] = round(manifest.timings_s.get(name, 0) + time.monotonic() - start, 3)
+    timed_inside = sum(manifest.timings_s.values()) - own
+    manifest.timings_s[name] = round(manifest.timings_s.get(name, 0) + time.monotonic() - start - timed_inside, 3)
     save_manifest(version, manifest)
 
 

@@ -6,6 +6,7 @@ input), and refuse duplicate ids of a corpus small enough to read before anythin
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import ray
@@ -35,7 +36,13 @@ class Plan(NamedTuple):
 def plan(config: BuildConfig, slots: int) -> Plan:
     """Files (columns of tables checked, rows counted from metadata or one pass over JSONL; a document file is
     a row) and the shard plan for `slots` encoders running at once."""
-    names, infos, files = inspected(config)
+    return cut(config, *inspected(config), slots)
+
+
+def cut(
+    config: BuildConfig, names: dict[str, str], infos: list[corpus.FileInfo], files: list[InputFile], slots: int
+) -> Plan:
+    """The shard plan of inspected files for `slots` encoders (no I/O)."""
     total = sum(i.num_rows for i in infos)
     costs = [
         FileCost(i.path, i.num_rows, i.cost_marks if i.cost_marks is not None else [(0, 0), (1, f.size)])
@@ -73,9 +80,12 @@ def inspected(config: BuildConfig) -> tuple[dict[str, str], list[corpus.FileInfo
     return names, infos, files
 
 
-def cluster_encoder_slots(config: BuildConfig) -> int:
-    """How many encoders the build's Ray cluster can run at once (resources.encoder_slots)."""
+def cluster_encoder_slots(config: BuildConfig, manifest: Manifest) -> int:
+    """How many encoders the build's Ray cluster can run at once (resources.encoder_slots), after connecting to
+    it or starting a local one (timed on its own in the manifest: `ray`)."""
+    started = time.monotonic()
     connect(config.ray_address, config.s3_endpoint)
+    manifest.timings_s["ray"] = round(manifest.timings_s.get("ray", 0) + time.monotonic() - started, 3)
     return encoder_slots(
         use_gpus(config.gpu), ray.cluster_resources(), autoscaler_node_groups(), config.encoders, config.encoder_cpus
     )
@@ -90,13 +100,16 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     """Record the plan, cut for the encoders the cluster can run at once, in a new run's manifest (a resumed
     run keeps the plan it was checked against, whatever the cluster is now)."""
     if manifest.shards:
+        cluster_encoder_slots(config, manifest)
         return Plan(manifest.files, manifest.shards)
-    slots = cluster_encoder_slots(config)
-    planned = plan(config, slots)
-    if config.id_column and ids_cheap_to_read(planned.files):
-        duplicates = find_duplicate_ids(planned.shards, config.text_fields(), config.template, config.id_column)
+    inspection = inspected(config)  # the input refused before Ray starts, when it can be
+    if config.id_column and ids_cheap_to_read(inspection[2]):
+        rows = cut(config, *inspection, 1).shards  # ids are row numbers whatever the plan
+        duplicates = find_duplicate_ids(rows, config.text_fields(), config.template, config.id_column)
         if duplicates:
             raise RayIndexError(duplicates)
+    slots = cluster_encoder_slots(config, manifest)
+    planned = cut(config, *inspection, slots)
     manifest.files, manifest.shards, manifest.encoder_slots = planned.files, planned.shards, slots
     manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
     manifest.model = ModelInfo(
