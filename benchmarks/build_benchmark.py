@@ -39,7 +39,7 @@ from rayindex.layout import EMBEDDINGS_FILE, VECTOR_IDS_FILE, shard_dir
 from rayindex.manifest import Counts, Manifest, ModelInfo, ShardState, now_iso
 from rayindex.stages import add, merge, train
 from rayindex.text.model import load_model
-from rayindex.text.shard_plan import plan_shards
+from rayindex.text.shard_plan import FileCost, plan_shards
 from rayindex.text.stdlib_corpus import stdlib_docstrings
 from rayindex.versions import new_run_id
 
@@ -97,7 +97,7 @@ def index_benchmark(n: int, dim: int, index_string: str, n_shards: int, nprobe: 
 
     # our stages, on shard folders laid out as the encode stage leaves them
     version = work / "index-bench"
-    shards = plan_shards([("synthetic", n)], n_shards)
+    shards = plan_shards([FileCost("synthetic", n)], n_shards)
     for shard in shards:
         d = shard_dir(version, shard.shard_id)
         d.mkdir(parents=True)

@@ -34,7 +34,7 @@ def test_build_publishes_a_complete_version(built, docs):
     assert sum(s.passages for s in on_disk.shard_states) == on_disk.counts.passages == on_disk.merge.ntotal
     assert all(s.embeddings_sha256 and s.index_sha256 for s in on_disk.shard_states)
     assert {s.trained_sha256 for s in on_disk.shard_states} == {on_disk.training.trained_sha256}
-    assert set(on_disk.timings_s) == {"plan", "encode", "lexical", "train", "add", "merge"}
+    assert list(on_disk.timings_s) == ["ray", "plan", "encode", "lexical", "train", "add", "merge"]
     assert on_disk.index_string == "IVF8,PQ16np" and on_disk.nlist == 8 and on_disk.dimension == 384
     assert {"ray", "torch", "sentence-transformers", "pyarrow"} <= set(on_disk.versions)
     assert on_disk.metric == "cosine" and on_disk.model.normalized  # all-MiniLM-L6-v2's similarity function

@@ -132,13 +132,13 @@ def test_the_plan_refuses_a_missing_or_wrong_vector_column_and_another_dimension
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(RayIndexError, match=f"{path}: no vector column 'nope'; its columns are: id, text, vec"):
-        plan.plan(BuildConfig(inputs=[str(path)], vector_column="nope"))
+        plan.plan(BuildConfig(inputs=[str(path)], vector_column="nope"), 1)
     with pytest.raises(RayIndexError, match=f"{path}: vector column 'text' holds string values, not a list"):
-        plan.plan(BuildConfig(inputs=[str(path)], vector_column="text", text_columns=["id"], template="{id}"))
+        plan.plan(BuildConfig(inputs=[str(path)], vector_column="text", text_columns=["id"], template="{id}"), 1)
     with pytest.raises(RayIndexError, match="a pdf file has no vector column"):
         (tmp_path / "docs").mkdir()
         (tmp_path / "docs" / "a.pdf").write_bytes(b"%PDF-1.4")
-        plan.plan(BuildConfig(inputs=[str(path), str(tmp_path / "docs")], vector_column="vec"))
+        plan.plan(BuildConfig(inputs=[str(path), str(tmp_path / "docs")], vector_column="vec"), 1)
     config = BuildConfig(inputs=[str(path)], output=str(tmp_path / "out"), vector_column="vec")
     manifest = Manifest(
         run_id="20260101-000000-aaaaaa", created_at="", config=config, config_fingerprint=config.fingerprint()

@@ -1,18 +1,31 @@
 """The plan stage (stages/plan.py) and the shard plan under it (text/shard_plan.py): deterministic,
-disjoint, complete; row ranges read back exactly."""
+disjoint, complete; row ranges read back exactly; units cut by cost, as many as the encoders that can run at
+once where each is worth its fixed cost; a resumed run keeps its plan."""
+
+import pyarrow.parquet as pq
 
 import rayindex.text.corpus as corpus
 from rayindex.config import BuildConfig
+from rayindex.infra.resources import NodeGroup, encoder_slots
+from rayindex.manifest import Manifest
+from rayindex.stages import plan as plan_stage
 from rayindex.stages.plan import plan
-from rayindex.text.shard_plan import number_of_shards, plan_shards
+from rayindex.text.shard_plan import (
+    MIN_UNIT_BYTES,
+    FileCost,
+    cumulative_cost,
+    number_of_shards,
+    plan_shards,
+    unit_bounds,
+)
 
 from helpers import write_jsonl, write_parquet
 
 
 def test_plan_covers_every_row_once_in_order():
-    files = [("a", 10), ("b", 0), ("c", 7), ("d", 5)]
+    files = [FileCost("a", 10), FileCost("b", 0), FileCost("c", 7), FileCost("d", 5)]
     plan = plan_shards(files, 4)
-    assert [s.global_start for s in plan] == [0, 5, 11, 16]
+    assert [s.global_start for s in plan] == [0, 5, 11, 16]  # no cost marks: every row costs the same
     assert plan[-1].global_end == 22
     pieces = [p for s in plan for p in s.pieces]
     assert sum(p.num_rows for p in pieces) == 22
@@ -22,10 +35,55 @@ def test_plan_covers_every_row_once_in_order():
     assert plan_shards(files, 4) == plan
 
 
-def test_number_of_shards():
-    assert number_of_shards(100, None, 30) == 4
-    assert number_of_shards(100, 7, 30) == 7
-    assert number_of_shards(3, 10, 30) == 3  # never more shards than rows
+def test_units_are_cut_at_equal_cost_not_equal_rows():
+    # 4 long documents (100,000 bytes each) then 96 short ones (1,000 bytes each): 496,100 with a byte per row
+    long_then_short = [FileCost(f"long{i}.txt", 1, [(0, 0), (1, 100_000)]) for i in range(4)]
+    table = FileCost("short.jsonl", 96, [(0, 0), *((r, 1_000 * r) for r in range(1, 97))])
+    shards = plan_shards([*long_then_short, table], 2)
+    # half the cost (248,050) is reached 2.48 documents in: row 2 (nearest), so 2 long documents a unit ...
+    assert [(s.global_start, s.global_end) for s in shards] == [(0, 2), (2, 100)]
+    assert [s.cost for s in shards] == [200_002, 296_098]
+    assert sum(s.cost for s in shards) == 4 * 100_001 + 96 * 1_001
+    # ... and a row-count cut would have given the first unit the 4 long documents and 46 short ones
+    assert [(s.global_start, s.global_end) for s in plan_shards([FileCost("x", 100)], 2)] == [(0, 50), (50, 100)]
+    # between marks the cost is linear: a Parquet file's row groups of 10 rows, the second ten times heavier
+    groups = FileCost("p.parquet", 20, [(0, 0), (10, 1_000), (20, 11_000)])
+    # half the cost, 5,510 of 11,020, is 4.495 of the second group's 10 rows in: row 14 (the nearest)
+    assert unit_bounds(*cumulative_cost([groups]), 2) == [0, 14, 20]
+
+
+def test_bounds_stay_increasing_when_one_row_holds_most_of_the_cost():
+    files = [FileCost("huge.pdf", 1, [(0, 0), (1, 10_000_000)]), FileCost("rest.jsonl", 3, [(0, 0), (3, 30)])]
+    assert unit_bounds(*cumulative_cost(files), 4) == [0, 1, 2, 3, 4]  # every unit at least one row, ids unchanged
+
+
+def test_number_of_units():
+    floor = MIN_UNIT_BYTES
+    # --shards wins, never more than rows
+    assert number_of_shards(100, 10**9, 8, 7, 30) == 7
+    assert number_of_shards(3, 10**9, 8, 10, 30) == 3
+    # a tiny corpus stays one unit whatever the encoders: each extra unit would cost more than it saves
+    assert number_of_shards(2_000, floor - 1, 16, None, 50_000) == 1
+    assert number_of_shards(2_000, 2 * floor, 16, None, 50_000) == 2  # as many as are worth their cost
+    # a corpus of long documents: one unit per encoder that can run at once
+    assert number_of_shards(2_000, 9_400_000, 2, None, 50_000) == 2
+    assert number_of_shards(2_000, 9_400_000, 16, None, 50_000) == 16
+    # more rows than --shard-size: whole waves of encoders (3 units on 2 encoders would leave one alone)
+    assert number_of_shards(114_890, 60_000_000, 2, None, 50_000) == 4
+    assert number_of_shards(114_890, 60_000_000, 1, None, 50_000) == 3
+    assert number_of_shards(100, 10**9, 8, None, 30) == 8  # 4 by --shard-size, raised to the 8 encoders
+
+
+def test_encoder_slots_follow_the_cluster_and_its_autoscaler():
+    assert encoder_slots(False, {"CPU": 2.0}, None, None, None) == 2
+    assert encoder_slots(False, {"CPU": 16.0}, None, None, 4) == 4  # --encoder-cpus 4 a encoder
+    assert encoder_slots(False, {"CPU": 16.0}, None, 3, None) == 3  # --encoders
+    gpus = [NodeGroup("head", {"CPU": 8}, 0), NodeGroup("gpu", {"CPU": 8, "GPU": 1}, 6)]
+    assert encoder_slots(True, {"CPU": 8.0}, gpus, None, None) == 6  # none up yet, 6 can come
+    assert encoder_slots(True, {"CPU": 16.0, "GPU": 2.0}, None, None, None) == 2
+    assert encoder_slots(True, {"CPU": 8.0}, None, None, None) == 1  # nothing says how many: one
+    unbounded = [NodeGroup("gpu", {"GPU": 1}, -1)]
+    assert encoder_slots(True, {"GPU": 3.0}, unbounded, None, None) == 3
 
 
 def test_plan_is_deterministic_and_reads_exact_rows(tmp_path, docs, monkeypatch):
@@ -33,8 +91,8 @@ def test_plan_is_deterministic_and_reads_exact_rows(tmp_path, docs, monkeypatch)
     write_parquet(tmp_path / "in" / "p1.parquet", docs[:90], row_group_size=17)
     write_jsonl(tmp_path / "in" / "p2.jsonl", docs[90:200])
     config = BuildConfig(inputs=[str(tmp_path / "in")], id_column="id", text_columns=["body"], shards=6)
-    files, shards = plan(config)
-    assert plan(config) == (files, shards)
+    files, shards = plan(config, 2)
+    assert plan(config, 2) == (files, shards)
     assert [f.rows for f in files] == [90, 110] and [f.format for f in files] == ["parquet", "jsonl"]
     seen = []
     for shard in shards:
@@ -44,3 +102,44 @@ def test_plan_is_deterministic_and_reads_exact_rows(tmp_path, docs, monkeypatch)
                     seen.append(row_id)
                     assert record["id"] == docs[row_id]["id"]
     assert seen == list(range(200))
+
+
+def test_cost_marks_are_the_files_own_sizes(tmp_path, docs):
+    parquet = write_parquet(tmp_path / "p.parquet", docs[:40], row_group_size=15)
+    meta = pq.ParquetFile(parquet).metadata
+    sizes = [meta.row_group(g).total_byte_size for g in range(3)]
+    assert corpus.inspect_file(str(parquet)).cost_marks == [
+        (0, 0),
+        (15, sizes[0]),
+        (30, sizes[0] + sizes[1]),
+        (40, sum(sizes)),
+    ]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", docs[:40])
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    marks = corpus.inspect_file(str(jsonl)).cost_marks
+    assert marks[0] == (0, 0) and marks[-1] == (40, len(jsonl.read_bytes()))
+    assert all(offset == sum(map(len, lines[:row])) for row, offset in marks)  # each a line's exact start
+
+
+def test_a_folder_of_long_files_is_cut_by_their_sizes(tmp_path):
+    sizes = [60_000, 4_000, 4_000, 4_000, 40_000, 20_000, 4_000, 4_000]  # 140,000 bytes
+    for i, size in enumerate(sizes):
+        (tmp_path / "in" / f"{i:02d}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i:02d}.txt").write_text("word " * (size // 5))
+    config = BuildConfig(inputs=[str(tmp_path / "in")])
+    _, shards = plan(config, 2)
+    assert [(s.global_start, s.global_end) for s in shards] == [(0, 4), (4, 8)]  # 72,000 and 68,000 bytes
+    _, alone = plan(config, 1)
+    assert len(alone) == 1  # one encoder: one unit
+    _, many = plan(config, 8)
+    assert len(many) == 2  # 140,000 bytes are worth 2 units of MIN_UNIT_BYTES, not 8
+
+
+def test_a_resumed_run_keeps_its_plan_whatever_the_cluster(tmp_path, docs):
+    write_parquet(tmp_path / "in" / "p.parquet", docs[:60], row_group_size=10)
+    config = BuildConfig(inputs=[str(tmp_path / "in")], id_column="id", text_columns=["body"])
+    recorded = plan(config, 1)
+    manifest = Manifest(run_id="20260101-000000-abcdef", created_at="now", config=config, config_fingerprint="x")
+    manifest.files, manifest.shards, manifest.encoder_slots = recorded.files, recorded.shards, 1
+    assert plan_stage.run(config, manifest) == recorded  # no Ray asked: the recorded plan is the plan
+    assert manifest.encoder_slots == 1

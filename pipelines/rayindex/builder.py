@@ -1,5 +1,5 @@
-"""The build: lock the output -> resume or start a version -> plan, encode, lexical (BM25, unless
---no-lexical), train, add, merge, tune (by
+"""The build: lock the output -> resume or start a version -> plan (Ray connected, or a local one started: timed
+on its own after the input is checked) -> encode, lexical (BM25, unless --no-lexical), train, add, merge, tune (by
 default only where it is cheap), partition (for sharded serving, when asked) -> publish. Each stage records its
 outputs and their checksums in the manifest, so a run killed at
 any point resumes where it stopped when the same command runs again. Any failure (a full disk
@@ -58,7 +58,7 @@ def build(config: BuildConfig, quiet: bool = True, reindex: Reindex | None = Non
             lock.adopt(manifest.run_id)
         manifest.lock_generation = lock.generation
         try:
-            with timed("plan", manifest, version):
+            with timed("plan", manifest, version):  # Ray's start in it is timed on its own (plan.py: `ray`)
                 plan.run(config, manifest)
             for name, run in STAGES:
                 if (
@@ -100,11 +100,13 @@ def one_line(exc: BaseException, version: Store) -> BaseException:
 
 @contextlib.contextmanager
 def timed(name: str, manifest: Manifest, version: Store):
-    """Add the stage's wall time to the manifest's timings and save the manifest after it."""
-    start = time.monotonic()
+    """Add the stage's wall time to the manifest's timings and save the manifest after it; what the stage timed
+    on its own meanwhile (the plan: Ray's start, `ray`) is not counted twice."""
+    start, own = time.monotonic(), sum(manifest.timings_s.values())
     version.local_root.mkdir(parents=True, exist_ok=True)
     yield
-    manifest.timings_s[name] = round(manifest.timings_s.get(name, 0) + time.monotonic() - start, 3)
+    timed_inside = sum(manifest.timings_s.values()) - own
+    manifest.timings_s[name] = round(manifest.timings_s.get(name, 0) + time.monotonic() - start - timed_inside, 3)
     save_manifest(version, manifest)
 
 
@@ -125,7 +127,7 @@ def start_or_resume(
         and (previous.status != "published" or current_run_id(root) != previous.run_id)
         and bool(previous.reindex) == bool(reindex)
     ):
-        if not previous.files or plan.plan(config) == (previous.files, previous.shards):
+        if not previous.files or plan.inspected(config)[2] == previous.files:
             progress.note(
                 f"resuming run {previous.run_id} (stopped while {previous.status}: {previous.error or 'killed'})"
             )

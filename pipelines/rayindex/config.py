@@ -135,8 +135,15 @@ class BuildConfig(Settings):
         "--metric defaults to cosine (vectors of norm 1).",
         json_schema_extra=cli(metavar="NAME"),
     )
-    shards: int | None = Field(None, ge=1, description="Number of shards (default: from --shard-size).")
-    shard_size: int = Field(50_000, ge=1, description="Target documents per shard when --shards is not given.")
+    shards: int | None = Field(
+        None,
+        ge=1,
+        description="Number of shards, the encoders' work units (default: one per encoder the cluster can run at "
+        "once, where each holds at least 64 KiB of text; more past --shard-size, in whole waves of encoders).",
+    )
+    shard_size: int = Field(
+        50_000, ge=1, description="Documents per shard on average at most, when --shards is not given."
+    )
     model: str = Field(
         PACKAGED_MODEL,
         description="sentence-transformers model name or local path (default: the packaged all-MiniLM-L6-v2, offline).",

@@ -41,6 +41,7 @@ class Shard(BaseModel):
     pieces: list[Piece]
     global_start: int
     global_end: int  # exclusive
+    cost: int | None = None  # estimated bytes of text, what the plan cut by (text/shard_plan.py)
 
     @property
     def num_rows(self) -> int:
@@ -276,6 +277,7 @@ class Manifest(BaseModel):
     passages: PassageSplit | None = None  # None: one vector per document
     files: list[InputFile] = Field(default_factory=list)
     shards: list[Shard] = Field(default_factory=list)
+    encoder_slots: int | None = None  # encoders that could run at once when the plan was cut (stages/plan.py)
     shard_states: list[ShardState] = Field(default_factory=list)
     dimension: int | None = None
     counts: Counts = Field(default_factory=Counts)

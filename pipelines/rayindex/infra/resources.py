@@ -161,6 +161,23 @@ def autoscaler_adds_nodes(status: dict | None, node_ids: list[str]) -> bool | No
     return not types <= {format_readonly_node_type(node_id) for node_id in node_ids}
 
 
+def encoder_slots(
+    use_gpu: bool,
+    cluster: dict[str, float],
+    groups: list[NodeGroup] | None,
+    encoders: int | None,
+    encoder_cpus: float | None,
+) -> int:
+    """How many encoders can run at once, what the shard plan cuts units for: --encoders; else one per GPU
+    (use_gpu) or per core (per --encoder-cpus) that the cluster has now, or that its autoscaler's node types
+    hold at their maximum when it reported them and they are bounded; at least 1."""
+    if encoders:
+        return encoders
+    name, need = ("GPU", 1.0) if use_gpu else ("CPU", float(encoder_cpus or 1))
+    most = max_resource(groups, name) if groups else 0.0
+    return max(1, int(cluster.get(name, 0) // need), int(most // need) if most != float("inf") else 0)
+
+
 def gpu_refusal(
     gpus_now: float, groups: list[NodeGroup] | None, gpus_declared: bool, address: str, adds_nodes: bool | None = None
 ) -> str | None:
@@ -214,3 +231,9 @@ def use_gpus(flag: bool | None) -> bool:
     if from_env is not None:
         return from_env
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def encoders_use_gpus(flag: bool | None, vectors_given: bool) -> bool:
+    """Whether the encoders run on GPUs (use_gpus): never where the corpus brings its vectors (--vector-column),
+    which has no forward pass to run."""
+    return use_gpus(flag) and not vectors_given

@@ -49,12 +49,12 @@ from rayindex.infra.resources import (
     autoscaler_node_groups,
     autoscaler_status,
     cpus_per_gpu,
+    encoders_use_gpus,
     gpu_from_environment,
     gpu_on_cpu,
     gpu_refusal,
     gpu_wait_reason,
     max_resource,
-    use_gpus,
 )
 from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import make_index
@@ -644,7 +644,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
     connect(config.ray_address, config.s3_endpoint)
     if not version.remote:
         check_shared_folder(version.local_root)
-    use_gpu = use_gpus(config.gpu) and not config.vector_column  # given vectors: no forward pass to run
+    use_gpu = encoders_use_gpus(config.gpu, bool(config.vector_column))
     if use_gpu and gpu_on_cpu():
         warning = f"{GPU_ON_CPU_ENV}=1: the encoders reserved GPUs but ran on the CPU (a fake cluster's GPUs)"
         if warning not in manifest.warnings:

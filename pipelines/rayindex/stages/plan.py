@@ -1,22 +1,28 @@
 """Plan stage: list the input files, check the columns of the tables among them (text columns of text), cut
-the rows into a deterministic shard plan (the same inputs give the same shards and the same global ids; a
-document file (PDF, HTML, Markdown, text) is one row, named by its path under its input), and refuse
-duplicate ids of a corpus small enough to read before Ray starts."""
+the rows into a deterministic shard plan sized by cost for the encoders the cluster can run at once
+(text/shard_plan.py: the same inputs, options and encoder slots give the same shards; global ids are row
+numbers whatever the plan; a document file (PDF, HTML, Markdown, text) is one row, named by its path under its
+input), and refuse duplicate ids of a corpus small enough to read before anything is encoded."""
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
+
+import ray
 
 from rayindex.config import BuildConfig
 from rayindex.errors import RayIndexError
+from rayindex.infra.ray_session import connect
+from rayindex.infra.resources import autoscaler_node_groups, encoder_slots, encoders_use_gpus
 from rayindex.infra.storage import is_remote
 from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
 from rayindex.text import corpus, vectors
 from rayindex.text.documents import find_duplicate_ids
 from rayindex.text.model import resolve_model
-from rayindex.text.shard_plan import number_of_shards, plan_shards
+from rayindex.text.shard_plan import FileCost, cumulative_cost, number_of_shards, plan_shards
 
-# Duplicate ids are looked for before Ray starts when the whole corpus is local and at most this big: reading
+# Duplicate ids are looked for before encoding when the whole corpus is local and at most this big: reading
 # it (ids and text columns, JSONL parsed) costs about a second (docs/build.md), encoding it an hour or more on
 # CPU (64 MB of text is ~15M tokens). Past it, or on s3://, the encode stage finds them from its hashes.
 EARLY_ID_CHECK_BYTES = 64 << 20
@@ -27,9 +33,37 @@ class Plan(NamedTuple):
     shards: list[Shard]
 
 
-def plan(config: BuildConfig) -> Plan:
+def plan(config: BuildConfig, slots: int) -> Plan:
     """Files (columns of tables checked, rows counted from metadata or one pass over JSONL; a document file is
-    a row) and the shard plan."""
+    a row) and the shard plan for `slots` encoders running at once."""
+    return cut(config, *inspected(config), slots)
+
+
+def cut(
+    config: BuildConfig, names: dict[str, str], infos: list[corpus.FileInfo], files: list[InputFile], slots: int
+) -> Plan:
+    """The shard plan of inspected files for `slots` encoders (no I/O)."""
+    total = sum(i.num_rows for i in infos)
+    costs = [
+        FileCost(i.path, i.num_rows, i.cost_marks if i.cost_marks is not None else [(0, 0), (1, f.size)])
+        for i, f in zip(infos, files)
+    ]
+    cost = cumulative_cost(costs)[1][-1]
+    shards = plan_shards(costs, number_of_shards(total, cost, slots, config.shards, config.shard_size))
+    by_path = {i.path: i for i in infos}
+    for shard in shards:
+        shard.pieces = [
+            p.model_copy(update={"doc_id": names[p.path]})
+            if corpus.is_document_file(p.path)
+            else corpus.attach_byte_offsets(p, by_path[p.path])
+            for p in shard.pieces
+        ]
+    return Plan(files, shards)
+
+
+def inspected(config: BuildConfig) -> tuple[dict[str, str], list[corpus.FileInfo], list[InputFile]]:
+    """The input files (path -> name under its input), each inspected (columns checked), and as the manifest
+    records them; refused when there are no rows."""
     names = corpus.input_files(config.inputs)
     duplicates = corpus.duplicate_names(names)
     if duplicates:
@@ -44,22 +78,25 @@ def plan(config: BuildConfig) -> Plan:
     corpus.check_columns(tables, ([config.id_column] if config.id_column else []) + fields)
     if not config.template:
         corpus.check_text_columns(tables, fields)
-    total = sum(i.num_rows for i in infos)
-    if total == 0:
+    if sum(i.num_rows for i in infos) == 0:
         raise RayIndexError(f"the input ({', '.join(config.inputs)}) has no rows; nothing to index")
-    shards = plan_shards(
-        [(i.path, i.num_rows) for i in infos], number_of_shards(total, config.shards, config.shard_size)
-    )
-    by_path = {i.path: i for i in infos}
-    for shard in shards:
-        shard.pieces = [
-            p.model_copy(update={"doc_id": names[p.path]})
-            if corpus.is_document_file(p.path)
-            else corpus.attach_byte_offsets(p, by_path[p.path])
-            for p in shard.pieces
-        ]
     files = [InputFile(path=i.path, format=i.format, rows=i.num_rows, **corpus.file_signature(i.path)) for i in infos]
-    return Plan(files, shards)
+    return names, infos, files
+
+
+def cluster_encoder_slots(config: BuildConfig, manifest: Manifest) -> int:
+    """How many encoders the build's Ray cluster can run at once (resources.encoder_slots), after connecting to
+    it or starting a local one (timed on its own in the manifest: `ray`)."""
+    started = time.monotonic()
+    connect(config.ray_address, config.s3_endpoint)
+    manifest.timings_s["ray"] = round(manifest.timings_s.get("ray", 0) + time.monotonic() - started, 3)
+    return encoder_slots(
+        encoders_use_gpus(config.gpu, bool(config.vector_column)),
+        ray.cluster_resources(),
+        autoscaler_node_groups(),
+        config.encoders,
+        config.encoder_cpus,
+    )
 
 
 def check_given_vectors(infos: list[corpus.FileInfo], column: str) -> None:
@@ -87,30 +124,35 @@ def without_text(config: BuildConfig, tables: list[corpus.FileInfo]) -> bool:
 
 
 def ids_cheap_to_read(files: list[InputFile]) -> bool:
-    """Whether the corpus is local and at most EARLY_ID_CHECK_BYTES: its ids are checked before Ray starts."""
+    """Whether the corpus is local and at most EARLY_ID_CHECK_BYTES: its ids are checked before encoding."""
     return not any(is_remote(f.path) for f in files) and sum(f.size for f in files) <= EARLY_ID_CHECK_BYTES
 
 
 def run(config: BuildConfig, manifest: Manifest) -> Plan:
-    """Record the plan in a new run's manifest (a resumed run keeps the plan it was checked against)."""
+    """Record the plan, cut for the encoders the cluster can run at once, in a new run's manifest (a resumed
+    run keeps the plan it was checked against, whatever the cluster is now)."""
     if manifest.shards:
+        cluster_encoder_slots(config, manifest)
         return Plan(manifest.files, manifest.shards)
-    planned = plan(config)
-    if config.id_column and ids_cheap_to_read(planned.files):
-        duplicates = find_duplicate_ids(planned.shards, config.text_fields(), config.template, config.id_column)
+    inspection = inspected(config)  # the input refused before Ray starts, when it can be
+    if config.id_column and ids_cheap_to_read(inspection[2]):
+        rows = cut(config, *inspection, 1).shards  # ids are row numbers whatever the plan
+        duplicates = find_duplicate_ids(rows, config.text_fields(), config.template, config.id_column)
         if duplicates:
             raise RayIndexError(duplicates)
-    manifest.files, manifest.shards = planned.files, planned.shards
-    manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
-    manifest.model = ModelInfo(
-        name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine")
-    )
     if config.vector_column:
-        manifest.dimension = vectors.corpus_dimension([(f.path, f.rows) for f in planned.files], config.vector_column)
+        manifest.dimension = vectors.corpus_dimension([(f.path, f.rows) for f in inspection[2]], config.vector_column)
         vectors.check_model_dimension(config.model, manifest.dimension)
-        if without_text(config, [corpus.inspect_file(planned.files[0].path)]):  # one schema: check_columns
+        if without_text(config, [inspection[1][0]]):  # one schema: check_columns
             manifest.warnings.append(
                 f"the input has no text column ({config.text_columns[0]!r}): hits carry the rows' metadata and no "
                 "text, and text queries match no words (give --text-column or --template to keep the rows' text)"
             )
+    slots = cluster_encoder_slots(config, manifest)
+    planned = cut(config, *inspection, slots)
+    manifest.files, manifest.shards, manifest.encoder_slots = planned.files, planned.shards, slots
+    manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
+    manifest.model = ModelInfo(
+        name=config.model, path=resolve_model(config.model), normalized=config.metric in (None, "cosine")
+    )
     return planned

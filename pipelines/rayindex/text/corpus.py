@@ -31,6 +31,7 @@ from rayindex.text import files
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 JSONL_CHECKPOINT_ROWS = 4096  # byte offset remembered every N lines, so shards can seek
+COST_MARKS = 4096  # at most about this many (row, bytes) marks per JSONL file for the shard plan's cost
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's \ud800-\udfff: one half of a UTF-16 pair
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a half left unpaired after parsing: not text
 
@@ -156,6 +157,8 @@ class FileInfo:
     column_types: dict[str, str]
     num_rows: int
     checkpoints: list[tuple[int, int]] = field(default_factory=list)  # (row, byte offset), JSONL only
+    # (row, bytes before it) from (0, 0) to (rows, bytes): what a row range costs (text/shard_plan.py); tables only
+    cost_marks: list[tuple[int, int]] | None = None
 
 
 def inspect_file(path: str) -> FileInfo:
@@ -170,7 +173,15 @@ def inspect_file(path: str) -> FileInfo:
             with fs.open(fs_path, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
                 schema = meta.schema.to_arrow_schema()
-                return FileInfo(path, fmt, schema.names, {f.name: str(f.type) for f in schema}, meta.num_rows)
+                return FileInfo(
+                    path,
+                    fmt,
+                    schema.names,
+                    {f.name: str(f.type) for f in schema},
+                    meta.num_rows,
+                    [],
+                    row_group_marks(meta),
+                )
         return _inspect_jsonl(path, fs, fs_path)
     except RayIndexError:
         raise
@@ -180,16 +191,29 @@ def inspect_file(path: str) -> FileInfo:
         ) from exc
 
 
+def row_group_marks(meta: pq.FileMetaData) -> list[tuple[int, int]]:
+    """A Parquet file's cost marks: at each row group's end, the uncompressed bytes of the row groups before."""
+    marks, rows, size = [(0, 0)], 0, 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        rows, size = rows + group.num_rows, size + group.total_byte_size
+        marks.append((rows, size))
+    return marks
+
+
 def _inspect_jsonl(path: str, fs, fs_path: str) -> FileInfo:
     checkpoints = []
     columns: list[str] | None = None
     offset = 0
     rows = 0
     line = b""
+    marks, step = [(0, 0)], max(1, int(fs.size(fs_path) or 0) // COST_MARKS)
     with fs.open(fs_path, "rb") as fh:
         for line in fh:
             if rows % JSONL_CHECKPOINT_ROWS == 0:
                 checkpoints.append((rows, offset))
+            if offset >= marks[-1][1] + step:
+                marks.append((rows, offset))
             if columns is None and line.strip():
                 record, _ = _parse_json_line(line, path, rows)
                 columns = list(record)
@@ -198,7 +222,9 @@ def _inspect_jsonl(path: str, fs, fs_path: str) -> FileInfo:
     if line.strip() and not line.endswith(b"\n"):  # a file cut short ends mid-line: refuse it before encoding
         _parse_json_line(line, path, rows - 1)
     columns = columns or []
-    return FileInfo(path, "jsonl", columns, {}, rows, checkpoints)
+    if rows > marks[-1][0]:
+        marks.append((rows, offset))
+    return FileInfo(path, "jsonl", columns, {}, rows, checkpoints, marks)
 
 
 def _parse_json_line(line: bytes, path: str, row: int) -> tuple[dict, bool]:

@@ -1,41 +1,131 @@
-"""Deterministic shard plan: contiguous row ranges of the sorted input files.
+"""Deterministic shard plan: contiguous row ranges of the sorted input files, cut where their estimated cost
+is equal, as many as keep every encoder busy without making a small corpus pay for shards it does not need.
 
-The plan depends only on the file list (sorted) and their row counts, so re-running the
-same command gives the same shards and the same global ids (row numbers).
+A shard (a work unit of the encode stage) costs what its text costs to encode, not what its rows count: 2,000
+man pages (9.4 MB) and 2,000 dictionary entries (0.8 MB) are the same number of rows. The cost of a row range
+is estimated from what the plan reads anyway (`cost_marks`): a document file's size, a Parquet row group's
+uncompressed bytes, a JSONL file's byte offsets; plus one byte per row, so that rows without text still cost
+something and a corpus of empty rows is cut by rows.
+
+The plan depends only on the file list (sorted), their rows and cost marks, the options and the encoder slots
+it is cut for (recorded in the manifest, kept by a resumed run), so re-running the same command on the same
+cluster gives the same shards. Global ids are row numbers whatever the plan.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import NamedTuple
 
 from rayindex.manifest import Piece, Shard
 
+# The floor under a unit: each shard costs a build a fixed part besides its text (its add and BM25 count tasks,
+# its files and their checksums, its merge entry, an encoder's start and end of a unit; benchmarks/units_benchmark.py
+# --shard-cost measures it, not yet run quietly: docs/benchmarks.md). The CPU encoder reads ~2.4 KB of man page
+# text a second per core (benchmarks/passages_benchmark.py: 1,086 tokens/s on 2 cores, ~4.4 characters a token), so
+# a unit of MIN_UNIT_BYTES encodes for ~27 s on one core, against a fixed part estimated at about a second (<= 4%).
+# A corpus under two of them is one shard.
+MIN_UNIT_BYTES = 64 << 10
+ROW_BYTES = 1  # the cost of a row besides its bytes (see above)
 
-def number_of_shards(total_rows: int, shards: int | None, shard_size: int) -> int:
-    """--shards when given, else ceil(total / shard_size); never more shards than rows."""
-    wanted = shards if shards else math.ceil(total_rows / shard_size)
+
+class FileCost(NamedTuple):
+    """A file's rows and where its cost accumulates: (row, bytes before that row) marks from (0, 0) to
+    (rows, total bytes), interpolated linearly between marks; None: every row costs the same."""
+
+    path: str
+    rows: int
+    marks: list[tuple[int, int]] | None = None
+
+
+def number_of_shards(
+    total_rows: int,
+    total_cost: int,
+    encoder_slots: int,
+    shards: int | None,
+    shard_size: int,
+) -> int:
+    """--shards when given; else ceil(rows / --shard-size), raised to one per encoder that can run at once as
+    far as each still costs at least MIN_UNIT_BYTES, and past one wave to whole waves of encoders (a last unit
+    alone on one encoder while the others idle is the tail this avoids); never more shards than rows."""
+    if shards:
+        return max(1, min(shards, total_rows))
+    slots = max(1, encoder_slots)
+    worth = max(1, total_cost // MIN_UNIT_BYTES)
+    wanted = max(math.ceil(total_rows / shard_size), min(slots, worth))
+    if wanted > slots:
+        wanted = math.ceil(wanted / slots) * slots
     return max(1, min(wanted, total_rows))
 
 
-def plan_shards(file_rows: list[tuple[str, int]], num_shards: int) -> list[Shard]:
-    """Split the concatenation of the files (in the order given) into num_shards near-equal row ranges."""
-    total = sum(rows for _, rows in file_rows)
-    bounds = [total * i // num_shards for i in range(num_shards + 1)]
+def cumulative_cost(files: list[FileCost]) -> tuple[list[int], list[int]]:
+    """The corpus's cost marks as (global rows, cumulative cost) from (0, 0) to (rows, total cost), each row
+    counted ROW_BYTES besides its bytes."""
+    rows, costs = [0], [0]
+    row0 = cost0 = 0
+    for f in files:
+        marks = f.marks if f.marks is not None else [(0, 0), (f.rows, 0)]
+        for row, cost in marks[1:]:
+            rows.append(row0 + row)
+            costs.append(cost0 + cost + ROW_BYTES * row)
+        row0, cost0 = row0 + f.rows, costs[-1]
+    return rows, costs
+
+
+def row_at_cost(rows: list[int], costs: list[int], target: int) -> int:
+    """The row where the cumulative cost reaches target (the nearest row, linear between marks)."""
+    i = bisect.bisect_left(costs, target)  # costs[i - 1] < target <= costs[i]
+    if i == 0:
+        return 0
+    if i == len(costs):
+        return rows[-1]
+    num, den = (target - costs[i - 1]) * (rows[i] - rows[i - 1]), costs[i] - costs[i - 1]
+    return rows[i - 1] + (2 * num + den) // (2 * den)
+
+
+def unit_bounds(rows: list[int], costs: list[int], num_shards: int) -> list[int]:
+    """num_shards + 1 increasing row bounds from 0 to the total rows, cutting the cumulative cost (rows, costs:
+    cumulative_cost) in equal parts, each shard at least one row."""
+    total_rows, total = rows[-1], costs[-1]
+    bounds = [0]
+    for k in range(1, num_shards):
+        row = row_at_cost(rows, costs, total * k // num_shards)
+        bounds.append(min(max(row, bounds[-1] + 1), total_rows - (num_shards - k)))
+    return bounds + [total_rows]
+
+
+def plan_shards(files: list[FileCost], num_shards: int) -> list[Shard]:
+    """Split the concatenation of the files (in the order given) into num_shards row ranges of near-equal
+    estimated cost (of near-equal rows where no file says more), each with its estimated cost."""
+    rows, costs = cumulative_cost(files)
+    bounds = unit_bounds(rows, costs, num_shards)
     file_starts = []
     offset = 0
-    for path, rows in file_rows:
-        file_starts.append((path, offset, rows))
-        offset += rows
+    for f in files:
+        file_starts.append((f.path, offset, f.rows))
+        offset += f.rows
     plan = []
     for shard_id in range(num_shards):
         lo, hi = bounds[shard_id], bounds[shard_id + 1]
         pieces = []
-        for path, start, rows in file_starts:
-            a, b = max(lo, start), min(hi, start + rows)
+        for path, start, n in file_starts:
+            a, b = max(lo, start), min(hi, start + n)
             if a < b:
                 pieces.append(Piece(path=path, row_start=a - start, num_rows=b - a, global_start=a))
-        plan.append(Shard(shard_id=shard_id, pieces=pieces, global_start=lo, global_end=hi))
+        cost = cost_at(rows, costs, hi) - cost_at(rows, costs, lo)
+        plan.append(Shard(shard_id=shard_id, pieces=pieces, global_start=lo, global_end=hi, cost=cost))
     return plan
+
+
+def cost_at(rows: list[int], costs: list[int], row: int) -> int:
+    """The cumulative cost before a row (linear between marks)."""
+    i = bisect.bisect_left(rows, row)  # rows[i - 1] < row <= rows[i]
+    if i == 0:
+        return 0
+    if i == len(rows):
+        return costs[-1]
+    return costs[i - 1] + (costs[i] - costs[i - 1]) * (row - rows[i - 1]) // (rows[i] - rows[i - 1])
 
 
 def locate_row(shards: list[Shard], row_id: int) -> str:

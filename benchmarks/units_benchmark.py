@@ -1,0 +1,151 @@
+"""Work units sized by cost (issue #22 item 5): a corpus of long documents encoded by the one-shard plan of before
+and by the default plan, in one run, on the same cores and the same local Ray; and what a shard costs.
+
+(a) this machine's English man pages (sections 1, 5 and 8, rendered as benchmarks/passages_benchmark.py renders
+    them), one JSONL file, a page a line: the encode stage (plan + encode, the real model) with --shards 1 (what
+    the default plan gave any corpus under 50,000 documents: one unit, so one encoder actor holding every core)
+    against the default plan (units cut by cost, one per encoder that can run at once). Reported: the encode
+    stage's wall time (actor start and model load included) and their ratio, the units and encoders, and how
+    many units ran at once on average: the encoders' own seconds on their units (reading to writing,
+    ShardState.encode_seconds) summed, over the stage's wall time;
+(b) --shard-cost: what one more shard costs a whole build (the forward pass made free, as encode_benchmark.py's
+    (b) makes it, so that only the per-shard work is left: an encoder's start and end of a unit, its files and
+    checksums, its add and BM25 count tasks, its merge entry): the same 2,000 GCIDE entries built with --shards 1
+    and --shards 8, one encoder, every stage but tune; the difference over 7.
+
+    python benchmarks/units_benchmark.py [--docs 2000] [--json docs/benchmark-units.json]
+    python benchmarks/units_benchmark.py --shard-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks' corpora
+
+import ray
+from encode_benchmark import free_forward, gcide_entries
+from passages_benchmark import man_pages
+
+from rayindex.builder import build, start_or_resume
+from rayindex.config import BuildConfig
+from rayindex.infra.progress import StageProgress
+from rayindex.infra.storage import Store
+from rayindex.stages import encode, plan
+
+
+def encode_stage(corpus: Path, work: Path, shards: int | None) -> dict:
+    """Plan + encode of the corpus (as `rayindex build` runs them, on the Ray already started), timed."""
+    config = BuildConfig(
+        inputs=[str(corpus)], output=str(work), id_column="id", text_columns=["text"], shards=shards, index="IVF1,Flat"
+    )
+    progress = StageProgress(quiet=True)
+    manifest, version = start_or_resume(config, Store(config.output), progress)
+    start = time.perf_counter()
+    plan.run(config, manifest)
+    planned = time.perf_counter()
+    encode.run(config, manifest, version, progress)
+    wall = time.perf_counter() - planned
+    unit_seconds = [s.encode_seconds for s in manifest.shard_states]
+    return {
+        "units": len(manifest.shards),
+        "encoder_slots": manifest.encoder_slots,
+        "unit_costs": [s.cost for s in manifest.shards],
+        "unit_seconds": unit_seconds,
+        "plan_s": planned - start,
+        "encode_s": wall,
+        "units_at_once_mean": sum(unit_seconds) / wall,
+        "passages": manifest.counts.passages,
+        "tokens": manifest.counts.tokens_encoded,
+    }
+
+
+def units(args) -> dict:
+    corpus = Path(args.work) / f"man-{args.docs}.jsonl"
+    if not corpus.exists():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        rows = man_pages(args.docs)
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    size = corpus.stat().st_size
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    ray_s = time.perf_counter() - started
+    try:
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            before = encode_stage(corpus, Path(tmp) / "one", 1)
+            after = encode_stage(corpus, Path(tmp) / "units", None)
+    finally:
+        ray.shutdown()
+    return {
+        "corpus": {"what": "English man pages (sections 1, 5, 8), man -l at 100 columns", "docs": args.docs},
+        "jsonl_bytes": size,
+        "cores": os.cpu_count(),
+        "ray_start_s": ray_s,
+        "one_shard": before,
+        "default_plan": after,
+        "speedup": before["encode_s"] / after["encode_s"],
+    }
+
+
+def shard_cost(args) -> dict:
+    """Whole builds of 2,000 GCIDE entries, forward pass free, with 1 and 8 shards and one encoder."""
+    rows = [{"id": r["id"], "text": f"{r['word']}: {r['definition']}"} for r in gcide_entries()[:2_000]]
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"worker_process_setup_hook": free_forward})
+    out = {}
+    try:
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            corpus = Path(tmp) / "gcide.jsonl"
+            corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            for run, shards in enumerate((1, 8, 1, 8)):  # twice each, interleaved: the machine is shared
+                manifest = build(
+                    BuildConfig(
+                        inputs=[str(corpus)],
+                        output=str(Path(tmp) / f"out-{run}"),
+                        id_column="id",
+                        text_columns=["text"],
+                        shards=shards,
+                        encoders=1,
+                        index="IVF1,Flat",
+                        tune=False,
+                    )
+                )
+                stages = {k: v for k, v in manifest.timings_s.items() if k != "ray"}
+                out.setdefault(shards, []).append({"total_s": sum(stages.values()), "stages": stages})
+    finally:
+        ray.shutdown()
+    one = min(r["total_s"] for r in out[1])
+    eight = min(r["total_s"] for r in out[8])
+    return {"builds": out, "per_extra_shard_s": (eight - one) / 7}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=2000, help="man pages (the first N in the fixed order)")
+    parser.add_argument("--work", default="/tmp/rayindex-units")
+    parser.add_argument("--shard-cost", action="store_true", help="measure what one more shard costs a build")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    results = shard_cost(args) if args.shard_cost else units(args)
+    print(json.dumps(results, indent=2))
+    if not args.shard_cost:
+        one, new = results["one_shard"], results["default_plan"]
+        print(
+            f"{args.docs} man pages ({results['jsonl_bytes'] / 1e6:.1f} MB, {new['passages']:,} passages) on "
+            f"{results['cores']} cores: one shard {one['encode_s']:.1f} s, default plan ({new['units']} units for "
+            f"{new['encoder_slots']} encoders, {new['units_at_once_mean']:.2f} at once on average) "
+            f"{new['encode_s']:.1f} s: {results['speedup']:.2f}x"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
