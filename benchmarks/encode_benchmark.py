@@ -117,14 +117,27 @@ def one_process(texts: list[str]) -> tuple[float, float]:
     return loaded - start, time.perf_counter() - loaded
 
 
-def stage(parquet: Path, work: Path, encoders: int | None, gpu: bool, setup_hook=None) -> dict:
-    """The plan and encode stages as `rayindex build` runs them (its default shard plan), in a fresh local Ray
-    whose start is timed on its own, as the build's timings record it."""
+def planned_and_encoded(config):
+    """The plan and encode stages of a build as `rayindex build` runs them, on the Ray this process is connected
+    to: (manifest, the plan's seconds, the encode stage's seconds)."""
     from rayindex.builder import start_or_resume
-    from rayindex.config import BuildConfig
     from rayindex.infra.progress import StageProgress
     from rayindex.infra.storage import Store
     from rayindex.stages import encode, plan
+
+    progress = StageProgress(quiet=True)
+    manifest, version = start_or_resume(config, Store(config.output), progress)
+    start = time.perf_counter()
+    plan.run(config, manifest)
+    planned = time.perf_counter()
+    encode.run(config, manifest, version, progress)
+    return manifest, planned - start, time.perf_counter() - planned
+
+
+def stage(parquet: Path, work: Path, encoders: int | None, gpu: bool, setup_hook=None) -> dict:
+    """The plan and encode stages as `rayindex build` runs them (its default shard plan), in a fresh local Ray
+    whose start is timed on its own, as the build's timings record it."""
+    from rayindex.config import BuildConfig
 
     runtime_env = {"worker_process_setup_hook": setup_hook} if setup_hook else None
     started = time.perf_counter()
@@ -140,13 +153,7 @@ def stage(parquet: Path, work: Path, encoders: int | None, gpu: bool, setup_hook
             gpu=gpu,
             index="IVF1,Flat",
         )
-        progress = StageProgress(quiet=True)
-        manifest, version = start_or_resume(config, Store(config.output), progress)
-        start = time.perf_counter()
-        plan.run(config, manifest)
-        planned = time.perf_counter()
-        encode.run(config, manifest, version, progress)
-        wall = time.perf_counter() - planned
+        manifest, plan_s, wall = planned_and_encoded(config)
     finally:
         ray.shutdown()
     actors = min(len(manifest.shards), manifest.encoder_slots)
@@ -154,7 +161,7 @@ def stage(parquet: Path, work: Path, encoders: int | None, gpu: bool, setup_hook
     return {
         "docs": manifest.counts.docs_encoded,
         "ray_start_s": ray_s,
-        "plan_s": planned - start,
+        "plan_s": plan_s,
         "wall_s": wall,
         "steady_s": shard_seconds / actors,
         "actors": actors,

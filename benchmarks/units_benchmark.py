@@ -31,14 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks' corpora
 
 import ray
-from encode_benchmark import free_forward, gcide_entries
+from encode_benchmark import free_forward, gcide_entries, planned_and_encoded
 from passages_benchmark import man_pages
 
-from rayindex.builder import build, start_or_resume
+from rayindex.builder import build
 from rayindex.config import BuildConfig
-from rayindex.infra.progress import StageProgress
-from rayindex.infra.storage import Store
-from rayindex.stages import encode, plan
 
 
 def encode_stage(corpus: Path, work: Path, shards: int | None) -> dict:
@@ -46,20 +43,14 @@ def encode_stage(corpus: Path, work: Path, shards: int | None) -> dict:
     config = BuildConfig(
         inputs=[str(corpus)], output=str(work), id_column="id", text_columns=["text"], shards=shards, index="IVF1,Flat"
     )
-    progress = StageProgress(quiet=True)
-    manifest, version = start_or_resume(config, Store(config.output), progress)
-    start = time.perf_counter()
-    plan.run(config, manifest)
-    planned = time.perf_counter()
-    encode.run(config, manifest, version, progress)
-    wall = time.perf_counter() - planned
+    manifest, plan_s, wall = planned_and_encoded(config)
     unit_seconds = [s.encode_seconds for s in manifest.shard_states]
     return {
         "units": len(manifest.shards),
         "encoder_slots": manifest.encoder_slots,
         "unit_costs": [s.cost for s in manifest.shards],
         "unit_seconds": unit_seconds,
-        "plan_s": planned - start,
+        "plan_s": plan_s,
         "encode_s": wall,
         "units_at_once_mean": sum(unit_seconds) / wall,
         "passages": manifest.counts.passages,
