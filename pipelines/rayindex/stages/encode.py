@@ -82,7 +82,7 @@ from rayindex.manifest import (
     SkippedFile,
 )
 from rayindex.text.corpus import InputUnavailable, RowBatch, read_pieces
-from rayindex.text.documents import CUT, Documents, duplicate_ids_message, prepare, with_pages
+from rayindex.text.documents import CUT, Documents, duplicate_ids_message, prepare, with_pages, with_vector_hashes
 from rayindex.text.files import passage_pages
 from rayindex.text.model import (
     TRUNCATED,
@@ -100,7 +100,7 @@ from rayindex.text.model import (
 )
 from rayindex.text.reuse import PreviousVectors
 from rayindex.text.shard_plan import locate_row
-from rayindex.text.vectors import column_vectors, given_settings, with_vector_hashes
+from rayindex.text.vectors import column_vectors, given_settings
 from rayindex.versions import done_shards, previous_version, save_manifest
 
 PREFETCH_CHUNKS = 4  # corpus batches (2,048 rows) read and tokenized ahead of the forward pass

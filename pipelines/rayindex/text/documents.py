@@ -189,11 +189,14 @@ def json_values(column: pa.Array) -> pa.Array:
 
 
 def hash64(values: pa.Array, prefix: bytes = b"") -> np.ndarray:
-    """64-bit blake2b of each string's UTF-8 bytes, read straight from the Arrow buffers (one C call per
-    value, no Python string per value)."""
-    values = values.cast(pa.string()) if not pa.types.is_string(values.type) else values
+    """64-bit blake2b of each value's bytes (a string's UTF-8, a binary's own; other types as strings), read
+    straight from the Arrow buffers (one C call per value, no Python object per value)."""
+    kind = values.type
+    if not (pa.types.is_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        values = values.cast(pa.string())
     _, offsets_buffer, data_buffer = values.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[values.offset : values.offset + len(values) + 1]
+    width = np.int64 if pa.types.is_large_binary(values.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[values.offset : values.offset + len(values) + 1]
     data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
     out = np.empty(len(values), dtype="<u8")
     view = out.view(np.uint8).reshape(-1, 8)
@@ -202,6 +205,22 @@ def hash64(values: pa.Array, prefix: bytes = b"") -> np.ndarray:
         h.update(data[a:b])
         view[i] = np.frombuffer(h.digest(), np.uint8)
     return out
+
+
+def with_vector_hashes(content_hashes: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Each document's 64-bit content hash (id, text, metadata) extended by its vector's bytes (--vector-column):
+    hash64 of each row's content hash followed by its float32 vector, so a row whose vector changed is a changed
+    document to a reindex (text/reuse.py)."""
+    rows = np.hstack(
+        [
+            content_hashes.astype("<u8").view(np.uint8).reshape(len(content_hashes), 8),
+            np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8).reshape(len(vectors), 4 * vectors.shape[1]),
+        ]
+    )
+    offsets = np.arange(len(rows) + 1, dtype=np.int64) * rows.shape[1]
+    return hash64(
+        pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(rows.tobytes())])
+    )
 
 
 def document_positions(batch: RowBatch, has_text: pa.Array) -> np.ndarray:

@@ -7,7 +7,6 @@ of a model's (VectorSettings: no prompts for documents, no passages).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -143,17 +142,6 @@ def first_not_a_list(values: pa.Array) -> int:
                 continue
         return row
     return 0
-
-
-def with_vector_hashes(content_hashes: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Each document's 64-bit content hash (id, text, metadata) extended by its vector's bytes: a row whose vector
-    changed is a changed document to a reindex (text/reuse.py)."""
-    out = np.empty(len(content_hashes), dtype="<u8")
-    view = out.view(np.uint8).reshape(-1, 8)
-    for row, (content, vector) in enumerate(zip(content_hashes.astype("<u8"), vectors.astype("<f4"))):
-        digest = hashlib.blake2b(content.tobytes() + vector.tobytes(), digest_size=8).digest()
-        view[row] = np.frombuffer(digest, np.uint8)
-    return out
 
 
 def corpus_dimension(files: list[tuple[str, int]], column: str) -> int:
