@@ -135,11 +135,12 @@ def test_a_folder_of_long_files_is_cut_by_their_sizes(tmp_path):
     assert len(many) == 2  # 140,000 bytes are worth 2 units of MIN_UNIT_BYTES, not 8
 
 
-def test_a_resumed_run_keeps_its_plan_whatever_the_cluster(tmp_path, docs):
+def test_a_resumed_run_keeps_its_plan_whatever_the_cluster(tmp_path, docs, ray_address):
     write_parquet(tmp_path / "in" / "p.parquet", docs[:60], row_group_size=10)
-    config = BuildConfig(inputs=[str(tmp_path / "in")], id_column="id", text_columns=["body"])
+    # the session's Ray (2 CPUs), which a resumed run connects to (timed as `ray`), as every build does
+    config = BuildConfig(inputs=[str(tmp_path / "in")], id_column="id", text_columns=["body"], ray_address=ray_address)
     recorded = plan(config, 1)
     manifest = Manifest(run_id="20260101-000000-abcdef", created_at="now", config=config, config_fingerprint="x")
     manifest.files, manifest.shards, manifest.encoder_slots = recorded.files, recorded.shards, 1
-    assert plan_stage.run(config, manifest) == recorded  # no Ray asked: the recorded plan is the plan
-    assert manifest.encoder_slots == 1
+    assert plan_stage.run(config, manifest) == recorded  # the recorded plan is the plan, not one cut for 2 slots
+    assert manifest.encoder_slots == 1 and "ray" in manifest.timings_s

@@ -84,12 +84,15 @@ def inspected(config: BuildConfig) -> tuple[dict[str, str], list[corpus.FileInfo
     return names, infos, files
 
 
-def cluster_encoder_slots(config: BuildConfig, manifest: Manifest) -> int:
-    """How many encoders the build's Ray cluster can run at once (resources.encoder_slots), after connecting to
-    it or starting a local one (timed on its own in the manifest: `ray`)."""
+def start_ray(config: BuildConfig, manifest: Manifest) -> None:
+    """Connect to the build's Ray cluster or start a local one, timed on its own in the manifest (`ray`)."""
     started = time.monotonic()
     connect(config.ray_address, config.s3_endpoint)
     manifest.timings_s["ray"] = round(manifest.timings_s.get("ray", 0) + time.monotonic() - started, 3)
+
+
+def cluster_encoder_slots(config: BuildConfig) -> int:
+    """How many encoders the connected Ray cluster can run at once (resources.encoder_slots)."""
     return encoder_slots(
         encoders_use_gpus(config.gpu, bool(config.vector_column)),
         ray.cluster_resources(),
@@ -132,7 +135,7 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     """Record the plan, cut for the encoders the cluster can run at once, in a new run's manifest (a resumed
     run keeps the plan it was checked against, whatever the cluster is now)."""
     if manifest.shards:
-        cluster_encoder_slots(config, manifest)
+        start_ray(config, manifest)
         return Plan(manifest.files, manifest.shards)
     inspection = inspected(config)  # the input refused before Ray starts, when it can be
     if config.id_column and ids_cheap_to_read(inspection[2]):
@@ -143,12 +146,13 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     if config.vector_column:
         manifest.dimension = vectors.corpus_dimension([(f.path, f.rows) for f in inspection[2]], config.vector_column)
         vectors.check_model_dimension(config.model, manifest.dimension)
-        if without_text(config, [inspection[1][0]]):  # one schema: check_columns
+        if without_text(config, inspection[1]):  # tables only: check_given_vectors
             manifest.warnings.append(
                 f"the input has no text column ({config.text_columns[0]!r}): hits carry the rows' metadata and no "
                 "text, and text queries match no words (give --text-column or --template to keep the rows' text)"
             )
-    slots = cluster_encoder_slots(config, manifest)
+    start_ray(config, manifest)
+    slots = cluster_encoder_slots(config)
     planned = cut(config, *inspection, slots)
     manifest.files, manifest.shards, manifest.encoder_slots = planned.files, planned.shards, slots
     manifest.shard_states = [ShardState(shard_id=s.shard_id) for s in planned.shards]
