@@ -11,9 +11,13 @@ built with default options (real model, CPU); document hit@10 and MRR@10 per mod
 (b) other words: the Jargon File (Debian dict-jargon), one document per entry; a query is the first sense
     of the same headword's GCIDE definition (Debian dict-gcide), the headword itself removed; the answer is
     that Jargon entry.
+(c) what is: the same Jargon File index; a query is "What is WORD?" for a headword of one entry only (a
+    third kind, short questions naming the thing: a check that the fusion chosen on (a) and (b) holds).
 
-Target per set: hybrid hit@10 >= max(dense, lexical) - 0.01. Build cost: the manifest's `lexical` timing
-over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50 of one query
+Per set also the hybrid figures by fusion (by score, what search does on a cosine index, and by reciprocal
+rank, the fusion before it) and by the documents each side brings (query/fusion.py), from the same two
+searches per query. Target per set: hybrid hit@10 >= max(dense, lexical) - 0.01. Build cost: the manifest's
+`lexical` timing over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50 of one query
 searched alone in process, hybrid / dense (target <= 1.3). Memory: synthetic postings (Zipf term
 frequencies) written with write_postings, opened memory-mapped in a fresh process, 1,000 searches; the
 process' RSS for 1M and 10M passages and their ratio.
@@ -21,7 +25,7 @@ process' RSS for 1M and 10M passages and their ratio.
     apt-get install dict-gcide dict-jargon
     python benchmarks/hybrid_benchmark.py [--man-pages 1000] [--queries 300] [--work /tmp/rayindex-hybrid] \
         [--json docs/benchmark-hybrid.json] [--png docs/benchmark-hybrid.png]
-    # a part only (merged into the JSON): --sets quotes|other_words|'' and --memory-passages ''
+    # a part only (merged into the JSON): --sets quotes|other_words|what_is|'' and --memory-passages ''
 
 Builds are kept in --work and reused by a rerun (delete it to rebuild); the synthetic postings are removed.
 """
@@ -52,8 +56,16 @@ from rich.table import Table
 
 from rayindex.builder import build
 from rayindex.config import BuildConfig
-from rayindex.lexical.postings import Postings, open_postings, search_postings, write_postings
-from rayindex.query.search import open_index
+from rayindex.lexical.postings import (
+    Postings,
+    bm25_ceiling,
+    open_postings,
+    search_postings,
+    term_doc_freqs,
+    write_postings,
+)
+from rayindex.query.fusion import by_rank, by_score, fuse_documents
+from rayindex.query.search import document_of, open_index
 
 K = 10
 MODES = ("dense", "lexical", "hybrid")
@@ -168,6 +180,16 @@ def jargon_corpus_and_queries(n: int, seed: int = 21) -> tuple[list[dict], list[
     return jargon, asked[:n]
 
 
+def what_is_queries(jargon: list[dict], n: int, seed: int = 5) -> list[dict]:
+    """ "What is WORD?" for n Jargon headwords (longer than two characters) that head one entry only; the answer:
+    that entry."""
+    entries_of: dict[str, int] = {}
+    for doc in jargon:
+        entries_of[doc["word"].lower()] = entries_of.get(doc["word"].lower(), 0) + 1
+    words = [doc for doc in jargon if entries_of[doc["word"].lower()] == 1 and len(doc["word"]) > 2]
+    return [{"query": f"What is {doc['word']}?", "id": doc["id"]} for doc in random.Random(seed).sample(words, n)]
+
+
 def built(rows: list[dict], folder: Path, template: str) -> tuple[Path, float]:
     """An index of rows built with default options (once: a rerun measures the same build); its wall time."""
     output = folder / "out"
@@ -200,6 +222,42 @@ def quality(index, asked: list[dict]) -> tuple[dict, list[dict]]:
     }
     per_query = [{**q, **{mode: ranks[mode][i] for mode in MODES}} for i, q in enumerate(asked)]
     return scores, per_query
+
+
+FUSION_VARIANTS = {  # name -> (fusion, depth: documents each side brings)
+    **{f"score, depth {d}": ("score", d) for d in (10, 20, 30, 50)},
+    **{f"rank (RRF 60), depth {d}": ("rank", d) for d in (30, 50)},
+}
+
+
+def fusion_variants(index, asked: list[dict]) -> dict:
+    """hit@10 and MRR@10 of hybrid search fused by score (query/fusion.py by_score: what search does on a
+    cosine index) and by reciprocal rank (by_rank), each side bringing `depth` documents, from one dense and
+    one lexical search of 50 documents per query: how the choice of fusion and depth moves the figures."""
+    deepest = max(depth for _, depth in FUSION_VARIANTS.values())
+    ranks: dict[str, list[int]] = {name: [] for name in FUSION_VARIANTS}
+    for q in asked:
+        dense = index.rank([q["query"]], deepest, mode="dense")[0]
+        terms = index.query_terms(q["query"])
+        lexical = index.lexical_documents(terms, deepest, 1, None)
+        ceiling = bm25_ceiling(term_doc_freqs(index.lexical, terms), index.manifest.lexical.passages)
+        for name, (fusion, depth) in FUSION_VARIANTS.items():
+            if fusion == "score":
+                sides = [
+                    by_score(dense[:depth], document_of, 1.0, depth),
+                    by_score(lexical[:depth], document_of, ceiling, depth),
+                ]
+            else:
+                sides = [by_rank(dense[:depth], document_of), by_rank(lexical[:depth], document_of)]
+            ids = [hit["id"] for hit in index.hits(fuse_documents(sides, document_of, 1, K))]
+            ranks[name].append(ids.index(q["id"]) + 1 if q["id"] in ids else 0)
+    return {
+        name: {
+            "hit_at_10": float(np.mean([r > 0 for r in found])),
+            "mrr_at_10": float(np.mean([1 / r if r else 0.0 for r in found])),
+        }
+        for name, found in ranks.items()
+    }
 
 
 def query_cost(index, queries: list[str]) -> dict:
@@ -307,9 +365,13 @@ def measure_sets(args, result: dict) -> None:
             jargon, asked = jargon_corpus_and_queries(args.queries)
             output, build_s = built(jargon, args.work / "jargon", "{word}: {entry}")
             corpus = f"{len(jargon):,} Jargon File entries"
+            if name == "what_is":
+                asked = what_is_queries(jargon, args.queries)
         index = open_index(output)
         print(f"{name}: {len(asked)} queries on {corpus}", file=sys.stderr)
         scores, per_query = quality(index, asked)
+        print(f"{name}: fusion variants", file=sys.stderr)
+        variants = fusion_variants(index, asked)
         best_single = max(scores["dense"]["hit_at_10"], scores["lexical"]["hit_at_10"])
         result["sets"][name] = {
             "corpus": corpus,
@@ -317,7 +379,8 @@ def measure_sets(args, result: dict) -> None:
             "queries": len(asked),
             "scores": scores,
             "target_hit_at_10": best_single - 0.01,
-            "holds": scores["hybrid"]["hit_at_10"] >= best_single - 0.01,
+            "holds": scores["hybrid"]["hit_at_10"] >= best_single - 0.01 - 1e-9,  # hit rates are n / queries
+            "fusion_variants": variants,
             "examples": per_query[:5],
             "hybrid_lost": [q for q in per_query if q["hybrid"] == 0 and (q["dense"] or q["lexical"])][:10],
         }
@@ -350,6 +413,14 @@ def print_tables(result: dict, console: Console) -> None:
             "yes" if s["holds"] else "NO",
         )
     console.print(table)
+    variants = Table(title="Hybrid hit@10 / MRR@10 by fusion and depth (documents each side brings)")
+    variants.add_column("fusion, depth")
+    for name in result["sets"]:
+        variants.add_column(name, justify="right")
+    for variant in FUSION_VARIANTS:
+        cells = [result["sets"][n].get("fusion_variants", {}).get(variant) for n in result["sets"]]
+        variants.add_row(variant, *[f"{c['hit_at_10']:.3f} / {c['mrr_at_10']:.3f}" if c else "-" for c in cells])
+    console.print(variants)
     costs = Table(title="Costs")
     for col in ("measure", "value", "target"):
         costs.add_column(col, justify="right")
@@ -398,7 +469,7 @@ def plot(result: dict, png: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default="quotes,other_words", help="query sets to measure, comma-separated")
+    parser.add_argument("--sets", default="quotes,other_words,what_is", help="query sets to measure, comma-separated")
     parser.add_argument("--man-pages", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=300, help="per query set")
     parser.add_argument("--latency-queries", type=int, default=100)

@@ -18,7 +18,7 @@ from rayindex.layout import DOCS_FILE, LEXICAL_COUNTS_FILE, LEXICAL_FILES, shard
 from rayindex.lexical.analyzer import Analyzer
 from rayindex.lexical.counts import term_hashes
 from rayindex.lexical.postings import search_postings
-from rayindex.query.fusion import fuse_documents
+from rayindex.query.fusion import by_rank, by_score, fuse_documents
 from rayindex.query.search import open_index
 
 from helpers import build_args, client_env
@@ -29,13 +29,41 @@ def test_fusion_ranks_documents_not_passages():
     ids; the document is id // 10."""
     dense = [(0.9, 10), (0.8, 20), (0.7, 30)]
     lexical = [(40.0, 11), (30.0, 30), (20.0, 20)]
-    fused = fuse_documents([dense, lexical], lambda p: p // 10, per_document=1, k=3)
+    doc = lambda p: p // 10  # noqa: E731
+
+    fused = fuse_documents([by_rank(dense, doc), by_rank(lexical, doc)], doc, per_document=1, k=3)
     assert [p for _, p in fused] == [10, 20, 30]  # 20 and 30 tie (ranks 2+3): the lower document first
     assert fused[0][0] == pytest.approx(2 / 61) and fused[1][0] == fused[2][0] == pytest.approx(1 / 62 + 1 / 63)
-    two = fuse_documents([dense, lexical], lambda p: p // 10, per_document=2, k=1)
+    two = fuse_documents([by_rank(dense, doc), by_rank(lexical, doc)], doc, per_document=2, k=1)
     assert [p for _, p in two] == [10, 11]  # both passages of the document, each side's best
-    weighted = fuse_documents([dense, lexical], lambda p: p // 10, per_document=1, k=3, weights=[0.0, 1.0])
+    weighted = fuse_documents([by_rank(dense, doc, weight=0.0), by_rank(lexical, doc)], doc, per_document=1, k=3)
     assert [p for _, p in weighted] == [11, 30, 20]  # BM25's order alone, by BM25's passages
+
+    # by score, each side's lists full at depth 3: what each document scores above the side's last, over its
+    # ceiling (1 for the cosines, 50 for BM25); the document's passage from the side that added most first
+    full = fuse_documents([by_score(dense, doc, 1.0, 3), by_score(lexical, doc, 50.0, 3)], doc, per_document=1, k=3)
+    assert [p for _, p in full] == [11, 30, 20]
+    assert [s for s, _ in full] == pytest.approx([0.2 + 20 / 50, 10 / 50, 0.1])
+    # lists shorter than the depth hold every match: a document either lacks scores 0 there
+    short = fuse_documents([by_score(dense, doc, 1.0, 5), by_score(lexical, doc, 50.0, 5)], doc, per_document=1, k=3)
+    assert [p for _, p in short] == [10, 30, 20]
+    assert [s for s, _ in short] == pytest.approx([0.9 + 0.8, 0.7 + 0.6, 0.8 + 0.4])
+
+
+def test_fusion_by_score_follows_the_side_that_is_sure():
+    """A sentence quoted word for word: BM25 finds its document near the query's ceiling, far above the rest,
+    and the vectors miss it (ten documents at close cosines): it comes first. A question in other words:
+    BM25 matches a few common words, a small share of the ceiling, and the vectors' order stands."""
+    doc = lambda p: p  # noqa: E731
+    dense = [(0.60 - 0.01 * i, i) for i in range(10)]
+    quoted = [(27.0, 99)] + [(6.0 - 0.1 * i, i) for i in range(1, 10)]
+    fused = fuse_documents([by_score(dense, doc, 1.0, 10), by_score(quoted, doc, 30.0, 10)], doc, 1, 10)
+    assert fused[0][1] == 99
+    loose = [(4.0 - 0.1 * i, 9 - i) for i in range(10)]  # BM25 ranks the vectors' order backwards
+    fused = fuse_documents([by_score(dense, doc, 1.0, 10), by_score(loose, doc, 60.0, 10)], doc, 1, 10)
+    assert [p for _, p in fused] == list(range(10))
+    nothing = fuse_documents([by_score(dense, doc, 1.0, 10), by_score([], doc, 0.0, 10)], doc, 1, 10)
+    assert [p for _, p in nothing] == list(range(10))  # a query of stopwords: the vectors alone
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +140,9 @@ def test_hybrid_is_the_default_and_fuses_both_sides(index, docs):
     dense = {h["id"] for h in index.search(query, k=10, mode="dense")}
     lexical = {h["id"] for h in index.search(query, k=10, mode="lexical")}
     assert {h["id"] for h in default} <= dense | lexical | {h["id"] for h in index.search(query, k=50, mode="dense")}
-    assert all(0 < h["score"] <= 2 / 61 for h in default)  # fused reciprocal-rank scores
+    # fused by score: each side's share above its last listed document, a cosine (at most 1) and a BM25
+    # score over the query's ceiling (below 1)
+    assert all(0 <= h["score"] < 2 for h in default)
 
 
 def test_a_query_of_stopwords_only(index):

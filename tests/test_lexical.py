@@ -11,11 +11,13 @@ from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
 from rayindex.lexical.counts import corpus_terms, count_terms, shard_terms, term_hashes
 from rayindex.lexical.postings import (
     BM25Params,
+    bm25_ceiling,
     merge_postings,
     open_postings,
     search_postings,
     select_postings,
     shard_postings,
+    term_doc_freqs,
     write_postings,
 )
 from rayindex.text.stdlib_corpus import stdlib_docstrings
@@ -149,3 +151,25 @@ def test_unknown_terms_and_empty_queries_find_nothing(analyzed):
     for query in ([], ["zzzznotaword"]):
         ids, scores = search_postings(whole, term_hashes(query), k=10)
         assert len(ids) == 0 and len(scores) == 0
+
+
+def test_the_bm25_ceiling_bounds_every_score_and_sums_over_a_split(analyzed):
+    """A query's ceiling is the sum of its terms' idf from their document frequencies (counted here from the
+    passages; a term no passage holds counts 0), above every passage's score; the frequencies summed over
+    disjoint shards' postings are the corpus'."""
+    parts, corpus = sharded_postings(analyzed, [0, 1000, 2200, len(analyzed)])
+    merged = merge_postings(parts)
+    holders: dict[str, int] = {}
+    for terms in analyzed:
+        for term in set(terms):
+            holders[term] = holders.get(term, 0) + 1
+    for query in [*queries(analyzed, n=50), ["zzyzx", "functools"]]:
+        hashes = term_hashes(query)
+        freqs = term_doc_freqs(merged, hashes)
+        assert freqs.tolist() == [holders.get(term, 0) for term in query]
+        assert sum(term_doc_freqs(part, hashes) for part in parts).tolist() == freqs.tolist()
+        n = corpus.passages
+        ceiling = bm25_ceiling(freqs, n)
+        assert ceiling == pytest.approx(sum(np.log1p((n - f + 0.5) / (f + 0.5)) for f in freqs.tolist()))
+        _, scores = search_postings(merged, hashes, k=1)
+        assert not len(scores) or scores[0] < ceiling

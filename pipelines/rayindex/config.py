@@ -408,7 +408,8 @@ class SearchParams(Settings):
     )
     mode: Literal["hybrid", "dense", "lexical"] | None = Field(
         None,
-        description="hybrid (the vectors and BM25, fused by reciprocal rank), dense or lexical (BM25) (default: "
+        description="hybrid (the vectors and BM25 fused: by score on a cosine index, else by rank), dense or lexical "
+        "(BM25) (default: "
         "hybrid when the index has a lexical index, else dense).",
     )
 

@@ -39,6 +39,30 @@ def idf(doc_freqs: np.ndarray, passages: int) -> np.ndarray:
     return np.log1p((passages - doc_freqs + 0.5) / (doc_freqs + 0.5))
 
 
+def bm25_ceiling(doc_freqs: np.ndarray, passages: int) -> float:
+    """The most a passage can score for a query whose terms have these document frequencies (0: a term no
+    passage holds): the sum of their idf, as a term's tf part tends to 1 with its frequency. Hybrid search
+    scales BM25 scores by it (query/fusion.py by_score)."""
+    return float(idf(np.asarray(doc_freqs, np.float64), passages).sum())
+
+
+def term_doc_freqs(postings: Postings, query_terms: np.ndarray) -> np.ndarray:
+    """Each query term's document frequency in these postings (the length of its posting list; 0 when absent).
+    Summed over the postings of a split (serving shards own disjoint passages), the corpus' frequencies."""
+    where, found = term_rows(postings, query_terms)
+    freqs = np.zeros(len(query_terms), np.int64)
+    freqs[found] = postings.starts[where[found] + 1] - postings.starts[where[found]]
+    return freqs
+
+
+def term_rows(postings: Postings, query_terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query term's row in the dictionary, and whether the dictionary holds it."""
+    where = np.searchsorted(postings.terms, query_terms)
+    found = where < len(postings.terms)
+    found[found] = postings.terms[where[found]] == query_terms[found]
+    return where, found
+
+
 def shard_postings(counts: TermCounts, corpus: CorpusTerms, params: BM25Params | None = None) -> Postings:
     """A shard's postings, its impacts computed with the whole corpus' statistics."""
     params = params or BM25Params()
@@ -107,9 +131,7 @@ def search_postings(postings: Postings, query_terms: np.ndarray, k: int, allowed
     """The k best (ids, scores) for a query given as term hashes (a term repeated counts again, as in
     bm25s and Lucene's boolean query), best first, ties by id. allowed(ids) -> bool mask: filtered
     inside the scoring, so k passing passages come back whenever that many match."""
-    where = np.searchsorted(postings.terms, query_terms)
-    found = where < len(postings.terms)
-    found[found] = postings.terms[where[found]] == query_terms[found]
+    where, found = term_rows(postings, query_terms)
     slices = [(postings.starts[i], postings.starts[i + 1]) for i in where[found]]
     if not slices:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
