@@ -284,13 +284,23 @@ def print_sweep(points, ks: list[int], title: str) -> None:
 
 
 def print_labelled(labelled: dict, ks: list[int]) -> None:
-    """hit@k and MRR at the default nprobe next to every list probed."""
-    default, every = labelled, labelled["all_lists"]
-    table = Table(title=f"{labelled['queries']} labelled queries: documents found")
-    for col in ("", f"default nprobe {default['nprobe']}", f"all {every['nprobe']} lists"):
-        table.add_column(col, justify="right")
-    for key in [*(f"hit@{k}" for k in ks), "mrr"]:
-        table.add_row(key, f"{default[key]:.3f}", f"{every[key]:.3f}")
+    """hit@k and MRR, a row per search mode; dense and hybrid at the default nprobe, then with every list probed."""
+    rows = []  # (label, figures)
+    for mode, figures in labelled["modes"].items():
+        if "all_lists" in figures:
+            rows.append((f"{mode}, nprobe {figures['nprobe']}", figures))
+            rows.append((f"{mode}, all {figures['all_lists']['nprobe']} lists", figures["all_lists"]))
+        else:
+            rows.append((mode, figures))
+    keys = [*(f"hit@{k}" for k in ks), "mrr"]
+    table = Table(
+        title=f"{labelled['queries']} labelled queries: documents found (default mode {labelled['default_mode']})",
+        caption=labelled.get("note"),
+    )
+    for heading in ("mode", *keys):
+        table.add_column(heading, justify="right")
+    for label, figures in rows:
+        table.add_row(label, *(f"{figures[key]:.3f}" for key in keys))
     console.print(table)
 
 

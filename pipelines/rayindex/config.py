@@ -507,8 +507,8 @@ class ServeConfig(AppConfig):
 class EvalOptions(Settings):
     queries: str | None = Field(
         None,
-        description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline, at the default '
-        "nprobe and with all lists probed.",
+        description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline in each search mode '
+        "the version serves (dense, lexical, hybrid), at the default nprobe and with all lists probed.",
     )
     ks: str = Field("1,10,100", description="Comma-separated k values for recall@k.", json_schema_extra=cli("--k"))
     n_queries: int = Field(
