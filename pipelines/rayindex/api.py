@@ -152,6 +152,7 @@ def plan(docs: float | None = None, **options) -> dict:
         passages_per_doc=o.passages_per_doc,
         serving_shards=o.serving_shards,
         nprobe=o.nprobe,
+        lexical=o.lexical,
     )
 
 

@@ -574,3 +574,8 @@ class PlanOptions(Settings):
     nprobe: int | None = Field(
         None, ge=1, description="nprobe of the searches to plan for (default: the build's default)."
     )
+    lexical: bool = Field(
+        True,
+        description="Plan the lexical (BM25) index built beside the vectors: its disk, RAM and query cost.",
+        json_schema_extra=cli("--lexical/--no-lexical"),
+    )
