@@ -177,7 +177,7 @@ def test_eval_cli(index_copy, docs, tmp_path):
     assert with_labels.returncode == 0, with_labels.stderr
     saved = json.loads((open_index(index_copy).version_dir / "eval.json").read_text())["labelled"]
     lines = with_labels.stdout.splitlines()
-    assert any(f"default mode {saved['default_mode']}" in line for line in lines)
+    assert f"Search's default mode: {saved['default_mode']}" in lines
     modes = saved["modes"]
     rows = {  # a row per mode: hit@1, hit@10, MRR; dense and hybrid at the default nprobe, then every list probed
         f"dense, nprobe {modes['dense']['nprobe']}": modes["dense"],

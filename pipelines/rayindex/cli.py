@@ -293,15 +293,15 @@ def print_labelled(labelled: dict, ks: list[int]) -> None:
         else:
             rows.append((mode, figures))
     keys = [*(f"hit@{k}" for k in ks), "mrr"]
-    table = Table(
-        title=f"{labelled['queries']} labelled queries: documents found (default mode {labelled['default_mode']})",
-        caption=labelled.get("note"),
-    )
+    table = Table(title=f"{labelled['queries']} labelled queries: documents found")
     for heading in ("mode", *keys):
         table.add_column(heading, justify="right")
     for label, figures in rows:
         table.add_row(label, *(f"{figures[key]:.3f}" for key in keys))
     console.print(table)
+    console.print(f"Search's default mode: {labelled['default_mode']}", highlight=False)
+    if "note" in labelled:
+        console.print(f"Measured {labelled['note']}.", highlight=False)
 
 
 @command()
