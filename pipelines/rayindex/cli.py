@@ -382,8 +382,8 @@ def partition(
 
 @command()
 def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
-    """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine
-    (estimates labelled)."""
+    """Disk, RAM and hours per stage, and serving (the dense scan, the lexical index) for a corpus of --docs
+    documents, from throughputs measured on this machine (estimates labelled)."""
     from rayindex import api
     from rayindex.ivf.capacity import format_plan
 
