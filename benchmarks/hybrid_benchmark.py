@@ -271,18 +271,25 @@ def query_cost(index, queries: list[str]) -> dict:
     return {mode: 1000 * float(np.median(times[mode])) for mode in MODES}
 
 
-def synthetic_postings(passages: int, seed: int = 21) -> tuple[Postings, np.ndarray]:
-    """Postings of `passages` passages with POSTINGS_PER_PASSAGE terms each on average, document frequencies
-    Zipf (s = 1) over a vocabulary of passages / 10 terms (capped at MAX_DF_SHARE), impacts idf-scaled; and
-    the Zipf probability of each term (queries are drawn from it)."""
-    rng = np.random.default_rng(seed)
+def synthetic_statistics(passages: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """synthetic_postings' document frequency of each term and the Zipf probability queries draw it with (the
+    first draws of its generator: lexical_capacity_benchmark.py replays them to count the postings read)."""
     vocabulary = passages // 10
     zipf = 1.0 / np.arange(1, vocabulary + 1)
     zipf /= zipf.sum()
     doc_freqs = np.minimum(rng.multinomial(passages * POSTINGS_PER_PASSAGE, zipf), int(MAX_DF_SHARE * passages))
     doc_freqs = np.maximum(doc_freqs, 1)
     order = rng.permutation(vocabulary)  # the frequent terms scattered through the sorted dictionary
-    doc_freqs, probability = doc_freqs[order], zipf[order]
+    return doc_freqs[order], zipf[order]
+
+
+def synthetic_postings(passages: int, seed: int = 21) -> tuple[Postings, np.ndarray]:
+    """Postings of `passages` passages with POSTINGS_PER_PASSAGE terms each on average, document frequencies
+    Zipf (s = 1) over a vocabulary of passages / 10 terms (capped at MAX_DF_SHARE), impacts idf-scaled; and
+    the Zipf probability of each term (queries are drawn from it)."""
+    rng = np.random.default_rng(seed)
+    doc_freqs, probability = synthetic_statistics(passages, rng)
+    vocabulary = len(doc_freqs)
     terms = np.unique(rng.integers(1, 2**63, int(vocabulary * 1.01), dtype=np.uint64))[:vocabulary]
     starts = np.zeros(vocabulary + 1, np.int64)
     np.cumsum(doc_freqs, out=starts[1:])
@@ -323,16 +330,21 @@ def rss_kb() -> dict:
     return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in keys}
 
 
+def query_terms(probability: np.ndarray, searches: int, seed: int = 7):
+    """The terms of each synthetic search: 2 to 6 drawn by their Zipf probability (a term may come twice)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(searches):
+        yield rng.choice(len(probability), rng.integers(2, 7), p=probability)
+
+
 def serve_postings(folder: Path, searches: int) -> None:
     """(The child process of serving_memory.) Prints its RSS after opening and after the searches, as JSON."""
     opened_at = rss_kb()
     postings = open_postings(folder)
     probability = np.load(folder / "probability.npy")
     opened = rss_kb()
-    rng = np.random.default_rng(7)
     started = time.perf_counter()
-    for _ in range(searches):
-        picked = rng.choice(len(probability), rng.integers(2, 7), p=probability)
+    for picked in query_terms(probability, searches):
         search_postings(postings, np.sort(postings.terms[picked]), 100)
     took = time.perf_counter() - started
     after = rss_kb()

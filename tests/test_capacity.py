@@ -1,11 +1,19 @@
-"""Capacity plan: byte arithmetic on round numbers, hours scaling, and labels on every figure."""
+"""Capacity plan: byte arithmetic on round numbers, hours scaling, labels on every figure, and the lexical
+index's files, serving memory and query cost (lexical/capacity.py) from the measured per-passage figures."""
+
+import json
+import os
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from rayindex.ivf.capacity import ESTIMATED_GPU, HNSW_ADD_SECONDS, MEASURED_CPU, format_plan, plan_capacity
+from rayindex.lexical import capacity as lexical
 
 PQ48 = "IVF65536,PQ48np"
+# a wide terminal, and no more of this environment than the code under test (PYTHONPATH: a worktree's checkout)
+PLAN_ENV = {"COLUMNS": "200", "PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
 
 
 def value(plan, group, name):
@@ -72,7 +80,7 @@ def test_every_figure_is_labelled():
     cpu = plan_capacity(1e9, index_string=PQ48)
     gpu = plan_capacity(1e9, index_string=PQ48, gpus=2)
     for plan in (cpu, gpu):
-        for group in ("bytes", "hours"):
+        for group in ("bytes", "hours", "lexical"):
             for item in plan[group].values():
                 assert item["basis"] in ("computed", "measured", "estimate", "given") and item["how"]
         for rate in plan["throughputs"].values():
@@ -173,16 +181,27 @@ def test_plan_cli_prints_the_billion_document_plan():
         capture_output=True,
         text=True,
         timeout=120,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env=PLAN_ENV,
     )
     assert result.returncode == 0, result.stderr
     assert "OPQ48_192,IVF131072_HNSW32,PQ48np" in result.stdout and "hours: encode" in result.stdout
+    assert "lexical: postings_disk" in result.stdout and "serving bound by" in result.stdout
+    assert "lexical search:" in result.stdout and "no top-k pruning" in result.stdout
+    dense_only = subprocess.run(
+        [rayindex, "plan", "--docs", "1e9", "--max-index-memory", "64G", "--no-lexical"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=PLAN_ENV,
+    )
+    assert dense_only.returncode == 0 and "hours: encode" in dense_only.stdout
+    assert "lexical:" not in dense_only.stdout and "dense search (no lexical index)" in dense_only.stdout
     too_small = subprocess.run(
         [rayindex, "plan", "--docs", "1e9", "--max-index-memory", "1G"],
         capture_output=True,
         text=True,
         timeout=120,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env=PLAN_ENV,
     )
     assert too_small.returncode == 2 and "error:" in too_small.stderr
 
@@ -211,3 +230,63 @@ def test_serving_plan_splits_the_lists_and_counts_the_scan():
     ratio = sixteen["serving"]["queries_per_s"]["value"] / one["serving"]["queries_per_s"]["value"]
     assert abs(ratio - 16 * default_nprobe / 64) < 1e-9
     assert "serving (16 shards): shard_lists" in str(format_plan(sixteen).columns[0]._cells)
+
+
+def test_lexical_size_and_query_cost_on_round_numbers():
+    at_measured = lexical.lexical_size(lexical.MEASURED_PASSAGES, 1024)
+    assert at_measured.terms == lexical.MEASURED_TERMS  # the fit is anchored at the measured build
+    assert at_measured.postings == lexical.MEASURED_PASSAGES * lexical.POSTINGS_PER_KIB
+    assert lexical.lexical_terms(lexical.MEASURED_PASSAGES * 1024) == pytest.approx(
+        lexical.MEASURED_TERMS * 1024**lexical.TERMS_GROWTH
+    )
+    size = lexical.lexical_size(1e9, 2048)
+    assert size.postings == pytest.approx(1e9 * 2 * lexical.POSTINGS_PER_KIB)
+    assert size.postings_bytes == size.postings * 12 and size.dictionary_bytes == size.terms * 16
+    assert size.counts_bytes == size.postings * 12 + 1e9 * 20
+    cost = lexical.lexical_query_cost(1e9, serving_shards=64, cores=128)
+    assert cost.postings_read == pytest.approx(lexical.QUERY_POSTINGS_SHARE * 1e9)
+    assert cost.cpu_s == pytest.approx(cost.postings_read * lexical.NS_PER_POSTING * 1e-9)
+    assert cost.latency_s == pytest.approx(cost.cpu_s / 64) and cost.queries_per_s == pytest.approx(128 / cost.cpu_s)
+    assert cost.working_bytes_per_shard == pytest.approx(cost.postings_read / 64 * lexical.SEARCH_BYTES_PER_POSTING)
+    # no pruning: ten times the passages, ten times a query's work
+    assert lexical.lexical_query_cost(1e10).cpu_s == pytest.approx(10 * lexical.lexical_query_cost(1e9).cpu_s)
+
+
+def test_lexical_constants_are_the_measured_figures():
+    """Each constant is what docs/benchmark-lexical-capacity.json measured (benchmarks/lexical_capacity_benchmark.py)
+    on the man page build, and the synthetic postings' cost at 10M passages."""
+    measured = json.loads((Path(__file__).parents[1] / "docs/benchmark-lexical-capacity.json").read_text())
+    man = next(b for b in measured["builds"] if "man-" in b["corpus"][0])
+    assert (man["passages"], man["terms"]) == (lexical.MEASURED_PASSAGES, lexical.MEASURED_TERMS)
+    assert man["heaps_beta"] == pytest.approx(lexical.TERMS_GROWTH, abs=5e-4)
+    assert man["postings_per_kib_text"] == pytest.approx(lexical.POSTINGS_PER_KIB, abs=5e-3)
+    assert man["postings_read"]["all shapes"]["share"] == pytest.approx(lexical.QUERY_POSTINGS_SHARE, abs=5e-4)
+    assert man["counts_bytes"] == pytest.approx(man["postings"] * 12 + man["passages"] * 20, rel=1e-3)
+    largest = max(measured["synthetic"], key=lambda run: run["passages"])
+    assert largest["ns_per_posting"] == pytest.approx(lexical.NS_PER_POSTING, abs=0.05)
+    assert measured["working_memory"]["bytes_per_posting"] == pytest.approx(lexical.SEARCH_BYTES_PER_POSTING, abs=0.05)
+
+
+def test_the_plan_counts_the_lexical_index_and_no_lexical_removes_it():
+    hybrid = plan_capacity(1e9, index_string=PQ48, serving_shards=16, cores=32)
+    dense = plan_capacity(1e9, index_string=PQ48, serving_shards=16, cores=32, lexical=False)
+    files = [value(hybrid, "lexical", name) for name in ("dictionary_disk", "postings_disk", "term_counts_disk")]
+    peak = value(hybrid, "bytes", "build_disk_peak") - value(dense, "bytes", "build_disk_peak")
+    assert peak == pytest.approx(sum(files))
+    size = lexical.lexical_size(1e9, 1000)  # 1,000 bytes a document, one passage each
+    assert files == [size.dictionary_bytes, size.postings_bytes, size.counts_bytes]
+    assert value(hybrid, "lexical", "shard_postings_mmap") == size.postings_bytes / 16
+    assert value(hybrid, "lexical", "shard_ram_dictionary") == lexical.lexical_terms(1e9 / 16) * 16
+    cost = lexical.lexical_query_cost(1e9, 16, 32)
+    assert value(hybrid, "lexical", "query_ms") == 1000 * cost.latency_s
+    dense_qps = value(hybrid, "serving", "queries_per_s")
+    assert value(hybrid, "lexical", "hybrid_queries_per_s") == pytest.approx(
+        1 / (1 / dense_qps + 1 / cost.queries_per_s)
+    )
+    # at a billion passages the lexical search reads 0.7e9 postings a query: the bottleneck, and the plan says so
+    assert cost.queries_per_s < dense_qps and hybrid["serving_bound"].startswith("lexical search")
+    assert dense["lexical"] is None and dense["serving_bound"] == "dense search (no lexical index)"
+    assert dense["bytes"] == {**hybrid["bytes"], "build_disk_peak": dense["bytes"]["build_disk_peak"]}
+    # passages of long documents: the doc store's text (with the overlap) spread over them
+    passages = plan_capacity(1e8, index_string=PQ48, passages_per_doc=4)
+    assert value(passages, "lexical", "postings") == lexical.lexical_size(4e8, 1000 * 1.125 / 4).postings

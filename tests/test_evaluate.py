@@ -1,7 +1,9 @@
 """rayindex eval (query/evaluate.py) and the recall measurement under it (ivf/recall.py): recall
-against exact search (checked against numpy), block by block, and labelled queries."""
+against exact search (checked against numpy), block by block, and labelled queries in each search mode."""
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 import rayindex.ivf.recall as recall
 from rayindex.config import EvalOptions
 from rayindex.manifest import SweepPoint
-from rayindex.query.evaluate import EVAL_SEED, evaluate
+from rayindex.query.evaluate import EVAL_SEED, evaluate, labelled_by_mode
 from rayindex.query.search import open_index
 
 
@@ -89,6 +91,69 @@ def test_labelled_queries_hit_and_mrr(index_copy, docs, tmp_path):
     assert every["hit@1"] == np.mean([f == d["id"] for f, d in zip(firsts, docs[::36])])
 
 
+def quotes(docs: list[dict], n: int) -> list[dict]:
+    """{query, id}: n documents' longest sentence of 12 to 40 words that no other document holds nor nearly
+    holds (no other body has 60% of its words: _pyio.open words TextIOWrapper's newline rule alike)."""
+    bodies = [" ".join(d["body"].split()) for d in docs]
+    words = [set(re.findall(r"\w+", body.lower())) for body in bodies]
+    asked = []
+    for i, (doc, body) in enumerate(zip(docs, bodies)):
+        sentences = []
+        for sentence in re.split(r"(?<=[.!?])\s+", body):
+            said = set(re.findall(r"\w+", sentence.lower()))
+            others = (len(said & other) / len(said) for j, other in enumerate(words) if j != i)
+            if 12 <= len(sentence.split()) <= 40 and max(others) < 0.6:
+                sentences.append(sentence)
+        if sentences:
+            asked.append({"query": max(sentences, key=len), "id": doc["id"]})
+    return asked[:: len(asked) // n][:n]
+
+
+def found_by_search(published, asked: list[dict], k: int, mode: str, nprobe: int | None = None) -> dict:
+    """hit@1, hit@k and MRR computed here from index.search, what users get."""
+    ranks = []
+    for item in asked:
+        ids = [hit["id"] for hit in published.search(item["query"], k=k, nprobe=nprobe, mode=mode)]
+        ranks.append(ids.index(item["id"]) + 1 if item["id"] in ids else None)
+    return {
+        "hit@1": float(np.mean([r == 1 for r in ranks])),
+        f"hit@{k}": float(np.mean([r is not None for r in ranks])),
+        "mrr": float(np.mean([1 / r if r else 0.0 for r in ranks])),
+    }
+
+
+@pytest.mark.slow  # eval, then 60 searches one by one to check it: 25 s on 2 shared cores, 42 s under load
+def test_labelled_queries_in_every_mode(index_copy, docs, tmp_path):
+    """Sentences quoted from documents: BM25 finds every one first; each mode's figures are what index.search
+    gives in that mode; the PNG holds a bar per mode."""
+    asked = quotes(docs, 12)
+    labelled = tmp_path / "quotes.jsonl"
+    labelled.write_text("".join(json.dumps(item) + "\n" for item in asked))
+    published = open_index(index_copy)
+    result = evaluate(published, EvalOptions(n_queries=20, ks="1,10", queries=str(labelled)))["labelled"]
+    assert result["queries"] == 12 and result["default_mode"] == "hybrid" and "note" not in result
+    assert list(result["modes"]) == ["dense", "lexical", "hybrid"]
+    assert result["modes"]["lexical"]["hit@1"] == 1.0 and result["modes"]["lexical"]["mrr"] == 1.0
+    nprobe, nlist = published.manifest.nprobe, published.manifest.nlist
+    for mode, figures in result["modes"].items():
+        assert {key: figures[key] for key in ("hit@1", "hit@10", "mrr")} == found_by_search(published, asked, 10, mode)
+        if mode != "lexical":
+            assert figures["nprobe"] == nprobe and figures["all_lists"]["nprobe"] == nlist
+            every = {key: figures["all_lists"][key] for key in ("hit@1", "hit@10", "mrr")}
+            assert every == found_by_search(published, asked, 10, mode, nlist)
+    dense = result["modes"]["dense"]  # the keys from before modes: dense's
+    assert {key: result[key] for key in ("hit@1", "hit@10", "mrr", "nprobe", "all_lists")} == {
+        key: dense[key] for key in ("hit@1", "hit@10", "mrr", "nprobe", "all_lists")
+    }
+    saved = json.loads((published.version_dir / "eval.json").read_text())["labelled"]
+    assert saved["modes"] == result["modes"]
+    assert (published.version_dir / "labelled_by_mode.png").read_bytes()[:4] == b"\x89PNG"
+    # a version built with --no-lexical opens with no postings: dense only, and the figures say so
+    dense_only = labelled_by_mode(dataclasses.replace(published, lexical=None), asked, [1, 10])
+    assert list(dense_only["modes"]) == ["dense"] and dense_only["default_mode"] == "dense"
+    assert dense_only["modes"]["dense"] == dense and "built with --no-lexical" in dense_only["note"]
+
+
 @pytest.mark.slow  # three CLI runs, each loading the model (about 70 s on 2 shared cores)
 def test_eval_cli(index_copy, docs, tmp_path):
     rayindex = str(Path(sys.executable).with_name("rayindex"))
@@ -111,12 +176,18 @@ def test_eval_cli(index_copy, docs, tmp_path):
     assert with_labels.returncode == 0, with_labels.stderr
     saved = json.loads((open_index(index_copy).version_dir / "eval.json").read_text())["labelled"]
     lines = with_labels.stdout.splitlines()
-    head = next(line for line in lines if "default nprobe" in line and " lists" in line)
-    assert f"default nprobe {saved['nprobe']}" in head and f"all {saved['all_lists']['nprobe']} lists" in head
-    for key in ("hit@1", "hit@10", "mrr"):  # a row: the measure, at the default nprobe, with all lists
-        row = next(line for line in lines if f" {key} " in line)
-        cells = [cell.strip() for cell in row.split("│") if cell.strip()]
-        assert cells == [key, f"{saved[key]:.3f}", f"{saved['all_lists'][key]:.3f}"]
+    assert f"Search's default mode: {saved['default_mode']}" in lines
+    modes = saved["modes"]
+    rows = {  # a row per mode: hit@1, hit@10, MRR; dense and hybrid at the default nprobe, then every list probed
+        f"dense, nprobe {modes['dense']['nprobe']}": modes["dense"],
+        f"dense, all {modes['dense']['all_lists']['nprobe']} lists": modes["dense"]["all_lists"],
+        "lexical": modes["lexical"],
+        f"hybrid, nprobe {modes['hybrid']['nprobe']}": modes["hybrid"],
+        f"hybrid, all {modes['hybrid']['all_lists']['nprobe']} lists": modes["hybrid"]["all_lists"],
+    }
+    table = [[cell.strip() for cell in line.split("│") if cell.strip()] for line in lines if "│" in line]
+    for label, figures in rows.items():
+        assert [label, *(f"{figures[key]:.3f}" for key in ("hit@1", "hit@10", "mrr"))] in table
     bad = subprocess.run(
         [rayindex, "eval", "--index", str(index_copy), "--k", "ten"], capture_output=True, text=True, timeout=300
     )

@@ -60,6 +60,7 @@ LAYERS = [
             "lexical.analyzer",
             "lexical.counts",
             "lexical.postings",
+            "lexical.capacity",
         },
     ),
     (

@@ -136,8 +136,9 @@ def partition(
 
 
 def plan(docs: float | None = None, **options) -> dict:
-    """Disk, RAM and hours per stage for a corpus of `docs` documents (PlanOptions), from throughputs
-    measured on the development machine (each figure labelled measured or estimate)."""
+    """Disk, RAM and hours per stage, and serving (the dense scan, the lexical index: `lexical`) for a corpus of
+    `docs` documents (PlanOptions), from throughputs measured on the development machine (each figure labelled
+    measured or estimate)."""
     from rayindex.ivf.capacity import plan_capacity
 
     o = settings(PlanOptions, {"docs": docs}, options)
@@ -152,6 +153,7 @@ def plan(docs: float | None = None, **options) -> dict:
         passages_per_doc=o.passages_per_doc,
         serving_shards=o.serving_shards,
         nprobe=o.nprobe,
+        lexical=o.lexical,
     )
 
 

@@ -284,14 +284,24 @@ def print_sweep(points, ks: list[int], title: str) -> None:
 
 
 def print_labelled(labelled: dict, ks: list[int]) -> None:
-    """hit@k and MRR at the default nprobe next to every list probed."""
-    default, every = labelled, labelled["all_lists"]
+    """hit@k and MRR, a row per search mode; dense and hybrid at the default nprobe, then with every list probed."""
+    rows = []  # (label, figures)
+    for mode, figures in labelled["modes"].items():
+        if "all_lists" in figures:
+            rows.append((f"{mode}, nprobe {figures['nprobe']}", figures))
+            rows.append((f"{mode}, all {figures['all_lists']['nprobe']} lists", figures["all_lists"]))
+        else:
+            rows.append((mode, figures))
+    keys = [*(f"hit@{k}" for k in ks), "mrr"]
     table = Table(title=f"{labelled['queries']} labelled queries: documents found")
-    for col in ("", f"default nprobe {default['nprobe']}", f"all {every['nprobe']} lists"):
-        table.add_column(col, justify="right")
-    for key in [*(f"hit@{k}" for k in ks), "mrr"]:
-        table.add_row(key, f"{default[key]:.3f}", f"{every[key]:.3f}")
+    for heading in ("mode", *keys):
+        table.add_column(heading, justify="right")
+    for label, figures in rows:
+        table.add_row(label, *(f"{figures[key]:.3f}" for key in keys))
     console.print(table)
+    console.print(f"Search's default mode: {labelled['default_mode']}", highlight=False)
+    if "note" in labelled:
+        console.print(f"Measured {labelled['note']}.", highlight=False)
 
 
 @command()
@@ -372,8 +382,8 @@ def partition(
 
 @command()
 def plan(options: Annotated[dict, From(PlanOptions)] = None) -> None:
-    """Disk, RAM and hours per stage for a corpus of --docs documents, from throughputs measured on this machine
-    (estimates labelled)."""
+    """Disk, RAM and hours per stage, and serving (the dense scan, the lexical index) for a corpus of --docs
+    documents, from throughputs measured on this machine (estimates labelled)."""
     from rayindex import api
     from rayindex.ivf.capacity import format_plan
 

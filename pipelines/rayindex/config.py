@@ -508,8 +508,8 @@ class ServeConfig(AppConfig):
 class EvalOptions(Settings):
     queries: str | None = Field(
         None,
-        description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline, at the default '
-        "nprobe and with all lists probed.",
+        description='JSONL of {"query", "id"} pairs: adds hit@k and MRR of the whole pipeline in each search mode '
+        "the version serves (dense, lexical, hybrid), at the default nprobe and with all lists probed.",
     )
     ks: str = Field("1,10,100", description="Comma-separated k values for recall@k.", json_schema_extra=cli("--k"))
     n_queries: int = Field(
@@ -574,4 +574,9 @@ class PlanOptions(Settings):
     )
     nprobe: int | None = Field(
         None, ge=1, description="nprobe of the searches to plan for (default: the build's default)."
+    )
+    lexical: bool = Field(
+        True,
+        description="Plan the lexical (BM25) index built beside the vectors: its disk, RAM and query cost.",
+        json_schema_extra=cli("--lexical/--no-lexical"),
     )

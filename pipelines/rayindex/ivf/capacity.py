@@ -20,6 +20,18 @@ from rayindex.ivf.index_params import (
     parse_index_string,
     training_sample_size,
 )
+from rayindex.lexical.capacity import (
+    LEXICAL_BENCH,
+    NS_PER_POSTING,
+    POSTINGS_PER_KIB,
+    QUERY_POSTINGS_SHARE,
+    SEARCH_BYTES_PER_POSTING,
+    TERM_BYTES,
+    TERMS_GROWTH,
+    lexical_query_cost,
+    lexical_size,
+    lexical_terms,
+)
 
 BENCH = "benchmarks/build_benchmark.py --json docs/benchmark-build.json, 2026-11-27, 2 cores, no GPU"
 SHARDED_BENCH = "benchmarks/sharded_benchmark.py --json docs/benchmark-sharded.json, 2026-11-29, 2 cores"
@@ -151,6 +163,63 @@ def plan_serving(
     }
 
 
+def plan_lexical(n: int, passage_bytes: float, shards: int, cores: int, dense_queries_per_s: float) -> dict:
+    """The lexical (BM25) index of n passages of passage_bytes bytes each (lexical/capacity.py): its files, what
+    each of `shards` serving shards holds, and a query's cost, alone and with the dense search (hybrid)."""
+    size = lexical_size(n, passage_bytes)
+    cost = lexical_query_cost(n, shards, cores)
+    hybrid = 1 / (1 / dense_queries_per_s + 1 / cost.queries_per_s)  # a hybrid query runs both searches
+    return {
+        "terms": _item(
+            size.terms,
+            "measured",
+            f"35,864 terms at 7,550 man page passages x (n / 7,550)^{TERMS_GROWTH} (Heaps' law fitted): "
+            f"{LEXICAL_BENCH}",
+        ),
+        "postings": _item(
+            size.postings,
+            "measured",
+            f"n x {passage_bytes / 1024:,.2f} KiB of text per passage x {POSTINGS_PER_KIB:.1f} postings per KiB (man "
+            f"pages): {LEXICAL_BENCH}",
+        ),
+        "dictionary_disk": _item(size.dictionary_bytes, "computed", "terms x 16 bytes: terms.npy + starts.npy"),
+        "postings_disk": _item(size.postings_bytes, "computed", "postings x 12 bytes: ids.npy + impacts.npy"),
+        "term_counts_disk": _item(
+            size.counts_bytes,
+            "computed",
+            "the shards' lexical_counts.npz (reindex reuses them): postings x 12 + n x 20",
+        ),
+        "shard_ram_dictionary": _item(
+            lexical_terms(n / shards) * TERM_BYTES,
+            "computed",
+            f"the terms of a shard's n / {shards} passages x 16 bytes: binary-searched for every query term, to keep "
+            "in RAM (page cache)",
+        ),
+        "shard_postings_mmap": _item(
+            size.postings_bytes / shards,
+            "computed",
+            "a shard's postings, memory-mapped, paged in as read; every posting of a query's terms is read, so the "
+            "common terms' lists stay hot",
+        ),
+        "shard_query_memory": _item(
+            cost.working_bytes_per_shard,
+            "measured",
+            f"per query a shard runs at once: {cost.postings_read:,.3g} postings read / {shards} shards x "
+            f"{SEARCH_BYTES_PER_POSTING} bytes (a search's peak allocation per posting)",
+        ),
+        "query_ms": _item(
+            1000 * cost.latency_s,
+            "measured",
+            f"grows with n (no top-k pruning such as block-max WAND): {QUERY_POSTINGS_SHARE} x n postings read "
+            f"(users' query shapes, man pages) x {NS_PER_POSTING} ns (synthetic, 10M) / {shards} shards at once",
+        ),
+        "queries_per_s": _item(cost.queries_per_s, "measured", f"{cores} cores / {cost.cpu_s:,.3g} CPU s a query"),
+        "hybrid_queries_per_s": _item(
+            hybrid, "measured", f"1 / (1 / {dense_queries_per_s:,.3g} dense + 1 / {cost.queries_per_s:,.3g} lexical)"
+        ),
+    }
+
+
 def _item(value: float, basis: str, how: str) -> dict:
     return {"value": value, "basis": basis, "how": how}
 
@@ -202,6 +271,7 @@ def plan_capacity(
     passages_per_doc: float = 1.0,
     serving_shards: int = 1,
     nprobe: int | None = None,
+    lexical: bool = True,
 ) -> dict:
     """Sizes and stage hours of building an index over n_docs documents split into passages_per_doc
     passages each on average: every vector-sized quantity (embeddings, codes, ids, index choice,
@@ -215,7 +285,8 @@ def plan_capacity(
     the plan says which bounds it; training runs its k-means on one GPU (estimated); the add runs on the CPU cores
     either way (add_hours), and the index is the one the build chooses, GPUs or not. throughputs overrides entries of
     MEASURED_CPU / ESTIMATED_GPU (a number, or a dict with value/basis/source). Serving over serving_shards
-    shards at nprobe (default: the build's): plan_serving.
+    shards at nprobe (default: the build's): plan_serving. lexical: the BM25 index built beside the vectors
+    (plan_lexical; None without it), its files counted in build_disk_peak.
     """
     n = int(n_docs * passages_per_doc)
     index_string = index_string or choose_index_string(n, dim, max_index_bytes)
@@ -229,6 +300,12 @@ def plan_capacity(
     loaded = sum(parts.values())
     overlap = PASSAGE_OVERLAP if passages_per_doc > 1 else 0.0
     docs = int(n_docs) * avg_doc_bytes * (1 + overlap) + n * DOC_ROW_ID_BYTES
+    serving = plan_serving(n, spec, loaded, inverted_lists, serving_shards, nprobe, cores, rates)
+    passage_bytes = avg_doc_bytes * (1 + overlap) / passages_per_doc
+    bm25 = plan_lexical(n, passage_bytes, serving_shards, cores, serving["queries_per_s"]["value"]) if lexical else None
+    lexical_disk = (
+        sum(bm25[name]["value"] for name in ("dictionary_disk", "postings_disk", "term_counts_disk")) if bm25 else 0
+    )
     size = {
         "embeddings_fp32": _item(n * dim * 4, "computed", "n x dim x 4: what encode writes (embeddings.f32)"),
         "embeddings_fp16": _item(n * dim * 2, "computed", "n x dim x 2, if stored as fp16"),
@@ -247,9 +324,9 @@ def plan_capacity(
             f"n_docs x {avg_doc_bytes} bytes avg_doc_bytes x {1 + overlap:g} (passage overlap) + n x 8 byte vector id",
         ),
         "build_disk_peak": _item(
-            n * dim * 4 + 2 * inverted_lists + docs,
+            n * dim * 4 + 2 * inverted_lists + docs + lexical_disk,
             "estimate",
-            "fp32 embeddings + shard indexes + merged lists + doc store",
+            "fp32 embeddings + shard indexes + merged lists + doc store" + (" + lexical index" if bm25 else ""),
         ),
     }
 
@@ -312,11 +389,25 @@ def plan_capacity(
         "encode_bound": bound or "CPU forward pass (no GPU)",
         "bytes": size,
         "hours": hours,
-        "serving": plan_serving(n, spec, loaded, inverted_lists, serving_shards, nprobe, cores, rates),
+        "serving": serving,
         "serving_shards": serving_shards,
+        "lexical": bm25,
+        "serving_bound": serving_bound(serving, bm25),
         "throughputs": rates,
         "warnings": warnings,
     }
+
+
+def serving_bound(serving: dict, lexical: dict | None) -> str:
+    """Which search limits queries per second: the dense scan, or the lexical one (no pruning: it reads a share of
+    every passage's postings per query, so past some size it is the slower)."""
+    dense = serving["queries_per_s"]["value"]
+    if lexical is None:
+        return "dense search (no lexical index)"
+    ratio = dense / lexical["queries_per_s"]["value"]
+    if ratio > 1:
+        return f"lexical search: {ratio:,.1f}x slower than the dense scan"
+    return f"dense search: {1 / ratio:,.1f}x slower than the lexical one"
 
 
 def _human_bytes(value: float) -> str:
@@ -330,6 +421,14 @@ def _human_hours(value: float) -> str:
     if value >= 1:
         return f"{value:,.1f} h"
     return f"{value * 60:.1f} min" if value * 60 >= 1 else f"{value * 3600:.1f} s"
+
+
+def _human_lexical(name: str, value: float) -> str:
+    if name.endswith("_per_s"):
+        return f"{value:,.3g}"
+    if name == "query_ms":
+        return f"{value:,.3g} ms" if value < 1000 else f"{value / 1000:,.3g} s"
+    return f"{value:,.3g}" if name in ("terms", "postings") else _human_bytes(value)
 
 
 def format_plan(plan: dict) -> Table:
@@ -350,6 +449,9 @@ def format_plan(plan: dict) -> Table:
     for name, item in plan["serving"].items():
         value = f"{item['value']:,.0f}" if name == "queries_per_s" else _human_bytes(item["value"])
         table.add_row(f"serving ({plan['serving_shards']} shards): {name}", value, item["basis"], item["how"])
+    for name, item in (plan["lexical"] or {}).items():
+        table.add_row(f"lexical: {name}", _human_lexical(name, item["value"]), item["basis"], item["how"])
+    table.add_row("serving bound by", plan["serving_bound"], "", "the search with the fewer queries per second")
     for name, rate in plan["throughputs"].items():
         table.add_row(name, f"{rate['value']:,.4g}", rate["basis"], rate["source"])
     return table

@@ -1,7 +1,8 @@
 """`rayindex eval`: recall@k against exact search (over the stored passage vectors) and latency per
-query for a sweep of nprobe (ivf/recall.py), document-level hit@k / MRR of the whole pipeline on
-labelled queries at the default nprobe and with every list probed (so a loss from tuning shows), written
-to eval.json and PNG plots in the version folder."""
+query for a sweep of nprobe (ivf/recall.py), and document-level hit@k / MRR of the whole pipeline on
+labelled queries in each search mode the version serves (dense, lexical, hybrid: `PublishedIndex.rank`, so
+exactly what search serves is measured), the modes that probe lists also with every list probed (so a loss
+from tuning shows), written to eval.json and PNG plots in the version folder."""
 
 from __future__ import annotations
 
@@ -19,21 +20,42 @@ from rayindex.query.search import PublishedIndex
 from rayindex.text.queries import read_query_file
 
 EVAL_SEED = 7
+MODES = ("dense", "lexical", "hybrid")
+PROBING_MODES = ("dense", "hybrid")  # the modes that search inverted lists: measured with every list probed too
 
 
-def labelled_metrics(published: PublishedIndex, labelled: list[dict], ks: list[int], nprobe: int | None) -> dict:
+def labelled_metrics(
+    published: PublishedIndex, labelled: list[dict], ks: list[int], nprobe: int | None, mode: str = "dense"
+) -> dict:
     """Document-level hit@k and MRR of the whole pipeline (encode, search, one hit per document, doc store)
-    on {query, id} pairs: a query hits at rank r when its document is the r-th document returned, by any
-    of its passages."""
-    vectors = published.encode([item["query"] for item in labelled])
-    found = published.search_documents(vectors, max(ks), nprobe)
+    in one search mode on {query, id} pairs: a query hits at rank r when its document is the r-th document
+    returned, by any of its passages."""
+    found = published.rank([item["query"] for item in labelled], max(ks), nprobe, mode=mode)
     ranks = []
     for item, hits in zip(labelled, found):
         corpus_ids = [published.docs.get(vector_id)["id"] for _, vector_id in hits]
         ranks.append(corpus_ids.index(item["id"]) + 1 if item["id"] in corpus_ids else None)
     result = {f"hit@{k}": float(np.mean([r is not None and r <= k for r in ranks])) for k in ks}
     result["mrr"] = float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
-    result["queries"] = len(labelled)
+    return result
+
+
+def labelled_by_mode(published: PublishedIndex, labelled: list[dict], ks: list[int]) -> dict:
+    """eval.json's `labelled`: hit@k and MRR per mode the version serves (`modes`; lexical and hybrid only with
+    a lexical index, else a `note` says why), dense and hybrid also with all lists probed (`all_lists`). Its
+    top-level hit@k, mrr, nprobe and all_lists are dense's, as before there were modes."""
+    nprobe, nlist = published.manifest.nprobe, published.manifest.nlist
+    served = MODES if published.lexical is not None else ("dense",)
+    modes = {}
+    for mode in served:
+        modes[mode] = labelled_metrics(published, labelled, ks, nprobe, mode)
+        if mode in PROBING_MODES:
+            # at the default nprobe, and with every list probed: what tuning costs the queries, next to each other
+            modes[mode] |= {"nprobe": nprobe, "all_lists": labelled_metrics(published, labelled, ks, nlist, mode)}
+            modes[mode]["all_lists"]["nprobe"] = nlist
+    result = {"queries": len(labelled), **modes["dense"], "default_mode": published.check_mode(None), "modes": modes}
+    if published.lexical is None:
+        result["note"] = f"dense only: version {published.run_id} was built with --no-lexical"
     return result
 
 
@@ -69,13 +91,13 @@ def evaluate(published: PublishedIndex, options: EvalOptions | None = None) -> d
     }
     if options.queries:
         labelled = read_query_file(options.queries, labelled=True)
-        # at the default nprobe, and with every list probed: what tuning costs the queries, next to each other
-        result["labelled"] = labelled_metrics(published, labelled, ks, published.manifest.nprobe)
-        result["labelled"]["nprobe"] = published.manifest.nprobe
-        result["labelled"]["all_lists"] = labelled_metrics(published, labelled, ks, published.manifest.nlist)
-        result["labelled"]["all_lists"]["nprobe"] = published.manifest.nlist
+        result["labelled"] = labelled_by_mode(published, labelled, ks)
     (published.version_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     result["plots"] = plot_sweep(points, ks, published.version_dir, published.manifest.index_string)
+    if "labelled" in result:
+        result["plots"].append(
+            plot_modes(result["labelled"], ks, published.version_dir, published.manifest.index_string)
+        )
     return result
 
 
@@ -107,3 +129,32 @@ def plot_sweep(points: list[SweepPoint], ks: list[int], out_dir: Path, title: st
     fig.savefig(latency_png, dpi=110)
     plt.close(fig)
     return [str(recall_png), str(latency_png)]
+
+
+def plot_modes(labelled: dict, ks: list[int], out_dir: Path, title: str) -> str:
+    """Labelled queries' document hit@k (a bar group per k, then MRR), a bar per search mode at the default
+    nprobe, and beside dense's and hybrid's a hatched bar of the same colour: every list probed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [*(f"hit@{k}" for k in ks), "mrr"]
+    bars = []  # (label, figures, colour, hatch)
+    for n, (mode, figures) in enumerate(labelled["modes"].items()):
+        bars.append((f"{mode}, nprobe {figures['nprobe']}" if "nprobe" in figures else mode, figures, f"C{n}", None))
+        if "all_lists" in figures:
+            bars.append((f"{mode}, all {figures['all_lists']['nprobe']} lists", figures["all_lists"], f"C{n}", "//"))
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(3 + 0.25 * len(keys) * len(bars), 3.5))
+    for n, (label, figures, colour, hatch) in enumerate(bars):
+        xs = [i + (n - (len(bars) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(xs, [figures[key] for key in keys], width, label=label, color=colour, hatch=hatch, edgecolor="white")
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set(ylabel="documents found", ylim=(0, 1.02), title=f"{title}: {labelled['queries']} labelled queries")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    png = out_dir / "labelled_by_mode.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return str(png)
