@@ -47,9 +47,14 @@ class ListSearch(Protocol):
     behind the router of `rayindex serve --shards N` (query/sharded.py ShardedSearch)."""
 
     failing: dict[int, str]
+    lexical: bool  # the shards hold the version's BM25 postings, each those of its passages
 
     def search(
         self, vectors: np.ndarray, k: int, nprobe: int, matching: np.ndarray | None = None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def search_lexical(
+        self, terms: np.ndarray, k: int, matching: np.ndarray | None = None, missing: set | None = None
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -67,7 +72,8 @@ class PublishedIndex:
     refiner: Refiner | None = field(default=None, repr=False)
     filters: MetadataFilter | None = field(default=None, repr=False)
     shards: ListSearch | None = None  # sharded serving: searches go to the serving shards
-    lexical: Postings | None = field(default=None, repr=False)  # BM25 postings, memory-mapped (None: --no-lexical)
+    # BM25 postings, memory-mapped (None: --no-lexical, or held by the serving shards: has_lexical)
+    lexical: Postings | None = field(default=None, repr=False)
     analyzer: Analyzer | None = field(default=None, repr=False)
     model_missing: str | None = None  # why text queries are refused (given vectors, their model not here)
 
@@ -206,12 +212,18 @@ class PublishedIndex:
             fetch = max(fetch, min(fetch_cap, fetch * 4))  # never below a first fetch already past the cap
         return results
 
+    @property
+    def has_lexical(self) -> bool:
+        """Whether the version can be searched by BM25: its postings memory-mapped here, or held by the serving
+        shards."""
+        return self.lexical is not None or (self.shards is not None and self.shards.lexical)
+
     def check_mode(self, mode: str | None) -> str:
         """The search mode: the one asked for, else hybrid when the version has a lexical index, else dense.
         A mode that needs the lexical index of a version built without one is refused (UsageError)."""
         if mode is None:
-            return "hybrid" if self.lexical is not None else "dense"
-        if mode != "dense" and self.lexical is None:
+            return "hybrid" if self.has_lexical else "dense"
+        if mode != "dense" and not self.has_lexical:
             raise UsageError(
                 f"mode {mode} needs a lexical (BM25) index, and version {self.run_id} was built with --no-lexical: "
                 "search it with mode dense, or rebuild it without --no-lexical"
@@ -219,18 +231,26 @@ class PublishedIndex:
         return mode
 
     def lexical_documents(
-        self, query: str, k: int, per_document: int, matching: np.ndarray | None
+        self, query: str, k: int, per_document: int, matching: np.ndarray | None, missing: set | None = None
     ) -> list[tuple[float, int]]:
         """Up to k documents' best passages by BM25 (at most per_document each) as (score, vector id), best
-        first; with matching (a filter's ids) only those passages are scored."""
+        first; with matching (a filter's ids) only those passages are scored. missing: as for search_vectors."""
         if self.analyzer is None:
             lexical = self.manifest.lexical
             self.analyzer = Analyzer(AnalyzerSettings(lexical.language, lexical.stopwords))
         terms = term_hashes(self.analyzer.analyze(query))
-        allowed = None if matching is None else (lambda ids: np.isin(ids, matching))
         fetch = min(FETCH_LIMIT, self.manifest.first_fetch(k, per_document))
-        ids, scores = search_postings(self.lexical, terms, fetch, allowed)
+        ids, scores = self.lexical_passages(terms, fetch, matching, missing)
         return best_per_document(scores, ids, per_document, k)[0]
+
+    def lexical_passages(
+        self, terms: np.ndarray, k: int, matching: np.ndarray | None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k best passages by BM25 for a query's term hashes, (ids, scores) best first, ties to the lower id:
+        from the postings mapped here, or the serving shards' top k merged (the same: postings.merge_top)."""
+        if self.lexical is None and self.shards is not None:
+            return self.shards.search_lexical(terms, k, matching, missing)
+        return search_postings(self.lexical, terms, k, allowed_ids(matching))
 
     def rank(
         self,
@@ -252,12 +272,12 @@ class PublishedIndex:
         if matching is not None and not len(matching):
             return [[] for _ in queries]
         if mode == "lexical":
-            return [self.lexical_documents(q, k, per_document, matching) for q in queries]
+            return [self.lexical_documents(q, k, per_document, matching, missing) for q in queries]
         depth = max(k, FUSION_DEPTH)
         dense = self.search_documents(self.encode(queries), depth, nprobe, per_document, filter, missing)
         return [
             fuse_documents(
-                [dense_ranked, self.lexical_documents(query, depth, per_document, matching)],
+                [dense_ranked, self.lexical_documents(query, depth, per_document, matching, missing)],
                 document_of=lambda passage_id: passage_id >> PASSAGE_BITS,
                 per_document=per_document,
                 k=k,
@@ -360,6 +380,11 @@ def passage_page(metadata: dict) -> int | None:
     return page if isinstance(page, int) and not isinstance(page, bool) and page > 0 else None
 
 
+def allowed_ids(matching: np.ndarray | None):
+    """search_postings's filter of a filter's matching ids (None: every passage)."""
+    return None if matching is None else (lambda ids: np.isin(ids, matching))
+
+
 def settings_given(model: type[SearchParams], **values) -> SearchParams:
     """The parameters a caller gave (not None), validated; the model's defaults for the rest."""
     return model(**{name: value for name, value in values.items() if value is not None})
@@ -399,7 +424,7 @@ def open_version(version_dir: str | Path, manifest: Manifest, shards: ListSearch
             )
     docs = DocStore.of_version(Store.of_folder(version_dir), manifest)  # read on demand, where the version lives
     lexical = None
-    if manifest.lexical:
+    if manifest.lexical and not (shards is not None and shards.lexical):  # else the serving shards hold them
         try:
             lexical = open_postings(version_dir / LEXICAL_DIR)
         except (OSError, ValueError) as exc:
