@@ -356,7 +356,8 @@ def partition(
     index = where_is(location)
     manifest, parts = api.partition(index, **options)
     shards = len(parts)
-    table = Table(title=f"{manifest.run_id}: inverted lists split for {shards} serving shards")
+    console.print(f"{manifest.run_id}: inverted lists split for {shards} serving shards", soft_wrap=True)
+    table = Table()  # the line above, not a title: a title wraps to the table's width
     columns = ("shard", "lists", "vectors", "share") + (("postings",) if manifest.lexical else ())
     for col in columns:
         table.add_column(col, justify="right")
