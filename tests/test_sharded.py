@@ -1,7 +1,8 @@
 """IVF-sharded serving: the split (ivf/serving_split.py) gives the merged index's results exactly, for
 flat, PQ, OPQ and PCA indexes, with and without an id selector; `rayindex partition` records it; the
-router + shard deployments over real HTTP answer what the merged index answers, survive a frozen,
-then killed shard (partial: true), and swap versions on every shard at once."""
+router + shard deployments over real HTTP answer what the merged index answers (dense, lexical and hybrid:
+each shard scores the BM25 postings of its own passages), survive a frozen, then killed shard (partial: true),
+and swap versions on every shard at once."""
 
 import os
 import shutil
@@ -34,7 +35,9 @@ from rayindex.ivf.serving_split import (
     write_part,
 )
 from rayindex.layout import LEXICAL_DIR, version_rel
-from rayindex.lexical.postings import open_postings
+from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
+from rayindex.lexical.counts import term_hashes
+from rayindex.lexical.postings import merge_top, open_postings, search_postings
 from rayindex.query.launch import check_fits, fit_local_ray, start_serving
 from rayindex.query.search import open_index
 from rayindex.query.sharded import open_router
@@ -353,7 +356,8 @@ def test_serving_an_unsplit_count_is_refused_naming_the_command(split_index):
 @pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     """An s3:// output: `rayindex partition` writes the parts to the store; each shard pulls its own part
-    (not the merged lists) and the parts together answer what the merged index answers."""
+    (not the merged lists), the router no postings, and the parts together answer what the merged index answers,
+    by vector and by BM25."""
     from rayindex.query.sharded import open_part
 
     output = s3_build[0]
@@ -369,6 +373,9 @@ def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     published = read_manifest(Store(output), run_id)
     cache = version_store(Store(output), run_id).local_root
     shutil.rmtree(cache / "parts", ignore_errors=True)  # what a fresh shard node has
+    shutil.rmtree(cache / LEXICAL_DIR, ignore_errors=True)  # and a fresh router node
+    router = open_router(AppConfig(index=output, shards=2), handles=[])
+    assert router.shards.lexical and not (cache / LEXICAL_DIR).exists()  # the shards hold the postings
     parts = [open_part(output, run_id, 2, part) for part in range(2)]
     assert sorted(p.relative_to(cache).as_posix() for p in (cache / "parts").rglob("*.*")) == sorted(
         rel for part in published.serving[2] for rel in part.files + part.lexical
@@ -384,3 +391,9 @@ def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     )
     want = merged.search_vectors(queries, 5, nprobe=2)
     np.testing.assert_array_equal(got[1], want[1])
+    analyzer = Analyzer(AnalyzerSettings(published.lexical.language, published.lexical.stopwords))
+    for query in LEXICAL_QUERIES:
+        terms = term_hashes(analyzer.analyze(query))
+        got_ids, got_scores = merge_top([search_postings(p.postings, terms, 10) for p in parts], 10)
+        want_ids, want_scores = merged.lexical_passages(terms, 10, None)
+        assert np.array_equal(got_ids, want_ids) and np.array_equal(got_scores, want_scores)
