@@ -186,6 +186,14 @@ class ShardServer:
                         self.versions.popitem(last=False)
         return part
 
+    def searched(self, run_id: str) -> LoadedPart:
+        """run_id's part, for a search: marked the most recently searched (the least recently searched version is
+        the one dropped)."""
+        loaded = self.part_of(run_id)
+        with contextlib.suppress(KeyError):  # dropped meanwhile: this search still has it
+            self.versions.move_to_end(run_id)
+        return loaded
+
     def prepare(self, run_id: str) -> float:
         """Have run_id's part open; its load seconds."""
         return self.part_of(run_id).load_s
@@ -232,9 +240,7 @@ class ShardServer:
         k: int,
         matching: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        loaded = self.part_of(run_id)
-        with contextlib.suppress(KeyError):  # dropped meanwhile: this search still has it
-            self.versions.move_to_end(run_id)  # the least recently searched version is the one dropped
+        loaded = self.searched(run_id)
         selector = id_selector(matching) if matching is not None else None
         return search_part(loaded.index, loaded.owned, x, coarse_distances, coarse_lists, k, selector)
 
@@ -248,7 +254,7 @@ class ShardServer:
     def _search_lexical(
         self, run_id: str, terms: np.ndarray, k: int, matching: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        loaded = self.part_of(run_id)
+        loaded = self.searched(run_id)
         if loaded.postings is None:
             raise RayIndexError(
                 f"part {self.part} of version {run_id} holds no lexical postings; run `rayindex partition --shards "
