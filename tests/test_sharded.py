@@ -21,6 +21,7 @@ from ray import serve
 from rayindex.builder import build
 from rayindex.config import AppConfig, ServeConfig
 from rayindex.errors import RayIndexError, UsageError
+from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
 from rayindex.ivf.index import read_index, read_merged
 from rayindex.ivf.serving_split import (
@@ -41,6 +42,7 @@ from rayindex.lexical.postings import merge_top, open_postings, search_postings
 from rayindex.query.launch import check_fits, fit_local_ray, start_serving
 from rayindex.query.search import open_index
 from rayindex.query.sharded import open_router
+from rayindex.stages import partition as partition_stage
 from rayindex.versions import current_run_id, read_manifest, save_manifest, version_store
 
 from helpers import build_config, client_env, free_port, searches_meanwhile, wait_for_version, write_parquet
@@ -283,7 +285,7 @@ def test_sharded_lexical_and_hybrid_equal_the_unsharded_index(sharded):
 @pytest.mark.slow  # copies the split index
 def test_a_version_split_before_parts_held_postings_is_scored_by_the_router(split_index, tmp_path):
     """Parts recorded without postings (split by an earlier rayindex): the router maps the whole postings and
-    scores them itself, as before; `rayindex partition` again gives the shards their own."""
+    scores them itself, as before; the partition stage of a build writes the parts again, with postings."""
     output = tmp_path / "index"
     shutil.copytree(split_index, output)
     store = Store(str(output))
@@ -296,6 +298,9 @@ def test_a_version_split_before_parts_held_postings_is_scored_by_the_router(spli
     merged = open_index(output)
     for query in LEXICAL_QUERIES[:5]:
         assert router.rank([query], 5, mode="lexical") == merged.rank([query], 5, mode="lexical")
+    config = manifest.config.model_copy(update={"serving_shards": 3})
+    parts = partition_stage.run(config, manifest, version_store(store, manifest.run_id), StageProgress(quiet=True))
+    assert all(part.lexical for part in parts)  # a build's partition stage redoes such a split
 
 
 @pytest.mark.slow  # sharded serving over real HTTP, or on S3
