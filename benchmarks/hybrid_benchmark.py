@@ -61,7 +61,6 @@ from rayindex.lexical.postings import (
     bm25_ceiling,
     open_postings,
     search_postings,
-    term_doc_freqs,
     write_postings,
 )
 from rayindex.query.fusion import by_rank, by_score, fuse_documents
@@ -239,8 +238,8 @@ def fusion_variants(index, asked: list[dict]) -> dict:
     for q in asked:
         dense = index.rank([q["query"]], deepest, mode="dense")[0]
         terms = index.query_terms(q["query"])
-        lexical = index.lexical_documents(terms, deepest, 1, None)
-        ceiling = bm25_ceiling(term_doc_freqs(index.lexical, terms), index.manifest.lexical.passages)
+        lexical, doc_freqs = index.lexical_documents(terms, deepest, 1, None)
+        ceiling = bm25_ceiling(doc_freqs, index.manifest.lexical.passages)
         for name, (fusion, depth) in FUSION_VARIANTS.items():
             if fusion == "score":
                 sides = [

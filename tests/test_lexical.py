@@ -13,10 +13,11 @@ from rayindex.lexical.postings import (
     BM25Params,
     bm25_ceiling,
     merge_postings,
+    merge_top,
     open_postings,
     search_postings,
-    select_postings,
     shard_postings,
+    split_postings,
     term_doc_freqs,
     write_postings,
 )
@@ -105,19 +106,36 @@ def test_results_do_not_depend_on_how_the_corpus_was_sharded(analyzed):
 
 
 def test_serving_shards_merged_by_score_equal_the_whole(analyzed):
-    """Each serving shard owns the postings of its passages; the top 10 of the top 10s is the top 10."""
+    """Each serving shard owns the postings of its passages (an arbitrary, uneven split, as by inverted list);
+    the merged top k of the shards' top ks is the whole postings' top k, scores exactly, with a filter too."""
     (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
-    owners = [lambda ids, r=r: ids % 3 == r for r in range(3)]
-    shards = [select_postings(whole, keep) for keep in owners]
+    owner = np.random.default_rng(2).choice(3, size=len(analyzed), p=[0.6, 0.3, 0.1])
+    shards = split_postings(whole, [np.flatnonzero(owner == part) for part in range(3)])
+    assert sum(len(s.ids) for s in shards) == len(whole.ids)
+    assert all(set(s.ids.tolist()) <= set(np.flatnonzero(owner == part).tolist()) for part, s in enumerate(shards))
+
+    def even(ids):
+        return ids % 2 == 0
+
     for query in queries(analyzed, n=30, seed=5):
         hashes = term_hashes(query)
-        ids, scores = search_postings(whole, hashes, k=10)
-        partial = [search_postings(s, hashes, k=10) for s in shards]
-        all_ids = np.concatenate([p[0] for p in partial])
-        all_scores = np.concatenate([p[1] for p in partial])
-        order = np.lexsort((all_ids, -all_scores))[:10]
-        assert np.array_equal(all_ids[order], ids)
-        assert np.array_equal(all_scores[order], scores)
+        for k, allowed in ((10, None), (1, None), (40, even)):
+            ids, scores = search_postings(whole, hashes, k=k, allowed=allowed)
+            got_ids, got_scores = merge_top([search_postings(s, hashes, k=k, allowed=allowed) for s in shards], k)
+            assert np.array_equal(got_ids, ids)
+            assert np.array_equal(got_scores, scores)
+
+
+def test_ties_across_serving_shards_go_to_the_lower_id():
+    analyzed = [["alpha"], ["beta"], ["alpha"], ["alpha"], ["alpha"]]
+    (whole,), _ = sharded_postings(analyzed, [0, 5])
+    shards = split_postings(whole, [np.array([3, 4]), np.array([0, 1, 2])])
+    query = term_hashes(["alpha"])
+    for k in (1, 2, 3):
+        ids, _ = merge_top([search_postings(s, query, k=k) for s in shards], k)
+        assert list(ids) == [0, 2, 3][:k]
+    with pytest.raises(ValueError, match="passage 4 has postings but no part owns it"):
+        split_postings(whole, [np.array([0, 1, 2, 3])])
 
 
 def test_filters_apply_inside_scoring(analyzed):

@@ -1,7 +1,8 @@
 """IVF-sharded serving: the split (ivf/serving_split.py) gives the merged index's results exactly, for
 flat, PQ, OPQ and PCA indexes, with and without an id selector; `rayindex partition` records it; the
-router + shard deployments over real HTTP answer what the merged index answers, survive a frozen,
-then killed shard (partial: true), and swap versions on every shard at once."""
+router + shard deployments over real HTTP answer what the merged index answers (dense, lexical and hybrid:
+each shard scores the BM25 postings of its own passages), survive a frozen, then killed shard (partial: true),
+and swap versions on every shard at once."""
 
 import os
 import shutil
@@ -20,11 +21,13 @@ from ray import serve
 from rayindex.builder import build
 from rayindex.config import AppConfig, ServeConfig
 from rayindex.errors import RayIndexError, UsageError
+from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
-from rayindex.ivf.index import read_index
+from rayindex.ivf.index import read_index, read_merged
 from rayindex.ivf.serving_split import (
     coarse_assign,
     larger_is_better,
+    list_ids,
     list_sizes,
     merge_part_results,
     parts_needed,
@@ -32,9 +35,15 @@ from rayindex.ivf.serving_split import (
     search_part,
     write_part,
 )
+from rayindex.layout import LEXICAL_DIR, version_rel
+from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
+from rayindex.lexical.counts import term_hashes
+from rayindex.lexical.postings import merge_top, open_postings, search_postings
 from rayindex.query.launch import check_fits, fit_local_ray, start_serving
 from rayindex.query.search import open_index
-from rayindex.versions import current_run_id, read_manifest
+from rayindex.query.sharded import open_router
+from rayindex.stages import partition as partition_stage
+from rayindex.versions import current_run_id, read_manifest, save_manifest, version_store
 
 from helpers import build_config, client_env, free_port, searches_meanwhile, wait_for_version, write_parquet
 
@@ -98,6 +107,8 @@ def test_parts_give_the_merged_index_results_exactly(tmp_path, one_thread, index
             )
             assert vectors == sizes[lists].sum()
             parts.append(read_index(tmp_path / f"{n_parts}-{part}.faiss", faiss.IO_FLAG_ONDISK_SAME_DIR))
+        held = [list_ids(merged, np.flatnonzero(owner == part)) for part in range(n_parts)]
+        assert np.array_equal(np.sort(np.concatenate(held)), ids)  # each vector in exactly one part's lists
         x, coarse_distances, coarse_lists = coarse_assign(merged, xq, nprobe)
         for allowed in (None, ids[::3]):
             selector = (
@@ -160,11 +171,20 @@ def split_index(built, tmp_path_factory):
 
 @pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_partition_is_recorded_and_checksummed(split_index, built):
+    """Each part: its lists, their vectors, and the postings of exactly those vectors' passages, every file
+    checksummed."""
     manifest = read_manifest(Store(str(split_index)), built[1].run_id)
     split = manifest.serving[3]
     assert sorted(sum((p.lists for p in split), [])) == list(range(manifest.nlist))
     assert sum(p.vectors for p in split) == manifest.merge.ntotal
-    assert all(rel in manifest.files_sha256 for p in split for rel in p.files)
+    assert all(rel in manifest.files_sha256 for p in split for rel in p.files + p.lexical)
+    version_dir = split_index / version_rel(manifest.run_id)
+    whole, merged = open_postings(version_dir / LEXICAL_DIR), read_merged(version_dir)
+    for part in split:
+        postings = open_postings(version_dir / Path(part.lexical[0]).parent)
+        assert len(postings.ids) == part.postings > 0
+        assert set(postings.ids.tolist()) <= set(list_ids(merged, np.array(part.lists)).tolist())
+    assert sum(p.postings for p in split) == len(whole.ids)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +241,66 @@ def test_sharded_search_equals_the_merged_index(sharded):
 
 def shard_pid(part: int) -> int:
     return serve.get_deployment_handle(f"shard-{part}", app_name="rayindex").stats.remote().result(timeout_s=60)["pid"]
+
+
+# words, identifiers, a phrase, stopwords only (lexically nothing: hybrid is the dense side)
+LEXICAL_QUERIES = QUERIES + [
+    "json.loads",
+    "os.path.join",
+    "EINVAL errno",
+    "socket timeout",
+    "__init__",
+    "acquire a thread lock",
+    "csv dialect",
+    "decimal rounding",
+    "http cookie",
+    "extract a tar archive",
+    "heapq",
+    "the of and",
+]
+
+
+@pytest.mark.slow  # sharded serving over real HTTP, or on S3
+def test_sharded_lexical_and_hybrid_equal_the_unsharded_index(sharded):
+    """Each shard scores its own postings, the router merges them: lexical and hybrid hits over HTTP are the
+    unsharded index's, scores exactly, with and without a filter; the router maps no postings."""
+    output, client = sharded
+    merged = open_index(output)
+    for query in LEXICAL_QUERIES:
+        for mode in ("lexical", "hybrid"):
+            for filter in (None, {"kind": "class"}):
+                per_document = 2 if query == QUERIES[0] else 1
+                payload = {"query": query, "k": 5, "mode": mode, "per_document": per_document}
+                body = client.post("/search", json=payload | ({"filter": filter} if filter else {})).json()
+                want = merged.search(query, k=5, mode=mode, filter=filter, per_document=per_document)
+                assert body["partial"] is False
+                assert [(h["id"], h["passage"], h["score"]) for h in body["hits"]] == [
+                    (h["id"], h["passage"], h["score"]) for h in want
+                ], (query, mode, filter)
+    assert client.post("/search", json={"query": "the of and", "k": 5, "mode": "lexical"}).json()["hits"] == []
+    router = open_router(AppConfig(index=str(output), shards=3), handles=[])
+    assert router.lexical is None and router.shards.lexical and router.check_mode(None) == "hybrid"
+
+
+@pytest.mark.slow  # copies the split index
+def test_a_version_split_before_parts_held_postings_is_scored_by_the_router(split_index, tmp_path):
+    """Parts recorded without postings (split by an earlier rayindex): the router maps the whole postings and
+    scores them itself, as before; the partition stage of a build writes the parts again, with postings."""
+    output = tmp_path / "index"
+    shutil.copytree(split_index, output)
+    store = Store(str(output))
+    manifest = read_manifest(store, current_run_id(store))
+    for part in manifest.serving[3]:
+        part.lexical, part.postings = [], 0
+    save_manifest(version_store(store, manifest.run_id), manifest)
+    router = open_router(AppConfig(index=str(output), shards=3), handles=[])
+    assert router.lexical is not None and not router.shards.lexical
+    merged = open_index(output)
+    for query in LEXICAL_QUERIES[:5]:
+        assert router.rank([query], 5, mode="lexical") == merged.rank([query], 5, mode="lexical")
+    config = manifest.config.model_copy(update={"serving_shards": 3})
+    parts = partition_stage.run(config, manifest, version_store(store, manifest.run_id), StageProgress(quiet=True))
+    assert all(part.lexical for part in parts)  # a build's partition stage redoes such a split
 
 
 @pytest.mark.slow  # sharded serving over real HTTP, or on S3
@@ -281,9 +361,9 @@ def test_serving_an_unsplit_count_is_refused_naming_the_command(split_index):
 @pytest.mark.slow  # sharded serving over real HTTP, or on S3
 def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     """An s3:// output: `rayindex partition` writes the parts to the store; each shard pulls its own part
-    (not the merged lists) and the parts together answer what the merged index answers."""
+    (not the merged lists), the router no postings, and the parts together answer what the merged index answers,
+    by vector and by BM25."""
     from rayindex.query.sharded import open_part
-    from rayindex.versions import version_store
 
     output = s3_build[0]
     done = subprocess.run(
@@ -298,9 +378,12 @@ def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     published = read_manifest(Store(output), run_id)
     cache = version_store(Store(output), run_id).local_root
     shutil.rmtree(cache / "parts", ignore_errors=True)  # what a fresh shard node has
+    shutil.rmtree(cache / LEXICAL_DIR, ignore_errors=True)  # and a fresh router node
+    router = open_router(AppConfig(index=output, shards=2), handles=[])
+    assert router.shards.lexical and not (cache / LEXICAL_DIR).exists()  # the shards hold the postings
     parts = [open_part(output, run_id, 2, part) for part in range(2)]
     assert sorted(p.relative_to(cache).as_posix() for p in (cache / "parts").rglob("*.*")) == sorted(
-        rel for part in published.serving[2] for rel in part.files
+        rel for part in published.serving[2] for rel in part.files + part.lexical
     )
     merged = open_index(output)
     trained = read_index(cache / "trained.faiss")
@@ -313,3 +396,9 @@ def test_partition_on_s3_and_shards_pull_only_their_part(s3_build):
     )
     want = merged.search_vectors(queries, 5, nprobe=2)
     np.testing.assert_array_equal(got[1], want[1])
+    analyzer = Analyzer(AnalyzerSettings(published.lexical.language, published.lexical.stopwords))
+    for query in LEXICAL_QUERIES:
+        terms = term_hashes(analyzer.analyze(query))
+        got_ids, got_scores = merge_top([search_postings(p.postings, terms, 10) for p in parts], 10)
+        want_ids, want_scores = merged.lexical_passages(terms, 10, None)
+        assert np.array_equal(got_ids, want_ids) and np.array_equal(got_scores, want_scores)

@@ -359,23 +359,26 @@ def partition(
     location: Annotated[dict, From(IndexLocation)] = None,
     options: Annotated[dict, From(PartitionOptions)] = None,
 ) -> None:
-    """Split the published version's inverted lists for `rayindex serve --shards N` (parts balanced by size, recorded
-    in its manifest)."""
+    """Split the published version's inverted lists for `rayindex serve --shards N` (parts balanced by size, each with
+    the BM25 postings of its passages, recorded in its manifest)."""
     from rayindex import api
 
     index = where_is(location)
     manifest, parts = api.partition(index, **options)
     shards = len(parts)
-    table = Table(title=f"{manifest.run_id}: inverted lists split for {shards} serving shards")
-    for col in ("shard", "lists", "vectors", "share"):
+    console.print(f"{manifest.run_id}: inverted lists split for {shards} serving shards", soft_wrap=True)
+    table = Table()  # the line above, not a title: a title wraps to the table's width
+    columns = ("shard", "lists", "vectors", "share") + (("postings",) if manifest.lexical else ())
+    for col in columns:
         table.add_column(col, justify="right")
     for number, part in enumerate(parts):
-        table.add_row(
+        row = [
             str(number),
             f"{len(part.lists):,}",
             f"{part.vectors:,}",
             f"{part.vectors / max(1, manifest.merge.ntotal):.1%}",
-        )
+        ]
+        table.add_row(*row, *([f"{part.postings:,}"] if manifest.lexical else []))
     console.print(table)
     console.print(f"Serve it: rayindex serve --index {index} --shards {shards}")
 

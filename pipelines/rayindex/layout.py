@@ -10,6 +10,7 @@ I/O here: reading and writing files is infra/files.py's job.
     <output>/versions/<run-id>/index_infos.json  what the index is, for whoever opens it with FAISS alone
     <output>/versions/<run-id>/shards/NNNNN/  one shard: embeddings, ids, doc store, hashes, its index
     <output>/versions/<run-id>/parts/<N>/PPP.faiss (+ .ivfdata)  the merged lists split for N serving shards
+    <output>/versions/<run-id>/parts/<N>/PPP-lexical/  the BM25 postings of part PPP's passages
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def serving_part_files(shards: int, part: int) -> tuple[str, str]:
     """A serving part's index file and on-disk lists (paths in the version) when the merged lists are split
     for `shards` serving shards: read the index with faiss.IO_FLAG_ONDISK_SAME_DIR, the lists are beside it."""
     return f"parts/{shards}/{part:03d}.faiss", f"parts/{shards}/{part:03d}.ivfdata"
+
+
+def serving_lexical_files(shards: int, part: int) -> tuple[str, ...]:
+    """A serving part's BM25 postings (lexical/postings.py, one .npy file per array): those of the passages whose
+    vectors are in the part's lists."""
+    return tuple(f"parts/{shards}/{part:03d}-lexical/{name}.npy" for name in LEXICAL_ARRAYS)
 
 
 def is_serving_file(rel: str) -> bool:

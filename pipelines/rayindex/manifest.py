@@ -207,13 +207,16 @@ class MergedIndex(BaseModel):
 
 class ServingPart(BaseModel):
     """One part of the merged inverted lists for sharded serving (ivf/serving_split.py): the lists it owns,
-    their vectors, its files (index, on-disk lists)."""
+    their vectors, its files (index, on-disk lists), and the BM25 postings of those vectors' passages
+    (`lexical`: empty when the version has no lexical index, or was split before parts held postings)."""
 
     lists: list[int]
     vectors: int
     files: list[str]
+    lexical: list[str] = Field(default_factory=list)
+    postings: int = 0  # in the part's lexical files
 
-    @field_validator("files")
+    @field_validator("files", "lexical")
     @classmethod
     def _inside_the_version(cls, files: list[str]) -> list[str]:
         return [safe_rel(f, "serving.files") for f in files]
@@ -370,6 +373,11 @@ class Manifest(BaseModel):
     def shard_counts(self) -> list[int]:
         """Vectors (passages) per shard, in shard order."""
         return [s.passages for s in self.shard_states]
+
+    def parts_hold_postings(self, shards: int) -> bool:
+        """Whether each part of the split for `shards` serving shards holds its passages' BM25 postings (a
+        version with a lexical index split before parts held them does not)."""
+        return self.lexical is not None and all(part.lexical for part in self.serving.get(shards, []))
 
     def first_fetch(self, k: int, per_document: int = 1) -> int:
         """Passages a search fetches first to find k documents (query/search.py search_documents; tune ranks

@@ -31,6 +31,20 @@ def list_sizes(index: faiss.Index) -> np.ndarray:
     return np.array([invlists.list_size(list_no) for list_no in range(invlists.nlist)], dtype=np.int64)
 
 
+def list_ids(index: faiss.Index, lists: np.ndarray) -> np.ndarray:
+    """The ids of the vectors in these inverted lists of an IVF index (works on memory-mapped lists), sorted:
+    the passages a part of them holds."""
+    invlists = faiss.extract_index_ivf(index).invlists
+    held = []
+    for list_no in np.asarray(lists, np.int64).tolist():
+        n = invlists.list_size(list_no)
+        if n:
+            ids = invlists.get_ids(list_no)
+            held.append(faiss.rev_swig_ptr(ids, n).copy())
+            invlists.release_ids(list_no, ids)
+    return np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+
+
 def plan_parts(sizes: np.ndarray, parts: int) -> np.ndarray:
     """owner[list_no] = the part that holds the list: lists taken largest first, each to the part with
     the fewest vectors so far (LPT; the largest part is within 4/3 of the best split, and within one

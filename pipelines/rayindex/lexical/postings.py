@@ -99,11 +99,38 @@ def merge_postings(parts: list[Postings]) -> Postings:
     return from_rows(terms[order], ids[order], impacts[order])
 
 
-def select_postings(postings: Postings, keep) -> Postings:
-    """The postings of the ids keep(ids) accepts (a serving shard's share: the passages it owns)."""
-    mask = keep(postings.ids)
-    terms = np.repeat(postings.terms, np.diff(postings.starts))[mask]
-    return from_rows(terms, postings.ids[mask], postings.impacts[mask])
+def split_postings(postings: Postings, parts: list[np.ndarray]) -> list[Postings]:
+    """The postings of each part's passages (parts[i]: the ids serving shard i owns, disjoint), for sharded
+    serving. Every posting's passage must belong to a part (ValueError otherwise: the split does not cover
+    the index). Within a term, ids keep their ascending order, so a part's search sums its passages'
+    impacts in the order the whole postings would."""
+    owned = np.concatenate([np.asarray(ids, np.int64) for ids in parts]) if parts else np.zeros(0, np.int64)
+    part_of = np.repeat(np.arange(len(parts), dtype=np.int32), [len(ids) for ids in parts])
+    order = np.argsort(owned, kind="stable")
+    owned, part_of = owned[order], part_of[order]
+    where = np.minimum(np.searchsorted(owned, postings.ids), max(len(owned) - 1, 0))
+    if len(postings.ids) and (not len(owned) or not np.array_equal(owned[where], postings.ids)):
+        missing = postings.ids[owned[where] != postings.ids][0] if len(owned) else postings.ids[0]
+        raise ValueError(f"passage {int(missing)} has postings but no part owns it")
+    owner = part_of[where]
+    terms = np.repeat(postings.terms, np.diff(postings.starts))
+    split = []
+    for part in range(len(parts)):
+        mine = owner == part
+        split.append(from_rows(terms[mine], postings.ids[mine], postings.impacts[mine]))
+    return split
+
+
+def merge_top(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (ids, scores) of several parts' search_postings results, best first, ties to the lower id:
+    what search_postings over the parts' union gives, since each part returns every one of its passages that
+    can be among the k best (its own k best, ties kept to the lower id)."""
+    if not results:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    ids = np.concatenate([np.asarray(i, np.int64) for i, _ in results])
+    scores = np.concatenate([np.asarray(s, np.float32) for _, s in results])
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
 
 
 def write_postings(postings: Postings, folder: Path) -> list[Path]:

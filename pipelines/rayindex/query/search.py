@@ -50,10 +50,15 @@ class ListSearch(Protocol):
     behind the router of `rayindex serve --shards N` (query/sharded.py ShardedSearch)."""
 
     failing: dict[int, str]
+    lexical: bool  # the shards hold the version's BM25 postings, each those of its passages
 
     def search(
         self, vectors: np.ndarray, k: int, nprobe: int, matching: np.ndarray | None = None, missing: set | None = None
     ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def search_lexical(
+        self, terms: np.ndarray, k: int, matching: np.ndarray | None = None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -70,7 +75,8 @@ class PublishedIndex:
     refiner: Refiner | None = field(default=None, repr=False)
     filters: MetadataFilter | None = field(default=None, repr=False)
     shards: ListSearch | None = None  # sharded serving: searches go to the serving shards
-    lexical: Postings | None = field(default=None, repr=False)  # BM25 postings, memory-mapped (None: --no-lexical)
+    # BM25 postings, memory-mapped (None: --no-lexical, or held by the serving shards: has_lexical)
+    lexical: Postings | None = field(default=None, repr=False)
     analyzer: Analyzer | None = field(default=None, repr=False)
     model_missing: str | None = None  # why text queries are refused (given vectors, their model not here)
 
@@ -209,12 +215,18 @@ class PublishedIndex:
             fetch = max(fetch, min(fetch_cap, fetch * 4))  # never below a first fetch already past the cap
         return results
 
+    @property
+    def has_lexical(self) -> bool:
+        """Whether the version can be searched by BM25: its postings memory-mapped here, or held by the serving
+        shards."""
+        return self.lexical is not None or (self.shards is not None and self.shards.lexical)
+
     def check_mode(self, mode: str | None) -> str:
         """The search mode: the one asked for, else hybrid when the version has a lexical index, else dense.
         A mode that needs the lexical index of a version built without one is refused (UsageError)."""
         if mode is None:
-            return "hybrid" if self.lexical is not None else "dense"
-        if mode != "dense" and self.lexical is None:
+            return "hybrid" if self.has_lexical else "dense"
+        if mode != "dense" and not self.has_lexical:
             raise UsageError(
                 f"mode {mode} needs a lexical (BM25) index, and version {self.run_id} was built with --no-lexical: "
                 "search it with mode dense, or rebuild it without --no-lexical"
@@ -222,14 +234,25 @@ class PublishedIndex:
         return mode
 
     def lexical_documents(
-        self, terms: np.ndarray, k: int, per_document: int, matching: np.ndarray | None
-    ) -> list[tuple[float, int]]:
+        self, terms: np.ndarray, k: int, per_document: int, matching: np.ndarray | None, missing: set | None = None
+    ) -> tuple[list[tuple[float, int]], np.ndarray]:
         """Up to k documents' best passages by BM25 (at most per_document each) as (score, vector id), best
-        first; with matching (a filter's ids) only those passages are scored."""
-        allowed = None if matching is None else (lambda ids: np.isin(ids, matching))
+        first, and the query terms' document frequencies in the corpus; with matching (a filter's ids) only
+        those passages are scored. missing: as for search_vectors."""
         fetch = min(FETCH_LIMIT, self.manifest.first_fetch(k, per_document))
-        ids, scores = search_postings(self.lexical, terms, fetch, allowed)
-        return best_per_document(scores, ids, per_document, k)[0]
+        ids, scores, doc_freqs = self.lexical_passages(terms, fetch, matching, missing)
+        return best_per_document(scores, ids, per_document, k)[0], doc_freqs
+
+    def lexical_passages(
+        self, terms: np.ndarray, k: int, matching: np.ndarray | None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k best passages by BM25 for a query's term hashes, (ids, scores) best first, ties to the lower id,
+        and the terms' document frequencies: from the postings mapped here, or the serving shards' top k merged
+        (the same: postings.merge_top) and their frequencies summed (each shard's passages its own)."""
+        if self.lexical is None and self.shards is not None:
+            return self.shards.search_lexical(terms, k, matching, missing)
+        ids, scores = search_postings(self.lexical, terms, k, allowed_ids(matching))
+        return ids, scores, term_doc_freqs(self.lexical, terms)
 
     def query_terms(self, query: str) -> np.ndarray:
         """The query's terms as the lexical index holds them (hashed), analyzed as its passages were."""
@@ -239,12 +262,13 @@ class PublishedIndex:
         return term_hashes(self.analyzer.analyze(query))
 
     def fusion_sides(
-        self, terms: np.ndarray, dense: list[tuple[float, int]], lexical: list[tuple[float, int]], depth: int
+        self, doc_freqs: np.ndarray, dense: list[tuple[float, int]], lexical: list[tuple[float, int]], depth: int
     ) -> list[Side]:
         """The two sides of a hybrid query, fused by score when the dense scores are cosines (each side over
-        the most it can score: 1, and the query's BM25 ceiling), else by reciprocal rank (fusion.py)."""
+        the most it can score: 1, and the query's BM25 ceiling from its terms' document frequencies), else by
+        reciprocal rank (fusion.py)."""
         if self.manifest.metric in (None, "cosine"):
-            ceiling = bm25_ceiling(term_doc_freqs(self.lexical, terms), self.manifest.lexical.passages)
+            ceiling = bm25_ceiling(doc_freqs, self.manifest.lexical.passages)
             return [by_score(dense, document_of, 1.0, depth), by_score(lexical, document_of, ceiling, depth)]
         return [by_rank(dense, document_of), by_rank(lexical, document_of)]
 
@@ -268,14 +292,15 @@ class PublishedIndex:
         if matching is not None and not len(matching):
             return [[] for _ in queries]
         if mode == "lexical":
-            return [self.lexical_documents(self.query_terms(q), k, per_document, matching) for q in queries]
+            return [self.lexical_documents(self.query_terms(q), k, per_document, matching, missing)[0] for q in queries]
         depth = max(k, FUSION_DEPTH)
         dense = self.search_documents(self.encode(queries), depth, nprobe, per_document, filter, missing)
         fused = []
         for query, dense_ranked in zip(queries, dense):
-            terms = self.query_terms(query)
-            lexical_ranked = self.lexical_documents(terms, depth, per_document, matching)
-            sides = self.fusion_sides(terms, dense_ranked, lexical_ranked, depth)
+            lexical_ranked, doc_freqs = self.lexical_documents(
+                self.query_terms(query), depth, per_document, matching, missing
+            )
+            sides = self.fusion_sides(doc_freqs, dense_ranked, lexical_ranked, depth)
             fused.append(fuse_documents(sides, document_of, per_document, k))
         return fused
 
@@ -374,6 +399,11 @@ def passage_page(metadata: dict) -> int | None:
     return page if isinstance(page, int) and not isinstance(page, bool) and page > 0 else None
 
 
+def allowed_ids(matching: np.ndarray | None):
+    """search_postings's filter of a filter's matching ids (None: every passage)."""
+    return None if matching is None else (lambda ids: np.isin(ids, matching))
+
+
 def settings_given(model: type[SearchParams], **values) -> SearchParams:
     """The parameters a caller gave (not None), validated; the model's defaults for the rest."""
     return model(**{name: value for name, value in values.items() if value is not None})
@@ -418,7 +448,7 @@ def open_version(version_dir: str | Path, manifest: Manifest, shards: ListSearch
             )
     docs = DocStore.of_version(Store.of_folder(version_dir), manifest)  # read on demand, where the version lives
     lexical = None
-    if manifest.lexical:
+    if manifest.lexical and not (shards is not None and shards.lexical):  # else the serving shards hold them
         try:
             lexical = open_postings(version_dir / LEXICAL_DIR)
         except (OSError, ValueError) as exc:

@@ -3,7 +3,10 @@ the merged inverted lists (split at publish time by list number, balanced by siz
 manifest: stages/partition.py), and a router, the RagService ingress, that holds only the coarse
 quantizer and the pre-transforms of the version (trained.faiss). A query is encoded once; the router
 finds its nprobe lists, sends it only to the shards that own one of them, and merges their top-k
-(ivf/serving_split.py): the merged index's ids and distances.
+(ivf/serving_split.py): the merged index's ids and distances. Each shard also memory-maps the BM25
+postings of its passages (those whose vectors its lists hold); the router analyzes a lexical query once,
+asks every shard (any may hold matching passages) for its top passages and merges them by score, ties to
+the lower id: the unsplit postings' top passages, scores exactly (lexical/postings.py merge_top).
 
 Versions: every call names the router's version, and a shard answers from that version's part or not
 at all, so no response mixes versions. Each shard replica watches CURRENT and loads a new version
@@ -19,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import faiss
 import numpy as np
@@ -39,9 +42,10 @@ from rayindex.ivf.serving_split import (
     search_part,
 )
 from rayindex.layout import CURRENT, MANIFEST, TRAINED_FILE
+from rayindex.lexical.postings import Postings, merge_top, open_postings, search_postings, term_doc_freqs
 from rayindex.manifest import Manifest, ServingPart
 from rayindex.query.filters import id_selector
-from rayindex.query.search import PublishedIndex, open_version
+from rayindex.query.search import PublishedIndex, allowed_ids, open_version
 from rayindex.versions import current_published_id, current_run_id, published_version, pull_version_files
 
 log = logging.getLogger("rayindex.sharded")
@@ -88,22 +92,25 @@ def list_owner(split: list[ServingPart], nlist: int) -> np.ndarray:
 
 @dataclass
 class LoadedPart:
-    """One version's part, open on a shard: the part index (memory-mapped lists) and the lists it owns."""
+    """One version's part, open on a shard: the part index (memory-mapped lists), the lists it owns and the
+    BM25 postings of their passages (memory-mapped; None when the version has none in its parts)."""
 
     run_id: str
     index: faiss.Index
     owned: np.ndarray
+    postings: Postings | None
     load_s: float
 
 
 def open_part(output: str, run_id: str, shards: int, part: int) -> LoadedPart:
-    """Part `part` of the published version run_id's split for `shards` serving shards: its two files
-    pulled (S3) or checked in place against the manifest's sha256, the index memory-mapped."""
+    """Part `part` of the published version run_id's split for `shards` serving shards: its files (index,
+    on-disk lists, postings) pulled (S3) or checked in place against the manifest's sha256, the index and the
+    postings memory-mapped."""
     start = time.perf_counter()
     root = Store(output)
     version, manifest = published_version(root, run_id)
     split = serving_split(manifest, shards, version.url(MANIFEST))
-    files = split[part].files
+    files = split[part].files + split[part].lexical
     missing = [rel for rel in files if rel not in manifest.files_sha256]
     if missing:
         raise DamagedIndex(
@@ -116,9 +123,21 @@ def open_part(output: str, run_id: str, shards: int, part: int) -> LoadedPart:
             f"{version_dir / files[0]} holds {index.ntotal} vectors, "
             f"the manifest says {split[part].vectors}; rebuild it"
         )
+    postings = None
+    if split[part].lexical:
+        folder = version_dir / PurePosixPath(split[part].lexical[0]).parent
+        try:
+            postings = open_postings(folder)
+        except (OSError, ValueError) as exc:
+            raise DamagedIndex(f"{folder}: {exc}; run `rayindex partition` again or rebuild it") from exc
+        if len(postings.ids) != split[part].postings:
+            raise DamagedIndex(
+                f"{folder} holds {len(postings.ids)} postings, the manifest says {split[part].postings}; run "
+                "`rayindex partition` again or rebuild it"
+            )
     owned = np.zeros(manifest.nlist, dtype=bool)
     owned[split[part].lists] = True
-    return LoadedPart(run_id, index, owned, time.perf_counter() - start)
+    return LoadedPart(run_id, index, owned, postings, time.perf_counter() - start)
 
 
 def memory_mb() -> dict:
@@ -167,6 +186,14 @@ class ShardServer:
                         self.versions.popitem(last=False)
         return part
 
+    def searched(self, run_id: str) -> LoadedPart:
+        """run_id's part, for a search: marked the most recently searched (the least recently searched version is
+        the one dropped)."""
+        loaded = self.part_of(run_id)
+        with contextlib.suppress(KeyError):  # dropped meanwhile: this search still has it
+            self.versions.move_to_end(run_id)
+        return loaded
+
     def prepare(self, run_id: str) -> float:
         """Have run_id's part open; its load seconds."""
         return self.part_of(run_id).load_s
@@ -213,11 +240,30 @@ class ShardServer:
         k: int,
         matching: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        loaded = self.part_of(run_id)
-        with contextlib.suppress(KeyError):  # dropped meanwhile: this search still has it
-            self.versions.move_to_end(run_id)  # the least recently searched version is the one dropped
+        loaded = self.searched(run_id)
         selector = id_selector(matching) if matching is not None else None
         return search_part(loaded.index, loaded.owned, x, coarse_distances, coarse_lists, k, selector)
+
+    async def search_lexical(
+        self, run_id: str, terms: np.ndarray, k: int, matching: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This part's k best passages by BM25 of version run_id, (ids, scores) best first, ties to the lower
+        id, among `matching` ids (all when None), filtered inside the scoring, and the terms' document
+        frequencies among its passages (the router sums them: hybrid fusion's BM25 ceiling); in a thread, as
+        search."""
+        return await asyncio.to_thread(self._search_lexical, run_id, terms, k, matching)
+
+    def _search_lexical(
+        self, run_id: str, terms: np.ndarray, k: int, matching: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        loaded = self.searched(run_id)
+        if loaded.postings is None:
+            raise RayIndexError(
+                f"part {self.part} of version {run_id} holds no lexical postings; run `rayindex partition --shards "
+                f"{self.shards}` again"
+            )
+        ids, scores = search_postings(loaded.postings, terms, k, allowed_ids(matching))
+        return ids, scores, term_doc_freqs(loaded.postings, terms)
 
     def stats(self) -> dict:
         """pid, memory, and the versions loaded (with their load seconds): for benchmarks and operators."""
@@ -236,10 +282,18 @@ class ShardedSearch:
     deployments' handles. search() has PublishedIndex.search_vectors's contract."""
 
     def __init__(
-        self, run_id: str, trained: faiss.Index, owner: np.ndarray, handles: list, timeout_s: float, partial_ok: bool
+        self,
+        run_id: str,
+        trained: faiss.Index,
+        owner: np.ndarray,
+        handles: list,
+        timeout_s: float,
+        partial_ok: bool,
+        lexical: bool = False,
     ):
         self.run_id, self.trained, self.owner, self.handles = run_id, trained, owner, handles
         self.timeout_s, self.partial_ok = timeout_s, partial_ok
+        self.lexical = lexical  # the shards hold the postings: search_lexical
         self.larger_is_better = larger_is_better(trained)
         self.failing: dict[int, str] = {}  # shard -> why its last call failed (cleared by its next answer): /healthz
 
@@ -262,6 +316,32 @@ class ShardedSearch:
             shard: self.handles[shard].search.remote(self.run_id, x, coarse_distances, coarse_lists, k, matching)
             for shard in parts_needed(self.owner, coarse_lists)
         }
+        results = self.gather(calls, missing)
+        if not results:
+            return empty_results(len(vectors), k, self.larger_is_better)
+        return merge_part_results(results, k, self.larger_is_better)
+
+    def search_lexical(
+        self, terms: np.ndarray, k: int, matching: np.ndarray | None = None, missing: set | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k best passages by BM25 for a query's term hashes, (ids, scores) best first, ties to the lower id:
+        every shard's k best (any shard may hold matching passages), merged; and the terms' document
+        frequencies, the shards' summed (their passages are disjoint). Failures as in search."""
+        doc_freqs = np.zeros(len(terms), np.int64)
+        if not len(terms):
+            return (*merge_top([], k), doc_freqs)
+        calls = {
+            shard: handle.search_lexical.remote(self.run_id, terms, k, matching)
+            for shard, handle in enumerate(self.handles)
+        }
+        answers = self.gather(calls, missing)
+        for _, _, freqs in answers:
+            doc_freqs += freqs
+        return (*merge_top([(ids, scores) for ids, scores, _ in answers], k), doc_freqs)
+
+    def gather(self, calls: dict, missing: set | None) -> list:
+        """The answers of the shards called (shard -> call), within one deadline. A shard that fails:
+        Unavailable, or (partial_ok) its number added to `missing`."""
         deadline = time.monotonic() + self.timeout_s
         results = []
         for shard, call in calls.items():
@@ -279,9 +359,7 @@ class ShardedSearch:
                     ) from None
                 if missing is not None:
                     missing.add(shard)
-        if not results:
-            return empty_results(len(vectors), k, self.larger_is_better)
-        return merge_part_results(results, k, self.larger_is_better)
+        return results
 
 
 def current_split(output: str, shards: int) -> tuple[Store, Store, Manifest, list[ServingPart]]:
@@ -293,8 +371,8 @@ def current_split(output: str, shards: int) -> tuple[Store, Store, Manifest, lis
 
 def open_router(config: AppConfig, handles: list) -> PublishedIndex:
     """The version CURRENT names, opened as the router of `rayindex serve --shards N`: trained.faiss (coarse
-    quantizer, pre-transforms) and the lexical postings pulled and checked, the split checked, the doc store;
-    no inverted list."""
+    quantizer, pre-transforms) pulled and checked, the split checked, the doc store; no inverted list, and no
+    postings when the parts hold them (a version split before they did: the whole postings, scored here)."""
     root, version, manifest, split = current_split(config.index, config.shards)
     if manifest.refine_factor and manifest.refine_factor > 1:
         raise RayIndexError(
@@ -302,9 +380,17 @@ def open_router(config: AppConfig, handles: list) -> PublishedIndex:
             "fp16 copy where the shards' results meet; serve this version without --shards, or tune it without "
             "re-ranking"
         )
-    lexical = {rel: manifest.files_sha256[rel] for rel in manifest.lexical.files} if manifest.lexical else {}
-    # the router scores BM25 itself, from the whole version's postings (memory-mapped): the serving shards
-    # hold only inverted lists
+    lexical = {}
+    split_lexical = manifest.parts_hold_postings(config.shards)
+    if manifest.lexical and not split_lexical:
+        log.warning(
+            "%s: the parts for %d serving shards hold no lexical postings (split before they did): the router "
+            "scores BM25 from the whole postings; run `rayindex partition --shards %d` to give each shard its own",
+            version.url(MANIFEST),
+            config.shards,
+            config.shards,
+        )
+        lexical = {rel: manifest.files_sha256[rel] for rel in manifest.lexical.files}
     version_dir = pull_version_files(
         root, version, manifest, {TRAINED_FILE: manifest.training.trained_sha256, **lexical}
     )
@@ -315,5 +401,6 @@ def open_router(config: AppConfig, handles: list) -> PublishedIndex:
         handles,
         config.shard_timeout,
         config.on_shard_failure == "partial",
+        split_lexical,
     )
     return open_version(version_dir, manifest, sharded)
