@@ -472,8 +472,8 @@ def plot(result: dict, png: Path) -> None:
         bars = ax.bar(np.arange(len(values)) + (i - 1) * width, values, width, label=mode)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(result["sets"])), [f"{n} ({s['queries']} q)" for n, s in result["sets"].items()])
-    ax.set(ylabel="document hit@10", ylim=(0, 1.08), title="Hybrid retrieval: hit@10 per mode")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set(ylabel="document hit@10", ylim=(0, 1.22), title="Hybrid retrieval: hit@10 per mode")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(MODES))
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

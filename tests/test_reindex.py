@@ -103,6 +103,16 @@ def test_equals_a_full_rebuild_with_the_same_trained_quantizer(reindexed, tmp_pa
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, atol=1e-5)  # unchanged documents' vectors were encoded in other batches
 
+    # BM25: the unchanged documents' term counts reused, the statistics recomputed over the new corpus: the
+    # same passages, scores and statistics as the full rebuild's
+    assert incremental.manifest.lexical.model_dump(exclude={"files"}) == full.lexical.model_dump(exclude={"files"})
+    for query in ["open a file", "sort a list", "http request", "random numbers", "revised in the new release"]:
+        ids, scores, freqs = incremental.lexical_passages(incremental.query_terms(query), 20, None)
+        want_ids, want_scores, want_freqs = rebuilt.lexical_passages(rebuilt.query_terms(query), 20, None)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+        np.testing.assert_array_equal(freqs, want_freqs)
+
 
 def test_drift_past_the_threshold_retrains(reindexed, tmp_path):
     """A corpus from another domain (order records, not docstrings) fits the old centroids worse."""
