@@ -237,6 +237,11 @@ def test_sharded_search_equals_the_merged_index(sharded):
     assert [h["id"] for h in filtered] == [h["id"] for h in merged.search("open a file", k=5, filter={"kind": "class"})]
     answer = client.post("/ask", json={"question": "How do I decode base64 data?", "k": 3}).json()
     assert answer["answer"] and len(answer["sources"]) == 3 and answer["partial"] is False
+    for vector in merged.encode(QUERIES[:3]):  # search by vector: the router sends it to the shards as is
+        body = client.post("/search", json={"vector": vector.tolist(), "k": 5, "filter": {"kind": "function"}}).json()
+        want = merged.search_vector(vector, k=5, filter={"kind": "function"})
+        assert body["partial"] is False and [h["id"] for h in body["hits"]] == [h["id"] for h in want]
+        np.testing.assert_allclose([h["score"] for h in body["hits"]], [h["score"] for h in want], atol=1e-6)
 
 
 def shard_pid(part: int) -> int:
