@@ -17,10 +17,10 @@ built with default options (real model, CPU); document hit@10 and MRR@10 per mod
 Per set also the hybrid figures by fusion (by score, what search does on a cosine index, and by reciprocal
 rank, the fusion before it) and by the documents each side brings (query/fusion.py), from the same two
 searches per query. Target per set: hybrid hit@10 >= max(dense, lexical) - 0.01. Build cost: the manifest's
-`lexical` timing over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50 of one query
-searched alone in process, hybrid / dense (target <= 1.3). Memory: synthetic postings (Zipf term
-frequencies) written with write_postings, opened memory-mapped in a fresh process, 1,000 searches; the
-process' RSS for 1M and 10M passages and their ratio.
+`lexical` timing over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50
+of one query searched alone in process and over HTTP (`rayindex serve`, --no-http to skip), hybrid / dense
+(target <= 1.3). Memory: synthetic postings (Zipf term frequencies) written with write_postings, opened
+memory-mapped in a fresh process, 1,000 searches; the process' RSS for 1M and 10M passages and their ratio.
 
     apt-get install dict-gcide dict-jargon
     python benchmarks/hybrid_benchmark.py [--man-pages 1000] [--queries 300] [--work /tmp/rayindex-hybrid] \
@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -259,15 +260,41 @@ def fusion_variants(index, asked: list[dict]) -> dict:
     }
 
 
-def query_cost(index, queries: list[str]) -> dict:
-    """p50 ms of one query searched alone (encode + search + doc store), per mode, modes interleaved."""
+def query_cost(search: Callable[[str, str], object], queries: list[str]) -> dict:
+    """p50 ms of one query searched alone, search(query, mode), per mode, modes interleaved."""
     times = {mode: [] for mode in MODES}
     for query in queries:
         for mode in MODES:
             started = time.perf_counter()
-            index.search(query, k=K, mode=mode)
+            search(query, mode)
             times[mode].append(time.perf_counter() - started)
     return {mode: 1000 * float(np.median(times[mode])) for mode in MODES}
+
+
+def http_query_cost(output: Path, queries: list[str]) -> dict:
+    """query_cost over HTTP: /search of `rayindex serve` (unsharded, its default ingress, in a local Ray of
+    its own), one request at a time."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from rayindex.config import ServeConfig
+    from rayindex.query.launch import free_port, start_serving
+
+    port = free_port()
+    start_serving(ServeConfig(index=str(output), port=port, replica_cpus=0))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+
+            def search(query: str, mode: str) -> None:
+                client.post("/search", json={"query": query, "k": K, "mode": mode}).raise_for_status()
+
+            for query in queries[:10]:  # warm up
+                search(query, "hybrid")
+            return query_cost(search, queries)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def synthetic_statistics(passages: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -405,9 +432,13 @@ def measure_sets(args, result: dict) -> None:
                 "lexical_share": manifest.timings_s["lexical"] / sum(manifest.timings_s.values()),
             }
             print("query cost: modes interleaved, one query at a time", file=sys.stderr)
-            p50 = query_cost(index, [q["query"] for q in asked[: args.latency_queries]])
-            ratio = p50["hybrid"] / p50["dense"]
-            result["query_cost"] = {"queries": args.latency_queries, "p50_ms": p50, "ratio": ratio}
+            texts = [q["query"] for q in asked[: args.latency_queries]]
+            p50 = query_cost(lambda query, mode, index=index: index.search(query, k=K, mode=mode), texts)
+            result["query_cost"] = {"queries": len(texts), "p50_ms": p50, "ratio": p50["hybrid"] / p50["dense"]}
+            if args.http:
+                print("query cost over HTTP: rayindex serve", file=sys.stderr)
+                http = http_query_cost(output, texts)
+                result["query_cost"] |= {"http_p50_ms": http, "http_ratio": http["hybrid"] / http["dense"]}
 
 
 def print_tables(result: dict, console: Console) -> None:
@@ -444,6 +475,10 @@ def print_tables(result: dict, console: Console) -> None:
         q = result["query_cost"]
         costs.add_row("p50 ms dense / lexical / hybrid", " / ".join(f"{q['p50_ms'][m]:.1f}" for m in MODES), "")
         costs.add_row("hybrid / dense p50", f"{q['ratio']:.2f}x", "<= 1.3x")
+        if "http_p50_ms" in q:
+            http = " / ".join(f"{q['http_p50_ms'][m]:.1f}" for m in MODES)
+            costs.add_row("over HTTP (rayindex serve): p50 ms dense / lexical / hybrid", http, "")
+            costs.add_row("over HTTP: hybrid / dense p50", f"{q['http_ratio']:.2f}x", "<= 1.3x")
     if "memory" in result:
         m = result["memory"]
         for run in m["runs"]:
@@ -484,6 +519,9 @@ def main() -> None:
     parser.add_argument("--man-pages", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=300, help="per query set")
     parser.add_argument("--latency-queries", type=int, default=100)
+    parser.add_argument(
+        "--http", action=argparse.BooleanOptionalAction, default=True, help="the query cost over HTTP too"
+    )
     parser.add_argument("--memory-passages", default="1000000,10000000", help="'' to skip the memory measure")
     parser.add_argument("--searches", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-hybrid"))
