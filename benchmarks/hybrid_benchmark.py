@@ -57,6 +57,7 @@ from rich.table import Table
 
 from rayindex.builder import build
 from rayindex.config import BuildConfig
+from rayindex.layout import document_row
 from rayindex.lexical.postings import (
     Postings,
     bm25_ceiling,
@@ -65,7 +66,7 @@ from rayindex.lexical.postings import (
     write_postings,
 )
 from rayindex.query.fusion import by_rank, by_score, fuse_documents
-from rayindex.query.search import document_of, open_index
+from rayindex.query.search import open_index
 
 K = 10
 MODES = ("dense", "lexical", "hybrid")
@@ -244,12 +245,12 @@ def fusion_variants(index, asked: list[dict]) -> dict:
         for name, (fusion, depth) in FUSION_VARIANTS.items():
             if fusion == "score":
                 sides = [
-                    by_score(dense[:depth], document_of, 1.0, depth),
-                    by_score(lexical[:depth], document_of, ceiling, depth),
+                    by_score(dense[:depth], document_row, 1.0, depth),
+                    by_score(lexical[:depth], document_row, ceiling, depth),
                 ]
             else:
-                sides = [by_rank(dense[:depth], document_of), by_rank(lexical[:depth], document_of)]
-            ids = [hit["id"] for hit in index.hits(fuse_documents(sides, document_of, 1, K))]
+                sides = [by_rank(dense[:depth], document_row), by_rank(lexical[:depth], document_row)]
+            ids = [hit["id"] for hit in index.hits(fuse_documents(sides, document_row, 1, K))]
             ranks[name].append(ids.index(q["id"]) + 1 if q["id"] in ids else 0)
     return {
         name: {

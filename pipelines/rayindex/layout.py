@@ -66,6 +66,11 @@ def document_rows(ids: np.ndarray) -> np.ndarray:
     return np.asarray(ids, np.int64) >> PASSAGE_BITS
 
 
+def document_row(vector_id: int) -> int:
+    """document_rows of one vector id, as a Python int (a dictionary key in hybrid fusion, query/fusion.py)."""
+    return vector_id >> PASSAGE_BITS
+
+
 def document_starts(ids: np.ndarray) -> np.ndarray:
     """Where each document's passages start in a shard's increasing vector ids (its passage 0)."""
     return np.flatnonzero((np.asarray(ids, np.int64) & (MAX_PASSAGES - 1)) == 0)

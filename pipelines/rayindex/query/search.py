@@ -22,7 +22,7 @@ from rayindex.errors import DamagedIndex, RayIndexError, UsageError
 from rayindex.infra.storage import Store, use_s3_endpoint
 from rayindex.ivf.index import read_merged
 from rayindex.ivf.refine import Refiner, search_ivf
-from rayindex.layout import LEXICAL_DIR, MERGED_FILE, PASSAGE_BITS
+from rayindex.layout import LEXICAL_DIR, MERGED_FILE, document_row
 from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
 from rayindex.lexical.counts import term_hashes
 from rayindex.lexical.postings import Postings, bm25_ceiling, open_postings, search_postings, term_doc_freqs
@@ -269,8 +269,8 @@ class PublishedIndex:
         reciprocal rank (fusion.py)."""
         if self.manifest.metric in (None, "cosine"):
             ceiling = bm25_ceiling(doc_freqs, self.manifest.lexical.passages)
-            return [by_score(dense, document_of, 1.0, depth), by_score(lexical, document_of, ceiling, depth)]
-        return [by_rank(dense, document_of), by_rank(lexical, document_of)]
+            return [by_score(dense, document_row, 1.0, depth), by_score(lexical, document_row, ceiling, depth)]
+        return [by_rank(dense, document_row), by_rank(lexical, document_row)]
 
     def rank(
         self,
@@ -301,7 +301,7 @@ class PublishedIndex:
                 self.query_terms(query), depth, per_document, matching, missing
             )
             sides = self.fusion_sides(doc_freqs, dense_ranked, lexical_ranked, depth)
-            fused.append(fuse_documents(sides, document_of, per_document, k))
+            fused.append(fuse_documents(sides, document_row, per_document, k))
         return fused
 
     def search(
@@ -409,21 +409,16 @@ def settings_given(model: type[SearchParams], **values) -> SearchParams:
     return model(**{name: value for name, value in values.items() if value is not None})
 
 
-def document_of(vector_id: int) -> int:
-    """The document (its row) a passage's vector id belongs to."""
-    return vector_id >> PASSAGE_BITS
-
-
 def best_per_document(
     scores: np.ndarray, ids: np.ndarray, per_document: int, k: int
 ) -> tuple[list[tuple[float, int]], int]:
-    """The ranked passages kept at most per_document per document (id >> PASSAGE_BITS) and from k
+    """The ranked passages kept at most per_document per document (layout.document_row) and from k
     documents at most; and how many documents that is."""
     kept, taken = [], {}
     for score, vector_id in zip(scores.tolist(), ids.tolist()):
         if vector_id < 0:
             break
-        row = vector_id >> PASSAGE_BITS
+        row = document_row(vector_id)
         if row not in taken:
             if len(taken) == k:
                 continue
