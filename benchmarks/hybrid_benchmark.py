@@ -1,5 +1,6 @@
 """Hybrid retrieval (issue #21): quality of dense, lexical (BM25) and hybrid search, the lexical stage's share
-of a build, the query cost of hybrid vs dense, and the lexical serving memory from 1M to 10M passages.
+of a build and the query cost of hybrid vs dense (lexical serving at 1M and 10M passages:
+lexical_serving_benchmark.py).
 
 Two query sets built from real text, each searched with `index.search(query, k=10, mode=...)` on an index
 built with default options (real model, CPU); document hit@10 and MRR@10 per mode:
@@ -19,15 +20,14 @@ rank, the fusion before it) and by the documents each side brings (query/fusion.
 searches per query. Target per set: hybrid hit@10 >= max(dense, lexical) - 0.01. Build cost: the manifest's
 `lexical` timing over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50
 of one query searched alone in process and over HTTP (`rayindex serve`, --no-http to skip), hybrid / dense
-(target <= 1.3). Memory: synthetic postings (Zipf term frequencies) written with write_postings, opened
-memory-mapped in a fresh process, 1,000 searches; the process' RSS for 1M and 10M passages and their ratio.
+(target <= 1.3).
 
     apt-get install dict-gcide dict-jargon
     python benchmarks/hybrid_benchmark.py [--man-pages 1000] [--queries 300] [--work /tmp/rayindex-hybrid] \
         [--json docs/benchmark-hybrid.json] [--png docs/benchmark-hybrid.png]
-    # a part only (merged into the JSON): --sets quotes|other_words|what_is|'' and --memory-passages ''
+    # a part only (merged into the JSON): --sets quotes|other_words|what_is
 
-Builds are kept in --work and reused by a rerun (delete it to rebuild); the synthetic postings are removed.
+Builds are kept in --work and reused by a rerun (delete it to rebuild).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ import json
 import os
 import random
 import re
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -59,11 +57,7 @@ from rayindex.builder import build
 from rayindex.config import BuildConfig
 from rayindex.layout import document_row
 from rayindex.lexical.postings import (
-    Postings,
     bm25_ceiling,
-    open_postings,
-    search_postings,
-    write_postings,
 )
 from rayindex.query.fusion import by_rank, by_score, fuse_documents
 from rayindex.query.search import open_index
@@ -72,8 +66,6 @@ K = 10
 MODES = ("dense", "lexical", "hybrid")
 MAN = Path("/usr/share/man")
 QUOTE_FROM = 2_000  # characters: past a passage of 256 tokens (about 1,000 characters), the first one
-POSTINGS_PER_PASSAGE = 16  # distinct terms per synthetic passage: 10M passages in 1.9 GB of postings
-MAX_DF_SHARE = 0.05  # no term in more than 5% of the passages: stopwords never reach the postings
 
 
 def strip_roff(source: str) -> str:
@@ -298,99 +290,6 @@ def http_query_cost(output: Path, queries: list[str]) -> dict:
         ray.shutdown()
 
 
-def synthetic_statistics(passages: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """synthetic_postings' document frequency of each term and the Zipf probability queries draw it with (the
-    first draws of its generator: lexical_capacity_benchmark.py replays them to count the postings read)."""
-    vocabulary = passages // 10
-    zipf = 1.0 / np.arange(1, vocabulary + 1)
-    zipf /= zipf.sum()
-    doc_freqs = np.minimum(rng.multinomial(passages * POSTINGS_PER_PASSAGE, zipf), int(MAX_DF_SHARE * passages))
-    doc_freqs = np.maximum(doc_freqs, 1)
-    order = rng.permutation(vocabulary)  # the frequent terms scattered through the sorted dictionary
-    return doc_freqs[order], zipf[order]
-
-
-def synthetic_postings(passages: int, seed: int = 21) -> tuple[Postings, np.ndarray]:
-    """Postings of `passages` passages with POSTINGS_PER_PASSAGE terms each on average, document frequencies
-    Zipf (s = 1) over a vocabulary of passages / 10 terms (capped at MAX_DF_SHARE), impacts idf-scaled; and
-    the Zipf probability of each term (queries are drawn from it)."""
-    rng = np.random.default_rng(seed)
-    doc_freqs, probability = synthetic_statistics(passages, rng)
-    vocabulary = len(doc_freqs)
-    terms = np.unique(rng.integers(1, 2**63, int(vocabulary * 1.01), dtype=np.uint64))[:vocabulary]
-    starts = np.zeros(vocabulary + 1, np.int64)
-    np.cumsum(doc_freqs, out=starts[1:])
-    keys = np.repeat(np.arange(vocabulary, dtype=np.int64), doc_freqs) * passages
-    keys += rng.integers(0, passages, len(keys), dtype=np.int64)
-    keys.sort()  # ids ascending within each term
-    keys %= passages
-    idf = np.log1p((passages - doc_freqs + 0.5) / (doc_freqs + 0.5)).astype(np.float32)
-    impacts = np.repeat(idf, doc_freqs) * rng.uniform(0.3, 1.0, len(keys)).astype(np.float32)
-    return Postings(terms, starts, keys, impacts), probability
-
-
-def serving_memory(passages: int, searches: int, work: Path) -> dict:
-    """RSS of a fresh process that opens the synthetic postings memory-mapped and runs `searches` searches."""
-    folder = work / f"postings-{passages}"
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    postings, probability = synthetic_postings(passages)
-    write_postings(postings, folder)
-    np.save(folder / "probability.npy", probability)
-    size = sum(f.stat().st_size for f in folder.glob("*.npy"))
-    del postings
-    took = time.monotonic() - started
-    print(f"  {passages:,} passages: {size / 1e9:.2f} GB of postings in {took:.0f} s", file=sys.stderr)
-    child = subprocess.run(
-        [sys.executable, __file__, "--serve-postings", str(folder), "--searches", str(searches)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    shutil.rmtree(folder)
-    return {"passages": passages, "postings_bytes": size, **json.loads(child.stdout.strip().splitlines()[-1])}
-
-
-def rss_kb() -> dict:
-    status = Path("/proc/self/status").read_text()
-    keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
-    return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in keys}
-
-
-def query_terms(probability: np.ndarray, searches: int, seed: int = 7):
-    """The terms of each synthetic search: 2 to 6 drawn by their Zipf probability (a term may come twice)."""
-    rng = np.random.default_rng(seed)
-    for _ in range(searches):
-        yield rng.choice(len(probability), rng.integers(2, 7), p=probability)
-
-
-def serve_postings(folder: Path, searches: int) -> None:
-    """(The child process of serving_memory.) Prints its RSS after opening and after the searches, as JSON."""
-    opened_at = rss_kb()
-    postings = open_postings(folder)
-    probability = np.load(folder / "probability.npy")
-    opened = rss_kb()
-    started = time.perf_counter()
-    for picked in query_terms(probability, searches):
-        search_postings(postings, np.sort(postings.terms[picked]), 100)
-    took = time.perf_counter() - started
-    after = rss_kb()
-    print(
-        json.dumps(
-            {
-                "rss_before_open_mb": opened_at["VmRSS"] / 1024,
-                "rss_opened_mb": opened["VmRSS"] / 1024,
-                "rss_after_mb": after["VmRSS"] / 1024,
-                "rss_growth_mb": (after["VmRSS"] - opened["VmRSS"]) / 1024,  # the searches' own
-                "rss_anon_after_mb": after["RssAnon"] / 1024,
-                "rss_file_after_mb": after["RssFile"] / 1024,
-                "peak_rss_mb": after["VmHWM"] / 1024,
-                "ms_per_search": 1000 * took / searches,
-            }
-        )
-    )
-
-
 def measure_sets(args, result: dict) -> None:
     """Builds (or reuses) each query set's index and measures it; the man page set also gives the build's
     lexical share and the query cost."""
@@ -480,18 +379,6 @@ def print_tables(result: dict, console: Console) -> None:
             http = " / ".join(f"{q['http_p50_ms'][m]:.1f}" for m in MODES)
             costs.add_row("over HTTP (rayindex serve): p50 ms dense / lexical / hybrid", http, "")
             costs.add_row("over HTTP: hybrid / dense p50", f"{q['http_ratio']:.2f}x", "<= 1.3x")
-    if "memory" in result:
-        m = result["memory"]
-        for run in m["runs"]:
-            costs.add_row(
-                f"RSS after {m['searches']} searches, {run['passages']:,} passages",
-                f"{run['rss_after_mb']:.0f} MB (searches' growth {run['rss_growth_mb']:.0f}: anon "
-                f"{run['rss_anon_after_mb']:.0f}, file {run['rss_file_after_mb']:.0f}; {run['ms_per_search']:.1f} ms)",
-                "",
-            )
-        costs.add_row(
-            "RSS ratio 10M / 1M (total; searches' growth)", f"{m['rss_ratio']:.2f}x; {m['growth_ratio']:.2f}x", "flat"
-        )
     console.print(costs)
 
 
@@ -523,15 +410,10 @@ def main() -> None:
     parser.add_argument(
         "--http", action=argparse.BooleanOptionalAction, default=True, help="the query cost over HTTP too"
     )
-    parser.add_argument("--memory-passages", default="1000000,10000000", help="'' to skip the memory measure")
-    parser.add_argument("--searches", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-hybrid"))
     parser.add_argument("--json", type=Path, help="results, merged into the file's (a run may measure a part)")
     parser.add_argument("--png", type=Path)
-    parser.add_argument("--serve-postings", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_postings:
-        return serve_postings(args.serve_postings, args.searches)
     for name in ("gcide", "jargon"):
         if not (GCIDE / f"{name}.index").exists():
             raise SystemExit(f"dict-{name} is not installed: apt-get install dict-{name}")
@@ -540,15 +422,6 @@ def main() -> None:
         result = json.loads(args.json.read_text())
     if args.sets:
         measure_sets(args, result)
-    if args.memory_passages:
-        print("lexical serving memory: synthetic postings", file=sys.stderr)
-        memory = [serving_memory(int(n), args.searches, args.work) for n in args.memory_passages.split(",")]
-        result["memory"] = {
-            "searches": args.searches,
-            "runs": memory,
-            "rss_ratio": memory[-1]["rss_after_mb"] / memory[0]["rss_after_mb"],
-            "growth_ratio": memory[-1]["rss_growth_mb"] / memory[0]["rss_growth_mb"],
-        }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print_tables(result, Console(width=140))

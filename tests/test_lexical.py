@@ -12,6 +12,7 @@ from rayindex.lexical.counts import corpus_terms, count_terms, shard_terms, term
 from rayindex.lexical.postings import (
     BM25Params,
     bm25_ceiling,
+    exhaustive_search,
     merge_postings,
     merge_top,
     open_postings,
@@ -19,6 +20,7 @@ from rayindex.lexical.postings import (
     shard_postings,
     split_postings,
     term_doc_freqs,
+    term_rows,
     write_postings,
 )
 from rayindex.text.stdlib_corpus import stdlib_docstrings
@@ -161,6 +163,48 @@ def test_memory_mapped_postings_answer_the_same(analyzed, tmp_path):
     for query in queries(analyzed, n=20, seed=9):
         hashes = term_hashes(query)
         for a, b in zip(search_postings(whole, hashes, k=10), search_postings(mapped, hashes, k=10)):
+            assert np.array_equal(a, b)
+
+
+def test_pruned_search_equals_summing_every_posting_and_skips_common_lists(analyzed):
+    """MaxScore (prune_from=0: pruned whatever the size) gives exactly the passages and float32 scores of
+    summing every posting of the query's terms, for k 1 to 40, with a filter, repeated terms and common ones;
+    a query of a rare and a common term does not read the common term's list (the filter sees what is read)."""
+    (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
+    rng = random.Random(11)
+    common = ["return", "object", "use", "valu", "default"]
+    asked = [q + rng.sample(common, rng.randint(0, 2)) for q in queries(analyzed, n=60, seed=13)]
+    for query in asked + [["return", "return", "fnmatch"]]:
+        hashes = term_hashes(query)
+        where, found = term_rows(whole, hashes)
+        for k, allowed in ((1, None), (10, None), (40, None), (10, lambda ids: ids % 3 != 0)):
+            pruned = search_postings(whole, hashes, k=k, allowed=allowed, prune_from=0)
+            summed = exhaustive_search(whole, where[found], k, allowed)
+            assert np.array_equal(pruned[0], summed[0]) and np.array_equal(pruned[1], summed[1])
+
+    seen = []
+
+    def everything(ids):
+        seen.append(len(ids))
+        return np.ones(len(ids), bool)
+
+    hashes = term_hashes(["fnmatch", "return"])
+    lengths = np.diff(whole.starts)[term_rows(whole, hashes)[0]]
+    assert lengths[1] > 20 * lengths[0]
+    pruned = search_postings(whole, hashes, k=1, allowed=everything, prune_from=0)
+    assert np.array_equal(pruned[0], exhaustive_search(whole, term_rows(whole, hashes)[0], 1)[0])
+    assert sum(seen) < lengths[1]
+
+
+def test_postings_written_before_the_maxima_are_searched_whole(analyzed, tmp_path):
+    (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
+    write_postings(whole, tmp_path / "lexical")
+    (tmp_path / "lexical" / "maxima.npy").unlink()
+    older = open_postings(tmp_path / "lexical")
+    assert older.maxima is None
+    for query in queries(analyzed, n=10, seed=4):
+        hashes = term_hashes(query)
+        for a, b in zip(search_postings(whole, hashes, k=10, prune_from=0), search_postings(older, hashes, k=10)):
             assert np.array_equal(a, b)
 
 

@@ -39,7 +39,7 @@ CONTENT_HASHES_FILE = "content_hashes.npy"  # 64-bit hashes of id + text + metad
 SHARD_INDEX_FILE = "index.faiss"  # the shard's own index, before the merge
 LEXICAL_COUNTS_FILE = "lexical_counts.npz"  # a shard's term counts (lexical/counts.py TermCounts)
 LEXICAL_DIR = "lexical"  # the version's BM25 postings (lexical/postings.py): one .npy file per array
-LEXICAL_ARRAYS = ("terms", "starts", "ids", "impacts")
+LEXICAL_ARRAYS = ("terms", "starts", "ids", "impacts", "maxima")
 LEXICAL_FILES = tuple(f"{LEXICAL_DIR}/{name}.npy" for name in LEXICAL_ARRAYS)
 SHARD_ENCODE_FILES = (EMBEDDINGS_FILE, VECTOR_IDS_FILE, DOCS_FILE, DOC_HASHES_FILE, CONTENT_HASHES_FILE)
 
