@@ -22,12 +22,13 @@ Per size, each measure in a fresh process that opens the postings memory-mapped:
         [--work /tmp/rayindex-lexical-serving] [--json docs/benchmark-lexical-serving.json] \
         [--png docs/benchmark-lexical-serving.png]
 
-The postings are written to --work and removed after each size (1.6 GB at 10M).
+The postings are written to --work and removed after each size (1.6 GB at 10M), or kept and reused with --keep.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +117,24 @@ def child(folder: Path, task: str, searches: int) -> dict:
             digest.update(ids.tobytes() + scores.tobytes())
         took = time.perf_counter() - started
         after = rss_kb()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what glibc keeps of freed arrays back to the system
+        trimmed = rss_kb()
+        tracemalloc.start()  # numpy reports its arrays: a search's peak of them, over the first 200 searches
+        peaks = []
+        for terms in asked[:200]:
+            tracemalloc.reset_peak()
+            search_postings(postings, terms, MEMORY_K)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
         return {
             "rss_before_open_mb": before["VmRSS"] / 1024,
             "rss_opened_mb": opened["VmRSS"] / 1024,
+            "rss_anon_opened_mb": opened["RssAnon"] / 1024,  # the benchmark's own arrays (its queries) included
             "rss_after_mb": after["VmRSS"] / 1024,
             "rss_anon_after_mb": after["RssAnon"] / 1024,
+            "rss_anon_trimmed_mb": trimmed["RssAnon"] / 1024,  # live: the freed memory glibc kept released
+            "search_peak_mb": max(peaks) / 2**20,
+            "search_peak_p50_mb": float(np.median(peaks)) / 2**20,
             "rss_file_after_mb": after["RssFile"] / 1024,
             "peak_rss_mb": after["VmHWM"] / 1024,
             "ms_per_search": 1000 * took / searches,
@@ -191,14 +206,15 @@ def memory_cgroup(limit_mb: int) -> tuple[Path, str, str] | None:
     return None
 
 
-def measure(passages: int, searches: int, work: Path, limit_mb: int, console: Console) -> dict:
+def measure(passages: int, searches: int, work: Path, limit_mb: int, keep: bool, console: Console) -> dict:
     folder = work / f"postings-{passages}"
-    folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    postings, probability = synthetic_postings(passages)
-    write_postings(postings, folder)
-    np.save(folder / "probability.npy", probability)
-    del postings
+    if not (folder / "probability.npy").exists():  # written last: a whole earlier --keep run's
+        folder.mkdir(parents=True, exist_ok=True)
+        postings, probability = synthetic_postings(passages)
+        write_postings(postings, folder)
+        np.save(folder / "probability.npy", probability)
+        del postings
     size = sum(f.stat().st_size for f in folder.glob("*.npy"))
     console.print(f"{passages:,} passages: {size / 1e9:.2f} GB of postings in {time.monotonic() - started:.0f} s")
     try:
@@ -228,7 +244,8 @@ def measure(passages: int, searches: int, work: Path, limit_mb: int, console: Co
             if not result["limited"]["same_answers"]:
                 raise SystemExit("the searches in the memory-limited cgroup gave other answers")
     finally:
-        shutil.rmtree(folder)
+        if not keep:
+            shutil.rmtree(folder)
     return result
 
 
@@ -329,6 +346,7 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=1000)
     parser.add_argument("--limit-mb", type=int, default=256, help="the memory cgroup's limit")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-lexical-serving"))
+    parser.add_argument("--keep", action="store_true", help="keep the postings in --work, and reuse them next run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
@@ -338,7 +356,9 @@ def main() -> None:
         print(json.dumps(child(args.folder, args.child, args.searches)))
         return
     console = Console(width=160)
-    runs = [measure(int(n), args.searches, args.work, args.limit_mb, console) for n in args.passages.split(",")]
+    runs = [
+        measure(int(n), args.searches, args.work, args.limit_mb, args.keep, console) for n in args.passages.split(",")
+    ]
     result = {"cpus": os.cpu_count(), "searches": args.searches, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+import rayindex.lexical.postings as postings_module
 from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
 from rayindex.lexical.counts import corpus_terms, count_terms, shard_terms, term_hashes
 from rayindex.lexical.postings import (
@@ -166,21 +167,35 @@ def test_memory_mapped_postings_answer_the_same(analyzed, tmp_path):
             assert np.array_equal(a, b)
 
 
-def test_pruned_search_equals_summing_every_posting_and_skips_common_lists(analyzed):
+def test_pruned_search_equals_summing_every_posting_and_skips_common_lists(analyzed, monkeypatch):
     """MaxScore (prune_from=0: pruned whatever the size) gives exactly the passages and float32 scores of
-    summing every posting of the query's terms, for k 1 to 40, with a filter, repeated terms and common ones;
-    a query of a rare and a common term does not read the common term's list (the filter sees what is read)."""
+    summing every posting of the query's terms, for k 1 to 40, with a filter, repeated terms and common ones,
+    and so do both when the lists are summed in chunks of 64 postings (CHUNK_POSTINGS); a query of a rare and
+    a common term does not read the common term's list (the filter sees what is read)."""
     (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
     rng = random.Random(11)
     common = ["return", "object", "use", "valu", "default"]
     asked = [q + rng.sample(common, rng.randint(0, 2)) for q in queries(analyzed, n=60, seed=13)]
-    for query in asked + [["return", "return", "fnmatch"]]:
+    cases = [(k, allowed) for k in (1, 10, 40) for allowed in (None, lambda ids: ids % 3 != 0)]
+    expected = {}
+    for i, query in enumerate(asked + [["return", "return", "fnmatch"]]):
         hashes = term_hashes(query)
         where, found = term_rows(whole, hashes)
-        for k, allowed in ((1, None), (10, None), (40, None), (10, lambda ids: ids % 3 != 0)):
+        for j, (k, allowed) in enumerate(cases):
+            expected[i, j] = summed = exhaustive_search(whole, where[found], k, allowed)
             pruned = search_postings(whole, hashes, k=k, allowed=allowed, prune_from=0)
-            summed = exhaustive_search(whole, where[found], k, allowed)
             assert np.array_equal(pruned[0], summed[0]) and np.array_equal(pruned[1], summed[1])
+    monkeypatch.setattr(postings_module, "CHUNK_POSTINGS", 64)
+    for i, query in enumerate(asked + [["return", "return", "fnmatch"]]):
+        hashes = term_hashes(query)
+        where, found = term_rows(whole, hashes)
+        for j, (k, allowed) in enumerate(cases):
+            for got in (
+                exhaustive_search(whole, where[found], k, allowed),
+                search_postings(whole, hashes, k=k, allowed=allowed, prune_from=0),
+            ):
+                assert np.array_equal(got[0], expected[i, j][0]) and np.array_equal(got[1], expected[i, j][1])
+    monkeypatch.undo()
 
     seen = []
 
