@@ -119,11 +119,11 @@ def term_maxima(impacts: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(impacts, starts[:-1]).astype(np.float32)
 
 
-# Postings a merge or split holds in memory at once besides one shard's (MERGE_WINDOW: the output's window
-# mapped while a shard's postings are scattered into it; SPLIT_CHUNK: the whole postings read at a time, whole
-# terms, a longer list alone): 16M postings are 192 MB of ids and impacts.
-MERGE_WINDOW = 1 << 24
-SPLIT_CHUNK = 1 << 24
+# Postings a merge maps of each output file at a time while it scatters a shard's postings into it (4M: 32 MB
+# of ids), and a split reads at a time (whole terms, a longer list alone; about 60 bytes a posting with its
+# owners and order: 250 MB).
+MERGE_WINDOW = 1 << 22
+SPLIT_CHUNK = 1 << 22
 
 
 def write_merged_postings(
