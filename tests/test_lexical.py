@@ -329,3 +329,14 @@ def test_split_on_disk_equals_the_in_memory_split_byte_for_byte(analyzed, tmp_pa
             write_postings(expected, tmp_path / f"memory{part}")
             assert same_files(tmp_path / f"memory{part}", tmp_path / f"chunk{chunk}" / f"part{part}")
         assert len(split[3].ids) == 0 and len(split[3].starts) == 1
+
+
+def test_corpus_statistics_folded_shard_by_shard_equal_counting_every_passage(analyzed):
+    """Shards folded in batches as they come (60 small shards and one large) give every term's document
+    frequency, the passage count and the average length of the passages counted all at once."""
+    bounds = [*range(0, 600, 10), len(analyzed)]
+    corpus = corpus_terms(shard_terms(c) for c in shard_counts(analyzed, bounds))
+    (whole,) = shard_counts(analyzed, [0, len(analyzed)])
+    terms, doc_freqs = np.unique(whole.terms, return_counts=True)
+    assert np.array_equal(corpus.terms, terms) and np.array_equal(corpus.doc_freqs, doc_freqs)
+    assert corpus.passages == len(analyzed) and corpus.avg_length == whole.lengths.sum() / len(analyzed)
