@@ -290,10 +290,12 @@ def same_files(a, b) -> bool:
 
 def test_merged_on_disk_equals_the_in_memory_merge_byte_for_byte(analyzed, tmp_path, monkeypatch):
     """Shards merged out of core (one shard's postings in memory, the files written through small windows)
-    give the five files of the in-memory merge byte for byte; an empty shard changes nothing; shards whose
+    give the five files of the in-memory merge byte for byte; an empty shard, or one whose passages hold no
+    term, changes nothing; shards whose
     ids do not come in ascending ranges, and statistics that miss a shard, are refused."""
     monkeypatch.setattr(postings_module, "MERGE_WINDOW", 4_096)  # many windows per shard
-    bounds = [0, 500, 500, 1700, 2900, len(analyzed)]  # uneven, one empty
+    analyzed = [*analyzed[:1000], [], [], *analyzed[1000:]]  # two passages without terms (stopwords only)
+    bounds = [0, 500, 500, 1000, 1002, 1700, 2900, len(analyzed)]  # uneven, one shard empty, one without terms
     parts, corpus = sharded_postings(analyzed, bounds)
     write_postings(in_memory_merge(parts), tmp_path / "memory")
     counts = shard_counts(analyzed, bounds)

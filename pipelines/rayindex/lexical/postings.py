@@ -194,6 +194,8 @@ def write_npy_header(fh, dtype, length: int) -> None:
 def scatter(path: Path, offset: int, length: int, places: np.ndarray, values: np.ndarray) -> None:
     """values written at these ascending places of a .npy file's data (start_npy), mapping MERGE_WINDOW
     values of it at a time: the pages a shard writes leave the process with their window."""
+    if not len(places):  # a shard whose passages hold no term
+        return
     for lo in range(int(places[0]) // MERGE_WINDOW * MERGE_WINDOW, int(places[-1]) + 1, MERGE_WINDOW):
         a, b = np.searchsorted(places, [lo, lo + MERGE_WINDOW])
         if a == b:
