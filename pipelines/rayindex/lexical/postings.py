@@ -255,10 +255,10 @@ def write_split_postings(
     for t0, t1 in chunks:
         counts = owners(t0, t1)[2]
         sizes += np.stack([np.count_nonzero(counts, axis=1), counts.sum(axis=1)], axis=1)
+    dtypes = dict(zip(LEXICAL_ARRAYS, (np.uint64, np.int64, np.int64, np.float32, np.float32)))
     with contextlib.ExitStack() as stack:
         files = []
         for folder, (terms, total) in zip(folders, sizes.tolist()):
-            dtypes = dict(zip(LEXICAL_ARRAYS, (np.uint64, np.int64, np.int64, np.float32, np.float32)))
             lengths = dict(zip(LEXICAL_ARRAYS, (terms, terms + 1, total, total, terms)))
             handles = {}
             for name in LEXICAL_ARRAYS:
