@@ -7,22 +7,24 @@ import random
 import numpy as np
 import pytest
 
-import rayindex.lexical.postings as postings_module
+from rayindex.layout import LEXICAL_ARRAYS
+from rayindex.lexical import postings as postings_module
 from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
 from rayindex.lexical.counts import corpus_terms, count_terms, shard_terms, term_hashes
 from rayindex.lexical.postings import (
     BM25Params,
     bm25_ceiling,
     exhaustive_search,
-    merge_postings,
+    from_rows,
     merge_top,
     open_postings,
     search_postings,
     shard_postings,
-    split_postings,
     term_doc_freqs,
     term_rows,
+    write_merged_postings,
     write_postings,
+    write_split_postings,
 )
 from rayindex.text.stdlib_corpus import stdlib_docstrings
 
@@ -45,6 +47,52 @@ def sharded_postings(analyzed, bounds, params=None):
     counts = [count_terms(np.arange(a, b), analyzed[a:b]) for a, b in zip(bounds, bounds[1:])]
     corpus = corpus_terms(shard_terms(c) for c in counts)
     return [shard_postings(c, corpus, params) for c in counts], corpus
+
+
+def shard_counts(analyzed, bounds):
+    return [count_terms(np.arange(a, b), analyzed[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def merged_postings(analyzed, bounds, folder, params=None):
+    """The shards' postings merged on disk by the build's way (write_merged_postings), memory-mapped."""
+    counts = shard_counts(analyzed, bounds)
+    corpus = corpus_terms(shard_terms(c) for c in counts)
+    write_merged_postings(counts, corpus, folder, params)
+    return open_postings(folder)
+
+
+def split_postings(whole, parts, folder, chunk=1 << 24):
+    """Each part's postings split on disk by the build's way (write_split_postings), memory-mapped."""
+    if not isinstance(whole.ids, np.memmap):
+        write_postings(whole, folder / "whole")
+        whole = open_postings(folder / "whole")
+    folders = [folder / f"part{i}" for i in range(len(parts))]
+    sizes = write_split_postings(whole, parts, folders, chunk)
+    split = [open_postings(f) for f in folders]
+    assert sizes == [len(s.ids) for s in split]
+    return split
+
+
+def in_memory_merge(parts):
+    """The reference: every shard's postings concatenated and sorted by (term, id) in memory."""
+    terms = np.concatenate([np.repeat(p.terms, np.diff(p.starts)) for p in parts])
+    ids = np.concatenate([p.ids for p in parts])
+    impacts = np.concatenate([p.impacts for p in parts])
+    order = np.lexsort((ids, terms))
+    return from_rows(terms[order], ids[order], impacts[order])
+
+
+def in_memory_split(postings, parts):
+    """The reference: each part's postings picked from the whole in memory."""
+    owner = np.full(int(postings.ids.max()) + 1, -1)
+    for part, ids in enumerate(parts):
+        owner[ids] = part
+    terms = np.repeat(postings.terms, np.diff(postings.starts))
+    of = owner[postings.ids]
+    return [
+        from_rows(terms[of == part], postings.ids[of == part], postings.impacts[of == part])
+        for part in range(len(parts))
+    ]
 
 
 def queries(analyzed, n=100, seed=3) -> list[list[str]]:
@@ -79,12 +127,11 @@ def test_query_analysis_matches_passage_analysis_for_stopwords_only_queries():
     assert Analyzer().analyze("the, of... is it?!") == []
 
 
-def test_sharded_scores_equal_one_bm25_over_the_whole_corpus(analyzed):
+def test_sharded_scores_equal_one_bm25_over_the_whole_corpus(analyzed, tmp_path):
     import bm25s
 
     params = BM25Params(k1=1.2, b=0.75)
-    parts, _ = sharded_postings(analyzed, [0, 700, 1900, len(analyzed)], params)  # uneven shards
-    merged = merge_postings(parts)
+    merged = merged_postings(analyzed, [0, 700, 1900, len(analyzed)], tmp_path, params)  # uneven shards
     reference = bm25s.BM25(k1=params.k1, b=params.b, method="lucene")
     reference.index(analyzed, show_progress=False)
     worst = 0.0
@@ -96,10 +143,9 @@ def test_sharded_scores_equal_one_bm25_over_the_whole_corpus(analyzed):
     assert worst <= 1e-4, worst
 
 
-def test_results_do_not_depend_on_how_the_corpus_was_sharded(analyzed):
+def test_results_do_not_depend_on_how_the_corpus_was_sharded(analyzed, tmp_path):
     one, _ = sharded_postings(analyzed, [0, len(analyzed)])
-    three, _ = sharded_postings(analyzed, [0, 1000, 2000, len(analyzed)])
-    merged = merge_postings(three)
+    merged = merged_postings(analyzed, [0, 1000, 2000, len(analyzed)], tmp_path)
     for query in queries(analyzed, n=30):
         hashes = term_hashes(query)
         a_ids, a_scores = search_postings(one[0], hashes, k=10)
@@ -108,12 +154,12 @@ def test_results_do_not_depend_on_how_the_corpus_was_sharded(analyzed):
         np.testing.assert_allclose(a_scores, b_scores, rtol=0, atol=1e-6)
 
 
-def test_serving_shards_merged_by_score_equal_the_whole(analyzed):
+def test_serving_shards_merged_by_score_equal_the_whole(analyzed, tmp_path):
     """Each serving shard owns the postings of its passages (an arbitrary, uneven split, as by inverted list);
     the merged top k of the shards' top ks is the whole postings' top k, scores exactly, with a filter too."""
     (whole,), _ = sharded_postings(analyzed, [0, len(analyzed)])
     owner = np.random.default_rng(2).choice(3, size=len(analyzed), p=[0.6, 0.3, 0.1])
-    shards = split_postings(whole, [np.flatnonzero(owner == part) for part in range(3)])
+    shards = split_postings(whole, [np.flatnonzero(owner == part) for part in range(3)], tmp_path)
     assert sum(len(s.ids) for s in shards) == len(whole.ids)
     assert all(set(s.ids.tolist()) <= set(np.flatnonzero(owner == part).tolist()) for part, s in enumerate(shards))
 
@@ -129,16 +175,16 @@ def test_serving_shards_merged_by_score_equal_the_whole(analyzed):
             assert np.array_equal(got_scores, scores)
 
 
-def test_ties_across_serving_shards_go_to_the_lower_id():
+def test_ties_across_serving_shards_go_to_the_lower_id(tmp_path):
     analyzed = [["alpha"], ["beta"], ["alpha"], ["alpha"], ["alpha"]]
     (whole,), _ = sharded_postings(analyzed, [0, 5])
-    shards = split_postings(whole, [np.array([3, 4]), np.array([0, 1, 2])])
+    shards = split_postings(whole, [np.array([3, 4]), np.array([0, 1, 2])], tmp_path)
     query = term_hashes(["alpha"])
     for k in (1, 2, 3):
         ids, _ = merge_top([search_postings(s, query, k=k) for s in shards], k)
         assert list(ids) == [0, 2, 3][:k]
     with pytest.raises(ValueError, match="passage 4 has postings but no part owns it"):
-        split_postings(whole, [np.array([0, 1, 2, 3])])
+        split_postings(whole, [np.array([0, 1, 2, 3])], tmp_path / "again")
 
 
 def test_filters_apply_inside_scoring(analyzed):
@@ -230,12 +276,12 @@ def test_unknown_terms_and_empty_queries_find_nothing(analyzed):
         assert len(ids) == 0 and len(scores) == 0
 
 
-def test_the_bm25_ceiling_bounds_every_score_and_sums_over_a_split(analyzed):
+def test_the_bm25_ceiling_bounds_every_score_and_sums_over_a_split(analyzed, tmp_path):
     """A query's ceiling is the sum of its terms' idf from their document frequencies (counted here from the
     passages; a term no passage holds counts 0), above every passage's score; the frequencies summed over
     disjoint shards' postings are the corpus'."""
     parts, corpus = sharded_postings(analyzed, [0, 1000, 2200, len(analyzed)])
-    merged = merge_postings(parts)
+    merged = merged_postings(analyzed, [0, 1000, 2200, len(analyzed)], tmp_path)
     holders: dict[str, int] = {}
     for terms in analyzed:
         for term in set(terms):
@@ -250,3 +296,63 @@ def test_the_bm25_ceiling_bounds_every_score_and_sums_over_a_split(analyzed):
         assert ceiling == pytest.approx(sum(np.log1p((n - f + 0.5) / (f + 0.5)) for f in freqs.tolist()))
         _, scores = search_postings(merged, hashes, k=1)
         assert not len(scores) or scores[0] < ceiling
+
+
+def same_files(a, b) -> bool:
+    return all((a / f"{n}.npy").read_bytes() == (b / f"{n}.npy").read_bytes() for n in LEXICAL_ARRAYS)
+
+
+def test_merged_on_disk_equals_the_in_memory_merge_byte_for_byte(analyzed, tmp_path, monkeypatch):
+    """Shards merged out of core (one shard's postings in memory, the files written through small windows)
+    give the five files of the in-memory merge byte for byte; an empty shard, or one whose passages hold no
+    term, changes nothing; shards whose
+    ids do not come in ascending ranges, and statistics that miss a shard, are refused."""
+    monkeypatch.setattr(postings_module, "MERGE_WINDOW", 4_096)  # many windows per shard
+    analyzed = [*analyzed[:1000], [], [], *analyzed[1000:]]  # two passages without terms (stopwords only)
+    bounds = [0, 500, 500, 1000, 1002, 1700, 2900, len(analyzed)]  # uneven, one shard empty, one without terms
+    parts, corpus = sharded_postings(analyzed, bounds)
+    write_postings(in_memory_merge(parts), tmp_path / "memory")
+    counts = shard_counts(analyzed, bounds)
+    assert write_merged_postings(counts, corpus, tmp_path / "disk") == sum(len(p.ids) for p in parts)
+    assert same_files(tmp_path / "memory", tmp_path / "disk")
+    reference, merged = open_postings(tmp_path / "memory"), open_postings(tmp_path / "disk")
+    for a, b in zip(reference, merged):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+    with pytest.raises(ValueError, match="ascending order of their vector ids"):
+        write_merged_postings(counts[::-1], corpus, tmp_path / "reversed")
+    interleaved = [count_terms(np.arange(0, len(analyzed), 2), analyzed[::2])]
+    interleaved.append(count_terms(np.arange(1, len(analyzed), 2), analyzed[1::2]))
+    with pytest.raises(ValueError, match="ascending order of their vector ids"):
+        write_merged_postings(interleaved, corpus, tmp_path / "interleaved")
+    with pytest.raises(ValueError, match="count more postings than the shards hold"):
+        write_merged_postings(counts[:-1], corpus, tmp_path / "missing")
+    assert not any(
+        (tmp_path / name).exists() and any((tmp_path / name).iterdir())
+        for name in ("reversed", "interleaved", "missing")
+    )
+
+
+def test_split_on_disk_equals_the_in_memory_split_byte_for_byte(analyzed, tmp_path):
+    """Each part's postings split out of core, in chunks of a few terms (and of one term longer than a chunk),
+    give the files of the in-memory split byte for byte; a part that owns no passage gets empty postings."""
+    merged = merged_postings(analyzed, [0, 1500, len(analyzed)], tmp_path / "whole")
+    owner = np.random.default_rng(7).choice(3, size=len(analyzed), p=[0.5, 0.3, 0.2])
+    parts = [np.flatnonzero(owner == part) for part in range(3)] + [np.zeros(0, np.int64)]
+    for chunk in (64, 1 << 24):
+        split = split_postings(merged, parts, tmp_path / f"chunk{chunk}", chunk)
+        for part, expected in enumerate(in_memory_split(merged, parts)):
+            write_postings(expected, tmp_path / f"memory{part}")
+            assert same_files(tmp_path / f"memory{part}", tmp_path / f"chunk{chunk}" / f"part{part}")
+        assert len(split[3].ids) == 0 and len(split[3].starts) == 1
+
+
+def test_corpus_statistics_folded_shard_by_shard_equal_counting_every_passage(analyzed):
+    """Shards folded in batches as they come (60 small shards and one large) give every term's document
+    frequency, the passage count and the average length of the passages counted all at once."""
+    bounds = [*range(0, 600, 10), len(analyzed)]
+    corpus = corpus_terms(shard_terms(c) for c in shard_counts(analyzed, bounds))
+    (whole,) = shard_counts(analyzed, [0, len(analyzed)])
+    terms, doc_freqs = np.unique(whole.terms, return_counts=True)
+    assert np.array_equal(corpus.terms, terms) and np.array_equal(corpus.doc_freqs, doc_freqs)
+    assert corpus.passages == len(analyzed) and corpus.avg_length == whole.lengths.sum() / len(analyzed)

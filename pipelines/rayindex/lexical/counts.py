@@ -112,11 +112,27 @@ class CorpusTerms(NamedTuple):
 
 
 def corpus_terms(shards: Iterable[ShardTerms]) -> CorpusTerms:
-    shards = list(shards)
-    passages = sum(s.passages for s in shards)
-    total_length = sum(s.total_length for s in shards)
-    if not shards:
-        return CorpusTerms(np.zeros(0, np.uint64), np.zeros(0, np.int64), 0, 0.0)
-    terms, inverse = np.unique(np.concatenate([s.terms for s in shards]), return_inverse=True)
-    doc_freqs = np.bincount(inverse, weights=np.concatenate([s.doc_freqs for s in shards]), minlength=len(terms))
-    return CorpusTerms(terms, doc_freqs.astype(np.int64), passages, total_length / passages if passages else 0.0)
+    """The statistics of the shards' passages together. Shards are folded in as they come, a batch at a time
+    once the batch holds as many terms as the running dictionary, so memory stays within a few times the
+    corpus' dictionary (plus one shard's) for any number of shards."""
+    terms, doc_freqs = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    batch: list[ShardTerms] = []
+    passages = total_length = 0
+    for shard in shards:
+        passages += shard.passages
+        total_length += shard.total_length
+        batch.append(shard)
+        if sum(len(s.terms) for s in batch) >= len(terms):
+            terms, doc_freqs = summed_terms(
+                [terms, *(s.terms for s in batch)], [doc_freqs, *(s.doc_freqs for s in batch)]
+            )
+            batch = []
+    terms, doc_freqs = summed_terms([terms, *(s.terms for s in batch)], [doc_freqs, *(s.doc_freqs for s in batch)])
+    return CorpusTerms(terms, doc_freqs, passages, total_length / passages if passages else 0.0)
+
+
+def summed_terms(terms: list[np.ndarray], doc_freqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct terms of several (terms, document frequencies) and each one's frequencies summed."""
+    distinct, inverse = np.unique(np.concatenate(terms), return_inverse=True)
+    summed = np.bincount(inverse, weights=np.concatenate(doc_freqs), minlength=len(distinct))
+    return distinct.astype(np.uint64), summed.astype(np.int64)

@@ -11,6 +11,8 @@ impacts up by id, so a serving node's memory and a query's work do not grow with
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -121,37 +123,174 @@ def term_maxima(impacts: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(impacts, starts[:-1]).astype(np.float32)
 
 
-def merge_postings(parts: list[Postings]) -> Postings:
-    """One Postings of several (shards' postings computed with the same corpus statistics)."""
-    if not parts:
-        return from_rows(np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    terms = np.concatenate([np.repeat(p.terms, np.diff(p.starts)) for p in parts])
-    ids = np.concatenate([p.ids for p in parts])
-    impacts = np.concatenate([p.impacts for p in parts])
-    order = np.lexsort((ids, terms))
-    return from_rows(terms[order], ids[order], impacts[order])
+# Postings a merge maps of each output file at a time while it scatters a shard's postings into it (4M: 32 MB
+# of ids), and a split reads at a time (whole terms, a longer list alone; about 60 bytes a posting with its
+# owners and order: 250 MB).
+MERGE_WINDOW = 1 << 22
+SPLIT_CHUNK = 1 << 22
 
 
-def split_postings(postings: Postings, parts: list[np.ndarray]) -> list[Postings]:
-    """The postings of each part's passages (parts[i]: the ids serving shard i owns, disjoint), for sharded
-    serving. Every posting's passage must belong to a part (ValueError otherwise: the split does not cover
-    the index). Within a term, ids keep their ascending order, so a part's search sums its passages'
-    impacts in the order the whole postings would."""
+def write_merged_postings(
+    shards: Iterable[TermCounts], corpus: CorpusTerms, folder: Path, params: BM25Params | None = None
+) -> int:
+    """Every shard's postings (shard_postings) merged into folder's five .npy files, each whole or not at all,
+    with one shard's postings in memory at a time (a billion passages' postings do not fit a driver). Each
+    term's document frequency in the corpus statistics is its number of postings (a term appears once per
+    passage in the counts), so every term's place in the merged arrays is known before any posting is written;
+    each shard's postings go to their terms' next free places, through a window of MERGE_WINDOW postings of
+    the files mapped at a time. Shards must come in ascending order of their vector ids, each above the
+    last (the shard plan's row ranges in order): then every term's ids stay ascending. ValueError when they
+    do not, or when the statistics do not count exactly the shards' postings. Returns the postings written."""
+    params = params or BM25Params()
+    starts = np.zeros(len(corpus.terms) + 1, np.int64)
+    np.cumsum(corpus.doc_freqs, out=starts[1:])
+    total = int(starts[-1])
+    free = starts[:-1].copy()  # each term's next place
+    maxima = np.zeros(len(corpus.terms), np.float32)  # impacts are >= 0
+    last_id = -1
+    with contextlib.ExitStack() as stack:
+        temps = {name: stack.enter_context(atomic_file(folder / f"{name}.npy")) for name in LEXICAL_ARRAYS}
+        offsets = {
+            name: start_npy(temps[name], dtype, total) for name, dtype in (("ids", np.int64), ("impacts", np.float32))
+        }
+        for counts in shards:
+            if not len(counts.ids):
+                continue
+            if int(counts.ids.min()) <= last_id:
+                raise ValueError(
+                    "shards must be merged in ascending order of their vector ids, each above the last: "
+                    f"a shard's id {int(counts.ids.min())} is not above {last_id}"
+                )
+            last_id = int(counts.ids.max())
+            shard = shard_postings(counts, corpus, params)
+            rows = np.searchsorted(corpus.terms, shard.terms)  # shard_postings checked that the corpus holds them
+            lengths = np.diff(shard.starts)
+            if np.any(free[rows] + lengths > starts[rows + 1]):
+                raise ValueError("the corpus statistics count fewer postings than the shards hold: recompute them")
+            places = np.repeat(free[rows] - shard.starts[:-1], lengths) + np.arange(len(shard.ids))  # ascending
+            free[rows] += lengths
+            maxima[rows] = np.maximum(maxima[rows], shard.maxima)
+            for name, values in (("ids", shard.ids), ("impacts", shard.impacts)):
+                scatter(temps[name], offsets[name], total, places, values)
+        if not np.array_equal(free, starts[1:]):
+            raise ValueError("the corpus statistics count more postings than the shards hold: recompute them")
+        for name, array in (("terms", corpus.terms.astype(np.uint64)), ("starts", starts), ("maxima", maxima)):
+            save_npy(temps[name], array)
+    return total
+
+
+def start_npy(path: Path, dtype, length: int) -> int:
+    """A .npy file of `length` values of dtype (zeros, sparse where the system allows), to be filled in
+    place; returns where its data begins."""
+    with open(path, "wb") as fh:
+        write_npy_header(fh, dtype, length)
+        offset = fh.tell()
+        fh.truncate(offset + length * np.dtype(dtype).itemsize)
+    return offset
+
+
+def write_npy_header(fh, dtype, length: int) -> None:
+    """The header np.save writes for a 1-d array of `length` values of dtype."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    np.lib.format.write_array_header_1_0(fh, header)
+
+
+def scatter(path: Path, offset: int, length: int, places: np.ndarray, values: np.ndarray) -> None:
+    """values written at these ascending places of a .npy file's data (start_npy), mapping MERGE_WINDOW
+    values of it at a time: the pages a shard writes leave the process with their window."""
+    if not len(places):  # a shard whose passages hold no term
+        return
+    for lo in range(int(places[0]) // MERGE_WINDOW * MERGE_WINDOW, int(places[-1]) + 1, MERGE_WINDOW):
+        a, b = np.searchsorted(places, [lo, lo + MERGE_WINDOW])
+        if a == b:
+            continue
+        size = min(MERGE_WINDOW, length - lo)
+        window = np.memmap(path, values.dtype, "r+", offset + lo * values.dtype.itemsize, (size,))
+        window[places[a:b] - lo] = values[a:b]
+        del window
+
+
+def read_postings_slice(array: np.ndarray, a: int, b: int) -> np.ndarray:
+    """array[a:b] of a memory-mapped .npy array read from its file: the pages read do not stay mapped."""
+    if not isinstance(array, np.memmap):
+        return np.asarray(array[a:b])
+    return np.fromfile(array.filename, array.dtype, b - a, offset=array.offset + a * array.dtype.itemsize)
+
+
+def term_chunks(starts: np.ndarray, chunk: int) -> Iterator[tuple[int, int]]:
+    """Dictionary rows [t0, t1) of consecutive terms holding at most `chunk` postings (one term alone when
+    its list is longer)."""
+    t0, terms = 0, len(starts) - 1
+    while t0 < terms:
+        t1 = max(int(np.searchsorted(starts, starts[t0] + chunk, side="right")) - 1, t0 + 1)
+        yield t0, min(t1, terms)
+        t0 = t1
+
+
+def write_split_postings(
+    postings: Postings, parts: list[np.ndarray], folders: list[Path], chunk: int = SPLIT_CHUNK
+) -> list[int]:
+    """The postings of each part's passages (parts[i]: the ids serving shard i owns, disjoint) written into
+    folders[i] as five .npy files, each whole or not at all, for sharded serving; returns each part's postings.
+    postings memory-mapped (open_postings) are read `chunk` postings at a time (whole terms), twice: to count
+    each part's terms and postings, then to fill its files in order. Every posting's passage must belong to a
+    part (ValueError otherwise: the split does not cover the index). Within a term, ids keep their ascending
+    order, so a part's search sums its passages' impacts in the order the whole postings would."""
     owned = np.concatenate([np.asarray(ids, np.int64) for ids in parts]) if parts else np.zeros(0, np.int64)
-    part_of = np.repeat(np.arange(len(parts), dtype=np.int32), [len(ids) for ids in parts])
+    part_of = np.repeat(np.arange(len(parts), dtype=np.int64), [len(ids) for ids in parts])
     order = np.argsort(owned, kind="stable")
     owned, part_of = owned[order], part_of[order]
-    where = np.minimum(np.searchsorted(owned, postings.ids), max(len(owned) - 1, 0))
-    if len(postings.ids) and (not len(owned) or not np.array_equal(owned[where], postings.ids)):
-        missing = postings.ids[owned[where] != postings.ids][0] if len(owned) else postings.ids[0]
-        raise ValueError(f"passage {int(missing)} has postings but no part owns it")
-    owner = part_of[where]
-    terms = np.repeat(postings.terms, np.diff(postings.starts))
-    split = []
-    for part in range(len(parts)):
-        mine = owner == part
-        split.append(from_rows(terms[mine], postings.ids[mine], postings.impacts[mine]))
-    return split
+    starts = np.asarray(postings.starts)
+    chunks = list(term_chunks(starts, chunk))
+
+    def owners(t0: int, t1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The chunk's ids, their parts, and each part's postings per term of the chunk (parts x terms)."""
+        ids = read_postings_slice(postings.ids, int(starts[t0]), int(starts[t1]))
+        where = np.minimum(np.searchsorted(owned, ids), max(len(owned) - 1, 0))
+        if len(ids) and (not len(owned) or not np.array_equal(owned[where], ids)):
+            missing = ids[owned[where] != ids][0] if len(owned) else ids[0]
+            raise ValueError(f"passage {int(missing)} has postings but no part owns it")
+        owner = part_of[where]
+        term = np.repeat(np.arange(t1 - t0), np.diff(starts[t0 : t1 + 1]))
+        counts = np.bincount(owner * (t1 - t0) + term, minlength=len(parts) * (t1 - t0)).reshape(len(parts), -1)
+        return ids, owner, counts
+
+    sizes = np.zeros((len(parts), 2), np.int64)  # each part's terms and postings
+    for t0, t1 in chunks:
+        counts = owners(t0, t1)[2]
+        sizes += np.stack([np.count_nonzero(counts, axis=1), counts.sum(axis=1)], axis=1)
+    dtypes = dict(zip(LEXICAL_ARRAYS, (np.uint64, np.int64, np.int64, np.float32, np.float32)))
+    with contextlib.ExitStack() as stack:
+        files = []
+        for folder, (terms, total) in zip(folders, sizes.tolist()):
+            lengths = dict(zip(LEXICAL_ARRAYS, (terms, terms + 1, total, total, terms)))
+            handles = {}
+            for name in LEXICAL_ARRAYS:
+                fh = stack.enter_context(open(stack.enter_context(atomic_file(folder / f"{name}.npy")), "wb"))
+                write_npy_header(fh, dtypes[name], lengths[name])
+                handles[name] = fh
+            handles["starts"].write(np.zeros(1, np.int64).tobytes())
+            files.append(handles)
+        written = np.zeros(len(parts), np.int64)
+        for t0, t1 in chunks:
+            ids, owner, counts = owners(t0, t1)
+            impacts = read_postings_slice(postings.impacts, int(starts[t0]), int(starts[t1]))
+            by_part = np.argsort(owner, kind="stable")  # each part's postings in their order
+            bounds = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])
+            for part, handles in enumerate(files):
+                mine = by_part[bounds[part] : bounds[part + 1]]
+                if not len(mine):
+                    continue
+                held = np.flatnonzero(counts[part])
+                local_starts = np.concatenate([[0], np.cumsum(counts[part, held])])
+                part_impacts = impacts[mine]
+                handles["terms"].write(np.asarray(postings.terms[t0:t1])[held].astype(np.uint64).tobytes())
+                handles["starts"].write((written[part] + local_starts[1:]).astype(np.int64).tobytes())
+                handles["ids"].write(ids[mine].astype(np.int64).tobytes())
+                handles["impacts"].write(part_impacts.astype(np.float32).tobytes())
+                handles["maxima"].write(term_maxima(part_impacts, local_starts).astype(np.float32).tobytes())
+                written[part] += len(mine)
+    return sizes[:, 1].tolist()
 
 
 def merge_top(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ from rayindex.infra.storage import Store, written_sha256
 from rayindex.layout import DOCS_FILE, LEXICAL_COUNTS_FILE, LEXICAL_DIR, LEXICAL_FILES, shard_rel
 from rayindex.lexical.analyzer import Analyzer, AnalyzerSettings
 from rayindex.lexical.counts import corpus_terms, count_terms, load_counts, save_counts, shard_terms
-from rayindex.lexical.postings import BM25Params, merge_postings, shard_postings, write_postings
-from rayindex.manifest import LexicalIndex, Manifest
+from rayindex.lexical.postings import BM25Params, write_merged_postings
+from rayindex.manifest import LexicalIndex, Manifest, Shard
 from rayindex.versions import save_manifest
 
 TEXT_BATCH_ROWS = 4_096  # passages read from the doc store at once: bounds a task's memory for any shard size
@@ -76,6 +76,12 @@ def count_shards(config: BuildConfig, manifest: Manifest, version: Store, progre
             update(done)
 
 
+def sorted_shards(manifest: Manifest) -> list[Shard]:
+    """The shards in the order of their rows, so of their vector ids (row << PASSAGE_BITS | passage): the shard
+    plan cuts the rows into contiguous ranges, also on a reindex, so no two shards' ids interleave."""
+    return sorted(manifest.shards, key=lambda s: s.global_start)
+
+
 def run(config: BuildConfig, manifest: Manifest, version: Store, progress: StageProgress) -> LexicalIndex:
     """The version's BM25 postings, kept when their recorded files still verify."""
     if (
@@ -86,11 +92,11 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         return manifest.lexical
     count_shards(config, manifest, version, progress)
     version.pull(manifest.shard_files((LEXICAL_COUNTS_FILE,)), verify=True)
-    counts = [load_counts(version.local(shard_rel(s.shard_id, LEXICAL_COUNTS_FILE))) for s in manifest.shards]
-    corpus = corpus_terms(shard_terms(c) for c in counts)
+    # one shard's counts in memory at a time, twice (statistics, then postings), in the order of their ids
+    paths = [version.local(shard_rel(s.shard_id, LEXICAL_COUNTS_FILE)) for s in sorted_shards(manifest)]
+    corpus = corpus_terms(shard_terms(load_counts(path)) for path in paths)
     params = BM25Params()
-    postings = merge_postings([shard_postings(c, corpus, params) for c in counts])
-    write_postings(postings, version.local(LEXICAL_DIR))
+    postings = write_merged_postings((load_counts(path) for path in paths), corpus, version.local(LEXICAL_DIR), params)
     for rel in LEXICAL_FILES:
         manifest.files_sha256[rel] = written_sha256(version.local(rel))
     version.push(list(LEXICAL_FILES))
@@ -103,7 +109,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         passages=corpus.passages,
         avg_length=corpus.avg_length,
         terms=len(corpus.terms),
-        postings=int(len(postings.ids)),
+        postings=postings,
         files=list(LEXICAL_FILES),
     )
     return manifest.lexical

@@ -18,7 +18,7 @@ from rayindex.infra.storage import Store, written_sha256
 from rayindex.ivf.index import read_index, read_merged
 from rayindex.ivf.serving_split import list_ids, list_sizes, plan_parts, write_part
 from rayindex.layout import LEXICAL_DIR, TRAINED_FILE, serving_lexical_files, serving_part_files
-from rayindex.lexical.postings import open_postings, split_postings, write_postings
+from rayindex.lexical.postings import open_postings, write_split_postings
 from rayindex.manifest import Manifest, ServingPart
 from rayindex.versions import open_current, save_published, version_store
 
@@ -39,11 +39,11 @@ def partition(version_dir: Path, manifest: Manifest, shards: int) -> tuple[list[
         if manifest.lexical:
             owned.append(list_ids(merged, lists))
     if manifest.lexical:
-        split = split_postings(open_postings(version_dir / LEXICAL_DIR), owned)
-        for part, (serving_part, postings) in enumerate(zip(parts, split)):
-            files = serving_lexical_files(shards, part)
-            write_postings(postings, (version_dir / files[0]).parent)
-            serving_part.lexical, serving_part.postings = list(files), len(postings.ids)
+        lexical = [serving_lexical_files(shards, part) for part in range(shards)]
+        folders = [(version_dir / files[0]).parent for files in lexical]
+        sizes = write_split_postings(open_postings(version_dir / LEXICAL_DIR), owned, folders)
+        for serving_part, files, postings in zip(parts, lexical, sizes):
+            serving_part.lexical, serving_part.postings = list(files), postings
             written += files
     return parts, written
 
