@@ -156,22 +156,23 @@ def synthetic_cost(serving: dict) -> list[dict]:
     return runs
 
 
-def working_bytes(postings_per_term: int = 2_000_000, terms: int = 3, passages: int = 10_000_000) -> dict:
-    """Peak bytes a search allocates (tracemalloc: numpy reports its arrays) per posting it reads: a query of
-    `terms` terms with postings_per_term passages each, drawn from `passages`."""
+def working_bytes(postings_per_term: int, terms: int = 3, passages: int = 10_000_000) -> dict:
+    """Peak bytes a search summing every posting (exhaustive_search) allocates (tracemalloc: numpy reports its
+    arrays), per posting it reads: a query of `terms` terms with postings_per_term passages each, drawn from
+    `passages`. Past CHUNK_POSTINGS postings the peak stops growing (the lists are summed in chunks)."""
     import tracemalloc
 
-    from rayindex.lexical.postings import exhaustive_search, from_rows
+    from rayindex.lexical.postings import exhaustive_search, from_rows, stepped
 
     rng = np.random.default_rng(21)
     ids = np.concatenate([np.sort(rng.choice(passages, postings_per_term, replace=False)) for _ in range(terms)])
     postings = from_rows(
         np.repeat(np.arange(1, terms + 1, dtype=np.uint64), postings_per_term),
         ids,
-        rng.uniform(0.3, 1.0, len(ids)).astype(np.float32),
+        stepped(rng.uniform(0.3, 1.0, len(ids))),
     )
     tracemalloc.start()
-    exhaustive_search(postings, np.arange(terms), 100)  # a search no list can be skipped in: the most it holds
+    exhaustive_search(postings, np.arange(terms), 100)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return {"postings_read": len(ids), "peak_bytes": peak, "bytes_per_posting": peak / len(ids)}
@@ -179,15 +180,22 @@ def working_bytes(postings_per_term: int = 2_000_000, terms: int = 3, passages: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("outputs", nargs="+", help="build output folders (their CURRENT version is read)")
+    parser.add_argument(
+        "outputs", nargs="*", help="build output folders (their CURRENT version is read); none: --json's builds kept"
+    )
     parser.add_argument("--queries", type=int, default=400, help="passages drawn, a query of each shape from each")
     parser.add_argument("--synthetic", type=Path, default=Path("docs/benchmark-lexical-serving.json"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not args.outputs and not (args.json and args.json.exists()):
+        raise SystemExit("give build output folders, or --json with the builds of an earlier run")
     result = {
-        "builds": [measure_build(output, args.queries) for output in args.outputs],
+        "builds": [measure_build(output, args.queries) for output in args.outputs]
+        if args.outputs
+        else json.loads(args.json.read_text())["builds"],
         "synthetic": synthetic_cost(json.loads(args.synthetic.read_text())),
-        "working_memory": working_bytes(),
+        "working_memory": working_bytes(60_000),  # 180,000 postings: one chunk
+        "working_memory_large": working_bytes(2_000_000),  # 6M postings: 23 chunks
     }
     table = Table(title="Lexical index per passage (measured)")
     columns = ("corpus", "passages", "terms", "postings/passage", "bytes/passage", "postings/KiB text", "Heaps K, beta")
@@ -214,11 +222,11 @@ def main() -> None:
             f"(share {run['share']:.4f}), {run['ms_per_search']:.2f} ms: {run['ns_per_posting']:.2f} ns per posting; "
             f"MaxScore {run['maxscore_speedup']:.2f}x faster"
         )
-    memory = result["working_memory"]
-    console.print(
-        f"a search's working memory: {memory['peak_bytes'] / 1e6:,.0f} MB at peak for {memory['postings_read']:,} "
-        f"postings read: {memory['bytes_per_posting']:.1f} bytes per posting"
-    )
+    for memory in (result["working_memory"], result["working_memory_large"]):
+        console.print(
+            f"a search's working memory: {memory['peak_bytes'] / 1e6:,.1f} MB at peak for {memory['postings_read']:,} "
+            f"postings read: {memory['bytes_per_posting']:.1f} bytes per posting"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -186,7 +186,7 @@ def test_plan_cli_prints_the_billion_document_plan():
     assert result.returncode == 0, result.stderr
     assert "OPQ48_192,IVF131072_HNSW32,PQ48np" in result.stdout and "hours: encode" in result.stdout
     assert "lexical: postings_disk" in result.stdout and "serving bound by" in result.stdout
-    assert "lexical search:" in result.stdout and "no top-k pruning" in result.stdout
+    assert "lexical search:" in result.stdout and "MaxScore pruning" in result.stdout
     dense_only = subprocess.run(
         [rayindex, "plan", "--docs", "1e9", "--max-index-memory", "64G", "--no-lexical"],
         capture_output=True,
@@ -241,14 +241,16 @@ def test_lexical_size_and_query_cost_on_round_numbers():
     )
     size = lexical.lexical_size(1e9, 2048)
     assert size.postings == pytest.approx(1e9 * 2 * lexical.POSTINGS_PER_KIB)
-    assert size.postings_bytes == size.postings * 12 and size.dictionary_bytes == size.terms * 16
+    assert size.postings_bytes == size.postings * 12 and size.dictionary_bytes == size.terms * 20
     assert size.counts_bytes == size.postings * 12 + 1e9 * 20
     cost = lexical.lexical_query_cost(1e9, serving_shards=64, cores=128)
     assert cost.postings_read == pytest.approx(lexical.QUERY_POSTINGS_SHARE * 1e9)
-    assert cost.cpu_s == pytest.approx(cost.postings_read * lexical.NS_PER_POSTING * 1e-9)
+    assert cost.cpu_s == pytest.approx(cost.postings_read * lexical.NS_PER_POSTING * 1e-9 / lexical.MAXSCORE_SPEEDUP)
     assert cost.latency_s == pytest.approx(cost.cpu_s / 64) and cost.queries_per_s == pytest.approx(128 / cost.cpu_s)
-    assert cost.working_bytes_per_shard == pytest.approx(cost.postings_read / 64 * lexical.SEARCH_BYTES_PER_POSTING)
-    # no pruning: ten times the passages, ten times a query's work
+    assert cost.working_bytes_per_shard == lexical.SEARCH_PEAK_BYTES  # the chunks bound it
+    small = lexical.lexical_query_cost(1e5, serving_shards=4)
+    assert small.working_bytes_per_shard == pytest.approx(small.postings_read / 4 * lexical.SEARCH_BYTES_PER_POSTING)
+    # pruning by a measured factor: ten times the passages, still ten times a query's work
     assert lexical.lexical_query_cost(1e10).cpu_s == pytest.approx(10 * lexical.lexical_query_cost(1e9).cpu_s)
 
 
@@ -265,6 +267,8 @@ def test_lexical_constants_are_the_measured_figures():
     largest = max(measured["synthetic"], key=lambda run: run["passages"])
     assert largest["ns_per_posting"] == pytest.approx(lexical.NS_PER_POSTING, abs=0.05)
     assert measured["working_memory"]["bytes_per_posting"] == pytest.approx(lexical.SEARCH_BYTES_PER_POSTING, abs=0.05)
+    assert measured["working_memory_large"]["peak_bytes"] == pytest.approx(lexical.SEARCH_PEAK_BYTES, rel=1e-3)
+    assert largest["maxscore_speedup"] == pytest.approx(lexical.MAXSCORE_SPEEDUP, abs=5e-3)
 
 
 def test_the_plan_counts_the_lexical_index_and_no_lexical_removes_it():
@@ -276,7 +280,7 @@ def test_the_plan_counts_the_lexical_index_and_no_lexical_removes_it():
     size = lexical.lexical_size(1e9, 1000)  # 1,000 bytes a document, one passage each
     assert files == [size.dictionary_bytes, size.postings_bytes, size.counts_bytes]
     assert value(hybrid, "lexical", "shard_postings_mmap") == size.postings_bytes / 16
-    assert value(hybrid, "lexical", "shard_ram_dictionary") == lexical.lexical_terms(1e9 / 16) * 16
+    assert value(hybrid, "lexical", "shard_ram_dictionary") == lexical.lexical_terms(1e9 / 16) * 20
     cost = lexical.lexical_query_cost(1e9, 16, 32)
     assert value(hybrid, "lexical", "query_ms") == 1000 * cost.latency_s
     dense_qps = value(hybrid, "serving", "queries_per_s")

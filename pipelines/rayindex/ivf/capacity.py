@@ -22,10 +22,12 @@ from rayindex.ivf.index_params import (
 )
 from rayindex.lexical.capacity import (
     LEXICAL_BENCH,
+    MAXSCORE_SPEEDUP,
     NS_PER_POSTING,
     POSTINGS_PER_KIB,
     QUERY_POSTINGS_SHARE,
     SEARCH_BYTES_PER_POSTING,
+    SEARCH_PEAK_BYTES,
     TERM_BYTES,
     TERMS_GROWTH,
     lexical_query_cost,
@@ -182,7 +184,9 @@ def plan_lexical(n: int, passage_bytes: float, shards: int, cores: int, dense_qu
             f"n x {passage_bytes / 1024:,.2f} KiB of text per passage x {POSTINGS_PER_KIB:.1f} postings per KiB (man "
             f"pages): {LEXICAL_BENCH}",
         ),
-        "dictionary_disk": _item(size.dictionary_bytes, "computed", "terms x 16 bytes: terms.npy + starts.npy"),
+        "dictionary_disk": _item(
+            size.dictionary_bytes, "computed", "terms x 20 bytes: terms.npy + starts.npy + maxima.npy"
+        ),
         "postings_disk": _item(size.postings_bytes, "computed", "postings x 12 bytes: ids.npy + impacts.npy"),
         "term_counts_disk": _item(
             size.counts_bytes,
@@ -192,26 +196,28 @@ def plan_lexical(n: int, passage_bytes: float, shards: int, cores: int, dense_qu
         "shard_ram_dictionary": _item(
             lexical_terms(n / shards) * TERM_BYTES,
             "computed",
-            f"the terms of a shard's n / {shards} passages x 16 bytes: binary-searched for every query term, to keep "
+            f"the terms of a shard's n / {shards} passages x 20 bytes: binary-searched for every query term, to keep "
             "in RAM (page cache)",
         ),
         "shard_postings_mmap": _item(
             size.postings_bytes / shards,
             "computed",
-            "a shard's postings, memory-mapped, paged in as read; every posting of a query's terms is read, so the "
-            "common terms' lists stay hot",
+            "a shard's postings, memory-mapped, paged in as read (page cache: a search needs none of it in the "
+            "process, docs/quality.md); the common terms' lists stay hot",
         ),
         "shard_query_memory": _item(
             cost.working_bytes_per_shard,
             "measured",
-            f"per query a shard runs at once: {cost.postings_read:,.3g} postings read / {shards} shards x "
-            f"{SEARCH_BYTES_PER_POSTING} bytes (a search's peak allocation per posting)",
+            f"per query a shard runs at once: {cost.postings_read:,.3g} postings / {shards} shards x "
+            f"{SEARCH_BYTES_PER_POSTING} bytes (a search's peak allocation per posting), at most "
+            f"{SEARCH_PEAK_BYTES / 1e6:.1f} MB (the postings are summed in chunks)",
         ),
         "query_ms": _item(
             1000 * cost.latency_s,
             "measured",
-            f"grows with n (no top-k pruning such as block-max WAND): {QUERY_POSTINGS_SHARE} x n postings read "
-            f"(users' query shapes, man pages) x {NS_PER_POSTING} ns (synthetic, 10M) / {shards} shards at once",
+            f"grows with n: {QUERY_POSTINGS_SHARE} x n postings of the query's terms (users' query shapes, man "
+            f"pages) x {NS_PER_POSTING} ns (synthetic, 10M) / {MAXSCORE_SPEEDUP} (MaxScore pruning, synthetic, "
+            f"10M, k = 100) / {shards} shards at once",
         ),
         "queries_per_s": _item(cost.queries_per_s, "measured", f"{cores} cores / {cost.cpu_s:,.3g} CPU s a query"),
         "hybrid_queries_per_s": _item(

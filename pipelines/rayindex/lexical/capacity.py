@@ -7,9 +7,10 @@ The per-passage figures were measured on real builds by benchmarks/lexical_capac
 index is made of (long documents cut into full passages); the embedded default (`rayindex build -o /tmp/x`,
 3,670 short docstring passages) and the Jargon File (2,686 passages) are the range beside it. Bytes are the
 layout's arithmetic (lexical/postings.py, lexical/counts.py). The cost of reading a posting comes from the
-synthetic postings measure (benchmarks/hybrid_benchmark.py `serving_memory`, docs/quality.md): a search
-reads every posting of every query term (no top-k pruning such as block-max WAND), so its time and working
-memory grow with the corpus.
+synthetic postings measure (benchmarks/lexical_serving_benchmark.py, docs/quality.md): summed whole, a
+search's time grows with its terms' postings, hence with the corpus; MaxScore (lexical/postings.py
+search_postings) skips the lists that cannot change the top k, by a factor measured on the same searches; its
+working memory is bounded by the postings summed at once (CHUNK_POSTINGS).
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ POSTINGS_PER_KIB = 65.96
 # like users' (text/queries.py: sentence 1.56, title 0.31, phrase 0.31, question 0.69 on man pages, their mean);
 # the docstrings 0.31, the Jargon File 0.34. A share of the corpus: it does not fall as the corpus grows
 QUERY_POSTINGS_SHARE = 0.718
-# ns per posting a search reads: 1,000 synthetic searches over 10M passages took 81.97 ms each reading 644,184
-# postings (127 ns); at 1M 52 ns (4.33 ms, 82,598 postings): the cost per posting grows with the postings read
-# (a sort of them all, and fewer of them in cache), so the larger figure, and more past it
-NS_PER_POSTING = 127.2
-SEARCH_BYTES_PER_POSTING = 59.5  # a search's peak allocation per posting read (tracemalloc, 6M postings read)
+# ns per posting a search summing every posting reads (exhaustive_search, k = 100): 1,000 synthetic searches
+# over 10M passages, 74.11 ms each reading 644,184 postings; at 1M 60.3 ns: the cost per posting grows
+# with the postings read (fewer of them in cache), so the larger figure
+NS_PER_POSTING = 115.0
+# MaxScore's speed-up over summing every posting on the same 1,000 searches at 10M passages, k = 100 (k = 10:
+# 3.56; k = 1,000: 1.10): the synthetic queries draw common terms often, users' rarer words prune more
+MAXSCORE_SPEEDUP = 1.42
+SEARCH_BYTES_PER_POSTING = 66.9  # a search's peak allocation per posting read, within one chunk (tracemalloc)
+SEARCH_PEAK_BYTES = 21.07e6  # a search's peak allocation reading 6M postings: the chunks bound it (tracemalloc)
 
-TERM_BYTES = 8 + 8  # terms.npy (uint64 hash) + starts.npy (int64 offset): the dictionary
+TERM_BYTES = 8 + 8 + 4  # terms.npy (uint64 hash) + starts.npy (int64 offset) + maxima.npy (float32): the dictionary
 POSTING_BYTES = 8 + 4  # ids.npy (int64) + impacts.npy (float32)
 COUNT_ROW_BYTES = 8 + 4  # a shard's lexical_counts.npz: a (passage, term) row's hash (uint64) and count (int32)
 COUNT_PASSAGE_BYTES = 8 + 4 + 8  # and per passage: its id (int64), length (int32), offset (int64)
@@ -44,13 +49,13 @@ COUNT_PASSAGE_BYTES = 8 + 4 + 8  # and per passage: its id (int64), length (int3
 class LexicalSize(NamedTuple):
     terms: float  # distinct terms
     postings: float  # (passage, term) pairs
-    dictionary_bytes: float  # terms.npy + starts.npy
+    dictionary_bytes: float  # terms.npy + starts.npy + maxima.npy
     postings_bytes: float  # ids.npy + impacts.npy
     counts_bytes: float  # the shards' lexical_counts.npz, kept for reindex
 
 
 class LexicalQueryCost(NamedTuple):
-    postings_read: float  # per query, over every serving shard
+    postings_read: float  # per query, over every serving shard: the postings of its terms
     cpu_s: float  # per query, over every serving shard
     latency_s: float  # the shards read their shares at once, a core each
     queries_per_s: float  # on `cores` cores
@@ -76,14 +81,15 @@ def lexical_size(passages: float, passage_bytes: float) -> LexicalSize:
 
 
 def lexical_query_cost(passages: float, serving_shards: int = 1, cores: int = 2) -> LexicalQueryCost:
-    """A BM25 search over `passages` passages split over `serving_shards` shards: it reads
-    QUERY_POSTINGS_SHARE x passages postings at NS_PER_POSTING each, every shard its own share."""
+    """A BM25 search over `passages` passages split over `serving_shards` shards: its terms hold
+    QUERY_POSTINGS_SHARE x passages postings, summed at NS_PER_POSTING each over MAXSCORE_SPEEDUP, every shard
+    its own share, in at most SEARCH_PEAK_BYTES of working memory."""
     read = QUERY_POSTINGS_SHARE * passages
-    cpu_s = read * NS_PER_POSTING * 1e-9
+    cpu_s = read * NS_PER_POSTING * 1e-9 / MAXSCORE_SPEEDUP
     return LexicalQueryCost(
         read,
         cpu_s,
         cpu_s / serving_shards,
         cores / cpu_s,
-        read / serving_shards * SEARCH_BYTES_PER_POSTING,
+        min(read / serving_shards * SEARCH_BYTES_PER_POSTING, SEARCH_PEAK_BYTES),
     )
