@@ -384,7 +384,6 @@ def print_tables(result: dict, console: Console) -> None:
             f">= {s['target_hit_at_10']:.3f}",
             "yes" if s["holds"] else "NO",
         )
-    console.print(table)
     variants = Table(title="Hybrid hit@10 / MRR@10 by fusion and depth (documents each side brings)")
     variants.add_column("fusion, depth")
     for name in result["sets"]:
@@ -392,7 +391,9 @@ def print_tables(result: dict, console: Console) -> None:
     for variant in FUSION_VARIANTS:
         cells = [result["sets"][n].get("fusion_variants", {}).get(variant) for n in result["sets"]]
         variants.add_row(variant, *[f"{c['hit_at_10']:.3f} / {c['mrr_at_10']:.3f}" if c else "-" for c in cells])
-    console.print(variants)
+    if result["sets"]:  # a run of --serving-shards alone has none
+        console.print(table)
+        console.print(variants)
     costs = Table(title="Costs")
     for col in ("measure", "value", "target"):
         costs.add_column(col, justify="right")
