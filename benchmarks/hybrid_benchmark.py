@@ -20,12 +20,14 @@ rank, the fusion before it) and by the documents each side brings (query/fusion.
 searches per query. Target per set: hybrid hit@10 >= max(dense, lexical) - 0.01. Build cost: the manifest's
 `lexical` timing over the sum of its stage timings, for the man page build (target <= 15%). Query cost: p50
 of one query searched alone in process and over HTTP (`rayindex serve`, --no-http to skip), hybrid / dense
-(target <= 1.3).
+(target <= 1.3); with --serving-shards N also over HTTP against `rayindex serve --shards N` (the version split
+for N first when it is not).
 
     apt-get install dict-gcide dict-jargon
     python benchmarks/hybrid_benchmark.py [--man-pages 1000] [--queries 300] [--work /tmp/rayindex-hybrid] \
         [--json docs/benchmark-hybrid.json] [--png docs/benchmark-hybrid.png]
     # a part only (merged into the JSON): --sets quotes|other_words|what_is
+    # the query cost over HTTP with 3 serving shards only: --sets '' --serving-shards 3
 
 Builds are kept in --work and reused by a rerun (delete it to rebuild).
 """
@@ -60,7 +62,7 @@ from rayindex.lexical.postings import (
     bm25_ceiling,
 )
 from rayindex.query.fusion import by_rank, by_score, fuse_documents
-from rayindex.query.search import open_index
+from rayindex.query.search import best_per_document, open_index
 
 K = 10
 MODES = ("dense", "lexical", "hybrid")
@@ -232,8 +234,9 @@ def fusion_variants(index, asked: list[dict]) -> dict:
     for q in asked:
         dense = index.rank([q["query"]], deepest, mode="dense")[0]
         terms = index.query_terms(q["query"])
-        lexical, doc_freqs = index.lexical_documents(terms, deepest, 1, None)
-        ceiling = bm25_ceiling(doc_freqs, index.manifest.lexical.passages)
+        found = index.lexical_passages(terms, index.lexical_fetch(deepest, 1), None)
+        lexical = best_per_document(found.scores, found.ids, 1, deepest)[0]
+        ceiling = bm25_ceiling(found.doc_freqs, index.manifest.lexical.passages)
         for name, (fusion, depth) in FUSION_VARIANTS.items():
             if fusion == "score":
                 sides = [
@@ -264,9 +267,9 @@ def query_cost(search: Callable[[str, str], object], queries: list[str]) -> dict
     return {mode: 1000 * float(np.median(times[mode])) for mode in MODES}
 
 
-def http_query_cost(output: Path, queries: list[str]) -> dict:
-    """query_cost over HTTP: /search of `rayindex serve` (unsharded, its default ingress, in a local Ray of
-    its own), one request at a time."""
+def http_query_cost(output: Path, queries: list[str], shards: int | None = None) -> dict:
+    """query_cost over HTTP: /search of `rayindex serve` (its default ingress, in a local Ray of its own;
+    unsharded, or with `shards` serving shards: `rayindex serve --shards N`), one request at a time."""
     import httpx
     import ray
     from ray import serve
@@ -275,7 +278,7 @@ def http_query_cost(output: Path, queries: list[str]) -> dict:
     from rayindex.query.launch import free_port, start_serving
 
     port = free_port()
-    start_serving(ServeConfig(index=str(output), port=port, replica_cpus=0))
+    start_serving(ServeConfig(index=str(output), port=port, replica_cpus=0, shards=shards, shard_cpus=0))
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
 
@@ -290,15 +293,42 @@ def http_query_cost(output: Path, queries: list[str]) -> dict:
         ray.shutdown()
 
 
+def quotes_set(args) -> tuple[Path, float, list[dict], str]:
+    """The man page build (built or reused), its wall time, the quote queries and what the corpus is."""
+    print("man pages: reading", file=sys.stderr)
+    pages = man_pages(args.man_pages)
+    output, build_s = built(pages, args.work / "man", "{text}")
+    return output, build_s, quote_queries(pages, args.queries), f"{len(pages):,} man pages (English, at random)"
+
+
+def measure_sharded(args, result: dict) -> None:
+    """The query cost over HTTP with args.serving_shards serving shards, on the man page build (split for them
+    first when it is not: `rayindex partition`): each shard scores the BM25 postings of its passages, so a
+    hybrid search fans out twice, by vector and by BM25 (query/sharded.py)."""
+    from rayindex import api
+
+    output, _, asked, corpus = quotes_set(args)
+    shards = args.serving_shards
+    if shards not in open_index(output).manifest.serving:
+        api.partition(str(output), shards)
+    texts = [q["query"] for q in asked[: args.latency_queries]]
+    print(f"query cost over HTTP: rayindex serve --shards {shards}", file=sys.stderr)
+    p50 = http_query_cost(output, texts, shards)
+    result["sharded_query_cost"] = {
+        "corpus": corpus,
+        "serving_shards": shards,
+        "queries": len(texts),
+        "http_p50_ms": p50,
+        "http_ratio": p50["hybrid"] / p50["dense"],
+    }
+
+
 def measure_sets(args, result: dict) -> None:
     """Builds (or reuses) each query set's index and measures it; the man page set also gives the build's
     lexical share and the query cost."""
     for name in args.sets.split(","):
         if name == "quotes":
-            print("man pages: reading", file=sys.stderr)
-            pages = man_pages(args.man_pages)
-            output, build_s = built(pages, args.work / "man", "{text}")
-            asked, corpus = quote_queries(pages, args.queries), f"{len(pages):,} man pages (English, at random)"
+            output, build_s, asked, corpus = quotes_set(args)
         else:
             jargon, asked = jargon_corpus_and_queries(args.queries)
             output, build_s = built(jargon, args.work / "jargon", "{word}: {entry}")
@@ -354,7 +384,6 @@ def print_tables(result: dict, console: Console) -> None:
             f">= {s['target_hit_at_10']:.3f}",
             "yes" if s["holds"] else "NO",
         )
-    console.print(table)
     variants = Table(title="Hybrid hit@10 / MRR@10 by fusion and depth (documents each side brings)")
     variants.add_column("fusion, depth")
     for name in result["sets"]:
@@ -362,7 +391,9 @@ def print_tables(result: dict, console: Console) -> None:
     for variant in FUSION_VARIANTS:
         cells = [result["sets"][n].get("fusion_variants", {}).get(variant) for n in result["sets"]]
         variants.add_row(variant, *[f"{c['hit_at_10']:.3f} / {c['mrr_at_10']:.3f}" if c else "-" for c in cells])
-    console.print(variants)
+    if result["sets"]:  # a run of --serving-shards alone has none
+        console.print(table)
+        console.print(variants)
     costs = Table(title="Costs")
     for col in ("measure", "value", "target"):
         costs.add_column(col, justify="right")
@@ -379,6 +410,13 @@ def print_tables(result: dict, console: Console) -> None:
             http = " / ".join(f"{q['http_p50_ms'][m]:.1f}" for m in MODES)
             costs.add_row("over HTTP (rayindex serve): p50 ms dense / lexical / hybrid", http, "")
             costs.add_row("over HTTP: hybrid / dense p50", f"{q['http_ratio']:.2f}x", "<= 1.3x")
+    if "sharded_query_cost" in result:
+        q = result["sharded_query_cost"]
+        http = " / ".join(f"{q['http_p50_ms'][m]:.1f}" for m in MODES)
+        costs.add_row(f"over HTTP, {q['serving_shards']} serving shards: p50 ms dense / lexical / hybrid", http, "")
+        costs.add_row(
+            f"over HTTP, {q['serving_shards']} serving shards: hybrid / dense p50", f"{q['http_ratio']:.2f}x", "<= 1.3x"
+        )
     console.print(costs)
 
 
@@ -410,6 +448,11 @@ def main() -> None:
     parser.add_argument(
         "--http", action=argparse.BooleanOptionalAction, default=True, help="the query cost over HTTP too"
     )
+    parser.add_argument(
+        "--serving-shards",
+        type=int,
+        help="the query cost over HTTP with this many serving shards too (on the man page build)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/rayindex-hybrid"))
     parser.add_argument("--json", type=Path, help="results, merged into the file's (a run may measure a part)")
     parser.add_argument("--png", type=Path)
@@ -422,6 +465,8 @@ def main() -> None:
         result = json.loads(args.json.read_text())
     if args.sets:
         measure_sets(args, result)
+    if args.serving_shards:
+        measure_sharded(args, result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print_tables(result, Console(width=140))

@@ -20,7 +20,7 @@ from ray import serve
 
 from rayindex.builder import build
 from rayindex.config import AppConfig, ServeConfig
-from rayindex.errors import RayIndexError, UsageError
+from rayindex.errors import RayIndexError, Unavailable, UsageError
 from rayindex.infra.progress import StageProgress
 from rayindex.infra.storage import Store
 from rayindex.ivf.index import read_index, read_merged
@@ -315,10 +315,26 @@ def test_a_stopped_then_killed_shard_gives_partial_answers_then_recovers(sharded
     """Shard 0's only replica is frozen (SIGSTOP): Serve cannot undo that within the 3 s shard timeout (its
     health check gives a replica 30 s), so the next search is partial, every time. A SIGKILL'ed replica,
     by contrast, may be replaced (or the call routed to its replacement) within the timeout, and the answer
-    is then complete: the test raced that restart. Then the frozen process is killed and Serve's
-    replacement makes answers complete again."""
-    _, client = sharded
+    is then complete: the test raced that restart. Meanwhile routers in this process, on the same shards,
+    see a hybrid search's lexical calls (sent before its dense ones, gathered after) fail as a dense call
+    does: Unavailable naming the shard, or (partial) the shard missing and no hit of its passages, also when
+    only the lexical side asks it. Then the frozen process is killed and Serve's replacement makes answers
+    complete again."""
+    output, client = sharded
     pid = shard_pid(0)
+    handles = [serve.get_deployment_handle(f"shard-{part}", app_name="rayindex") for part in range(3)]
+    routers = {
+        failure: open_router(AppConfig(index=str(output), shards=3, shard_timeout=1, on_shard_failure=failure), handles)
+        for failure in ("fail", "partial")
+    }
+    router = routers["partial"]
+    part_zero = open_postings(router.version_dir / Path(router.manifest.serving[3][0].lexical[0]).parent).ids
+    # a query whose one probed list another shard owns: its hybrid search asks shard 0 on the lexical side only
+    lexical_only = next(
+        query
+        for query in QUERIES
+        if router.shards.owner[coarse_assign(router.shards.trained, router.encode([query]), 1)[2][0, 0]] != 0
+    )
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
@@ -326,6 +342,14 @@ def test_a_stopped_then_killed_shard_gives_partial_answers_then_recovers(sharded
         assert time.monotonic() - start < 10  # never hangs: the shard timeout is 3 s
         assert body["partial"] is True and body["missing_shards"] == [0] and body["hits"]
         assert list(client.get("/healthz").json()["failing_shards"]) == ["0"]
+        for query, nprobe in ((lexical_only, 1), ("read a file", 8)):
+            for mode in ("lexical", "hybrid"):
+                with pytest.raises(Unavailable, match=r"serving shard 0 of 3 did not answer within 1 s"):
+                    routers["fail"].rank([query], 5, nprobe, mode=mode)
+                missing: set = set()
+                found = routers["partial"].rank([query], 5, nprobe, mode=mode, missing=missing)[0]
+                assert missing == {0} and found, (query, mode)
+                assert not np.isin([vector_id for _, vector_id in found], part_zero).any(), (query, mode)
     finally:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 120

@@ -6,7 +6,8 @@ finds its nprobe lists, sends it only to the shards that own one of them, and me
 (ivf/serving_split.py): the merged index's ids and distances. Each shard also memory-maps the BM25
 postings of its passages (those whose vectors its lists hold); the router analyzes a lexical query once,
 asks every shard (any may hold matching passages) for its top passages and merges them by score, ties to
-the lower id: the unsplit postings' top passages, scores exactly (lexical/postings.py merge_top).
+the lower id: the unsplit postings' top passages, scores exactly (lexical/postings.py merge_top). A hybrid
+query's lexical calls are sent before its dense ones and gathered after them: the two fan-outs overlap.
 
 Versions: every call names the router's version, and a shard answers from that version's part or not
 at all, so no response mixes versions. Each shard replica watches CURRENT and loads a new version
@@ -23,6 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -45,7 +47,7 @@ from rayindex.layout import CURRENT, MANIFEST, TRAINED_FILE
 from rayindex.lexical.postings import Postings, merge_top, open_postings, search_postings, term_doc_freqs
 from rayindex.manifest import Manifest, ServingPart
 from rayindex.query.filters import id_selector
-from rayindex.query.search import PublishedIndex, allowed_ids, open_version
+from rayindex.query.search import LexicalPassages, PublishedIndex, allowed_ids, open_version
 from rayindex.versions import current_published_id, current_run_id, published_version, pull_version_files
 
 log = logging.getLogger("rayindex.sharded")
@@ -293,7 +295,7 @@ class ShardedSearch:
     ):
         self.run_id, self.trained, self.owner, self.handles = run_id, trained, owner, handles
         self.timeout_s, self.partial_ok = timeout_s, partial_ok
-        self.lexical = lexical  # the shards hold the postings: search_lexical
+        self.lexical = lexical  # the shards hold the postings: send_lexical
         self.larger_is_better = larger_is_better(trained)
         self.failing: dict[int, str] = {}  # shard -> why its last call failed (cleared by its next answer): /healthz
 
@@ -321,28 +323,22 @@ class ShardedSearch:
             return empty_results(len(vectors), k, self.larger_is_better)
         return merge_part_results(results, k, self.larger_is_better)
 
-    def search_lexical(
-        self, terms: np.ndarray, k: int, matching: np.ndarray | None = None, missing: set | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k best passages by BM25 for a query's term hashes, (ids, scores) best first, ties to the lower id:
-        every shard's k best (any shard may hold matching passages), merged; and the terms' document
-        frequencies, the shards' summed (their passages are disjoint). Failures as in search."""
-        doc_freqs = np.zeros(len(terms), np.int64)
-        if not len(terms):
-            return (*merge_top([], k), doc_freqs)
-        calls = {
-            shard: handle.search_lexical.remote(self.run_id, terms, k, matching)
-            for shard, handle in enumerate(self.handles)
-        }
-        answers = self.gather(calls, missing)
-        for _, _, freqs in answers:
-            doc_freqs += freqs
-        return (*merge_top([(ids, scores) for ids, scores, _ in answers], k), doc_freqs)
+    def send_lexical(self, terms: np.ndarray, k: int, matching: np.ndarray | None = None) -> "SentLexical":
+        """Ask every shard (any may hold matching passages) for its k best passages by BM25 for a query's term
+        hashes, and the terms' document frequencies among its passages; gathered by the result's result(), whose
+        deadline counts from now (a hybrid search sends these before its dense search, gathers them after)."""
+        calls = {}
+        if len(terms):
+            calls = {
+                shard: handle.search_lexical.remote(self.run_id, terms, k, matching)
+                for shard, handle in enumerate(self.handles)
+            }
+        return SentLexical(self, calls, len(terms), k, time.monotonic() + self.timeout_s)
 
-    def gather(self, calls: dict, missing: set | None) -> list:
-        """The answers of the shards called (shard -> call), within one deadline. A shard that fails:
-        Unavailable, or (partial_ok) its number added to `missing`."""
-        deadline = time.monotonic() + self.timeout_s
+    def gather(self, calls: dict, missing: set | None, deadline: float | None = None) -> list:
+        """The answers of the shards called (shard -> call), by one deadline (time.monotonic(); default: the shard
+        timeout from now). A shard that fails: Unavailable, or (partial_ok) its number added to `missing`."""
+        deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
         results = []
         for shard, call in calls.items():
             try:
@@ -360,6 +356,31 @@ class ShardedSearch:
                 if missing is not None:
                     missing.add(shard)
         return results
+
+
+class SentLexical(NamedTuple):
+    """A lexical search sent to every serving shard (ShardedSearch.send_lexical), not yet gathered: query/search.py
+    PendingLexical."""
+
+    sharded: ShardedSearch
+    calls: dict  # shard -> its call
+    terms: int  # how many the query has
+    k: int
+    deadline: float  # time.monotonic() by which every shard answers
+
+    def result(self, missing: set | None = None) -> LexicalPassages:
+        """The k best passages, (ids, scores) best first, ties to the lower id: every shard's k best, merged; and
+        the terms' document frequencies, the shards' summed (their passages are disjoint). A shard that fails:
+        as in ShardedSearch.search."""
+        answers = self.sharded.gather(self.calls, missing, self.deadline)
+        doc_freqs = np.zeros(self.terms, np.int64)
+        for _, _, freqs in answers:
+            doc_freqs += freqs
+        return LexicalPassages(*merge_top([(ids, scores) for ids, scores, _ in answers], self.k), doc_freqs)
+
+    def cancel(self) -> None:
+        for call in self.calls.values():
+            call.cancel()
 
 
 def current_split(output: str, shards: int) -> tuple[Store, Store, Manifest, list[ServingPart]]:
