@@ -1,17 +1,22 @@
-"""The driver's memory for the BM25 postings' merge and split (issue #21, "holds a billion passages"): the
-build's out-of-core way (lexical/postings.py write_merged_postings: one shard's postings in memory at a time,
-scattered into the .npy files through a window; write_split_postings: each serving part's postings written in
-chunks of terms) against the in-memory way it replaced (every shard's postings concatenated and sorted by
-(term, id); every part's postings picked out of the whole postings held in memory), in the same run.
+"""The driver's memory and disk traffic for the BM25 postings' merge and split (issue #21, "holds a billion
+passages"): the build's out-of-core way (lexical/postings.py write_merged_postings: each shard's postings
+appended to buckets of terms, then each bucket sorted and appended to the .npy files; write_split_postings:
+each serving part's postings written in chunks of terms) against the in-memory way it replaced (every shard's
+postings concatenated and sorted by (term, id); every part's postings picked out of the whole postings held in
+memory), in the same run.
 
 Synthetic term counts (no model, no build): --shards shards of consecutive passages (ids row << 20, as the
 layout numbers a document's first passage), POSTINGS_PER_PASSAGE distinct terms a passage drawn from a
 vocabulary of passages / 10 terms by Zipf (s = 1) probability, counts 1 to 3, written as each shard's
 lexical_counts.npz. Each measure runs in a fresh process (the driver of a build would): its peak RSS
 (/proc/self/status VmHWM, anonymous and file-backed pages together), the peak of its anonymous memory alone
-(sampled every 5 ms), the RSS before the work (imports) and the wall time. The split is into --parts serving
-parts, each passage's part drawn at random (as by inverted list). Both ways' files are compared byte for byte
-(the run fails when they differ).
+(sampled every 5 ms), the RSS before the work (imports), the wall time, and its disk traffic from
+/proc/self/io: written, the bytes of the pages it dirtied (write_bytes: through write calls or a memory map; a
+page dirtied again after the kernel wrote it back counts again), and read, the bytes its read calls returned
+(rchar: from the page cache or the disk; a memory map's reads are not counted; the JSON also keeps read_bytes,
+the reads the cache did not serve, and cancelled_write_bytes, dirty pages of files deleted before their
+writeback). The split is into --parts serving parts, each passage's part drawn at random (as by inverted
+list). Both ways' files are compared byte for byte (the run fails when they differ).
 
     python benchmarks/lexical_merge_benchmark.py [--passages 1000000,4000000] [--shards 8] [--parts 4] \
         [--work /tmp/rayindex-lexical-merge] [--json docs/benchmark-lexical-merge.json]
@@ -130,6 +135,11 @@ def kb(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
+def io_bytes() -> dict[str, int]:
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {key: int(value) for key, value in fields.items()}
+
+
 def child(task: str, work: Path, parts: int) -> dict:
     """(In a fresh process.) One way of the merge or the split; its peak memory and wall time."""
     paths = sorted((work / "counts").glob("shard*.npz"))
@@ -144,6 +154,7 @@ def child(task: str, work: Path, parts: int) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    io_before = io_bytes()
     started = time.perf_counter()
     if task.endswith("merge"):
         way = in_memory_merge if task.startswith("in-memory") else out_of_core_merge
@@ -153,6 +164,8 @@ def child(task: str, work: Path, parts: int) -> dict:
         folders = [work / f"split-{task.removesuffix('-split')}" / f"part{p}" for p in range(parts)]
         postings = way(work / "merged-out-of-core", owned, folders)
     wall = time.perf_counter() - started
+    io_after = io_bytes()
+    io = {key: io_after[key] - io_before[key] for key in io_after}
     done.set()
     sampler.join()
     return {
@@ -162,6 +175,10 @@ def child(task: str, work: Path, parts: int) -> dict:
         "peak_rss_mb": kb("VmHWM") / 1024,
         "peak_anon_mb": max(peak_anon[0], kb("RssAnon")) / 1024,
         "wall_s": wall,
+        "written_mb": io["write_bytes"] / 2**20,
+        "read_mb": io["rchar"] / 2**20,
+        "storage_read_mb": io["read_bytes"] / 2**20,
+        "cancelled_write_mb": io["cancelled_write_bytes"] / 2**20,
     }
 
 
@@ -241,8 +258,9 @@ def main() -> None:
         print(json.dumps(child(args.child, args.work, args.parts)))
         return
     sizes = [measure(int(float(n)), args.shards, args.parts, args.work) for n in args.passages.split(",")]
-    table = Table(title="BM25 postings merge and split: the driver's memory")
-    for column in ("passages", "postings", "way", "peak RSS MB", "peak anon MB", "RSS before MB", "wall s"):
+    table = Table(title="BM25 postings merge and split: the driver's memory and disk traffic")
+    columns = ("passages", "postings", "way", "peak RSS MB", "peak anon MB", "RSS before MB", "wall s")
+    for column in (*columns, "written MB", "read MB"):
         table.add_column(column, justify="right")
     for size in sizes:
         for r in size["runs"]:
@@ -254,6 +272,8 @@ def main() -> None:
                 f"{r['peak_anon_mb']:,.0f}",
                 f"{r['rss_before_mb']:,.0f}",
                 f"{r['wall_s']:.1f}",
+                f"{r['written_mb']:,.0f}",
+                f"{r['read_mb']:,.0f}",
             )
     Console().print(table)
     for size in sizes:

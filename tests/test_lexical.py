@@ -333,6 +333,27 @@ def test_merged_on_disk_equals_the_in_memory_merge_byte_for_byte(analyzed, tmp_p
     )
 
 
+@pytest.mark.parametrize("bucket", [1, 64, 20_000])
+def test_merge_through_many_buckets_gives_the_same_bytes(analyzed, tmp_path, monkeypatch, bucket):
+    """Terms cut into buckets of one term each, of 64 postings (a term longer than that alone) or of 20,000
+    postings: the shards' postings, spilled to the buckets and each bucket sorted, give the in-memory merge's
+    five files byte for byte, and the buckets' temporary folder is gone after, also after a refusal."""
+    monkeypatch.setattr(postings_module, "MERGE_WINDOW", bucket)
+    bounds = [0, 300, 1100, 1101, 2400, len(analyzed)]
+    parts, corpus = sharded_postings(analyzed, bounds)
+    starts = np.concatenate([[0], np.cumsum(corpus.doc_freqs)])
+    assert len(list(postings_module.term_chunks(starts, bucket))) > 1
+    write_postings(in_memory_merge(parts), tmp_path / "memory")
+    counts = shard_counts(analyzed, bounds)
+    assert write_merged_postings(counts, corpus, tmp_path / "disk") == len(np.concatenate([p.ids for p in parts]))
+    assert same_files(tmp_path / "memory", tmp_path / "disk")
+    assert sorted(f.name for f in (tmp_path / "disk").iterdir()) == sorted(f"{n}.npy" for n in LEXICAL_ARRAYS)
+    fewer = corpus._replace(doc_freqs=corpus.doc_freqs - (np.arange(len(corpus.terms)) == len(corpus.terms) // 2))
+    with pytest.raises(ValueError, match="count fewer postings than the shards hold"):
+        write_merged_postings(counts, fewer, tmp_path / "fewer")
+    assert not any((tmp_path / "fewer").iterdir())
+
+
 def test_split_on_disk_equals_the_in_memory_split_byte_for_byte(analyzed, tmp_path):
     """Each part's postings split out of core, in chunks of a few terms (and of one term longer than a chunk),
     give the files of the in-memory split byte for byte; a part that owns no passage gets empty postings."""
@@ -356,3 +377,17 @@ def test_corpus_statistics_folded_shard_by_shard_equal_counting_every_passage(an
     terms, doc_freqs = np.unique(whole.terms, return_counts=True)
     assert np.array_equal(corpus.terms, terms) and np.array_equal(corpus.doc_freqs, doc_freqs)
     assert corpus.passages == len(analyzed) and corpus.avg_length == whole.lengths.sum() / len(analyzed)
+
+
+def test_a_killed_merges_buckets_are_removed_before_publishing(tmp_path):
+    """A merge killed in its first pass leaves its bucket folder (tempfile's .buckets.*.tmp) with .bucketN.tmp
+    files in the lexical folder; remove_temp_files, which runs before a version is published, removes both."""
+    from rayindex.infra.files import remove_temp_files
+
+    buckets = tmp_path / "lexical" / ".buckets.abc123.tmp"
+    buckets.mkdir(parents=True)
+    (buckets / ".bucket000001.tmp").write_bytes(b"\0" * 16)
+    (tmp_path / "lexical" / "terms.npy").write_bytes(b"kept")
+    removed = remove_temp_files(tmp_path)
+    assert set(removed) == {buckets / ".bucket000001.tmp", buckets}
+    assert [p.name for p in (tmp_path / "lexical").iterdir()] == ["terms.npy"]

@@ -114,15 +114,20 @@ def is_temp_file(name: str) -> bool:
 
 
 def remove_temp_files(directory: str | Path) -> list[Path]:
-    """Delete the temp files under directory (a writer killed mid-write leaves its .<name>.<pid>.tmp behind:
+    """Delete the temp files and folders under directory (a writer killed mid-write leaves its .<name>.<pid>.tmp behind:
     atomic_file's cleanup never ran); returns them. Only for a folder no one is writing into any more: a
     version about to be published, under the output lock, its encoders and tasks finished."""
     removed = []
-    for root, _dirs, files in os.walk(directory):
+    for root, dirs, files in os.walk(directory, topdown=False):  # a temp folder's files before the folder
         for name in files:
             if is_temp_file(name):
                 path = Path(root) / name
                 path.unlink(missing_ok=True)
+                removed.append(path)
+        for name in dirs:  # a temp folder (the BM25 merge's buckets, tempfile's): empty once its files are gone
+            path = Path(root) / name
+            if is_temp_file(name) and not any(path.iterdir()):
+                path.rmdir()
                 removed.append(path)
     return removed
 

@@ -12,6 +12,7 @@ impacts up by id, so a serving node's memory and a query's work do not grow with
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -123,91 +124,102 @@ def term_maxima(impacts: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(impacts, starts[:-1]).astype(np.float32)
 
 
-# Postings a merge maps of each output file at a time while it scatters a shard's postings into it (4M: 32 MB
-# of ids), and a split reads at a time (whole terms, a longer list alone; about 60 bytes a posting with its
-# owners and order: 250 MB).
+# Postings a merge holds at a time in its second pass: the shards' postings go first to buckets of consecutive
+# terms holding about this many (whole terms, a longer list alone), and each bucket is then sorted in memory
+# (about 40 bytes a posting with its records and order: 170 MB) and appended to the .npy files. A split reads
+# SPLIT_CHUNK postings at a time (whole terms; about 60 bytes a posting with its owners and order: 250 MB).
 MERGE_WINDOW = 1 << 22
 SPLIT_CHUNK = 1 << 22
+# A posting on its way through a bucket: its term's dictionary row within the bucket, its id and impact.
+BUCKET_RECORD = np.dtype([("row", "<u4"), ("id", "<i8"), ("impact", "<f4")])
 
 
 def write_merged_postings(
     shards: Iterable[TermCounts], corpus: CorpusTerms, folder: Path, params: BM25Params | None = None
 ) -> int:
     """Every shard's postings (shard_postings) merged into folder's five .npy files, each whole or not at all,
-    with one shard's postings in memory at a time (a billion passages' postings do not fit a driver). Each
-    term's document frequency in the corpus statistics is its number of postings (a term appears once per
-    passage in the counts), so every term's place in the merged arrays is known before any posting is written;
-    each shard's postings go to their terms' next free places, through a window of MERGE_WINDOW postings of
-    the files mapped at a time. Shards must come in ascending order of their vector ids, each above the
-    last (the shard plan's row ranges in order): then every term's ids stay ascending. ValueError when they
-    do not, or when the statistics do not count exactly the shards' postings. Returns the postings written."""
+    with one shard's postings, then one bucket's, in memory at a time (a billion passages' postings do not fit
+    a driver), the disk read and written in order only. Each term's document frequency in the corpus
+    statistics is its number of postings (a term appears once per passage in the counts), so the dictionary's
+    offsets are known before any posting is read, and the terms are cut into buckets of about MERGE_WINDOW
+    postings (term_chunks). First each shard's postings are appended to their terms' buckets (files in a
+    temporary folder in `folder`, removed after, also on error); then each bucket in term order is read whole,
+    stably sorted by term and appended to ids.npy and impacts.npy. Shards must come in ascending order of their
+    vector ids, each above the last (the shard plan's row ranges in order): a shard's postings are sorted by
+    (term, id), so within a bucket each term's ids then arrive ascending, and a stable sort by term alone
+    orders the bucket by (term, id). ValueError when they do not, or when the statistics do not count exactly
+    the shards' postings. Returns the postings written."""
     params = params or BM25Params()
     starts = np.zeros(len(corpus.terms) + 1, np.int64)
     np.cumsum(corpus.doc_freqs, out=starts[1:])
-    total = int(starts[-1])
-    free = starts[:-1].copy()  # each term's next place
-    maxima = np.zeros(len(corpus.terms), np.float32)  # impacts are >= 0
-    last_id = -1
+    buckets = np.array([t0 for t0, _ in term_chunks(starts, MERGE_WINDOW)] + [len(corpus.terms)], np.int64)
     with contextlib.ExitStack() as stack:
         temps = {name: stack.enter_context(atomic_file(folder / f"{name}.npy")) for name in LEXICAL_ARRAYS}
-        offsets = {
-            name: start_npy(temps[name], dtype, total) for name, dtype in (("ids", np.int64), ("impacts", np.float32))
-        }
-        for counts in shards:
-            if not len(counts.ids):
-                continue
-            if int(counts.ids.min()) <= last_id:
-                raise ValueError(
-                    "shards must be merged in ascending order of their vector ids, each above the last: "
-                    f"a shard's id {int(counts.ids.min())} is not above {last_id}"
-                )
-            last_id = int(counts.ids.max())
-            shard = shard_postings(counts, corpus, params)
-            rows = np.searchsorted(corpus.terms, shard.terms)  # shard_postings checked that the corpus holds them
-            lengths = np.diff(shard.starts)
-            if np.any(free[rows] + lengths > starts[rows + 1]):
-                raise ValueError("the corpus statistics count fewer postings than the shards hold: recompute them")
-            places = np.repeat(free[rows] - shard.starts[:-1], lengths) + np.arange(len(shard.ids))  # ascending
-            free[rows] += lengths
-            maxima[rows] = np.maximum(maxima[rows], shard.maxima)
-            for name, values in (("ids", shard.ids), ("impacts", shard.impacts)):
-                scatter(temps[name], offsets[name], total, places, values)
-        if not np.array_equal(free, starts[1:]):
-            raise ValueError("the corpus statistics count more postings than the shards hold: recompute them")
+        spill = stack.enter_context(tempfile.TemporaryDirectory(prefix=".buckets.", suffix=".tmp", dir=folder))
+        paths = [Path(spill) / f".bucket{i:06d}.tmp" for i in range(len(buckets) - 1)]
+        fill_buckets(shards, corpus, params, starts, buckets, paths)
+        maxima = np.zeros(len(corpus.terms), np.float32)
+        with open(temps["ids"], "wb") as ids_file, open(temps["impacts"], "wb") as impacts_file:
+            write_npy_header(ids_file, np.int64, int(starts[-1]))
+            write_npy_header(impacts_file, np.float32, int(starts[-1]))
+            for path, t0, t1 in zip(paths, buckets[:-1], buckets[1:]):
+                records = np.fromfile(path, BUCKET_RECORD)
+                path.unlink()  # the disk holds the buckets once: the output grows as they go
+                order = np.argsort(records["row"], kind="stable")  # a merge of the shards' sorted runs
+                ids_file.write(records["id"][order].tobytes())
+                impacts = records["impact"][order]
+                impacts_file.write(impacts.tobytes())
+                maxima[t0:t1] = term_maxima(impacts, starts[t0 : t1 + 1] - starts[t0])
         for name, array in (("terms", corpus.terms.astype(np.uint64)), ("starts", starts), ("maxima", maxima)):
             save_npy(temps[name], array)
-    return total
+    return int(starts[-1])
 
 
-def start_npy(path: Path, dtype, length: int) -> int:
-    """A .npy file of `length` values of dtype (zeros, sparse where the system allows), to be filled in
-    place; returns where its data begins."""
-    with open(path, "wb") as fh:
-        write_npy_header(fh, dtype, length)
-        offset = fh.tell()
-        fh.truncate(offset + length * np.dtype(dtype).itemsize)
-    return offset
+def fill_buckets(
+    shards: Iterable[TermCounts],
+    corpus: CorpusTerms,
+    params: BM25Params,
+    starts: np.ndarray,
+    buckets: np.ndarray,
+    paths: list[Path],
+) -> None:
+    """write_merged_postings' first pass: each shard's postings appended to the bucket files of their terms
+    (bucket i holds dictionary rows buckets[i] to buckets[i + 1]), after checking the shards' order and that
+    no term gets more postings than its document frequency; then that every term got all of them."""
+    free = starts[:-1].copy()  # each term's next place
+    last_id = -1
+    for counts in shards:
+        if not len(counts.ids):
+            continue
+        if int(counts.ids.min()) <= last_id:
+            raise ValueError(
+                "shards must be merged in ascending order of their vector ids, each above the last: "
+                f"a shard's id {int(counts.ids.min())} is not above {last_id}"
+            )
+        last_id = int(counts.ids.max())
+        shard = shard_postings(counts, corpus, params)
+        rows = np.searchsorted(corpus.terms, shard.terms)  # shard_postings checked that the corpus holds them
+        lengths = np.diff(shard.starts)
+        if np.any(free[rows] + lengths > starts[rows + 1]):
+            raise ValueError("the corpus statistics count fewer postings than the shards hold: recompute them")
+        free[rows] += lengths
+        bucket = np.searchsorted(buckets, rows, side="right") - 1
+        records = np.empty(len(shard.ids), BUCKET_RECORD)
+        records["row"] = np.repeat(rows - buckets[bucket], lengths)
+        records["id"] = shard.ids
+        records["impact"] = shard.impacts
+        cuts = shard.starts[np.searchsorted(rows, buckets)]  # the shard's terms ascend: a bucket's are a range
+        for i in np.unique(bucket):
+            with open(paths[i], "ab") as fh:
+                fh.write(records[cuts[i] : cuts[i + 1]].tobytes())
+    if not np.array_equal(free, starts[1:]):
+        raise ValueError("the corpus statistics count more postings than the shards hold: recompute them")
 
 
 def write_npy_header(fh, dtype, length: int) -> None:
     """The header np.save writes for a 1-d array of `length` values of dtype."""
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
     np.lib.format.write_array_header_1_0(fh, header)
-
-
-def scatter(path: Path, offset: int, length: int, places: np.ndarray, values: np.ndarray) -> None:
-    """values written at these ascending places of a .npy file's data (start_npy), mapping MERGE_WINDOW
-    values of it at a time: the pages a shard writes leave the process with their window."""
-    if not len(places):  # a shard whose passages hold no term
-        return
-    for lo in range(int(places[0]) // MERGE_WINDOW * MERGE_WINDOW, int(places[-1]) + 1, MERGE_WINDOW):
-        a, b = np.searchsorted(places, [lo, lo + MERGE_WINDOW])
-        if a == b:
-            continue
-        size = min(MERGE_WINDOW, length - lo)
-        window = np.memmap(path, values.dtype, "r+", offset + lo * values.dtype.itemsize, (size,))
-        window[places[a:b] - lo] = values[a:b]
-        del window
 
 
 def read_postings_slice(array: np.ndarray, a: int, b: int) -> np.ndarray:
