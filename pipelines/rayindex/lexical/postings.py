@@ -101,7 +101,7 @@ def shard_postings(counts: TermCounts, corpus: CorpusTerms, params: BM25Params |
     norm = params.k1 * (1 - params.b + params.b * lengths / corpus.avg_length) if corpus.avg_length else params.k1
     impacts = stepped(idf(corpus.doc_freqs[where].astype(np.float64), corpus.passages) * tf / (tf + norm))
     order = np.lexsort((ids, counts.terms))
-    return from_rows(counts.terms[order], ids[order], impacts[order].astype(np.float32))
+    return from_rows(counts.terms[order], ids[order], impacts[order])
 
 
 def from_rows(terms: np.ndarray, ids: np.ndarray, impacts: np.ndarray) -> Postings:
@@ -247,7 +247,7 @@ def write_split_postings(
     postings memory-mapped (open_postings) are read `chunk` postings at a time (whole terms), twice: to count
     each part's terms and postings, then to fill its files in order. Every posting's passage must belong to a
     part (ValueError otherwise: the split does not cover the index). Within a term, ids keep their ascending
-    order, so a part's search sums its passages' impacts in the order the whole postings would."""
+    order, which a part's search looks passages up by (term_impacts)."""
     owned = np.concatenate([np.asarray(ids, np.int64) for ids in parts]) if parts else np.zeros(0, np.int64)
     part_of = np.repeat(np.arange(len(parts), dtype=np.int64), [len(ids) for ids in parts])
     order = np.argsort(owned, kind="stable")
@@ -395,8 +395,8 @@ def search_postings(
         best_ids, best_scores = top_with_ties(
             np.concatenate([best_ids, ids]), np.concatenate([best_scores, sums.astype(np.float32)]), k
         )
-        if len(best_ids) >= k:  # the chunks so far lift the floor for the next ones
-            theta = max(theta, np.partition(best_scores, len(best_scores) - k)[len(best_scores) - k])
+        if len(best_ids) >= k:  # the chunks so far lift the floor for the next ones (top_with_ties: min = k-th)
+            theta = max(theta, best_scores.min())
     order = np.lexsort((best_ids, -best_scores))[:k]
     return best_ids[order], best_scores[order]
 
