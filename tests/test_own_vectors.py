@@ -2,8 +2,8 @@
 column holds each row's vector builds without running the model, its rows' text and metadata in the doc store; a
 text search over vectors the real model made equals a normal build's; a stored vector finds its own row first;
 search by vector in the API and over HTTP (/search with "vector"), with its refusals; an index whose model is not
-here refuses text and answers vectors (the MCP server's search tool too); each bad vector refused naming the file and
-row; reindex reads changed vectors."""
+here refuses text and answers vectors (the MCP server's search tool too); --encode-dtype does not apply; each bad
+vector refused naming the file and row; reindex reads changed vectors."""
 
 import json
 import sys
@@ -244,14 +244,15 @@ def test_reindex_reads_the_changed_vectors(normal, own):
 
 @pytest.fixture(scope="module")
 def elsewhere(ray_address, tmp_path_factory):
-    """JSONL arrays made by a model that is not here, without a text column; one row has no vector."""
+    """JSONL arrays made by a model that is not here, without a text column; one row has no vector. Built with
+    --encode-dtype fp16, which does not apply (nothing is encoded) and so is not refused on CPU."""
     root = tmp_path_factory.mktemp("elsewhere")
     vectors = unit(np.random.default_rng(4), 40)
     rows = [{"id": f"v{i}", "vec": v.tolist(), "lang": "fr" if i % 3 else "en"} for i, v in enumerate(vectors)]
     rows[5]["vec"] = None
     path = write_jsonl(root / "vectors.jsonl", rows)
     config = dict(id_column="id", template=None, text_columns=["text"], vector_column="vec", model=ELSEWHERE)
-    manifest = build(build_config([path], root / "out", index=None, shards=2, tune=None, **config))
+    manifest = build(build_config([path], root / "out", index=None, shards=2, tune=None, encode_dtype="fp16", **config))
     return root / "out", manifest, rows, vectors
 
 
@@ -261,6 +262,10 @@ def test_vectors_from_a_model_not_here_search_by_vector_only(elsewhere):
     assert manifest.counts.docs_encoded == 39 and manifest.counts.skipped == {NULL_VECTOR: 1}
     assert manifest.model.name == ELSEWHERE and manifest.dimension == DIM
     assert any("no text column ('text')" in w for w in manifest.warnings)
+    assert "--encode-dtype fp16 does not apply: the corpus brings its vectors (--vector-column vec)" in " ".join(
+        manifest.warnings
+    )
+    assert {s.encoded_with for s in manifest.shard_states} == {"cpu/fp32"} and manifest.model.dtype == "fp32"
     assert manifest.tuning.queries_from.startswith("stored vectors (the model that made them")
     index = open_index(output)
     best = index.search_vector(vectors[7], k=2)[0]

@@ -172,6 +172,11 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
     if config.vector_column:
         manifest.dimension = vectors.corpus_dimension([(f.path, f.rows) for f in inspection[2]], config.vector_column)
         vectors.check_model_dimension(config.model, manifest.dimension)
+        if config.encode_dtype != BuildConfig.model_fields["encode_dtype"].default:
+            manifest.warnings.append(
+                f"--encode-dtype {config.encode_dtype} does not apply: the corpus brings its vectors (--vector-column "
+                f"{config.vector_column}), kept as float32, and nothing is encoded"
+            )
         if without_text(config, inspection[1]):  # tables only: check_given_vectors
             manifest.warnings.append(
                 f"the input has no text column ({config.text_columns[0]!r}): hits carry the rows' metadata and no "
