@@ -56,6 +56,8 @@ def encode_stage(corpus: Path, work: Path, shards: int | None, text: dict) -> di
         "encoder_slots": manifest.encoder_slots,
         "unit_costs": [s.cost for s in manifest.shards],
         "unit_seconds": unit_seconds,
+        "unit_rows": [s.global_end - s.global_start for s in manifest.shards],
+        "unit_tokens": [s.tokens_encoded for s in manifest.shard_states],  # what the units cost, whatever the load
         "plan_s": plan_s,
         "encode_s": wall,
         "units_at_once_mean": sum(unit_seconds) / wall,
