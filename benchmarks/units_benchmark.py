@@ -7,13 +7,16 @@ and by the default plan, in one run, on the same cores and the same local Ray; a
     against the default plan (units cut by cost, one per encoder that can run at once). Reported: the encode
     stage's wall time (actor start and model load included) and their ratio, the units and encoders, and how
     many units ran at once on average: the encoders' own seconds on their units (reading to writing,
-    ShardState.encode_seconds) summed, over the stage's wall time;
+    ShardState.encode_seconds) summed, over the stage's wall time; with --gcide N, the first N GCIDE entries
+    instead (short texts of unequal lengths), in one Parquet file of one row group ("{word}: {definition}"), the
+    corpus where the plan's cuts fall inside a row group (its finer cost marks: docs/build.md "Shard plan");
 (b) --shard-cost: what one more shard costs a whole build (the forward pass made free, as encode_benchmark.py's
     (b) makes it, so that only the per-shard work is left: an encoder's start and end of a unit, its files and
     checksums, its add and BM25 count tasks, its merge entry): the same 2,000 GCIDE entries built with --shards 1
     and --shards 8, one encoder, every stage but tune; the difference over 7.
 
     python benchmarks/units_benchmark.py [--docs 2000] [--json docs/benchmark-units.json]
+    python benchmarks/units_benchmark.py --gcide 3000 [--json docs/benchmark-units-gcide.json]
     python benchmarks/units_benchmark.py --shard-cost
 """
 
@@ -30,6 +33,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks' corpora
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from encode_benchmark import free_forward, gcide_entries, planned_and_encoded
 from passages_benchmark import man_pages
@@ -38,10 +43,11 @@ from rayindex.builder import build
 from rayindex.config import BuildConfig
 
 
-def encode_stage(corpus: Path, work: Path, shards: int | None) -> dict:
-    """Plan + encode of the corpus (as `rayindex build` runs them, on the Ray already started), timed."""
+def encode_stage(corpus: Path, work: Path, shards: int | None, text: dict) -> dict:
+    """Plan + encode of the corpus (as `rayindex build` runs them, on the Ray already started), timed; text: the
+    options that make its text (text_columns or template)."""
     config = BuildConfig(
-        inputs=[str(corpus)], output=str(work), id_column="id", text_columns=["text"], shards=shards, index="IVF1,Flat"
+        inputs=[str(corpus)], output=str(work), id_column="id", shards=shards, index="IVF1,Flat", **text
     )
     manifest, plan_s, wall = planned_and_encoded(config)
     unit_seconds = [s.encode_seconds for s in manifest.shard_states]
@@ -50,6 +56,8 @@ def encode_stage(corpus: Path, work: Path, shards: int | None) -> dict:
         "encoder_slots": manifest.encoder_slots,
         "unit_costs": [s.cost for s in manifest.shards],
         "unit_seconds": unit_seconds,
+        "unit_rows": [s.global_end - s.global_start for s in manifest.shards],
+        "unit_tokens": [s.tokens_encoded for s in manifest.shard_states],  # what the units cost, whatever the load
         "plan_s": plan_s,
         "encode_s": wall,
         "units_at_once_mean": sum(unit_seconds) / wall,
@@ -58,25 +66,44 @@ def encode_stage(corpus: Path, work: Path, shards: int | None) -> dict:
     }
 
 
-def units(args) -> dict:
-    corpus = Path(args.work) / f"man-{args.docs}.jsonl"
+def man_page_corpus(work: Path, docs: int) -> tuple[Path, dict, dict]:
+    """The first `docs` man pages as one JSONL file (made once), the options that make its text, what it is."""
+    corpus = work / f"man-{docs}.jsonl"
     if not corpus.exists():
-        corpus.parent.mkdir(parents=True, exist_ok=True)
-        rows = man_pages(args.docs)
+        rows = man_pages(docs)
         corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return corpus, {"text_columns": ["text"]}, {"what": "English man pages (sections 1, 5, 8), man -l at 100 columns"}
+
+
+def gcide_corpus(work: Path, docs: int) -> tuple[Path, dict, dict]:
+    """The first `docs` GCIDE entries as one Parquet file of one row group (made once), their template, what."""
+    corpus = work / f"gcide-{docs}.parquet"
+    if not corpus.exists():
+        rows = gcide_entries()[:docs]
+        pq.write_table(pa.Table.from_pylist(rows), corpus, row_group_size=len(rows))
+    what = "the first GCIDE entries (Debian dict-gcide), one Parquet row group, '{word}: {definition}'"
+    return corpus, {"template": "{word}: {definition}"}, {"what": what}
+
+
+def units(args) -> dict:
+    work = Path(args.work)
+    if args.gcide:
+        corpus, text, described = gcide_corpus(work, args.gcide)
+    else:
+        corpus, text, described = man_page_corpus(work, args.docs)
     size = corpus.stat().st_size
     started = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)
     ray_s = time.perf_counter() - started
     try:
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-            before = encode_stage(corpus, Path(tmp) / "one", 1)
-            after = encode_stage(corpus, Path(tmp) / "units", None)
+            before = encode_stage(corpus, Path(tmp) / "one", 1, text)
+            after = encode_stage(corpus, Path(tmp) / "units", None, text)
     finally:
         ray.shutdown()
     return {
-        "corpus": {"what": "English man pages (sections 1, 5, 8), man -l at 100 columns", "docs": args.docs},
-        "jsonl_bytes": size,
+        "corpus": {**described, "docs": args.gcide or args.docs},
+        "file_bytes": size,
         "cores": os.cpu_count(),
         "ray_start_s": ray_s,
         "one_shard": before,
@@ -119,6 +146,7 @@ def shard_cost(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=2000, help="man pages (the first N in the fixed order)")
+    parser.add_argument("--gcide", type=int, help="the first N GCIDE entries in one row group instead of man pages")
     parser.add_argument("--work", default="/tmp/rayindex-units")
     parser.add_argument("--shard-cost", action="store_true", help="measure what one more shard costs a build")
     parser.add_argument("--json", type=Path)
@@ -128,11 +156,13 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if not args.shard_cost:
         one, new = results["one_shard"], results["default_plan"]
+        what = f"{args.gcide} GCIDE entries" if args.gcide else f"{args.docs} man pages"
         print(
-            f"{args.docs} man pages ({results['jsonl_bytes'] / 1e6:.1f} MB, {new['passages']:,} passages) on "
+            f"{what} ({results['file_bytes'] / 1e6:.1f} MB, {new['passages']:,} passages) on "
             f"{results['cores']} cores: one shard {one['encode_s']:.1f} s, default plan ({new['units']} units for "
             f"{new['encoder_slots']} encoders, {new['units_at_once_mean']:.2f} at once on average) "
-            f"{new['encode_s']:.1f} s: {results['speedup']:.2f}x"
+            f"{new['encode_s']:.1f} s: {results['speedup']:.2f}x; units' own seconds: one shard {one['unit_seconds']}, "
+            f"default plan {new['unit_seconds']}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

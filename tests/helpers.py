@@ -26,6 +26,26 @@ import pyarrow.parquet as pq
 from rayindex.config import BuildConfig
 
 
+def stored_vectors(output) -> tuple:
+    """Every vector of the build CURRENT names and its vector id, in id order, as its encoders stored them (numpy
+    arrays). Imported here when called: see free_port."""
+    import numpy as np
+
+    from rayindex.infra.files import load_embeddings
+    from rayindex.layout import VECTOR_IDS_FILE, shard_dir
+    from rayindex.query.search import open_index
+
+    index = open_index(output)
+    manifest = index.manifest
+    folders = [shard_dir(index.version_dir, s.shard_id) for s in manifest.shards]
+    ids = np.concatenate([np.load(folder / VECTOR_IDS_FILE) for folder in folders])
+    vectors = np.concatenate(
+        [load_embeddings(f, n, manifest.dimension) for f, n in zip(folders, manifest.shard_counts())]
+    )
+    order = np.argsort(ids)
+    return ids[order], vectors[order]
+
+
 def free_port() -> int:
     """A free local port. Not rayindex.query.launch.free_port: importing launch imports ray, which reads
     RAY_AUTH_MODE once, and conftest imports this module before it sets that."""

@@ -1,6 +1,7 @@
 """MCP (docs/mcp.md) through the SDK's own client: `rayindex mcp` over stdio and the Serve app's /mcp over
 streamable HTTP list the tools, search with the same hits as PublishedIndex.search (ids, order, scores within
-1e-5, texts), fetch a document's passages as PublishedIndex.document returns them, and answer bad arguments and
+1e-5, texts) and, given a stored vector, as PublishedIndex.search_vector (its own document first), fetch a
+document's passages as PublishedIndex.document returns them, and answer bad arguments (a vector's too) and
 unknown ids as tool errors carrying the message; /mcp refuses a request without the API key."""
 
 import sys
@@ -17,7 +18,7 @@ from rayindex.config import ServeConfig
 from rayindex.query.launch import start_serving
 from rayindex.query.search import open_index
 
-from helpers import client_env, free_port
+from helpers import client_env, free_port, stored_vectors
 
 QUERY = "open a file and read its lines"
 API_KEY = "mcp-test-key"
@@ -29,14 +30,20 @@ def index(built):
     return open_index(built[0])
 
 
-async def converse(client: Client, index) -> None:
+@pytest.fixture(scope="module")
+def stored(built, index):
+    """A passage's vector as the build stored it (a list of floats), and its document's id."""
+    ids, vectors = stored_vectors(built[0])
+    return vectors[40].tolist(), index.docs.get(int(ids[40]))["id"]
+
+
+async def converse(client: Client, index, stored) -> None:
     """What every MCP client of rayindex does, checked against the index opened in this process."""
     tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"search", "fetch_document"}
     schema = tools["search"].input_schema
-    assert schema["required"] == ["query"] and {"k", "mode", "filter", "per_document", "nprobe"} <= set(
-        schema["properties"]
-    )
+    assert "required" not in schema  # a query or a vector
+    assert {"query", "vector", "k", "mode", "filter", "per_document", "nprobe"} <= set(schema["properties"])
     assert tools["search"].output_schema["properties"]["hits"]["type"] == "array"
 
     for arguments in (
@@ -56,6 +63,24 @@ async def converse(client: Client, index) -> None:
         text = result.content[0].text  # the same hits, readable
         assert all(f"document {h['id']!r}" in text and h["text"] in text for h in expected)
 
+    vector, own_id = stored
+    found = {}
+    for name, arguments in (
+        ("all", {"vector": vector, "k": 3}),
+        ("classes", {"vector": vector, "k": 5, "filter": {"kind": "class"}}),
+    ):
+        result = await client.call_tool("search", arguments)
+        assert not result.is_error, result.content
+        expected = index.search_vector(**arguments)
+        found[name] = result.structured_content["hits"]
+        assert [(h["id"], h["passage"], h["text"]) for h in found[name]] == [
+            (h["id"], h["passage"], h["text"]) for h in expected
+        ]
+        assert [h["score"] for h in found[name]] == pytest.approx([h["score"] for h in expected], abs=1e-5)
+        assert f"for a vector of 384 values (index version {index.run_id})" in result.content[0].text
+    assert found["all"][0]["id"] == own_id  # the stored vector finds its own document first
+    assert found["classes"] and all(h["metadata"]["kind"] == "class" for h in found["classes"])
+
     doc_id = index.search(QUERY, k=1)[0]["id"]
     fetched = await client.call_tool("fetch_document", {"id": doc_id})
     assert not fetched.is_error, fetched.content
@@ -68,13 +93,20 @@ async def converse(client: Client, index) -> None:
         ("search", {"query": QUERY, "mode": "fuzzy"}, "mode"),
         ("search", {"query": "   "}, "query: Value error, must not be empty or only whitespace"),
         ("search", {"query": QUERY, "filter": {"colour": "red"}}, "no metadata column 'colour'"),
+        ("search", {"vector": [1.0, 2.0, 3.0]}, "vector: has 3 values, this index's vectors have 384 values"),
+        ("search", {"vector": [0.0] * 384}, "vector: is all zeros, which has no direction to compare (metric cosine)"),
+        # JSON has no NaN or infinity: the SDK's client sends them as null, which is not a number
+        ("search", {"vector": [float("inf")] + [0.1] * 383}, "vector.0\n  Input should be a valid number"),
+        ("search", {"query": QUERY, "vector": vector}, "give exactly one of query (text) and vector"),
+        ("search", {"k": 3}, "give exactly one of query (text) and vector"),
+        ("search", {"vector": vector, "mode": "lexical"}, "mode lexical needs query text"),
         ("fetch_document", {"id": "no-such-document"}, "no document has the string id 'no-such-document'"),
     ):
         refused = await client.call_tool(tool, arguments)
         assert refused.is_error and message in refused.content[0].text, (arguments, refused.content)
 
 
-def test_stdio_server_answers_like_the_index(built, index):
+def test_stdio_server_answers_like_the_index(built, index, stored):
     """`rayindex mcp --index` spawned by the SDK's stdio client, in the initialize handshake's protocol (what the
     desktop and IDE clients speak)."""
     server = StdioServerParameters(
@@ -84,7 +116,7 @@ def test_stdio_server_answers_like_the_index(built, index):
     async def main():
         with anyio.fail_after(LIMIT_S):
             async with Client(server, mode="legacy") as client:
-                await converse(client, index)
+                await converse(client, index, stored)
 
     anyio.run(main)
 
@@ -105,14 +137,14 @@ def mcp_client(url: str, mode: str = "legacy") -> Client:
 
 
 @pytest.mark.slow  # the Serve app (about 15 s to start)
-def test_the_serve_app_answers_mcp_at_slash_mcp_behind_its_api_key(served, index):
+def test_the_serve_app_answers_mcp_at_slash_mcp_behind_its_api_key(served, index, stored):
     url, _ = served
 
     async def main(mode: str, whole: bool):
         with anyio.fail_after(LIMIT_S):
             async with mcp_client(url, mode) as client:
                 if whole:
-                    await converse(client, index)
+                    await converse(client, index, stored)
                 else:
                     assert {tool.name for tool in (await client.list_tools()).tools} == {"search", "fetch_document"}
 

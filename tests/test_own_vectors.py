@@ -2,16 +2,19 @@
 column holds each row's vector builds without running the model, its rows' text and metadata in the doc store; a
 text search over vectors the real model made equals a normal build's; a stored vector finds its own row first;
 search by vector in the API and over HTTP (/search with "vector"), with its refusals; an index whose model is not
-here refuses text and answers vectors; each bad vector refused naming the file and row; reindex reads changed
-vectors."""
+here refuses text and answers vectors (the MCP server's search tool too); --encode-dtype does not apply; each bad
+vector refused naming the file and row; reindex reads changed vectors."""
 
 import json
+import sys
 
+import anyio
 import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mcp import Client, StdioServerParameters
 from pydantic import ValidationError
 from ray import serve
 from typer.testing import CliRunner
@@ -32,7 +35,7 @@ from rayindex.stages.encode import given_chunk
 from rayindex.text.corpus import read_piece
 from rayindex.text.vectors import NULL_VECTOR
 
-from helpers import build_config, free_port, write_jsonl
+from helpers import build_config, client_env, free_port, write_jsonl
 
 N_ROWS = 120
 QUERIES = ["parse a JSON document", "compress a file with gzip", "open a network socket", "format a date"]
@@ -241,14 +244,15 @@ def test_reindex_reads_the_changed_vectors(normal, own):
 
 @pytest.fixture(scope="module")
 def elsewhere(ray_address, tmp_path_factory):
-    """JSONL arrays made by a model that is not here, without a text column; one row has no vector."""
+    """JSONL arrays made by a model that is not here, without a text column; one row has no vector. Built with
+    --encode-dtype fp16, which does not apply (nothing is encoded) and so is not refused on CPU."""
     root = tmp_path_factory.mktemp("elsewhere")
     vectors = unit(np.random.default_rng(4), 40)
     rows = [{"id": f"v{i}", "vec": v.tolist(), "lang": "fr" if i % 3 else "en"} for i, v in enumerate(vectors)]
     rows[5]["vec"] = None
     path = write_jsonl(root / "vectors.jsonl", rows)
     config = dict(id_column="id", template=None, text_columns=["text"], vector_column="vec", model=ELSEWHERE)
-    manifest = build(build_config([path], root / "out", index=None, shards=2, tune=None, **config))
+    manifest = build(build_config([path], root / "out", index=None, shards=2, tune=None, encode_dtype="fp16", **config))
     return root / "out", manifest, rows, vectors
 
 
@@ -258,6 +262,10 @@ def test_vectors_from_a_model_not_here_search_by_vector_only(elsewhere):
     assert manifest.counts.docs_encoded == 39 and manifest.counts.skipped == {NULL_VECTOR: 1}
     assert manifest.model.name == ELSEWHERE and manifest.dimension == DIM
     assert any("no text column ('text')" in w for w in manifest.warnings)
+    assert "--encode-dtype fp16 does not apply: the corpus brings its vectors (--vector-column vec)" in " ".join(
+        manifest.warnings
+    )
+    assert {s.encoded_with for s in manifest.shard_states} == {"cpu/fp32"} and manifest.model.dtype == "fp32"
     assert manifest.tuning.queries_from.startswith("stored vectors (the model that made them")
     index = open_index(output)
     best = index.search_vector(vectors[7], k=2)[0]
@@ -314,6 +322,30 @@ def test_http_search_by_vector_and_its_refusals(elsewhere):
                 assert r.status_code == 422 and detail in r.json()["detail"], (body, r.text)
     finally:
         serve.shutdown()
+
+
+@pytest.mark.slow
+def test_the_mcp_server_searches_by_vector_when_the_model_is_not_here(elsewhere):
+    """`rayindex mcp` over stdio starts although the model that made the vectors is not here (as the Serve app
+    does): its search tool answers a vector as search_vector does, and refuses text saying to search by vector."""
+    output, _, _, vectors = elsewhere
+    index = open_index(output)
+    server = StdioServerParameters(
+        command=sys.executable, args=["-m", "rayindex", "mcp", "--index", str(output)], env=client_env()
+    )
+
+    async def main():
+        with anyio.fail_after(180):
+            async with Client(server, mode="legacy") as client:
+                found = await client.call_tool("search", {"vector": vectors[7].tolist(), "k": 3})
+                assert not found.is_error, found.content
+                hits = found.structured_content["hits"]
+                assert [h["id"] for h in hits] == [h["id"] for h in index.search_vector(vectors[7], k=3)]
+                assert hits[0]["id"] == "v7"
+                text = await client.call_tool("search", {"query": "anything"})
+                assert text.is_error and "search by vector instead" in text.content[0].text
+
+    anyio.run(main)
 
 
 @pytest.mark.slow

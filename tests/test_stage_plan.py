@@ -1,7 +1,9 @@
 """The plan stage (stages/plan.py) and the shard plan under it (text/shard_plan.py): deterministic,
 disjoint, complete; row ranges read back exactly; units cut by cost, as many as the encoders that can run at
-once where each is worth its fixed cost; a resumed run keeps its plan."""
+once where each is worth its fixed cost; cuts inside a Parquet row group at equal text bytes; a resumed run keeps
+its plan."""
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import rayindex.text.corpus as corpus
@@ -10,10 +12,13 @@ from rayindex.infra.resources import NodeGroup, encoder_slots
 from rayindex.manifest import Manifest
 from rayindex.stages import plan as plan_stage
 from rayindex.stages.plan import plan
+from rayindex.text import shard_plan
 from rayindex.text.shard_plan import (
     MIN_UNIT_BYTES,
     FileCost,
     cumulative_cost,
+    finer_marks,
+    groups_to_read,
     number_of_shards,
     plan_shards,
     unit_bounds,
@@ -55,6 +60,46 @@ def test_units_are_cut_at_equal_cost_not_equal_rows():
 def test_bounds_stay_increasing_when_one_row_holds_most_of_the_cost():
     files = [FileCost("huge.pdf", 1, [(0, 0), (1, 10_000_000)]), FileCost("rest.jsonl", 3, [(0, 0), (3, 30)])]
     assert unit_bounds(*cumulative_cost(files), 4) == [0, 1, 2, 3, 4]  # every unit at least one row, ids unchanged
+
+
+def test_finer_marks_share_a_row_group_by_its_rows_text(monkeypatch):
+    groups = [(0, 0), (4, 1_000), (8, 1_100)]
+    # the first group's rows hold 10, 0, 30 and 60 text bytes: its 1,000 shared 10:0:30:60, rounded down
+    assert finer_marks(groups, 1, [10, 0, 30, 60]) == [(0, 0), (1, 100), (2, 100), (3, 400), (4, 1_000), (8, 1_100)]
+    assert finer_marks(groups, 2, [1, 1, 1, 7]) == [(0, 0), (4, 1_000), (5, 1_010), (6, 1_020), (7, 1_030), (8, 1_100)]
+    assert finer_marks(groups, 1, [0, 0, 0, 0]) == groups  # no text: equal rows, as before
+    monkeypatch.setattr(shard_plan, "COST_MARKS", 2)  # every ceil(4 / 2) = 2nd row
+    assert finer_marks(groups, 1, [10, 0, 30, 60]) == [(0, 0), (2, 100), (4, 1_000), (8, 1_100)]
+
+
+def test_a_cut_inside_a_row_group_falls_at_equal_text_bytes():
+    # one row group of 8 rows: 4 of 100 text bytes, then 4 of 10 (880 bytes in the footer)
+    group = FileCost("p.parquet", 8, [(0, 0), (8, 880)], row_groups=True)
+    assert unit_bounds(*cumulative_cost([group]), 2) == [0, 4, 8]  # equal rows: 400 text bytes against 40
+    assert groups_to_read([group], 2) == [(0, 1)]
+    fine = group._replace(marks=finer_marks(group.marks, 1, [100] * 4 + [10] * 4))
+    # half of 888 (its bytes and a byte a row) is 444, between row 2 (402) and row 3 (603): row 2, the nearer,
+    # 200 text bytes against 240 (row 3: 300 against 140)
+    assert unit_bounds(*cumulative_cost([fine]), 2) == [0, 2, 8]
+    assert [s.cost for s in plan_shards([fine], 2)] == [402, 486]
+
+
+def test_only_the_row_groups_where_cuts_fall_are_read(monkeypatch):
+    two = FileCost("a.parquet", 20, [(0, 0), (10, 1_000), (20, 2_000)], row_groups=True)
+    assert groups_to_read([two], 2) == []  # the cut (1,010 of 2,020) falls on the groups' boundary
+    assert groups_to_read([two], 3) == [(0, 1), (0, 2)]  # 673 in the first, 1,346 in the second
+    assert groups_to_read([two._replace(row_groups=False)], 3) == []  # JSONL: its marks are its bytes already
+    jsonl = FileCost("b.jsonl", 5, [(0, 0), (5, 1_000)])
+    assert groups_to_read([jsonl, two], 2) == [(1, 1)]  # the cut at 1,512 of 3,025: a.parquet's first group
+    # forty groups of 100 bytes in 2 units of 2,200: a group costs 1/20 of a unit, under 1/FINE_SHARE: none read
+    many = FileCost("m.parquet", 400, [(10 * g, 100 * g) for g in range(41)], row_groups=True)
+    assert groups_to_read([many], 2) == []
+    # in 3 units of 1,466 a group is 1/13 of one: read where the cuts fall (1,466 and 2,933: groups 14 and 27)
+    assert groups_to_read([many], 3) == [(0, 14), (0, 27)]
+    monkeypatch.setattr(shard_plan, "FINE_READ_BYTES", 150)  # one group's bytes: the plan reads at most that
+    assert groups_to_read([many], 3) == [(0, 14)]
+    single_row = FileCost("s.parquet", 2, [(0, 0), (1, 1_000), (2, 2_000)], row_groups=True)
+    assert groups_to_read([single_row], 3) == []  # a group of one row has no cut inside
 
 
 def test_number_of_units():
@@ -119,6 +164,37 @@ def test_cost_marks_are_the_files_own_sizes(tmp_path, docs):
     marks = corpus.inspect_file(str(jsonl)).cost_marks
     assert marks[0] == (0, 0) and marks[-1] == (40, len(jsonl.read_bytes()))
     assert all(offset == sum(map(len, lines[:row])) for row, offset in marks)  # each a line's exact start
+
+
+def test_row_group_text_bytes_reads_each_rows_text_length(tmp_path):
+    table = pa.table(
+        {
+            "title": ["ab", None, "é"],  # UTF-8 bytes: é is 2
+            "body": pa.array([b"\xff\xfe", b"", None]),
+            "year": [1999, 7, None],  # a template's number: its digits
+            "tags": [["x"], [], None],  # no text form: 0
+        }
+    )
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path)
+    assert corpus.row_group_text_bytes(str(path), 0, ["title"]) == [2, 0, 2]
+    assert corpus.row_group_text_bytes(str(path), 0, ["title", "body", "year", "tags"]) == [8, 1, 2]
+
+
+def test_a_row_group_of_unequal_texts_is_cut_at_equal_text_bytes(tmp_path, docs, monkeypatch):
+    # one row group: 30 long docstrings, then 60 one-word ones
+    long = sorted(docs, key=lambda d: -len(d["body"]))[:30]
+    rows = [{"id": d["id"], "body": d["body"]} for d in long] + [{"id": f"w{i}", "body": "word"} for i in range(60)]
+    path = write_parquet(tmp_path / "in" / "p.parquet", rows, row_group_size=100)
+    monkeypatch.setattr(shard_plan, "MIN_UNIT_BYTES", 1)
+    config = BuildConfig(inputs=[str(path)], id_column="id", text_columns=["body"])
+    files, shards = plan(config, 2)
+    text = [len(r["body"].encode()) for r in rows]
+    cut = shards[0].global_end
+    assert abs(sum(text[:cut]) - sum(text[cut:])) <= max(text)  # equal text bytes, within one row
+    assert cut < 30  # not the 45 rows equal rows would give
+    assert plan(config, 2) == (files, shards)  # the same texts, the same plan
+    assert [s.global_start for s in shards] == [0, cut] and shards[-1].global_end == 90
 
 
 def test_a_folder_of_long_files_is_cut_by_their_sizes(tmp_path):

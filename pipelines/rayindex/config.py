@@ -155,7 +155,7 @@ class BuildConfig(Settings):
         "auto",
         description="Precision of the encoder's forward pass: auto, fp32, fp16 or bf16 (default auto: fp16 on a "
         "GPU, fp32 on CPU). Each shard records the device and dtype it was encoded with; a resume re-encodes "
-        "shards encoded otherwise.",
+        "shards encoded otherwise. Does not apply with --vector-column (nothing is encoded: a warning says so).",
         json_schema_extra=cli(metavar="DTYPE"),
     )
     encoders: int | None = Field(None, ge=1, description="Encoder actors (default: one per GPU, or one per CPU).")

@@ -18,6 +18,7 @@ from anyio import to_thread
 from rayindex.query.mcp_tools import Fetch, Search, mcp_server
 from rayindex.query.requests import SearchRequest
 from rayindex.query.search import PublishedIndex, open_index
+from rayindex.text.vectors import ModelUnavailable
 
 
 def index_tools(index: PublishedIndex) -> tuple[Search, Fetch]:
@@ -29,6 +30,10 @@ def index_tools(index: PublishedIndex) -> tuple[Search, Fetch]:
 
     def search_now(request: SearchRequest) -> list[dict]:
         with one_search:
+            if request.vector is not None:
+                return index.search_vector(
+                    request.vector, request.k, request.nprobe, request.per_document, request.filter
+                )
             return index.search(
                 request.query, request.k, request.nprobe, request.per_document, request.filter, request.mode
             )
@@ -45,12 +50,14 @@ def index_tools(index: PublishedIndex) -> tuple[Search, Fetch]:
 
 
 def opened(index: str, s3_endpoint: str | None = None) -> PublishedIndex:
-    """The index CURRENT names, its doc store's footers checked and its model loaded; anything printed meanwhile
-    goes to stderr."""
+    """The index CURRENT names, its doc store's footers checked and its model loaded (an index of vectors made
+    elsewhere whose model is not here is served all the same: searched by vector, a text query refused saying so);
+    anything printed meanwhile goes to stderr."""
     with contextlib.redirect_stdout(sys.stderr):
         published = open_index(index, s3_endpoint)
         published.docs.open_all()
-        published.encode(["warm-up"])
+        with contextlib.suppress(ModelUnavailable):
+            published.encode(["warm-up"])
     return published
 
 

@@ -3,7 +3,8 @@
 stdio, over an index opened in that process) and the Serve app (query/serve.py: streamable HTTP at /mcp,
 through a replica's admission) answer the same tools with the same validation and the same results.
 
-A search's arguments are a /search body (requests.SearchRequest: the same limits and messages); a bad argument,
+A search's arguments are a /search body (requests.SearchRequest: the same limits and messages), a text `query` or
+a `vector` of the index's dimension (checked against the index as /search checks it); a bad argument,
 an unknown id or a refusal (busy, too slow) is a tool error whose text is the message (`isError`, which the model
 reads), never a protocol error or a crash. Results come back twice, as MCP asks of tools with an output schema:
 as structured content (the hits as /search returns them) and as readable text.
@@ -87,11 +88,12 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def hits_text(query: str, result: SearchResult) -> str:
-    """The hits as a model reads them: rank, id, score, span, metadata and the passage's text."""
+def hits_text(asked: str, result: SearchResult) -> str:
+    """The hits as a model reads them: rank, id, score, span, metadata and the passage's text; asked: what was
+    searched for (the query quoted, or the vector's size)."""
     documents = len({json.dumps(h.id) for h in result.hits})
     head = (
-        f"{counted(len(result.hits), 'passage')} from {counted(documents, 'document')} for {query!r} "
+        f"{counted(len(result.hits), 'passage')} from {counted(documents, 'document')} for {asked} "
         f"(index version {result.version})"
     )
     if result.partial:
@@ -139,23 +141,26 @@ def mcp_server(search: Search, fetch: Fetch) -> MCPServer:
 
     @server.tool(name="search", annotations=READ_ONLY)
     async def search_tool(
-        query: described("query"),
+        query: described("query") = DEFAULTS["query"],
+        vector: described("vector") = DEFAULTS["vector"],
         k: described("k") = DEFAULTS["k"],
         mode: described("mode") = DEFAULTS["mode"],
         filter: described("filter") = DEFAULTS["filter"],
         per_document: described("per_document") = DEFAULTS["per_document"],
         nprobe: described("nprobe") = DEFAULTS["nprobe"],
     ) -> Annotated[CallToolResult, SearchResult]:
-        """Search the index: the k documents that best match the query, each by its best passage(s) (text,
-        character span in the document, the document's metadata), best first."""
+        """Search the index: the k documents that best match the query (a text, or a vector of the index's
+        dimension), each by its best passage(s) (text, character span in the document, the document's metadata),
+        best first."""
         try:
             request = SearchRequest(
-                query=query, k=k, mode=mode, filter=filter, per_document=per_document, nprobe=nprobe
+                query=query, vector=vector, k=k, mode=mode, filter=filter, per_document=per_document, nprobe=nprobe
             )
         except ValidationError as exc:
             raise ToolError(field_problems(exc.errors())) from None
         result = SearchResult.model_validate(await refused_as_tool_error(search(request)))
-        return answer(result, hits_text(query, result))
+        asked = repr(query) if vector is None else f"a vector of {len(vector)} values"
+        return answer(result, hits_text(asked, result))
 
     @server.tool(name="fetch_document", annotations=READ_ONLY)
     async def fetch_document(

@@ -152,7 +152,7 @@ class ShardEncoder:
 
         torch.set_num_threads(max(1, threads))
         self.device = encoder_device(use_gpu)  # refuses a GPU it cannot use, naming what is missing
-        self.dtype = encode_precision(config.encode_dtype, self.device)
+        self.dtype = shard_precision(config, self.device)
         # --vector-column: the corpus brings the vectors (of this dimension, the plan's), no model is loaded
         self.model = None if config.vector_column else load_model(config.model, self.device, self.dtype)
         self.given_dimension = dimension
@@ -359,6 +359,13 @@ def cut_passages(
     return pa.array(
         [as_list[d][a:b] for d, a, b in zip(of_document.tolist(), starts.tolist(), ends.tolist())], pa.string()
     )
+
+
+def shard_precision(config: BuildConfig, device: str) -> str:
+    """The dtype of a shard's vectors: --encode-dtype resolved for the device (encode_precision), or fp32 where the
+    corpus brings its vectors (--vector-column: read as float32, nothing encoded, so the option does not apply and
+    is not refused; the plan warns when it was given)."""
+    return "fp32" if config.vector_column else encode_precision(config.encode_dtype, device)
 
 
 def precision_label(device: str, dtype: str) -> str:
@@ -650,7 +657,7 @@ def run(config: BuildConfig, manifest: Manifest, version: Store, progress: Stage
         if warning not in manifest.warnings:
             manifest.warnings.append(warning)
     device = "cuda" if use_gpu and not gpu_on_cpu() else "cpu"  # what the encoders run on
-    wanted = precision_label(device, encode_precision(config.encode_dtype, device))
+    wanted = precision_label(device, shard_precision(config, device))
     done = done_shards(manifest, version, "embeddings_sha256", SHARD_ENCODE_FILES)
     encoded_otherwise = sorted(
         s.shard_id for s in manifest.shard_states if s.shard_id in done and s.encoded_with != wanted

@@ -20,7 +20,14 @@ from rayindex.manifest import InputFile, Manifest, ModelInfo, Shard, ShardState
 from rayindex.text import corpus, vectors
 from rayindex.text.documents import find_duplicate_ids
 from rayindex.text.model import resolve_model
-from rayindex.text.shard_plan import FileCost, cumulative_cost, number_of_shards, plan_shards
+from rayindex.text.shard_plan import (
+    FileCost,
+    cumulative_cost,
+    finer_marks,
+    groups_to_read,
+    number_of_shards,
+    plan_shards,
+)
 
 # Duplicate ids are looked for before encoding when the whole corpus is local and at most this big: reading
 # it (ids and text columns, JSONL parsed) costs about a second (docs/build.md), encoding it an hour or more on
@@ -42,14 +49,20 @@ def plan(config: BuildConfig, slots: int) -> Plan:
 def cut(
     config: BuildConfig, names: dict[str, str], infos: list[corpus.FileInfo], files: list[InputFile], slots: int
 ) -> Plan:
-    """The shard plan of inspected files for `slots` encoders (no I/O)."""
+    """The shard plan of inspected files for `slots` encoders (no I/O but the text columns of the Parquet row
+    groups where a cut falls: finer_costs)."""
     total = sum(i.num_rows for i in infos)
     costs = [
-        FileCost(i.path, i.num_rows, i.cost_marks if i.cost_marks is not None else [(0, 0), (1, f.size)])
+        FileCost(
+            i.path,
+            i.num_rows,
+            i.cost_marks if i.cost_marks is not None else [(0, 0), (1, f.size)],
+            row_groups=i.format == "parquet",
+        )
         for i, f in zip(infos, files)
     ]
-    cost = cumulative_cost(costs)[1][-1]
-    shards = plan_shards(costs, number_of_shards(total, cost, slots, config.shards, config.shard_size))
+    num_shards = number_of_shards(total, cumulative_cost(costs)[1][-1], slots, config.shards, config.shard_size)
+    shards = plan_shards(finer_costs(config, costs, num_shards), num_shards)
     by_path = {i.path: i for i in infos}
     for shard in shards:
         shard.pieces = [
@@ -59,6 +72,18 @@ def cut(
             for p in shard.pieces
         ]
     return Plan(files, shards)
+
+
+def finer_costs(config: BuildConfig, costs: list[FileCost], num_shards: int) -> list[FileCost]:
+    """The files' costs with each row group a cut falls in (shard_plan.groups_to_read) marked by its rows' text
+    bytes, reading that group's text columns only; unchanged when nothing is encoded (--vector-column)."""
+    if config.vector_column:
+        return costs
+    costs = list(costs)
+    for i, m in reversed(groups_to_read(costs, num_shards)):  # a file's later groups first: m stays its mark
+        lengths = corpus.row_group_text_bytes(costs[i].path, m - 1, config.text_fields())
+        costs[i] = costs[i]._replace(marks=finer_marks(costs[i].marks, m, lengths))
+    return costs
 
 
 def inspected(config: BuildConfig) -> tuple[dict[str, str], list[corpus.FileInfo], list[InputFile]]:
@@ -139,13 +164,19 @@ def run(config: BuildConfig, manifest: Manifest) -> Plan:
         return Plan(manifest.files, manifest.shards)
     inspection = inspected(config)  # the input refused before Ray starts, when it can be
     if config.id_column and ids_cheap_to_read(inspection[2]):
-        rows = cut(config, *inspection, 1).shards  # ids are row numbers whatever the plan
+        one_shard = config.model_copy(update={"shards": 1})  # ids are row numbers whatever the plan: one reads them all
+        rows = cut(one_shard, *inspection, 1).shards
         duplicates = find_duplicate_ids(rows, config.text_fields(), config.template, config.id_column)
         if duplicates:
             raise RayIndexError(duplicates)
     if config.vector_column:
         manifest.dimension = vectors.corpus_dimension([(f.path, f.rows) for f in inspection[2]], config.vector_column)
         vectors.check_model_dimension(config.model, manifest.dimension)
+        if config.encode_dtype != BuildConfig.model_fields["encode_dtype"].default:
+            manifest.warnings.append(
+                f"--encode-dtype {config.encode_dtype} does not apply: the corpus brings its vectors (--vector-column "
+                f"{config.vector_column}), kept as float32, and nothing is encoded"
+            )
         if without_text(config, inspection[1]):  # tables only: check_given_vectors
             manifest.warnings.append(
                 f"the input has no text column ({config.text_columns[0]!r}): hits carry the rows' metadata and no "

@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayindex.config import MAX_FILE_BYTES
 from rayindex.errors import RayIndexError
 from rayindex.manifest import Piece
 from rayindex.text import files
+from rayindex.text.shard_plan import COST_MARKS
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 JSONL_CHECKPOINT_ROWS = 4096  # byte offset remembered every N lines, so shards can seek
-COST_MARKS = 4096  # at most about this many (row, bytes) marks per JSONL file for the shard plan's cost
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's \ud800-\udfff: one half of a UTF-16 pair
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a half left unpaired after parsing: not text
 
@@ -199,6 +200,22 @@ def row_group_marks(meta: pq.FileMetaData) -> list[tuple[int, int]]:
         rows, size = rows + group.num_rows, size + group.total_byte_size
         marks.append((rows, size))
     return marks
+
+
+def row_group_text_bytes(path: str, group: int, columns: list[str]) -> list[int]:
+    """Each row's text bytes in one row group of a Parquet file, reading only those columns of that group: their
+    values' UTF-8 (or binary) lengths summed, a null 0; a column a template formats (numbers, dates) by its values
+    as text, and one that has no text form (lists, structs) as 0."""
+    fs, fs_path = _filesystem(path)
+    with read_errors(path), fs.open(fs_path, "rb") as fh:
+        table = pq.ParquetFile(fh).read_row_group(group, columns=columns)
+    total = np.zeros(table.num_rows, np.int64)
+    for column in table.columns:
+        for as_type in (pa.large_binary(), pa.large_string()):
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                total += pc.fill_null(pc.binary_length(column.cast(as_type)), 0).to_numpy()
+                break
+    return total.tolist()
 
 
 def _inspect_jsonl(path: str, fs, fs_path: str) -> FileInfo:

@@ -5,9 +5,11 @@ A shard (a work unit of the encode stage) costs what its text costs to encode, n
 man pages (9.4 MB) and 2,000 dictionary entries (0.8 MB) are the same number of rows. The cost of a row range
 is estimated from what the plan reads anyway (`cost_marks`): a document file's size, a Parquet row group's
 uncompressed bytes, a JSONL file's byte offsets; plus one byte per row, so that rows without text still cost
-something and a corpus of empty rows is cut by rows.
+something and a corpus of empty rows is cut by rows. Inside a Parquet row group the marks are linear (equal rows,
+equal cost); where a cut falls in a row group big enough for that to matter (`groups_to_read`), the plan reads
+that group's text columns and shares its cost among its rows by their text bytes (`finer_marks`).
 
-The plan depends only on the file list (sorted), their rows and cost marks, the options and the encoder slots
+The plan depends only on the file list (sorted), their rows, cost marks and texts, the options and the encoder slots
 it is cut for (recorded in the manifest, kept by a resumed run), so re-running the same command on the same
 cluster gives the same shards. Global ids are row numbers whatever the plan.
 """
@@ -15,6 +17,7 @@ cluster gives the same shards. Global ids are row numbers whatever the plan.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from typing import NamedTuple
 
@@ -28,15 +31,25 @@ from rayindex.manifest import Piece, Shard
 # A corpus under two of them is one shard.
 MIN_UNIT_BYTES = 64 << 10
 ROW_BYTES = 1  # the cost of a row besides its bytes (see above)
+COST_MARKS = 4096  # at most about this many (row, bytes) marks per JSONL file, or per row group read by finer_marks
+# A cut in a row group costing at most 1/FINE_SHARE of a unit is left where equal rows put it: off by less than
+# that share of a unit at worst. Past it, the group's text columns are read, the groups a cut falls in only and at
+# most FINE_READ_BYTES of them (their uncompressed size in the footer) for a whole plan: the two text columns of a
+# 44 MB row group (126,240 GCIDE entries, 40.8 MB of text) were read and measured in 0.16-0.6 s on 2 busy cores
+# (docs/build.md "Shard plan"), where encoding that text takes hours on CPU.
+FINE_SHARE = 16
+FINE_READ_BYTES = 64 << 20
 
 
 class FileCost(NamedTuple):
     """A file's rows and where its cost accumulates: (row, bytes before that row) marks from (0, 0) to
-    (rows, total bytes), interpolated linearly between marks; None: every row costs the same."""
+    (rows, total bytes), interpolated linearly between marks; None: every row costs the same. row_groups: the
+    marks are a Parquet file's row groups' ends (mark m ends group m - 1), whose rows' texts can be read."""
 
     path: str
     rows: int
     marks: list[tuple[int, int]] | None = None
+    row_groups: bool = False
 
 
 def number_of_shards(
@@ -71,6 +84,44 @@ def cumulative_cost(files: list[FileCost]) -> tuple[list[int], list[int]]:
             costs.append(cost0 + cost + ROW_BYTES * row)
         row0, cost0 = row0 + f.rows, costs[-1]
     return rows, costs
+
+
+def groups_to_read(files: list[FileCost], num_shards: int) -> list[tuple[int, int]]:
+    """(file, mark) of each row group (between the file's marks mark - 1 and mark) that a cut of num_shards equal
+    parts falls strictly inside, of more than one row, costing more than 1/FINE_SHARE of a unit, in file order as
+    far as their bytes fit FINE_READ_BYTES together (a larger group is passed over, a later smaller one still
+    read)."""
+    total = cumulative_cost(files)[1][-1]
+    targets = [total * k // num_shards for k in range(1, num_shards)]
+    found, budget, file_cost = [], FINE_READ_BYTES, 0
+    for i, f in enumerate(files):
+        marks = f.marks if f.marks is not None else [(0, 0), (f.rows, 0)]
+        for m in range(1, len(marks) if f.row_groups else 0):
+            (row0, bytes0), (row1, bytes1) = marks[m - 1], marks[m]
+            lo, hi = file_cost + bytes0 + ROW_BYTES * row0, file_cost + bytes1 + ROW_BYTES * row1
+            t = bisect.bisect_right(targets, lo)  # the first cut past the group's start
+            cut_inside = t < len(targets) and targets[t] < hi
+            big = row1 - row0 > 1 and (hi - lo) * FINE_SHARE * num_shards > total  # over 1/FINE_SHARE of a unit
+            if cut_inside and big and bytes1 - bytes0 <= budget:
+                found.append((i, m))
+                budget -= bytes1 - bytes0
+        file_cost += marks[-1][1] + ROW_BYTES * f.rows
+    return found
+
+
+def finer_marks(marks: list[tuple[int, int]], m: int, text_bytes: list[int]) -> list[tuple[int, int]]:
+    """The marks with the row group between marks m - 1 and m marked inside by its rows' text bytes (text_bytes,
+    one per row): its cost shared among its rows in proportion to them, at most about COST_MARKS marks (every
+    ceil(rows / COST_MARKS)-th row), rounded down; its ends unchanged, so is every other group's cost. A group
+    without text keeps its linear marks."""
+    (row0, bytes0), (row1, bytes1) = marks[m - 1], marks[m]
+    cumulative = list(itertools.accumulate(text_bytes, initial=0))
+    text = cumulative[-1]
+    if text == 0:
+        return marks
+    step = math.ceil((row1 - row0) / COST_MARKS)
+    inner = [(row0 + r, bytes0 + (bytes1 - bytes0) * cumulative[r] // text) for r in range(step, row1 - row0, step)]
+    return [*marks[:m], *inner, *marks[m:]]
 
 
 def row_at_cost(rows: list[int], costs: list[int], target: int) -> int:
