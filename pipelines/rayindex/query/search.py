@@ -114,7 +114,13 @@ class PublishedIndex:
     def encode(self, queries: list[str]) -> np.ndarray:
         """Query vectors: the build's model, with its query prompt and its normalization. An index of given
         vectors (--vector-column) whose model cannot be loaded here refuses text (text/vectors.py ModelUnavailable),
-        every time without trying again."""
+        every time without trying again. The model is loaded and run in one thread whatever the caller's
+        (text/model.py MODEL_THREAD: why)."""
+        from rayindex.text.model import in_model_thread
+
+        return in_model_thread(self._encode, queries)
+
+    def _encode(self, queries: list[str]) -> np.ndarray:
         from rayindex.text.model import encode_queries, load_model
         from rayindex.text.vectors import ModelUnavailable, query_model
 
