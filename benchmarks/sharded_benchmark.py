@@ -428,7 +428,7 @@ def plot(summary: dict, path: Path) -> None:
         colour.append(colours["in process"])
         runs.append(rows[0]["in_process_qps_runs"])
         for row in rows:
-            labels.append(f"{shards} sh.\n{'QueueBatcher' if row['batching'] == 'queue' else '@serve.batch'}")
+            labels.append(f"{shards} sh.\n{'queue' if row['batching'] == 'queue' else 'serve.batch'}")
             heights.append(row["qps"])
             colour.append(colours[row["batching"]])
             runs.append(row["qps_runs"])
@@ -437,7 +437,8 @@ def plot(summary: dict, path: Path) -> None:
     for x, values in enumerate(runs):
         qps.scatter([x] * len(values), values, color="black", s=8, zorder=3)
     four = next(r for r in summary["rows"] if r["shards"] == 4)
-    qps.axhline(0.5 * four["in_process_qps"], color="red", linestyle="--", linewidth=1, label="target: 0.5x in process")
+    target = 0.5 * four["in_process_qps"]
+    qps.axhline(target, color="red", linestyle="--", linewidth=1, label="target: 0.5x in process (4 shards)")
     qps.set_xticks(range(len(labels)), labels, fontsize=7)
     qps.set(ylabel="searches/s, 32 clients (median of runs)", title="QPS")
     qps.legend(fontsize=7)
@@ -456,7 +457,7 @@ def plot(summary: dict, path: Path) -> None:
     cpu.set(ylabel="CPU ms per query", title="CPU per query by process")
     cpu.legend(fontsize=7)
     fig.suptitle(
-        f"{summary['vectors'] / 1e6:.0f}M vectors, {summary['index']}, nprobe {summary['nprobe']}, 2 cores: "
+        f"{summary['vectors'] / 1e6:g}M vectors, {summary['index']}, nprobe {summary['nprobe']}, 2 cores: "
         f"4 shards x{four['qps_vs_in_process']} of in process"
     )
     fig.tight_layout()
