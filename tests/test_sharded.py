@@ -242,10 +242,20 @@ def test_sharded_search_equals_the_merged_index(sharded):
         want = merged.search_vector(vector, k=5, filter={"kind": "function"})
         assert body["partial"] is False and [h["id"] for h in body["hits"]] == [h["id"] for h in want]
         np.testing.assert_allclose([h["score"] for h in body["hits"]], [h["score"] for h in want], atol=1e-6)
+    # every list probed: every shard searches, and counts it in its stats (searches, seconds in FAISS)
+    before = [shard_stats(part) for part in range(3)]
+    body = client.post("/search", json={"query": QUERIES[0], "k": 5, "nprobe": merged.manifest.nlist}).json()
+    assert body["partial"] is False and len(body["hits"]) == 5
+    for old, new in zip(before, (shard_stats(part) for part in range(3)), strict=True):
+        assert new["searches"] > old["searches"] and new["search_s"] > old["search_s"]
+
+
+def shard_stats(part: int) -> dict:
+    return serve.get_deployment_handle(f"shard-{part}", app_name="rayindex").stats.remote().result(timeout_s=60)
 
 
 def shard_pid(part: int) -> int:
-    return serve.get_deployment_handle(f"shard-{part}", app_name="rayindex").stats.remote().result(timeout_s=60)["pid"]
+    return shard_stats(part)["pid"]
 
 
 # words, identifiers, a phrase, stopwords only (lexically nothing: hybrid is the dense side)

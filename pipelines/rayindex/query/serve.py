@@ -1,7 +1,7 @@
 """RAG serving: a Ray Serve application with a FastAPI ingress over the published index.
 
 Each replica opens the version that <index>/CURRENT names (memory-mapped), encodes queries with
-the model from that version's manifest (batched across concurrent requests with @serve.batch),
+the model from that version's manifest (batched across concurrent requests: query/batching.py),
 and watches CURRENT: a new version is loaded in the background and swapped in with one reference
 assignment, and every request reads that reference once, so no response mixes two versions.
 
@@ -36,6 +36,7 @@ from rayindex.config import AppConfig, SearchParams
 from rayindex.errors import DamagedIndex, RayIndexError, Unavailable, user_message
 from rayindex.infra.storage import Store, cache_root, is_remote, use_s3_endpoint
 from rayindex.layout import CURRENT
+from rayindex.query.batching import QueueBatcher
 from rayindex.query.gate import (
     COUNTED_HEADER,
     MCP_PATH,
@@ -147,11 +148,12 @@ def mcp_over_http(search, fetch) -> tuple[ASGIApp | None, str | None]:
 
 # Load is shed in the replica, not queued: Serve hands it up to MAX_ONGOING_REQUESTS requests at once, so
 # /healthz is never stuck in the proxy's queue behind searches; the replica works on max_inflight
-# searches (two full @serve.batch batches: with Serve's default of 5 ongoing requests the batches
+# searches (two full batches: with Serve's default of 5 ongoing requests the batches
 # starve, measured 9.6 QPS and 2.9 s p50 at 32 clients) and answers the rest 503 at once. Past
 # MAX_QUEUED_REQUESTS waiting in the proxy, Serve itself answers 503 with Retry-After.
 MAX_ONGOING_REQUESTS = 1024
 MAX_QUEUED_REQUESTS = 1024
+SEARCH_BATCH = 32  # queries encoded and searched together at most: FAISS parallelizes over a batch
 MAX_BODY_BYTES = max_body_from_environment()
 # Serve replaces a replica after 3 failed health checks (check_health: its version's files are damaged): one
 # every 2 s makes that ~6 s, instead of ~30 s at Serve's default period of 10 s
@@ -173,6 +175,8 @@ class RagService:
         self.degraded: dict | None = None  # the newest version CURRENT named that this replica refused, and why
         self.damaged: str | None = None  # why the version served cannot answer (its files are damaged): unhealthy
         self.inflight = 0
+        # the requests that queue while a batch runs are the next one; alone, a search runs at once
+        self.batcher = QueueBatcher(self._search_batch, SEARCH_BATCH, BATCHES_IN_FLIGHT)
         self.generator = make_generator(self.config, self._encode_now)
         self.mcp_http, self.mcp_missing = mcp_over_http(self._mcp_search, self._mcp_fetch)
         app.state.api_key = self.config.api_key or api_key_from_environment()
@@ -264,7 +268,6 @@ class RagService:
     def _encode_now(self, texts: list[str]) -> np.ndarray:
         return self.current.encode(texts)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _search_batch(self, items: list[tuple[PublishedIndex, str, SearchParams]]) -> list[tuple[list, set]]:
         """Concurrent requests' queries encoded in one model call and searched in one FAISS call (sharded: one
         call per shard) per (version, nprobe, passages per document, filter) group: FAISS parallelizes over a
@@ -310,14 +313,7 @@ class RagService:
         )
         if params.filter:  # a bad filter is this request's 422 here, not an error for the whole batch
             await asyncio.to_thread(loaded.matching_ids, params.filter)
-        if self.inflight > 1:  # others in flight: share a batch with them
-            result = await self._search_batch((loaded, text, params))
-            if isinstance(result, Exception):
-                raise result
-            found, missing = result
-        else:  # alone: @serve.batch would wait batch_wait_timeout_s for company that is not coming
-            found, missing = await self._rank(loaded, [text], params)
-            found = found[0]
+        found, missing = await self.batcher.submit((loaded, text, params))
         hits = await asyncio.to_thread(loaded.hits, found)
         return hits, sharded_response(loaded, missing)
 

@@ -52,7 +52,7 @@ from rayindex.versions import current_published_id, current_run_id, published_ve
 
 log = logging.getLogger("rayindex.sharded")
 
-# Search batches the router has in flight at once (serve.batch's max_concurrent_batches). One: two
+# Search batches the router has in flight at once (query/batching.py QueueBatcher's in_flight). One: two
 # batches each running FAISS's OpenMP teams oversubscribe the unsharded replica's cores, and at 100M
 # vectors on 2 cores two in flight moved sharded QPS by noise only (4 shards 14.5 vs 11.7, 1 shard 19.7
 # vs 16.6: both up, their ratio 0.74 vs 0.70; benchmarks/sharded_benchmark.py)
@@ -172,6 +172,7 @@ class ShardServer:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         faiss.omp_set_num_threads(max(1, int(cpus) // BATCHES_IN_FLIGHT))
         self.versions: OrderedDict[str, LoadedPart] = OrderedDict()
+        self.searches, self.search_s = 0, 0.0  # dense search calls answered and their seconds in FAISS: stats()
         self._loading = threading.Lock()
         self.prepare(current_published_id(Store(self.config.index)))
         threading.Thread(target=self._watch_current, daemon=True, name="rayindex-shard-watch").start()
@@ -242,9 +243,12 @@ class ShardServer:
         k: int,
         matching: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
         loaded = self.searched(run_id)
         selector = id_selector(matching) if matching is not None else None
-        return search_part(loaded.index, loaded.owned, x, coarse_distances, coarse_lists, k, selector)
+        found = search_part(loaded.index, loaded.owned, x, coarse_distances, coarse_lists, k, selector)
+        self.searches, self.search_s = self.searches + 1, self.search_s + time.perf_counter() - start
+        return found
 
     async def search_lexical(
         self, run_id: str, terms: np.ndarray, k: int, matching: np.ndarray | None
@@ -268,7 +272,8 @@ class ShardServer:
         return ids, scores, term_doc_freqs(loaded.postings, terms)
 
     def stats(self) -> dict:
-        """pid, memory, and the versions loaded (with their load seconds): for benchmarks and operators."""
+        """pid, memory, the versions loaded (with their load seconds), and the dense searches answered (calls, and
+        their seconds in this shard's search, not counting Serve's call): for benchmarks and operators."""
         import os
 
         return {
@@ -276,6 +281,8 @@ class ShardServer:
             "pid": os.getpid(),
             **memory_mb(),
             "versions": {run_id: round(part.load_s, 3) for run_id, part in self.versions.items()},
+            "searches": self.searches,
+            "search_s": self.search_s,
         }
 
 
