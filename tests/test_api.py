@@ -5,6 +5,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -142,3 +144,19 @@ def test_tune_evaluate_partition_and_plan_are_functions(built, tmp_path):
         rayindex.UsageError, match=r"n_querys: not a setting of EvalOptions \(did you mean n_queries\?\)"
     ):
         rayindex.evaluate(index, n_querys=3)
+
+
+def test_queries_are_encoded_in_one_thread_whoever_asks(built):
+    """A server asks from whichever thread of its pools is free; the model runs in text/model.py's MODEL_THREAD
+    (torch keeps an OpenMP team per calling thread, and a second one slowed every search: why there), with the
+    vectors the caller's own thread would get."""
+    index = rayindex.open_index(built[0])
+    texts = ["parse a JSON document", "read a file line by line"]
+    alone = index.encode(texts)
+    ran_in = set()
+    index.model.register_forward_pre_hook(lambda *_: ran_in.add(threading.current_thread().name))
+    with ThreadPoolExecutor(4) as pool:
+        from_threads = list(pool.map(lambda _: index.encode(texts), range(8)))
+    assert all(np.array_equal(vectors, alone) for vectors in from_threads)
+    assert index.encode(texts).tobytes() == alone.tobytes()
+    assert len(ran_in) == 1 and ran_in.pop().startswith("rayindex-model")
