@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -35,13 +36,23 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --e
 # torch's OpenMP runtime keeps a team of threads per thread that calls it. Once a second thread has run the model,
 # every forward pass is slower: a query's search took 30.7 ms p50 instead of 18.0 ms (embedded default, 2 cores,
 # quiet; the same CPU, less of it in parallel). A server calls from whichever thread of its pool is free, so the
-# query side runs its model in this one thread, whoever asks (in_model_thread).
-MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayindex-model")
+# query side runs its model in one thread per process, whoever asks (in_model_thread).
+MODEL_THREAD = "rayindex-model"
+_model_thread: tuple[int, ThreadPoolExecutor] | None = None  # (pid, executor): a forked child starts its own
+_model_thread_lock = threading.Lock()
 
 
 def in_model_thread(function, *args):
-    """function(*args) run in MODEL_THREAD, its result (or exception) returned to the caller."""
-    return MODEL_THREAD.submit(function, *args).result()
+    """function(*args) run in this process's MODEL_THREAD, its result (or exception) returned to the caller; run
+    at once when called from that thread."""
+    global _model_thread
+    if threading.current_thread().name.startswith(MODEL_THREAD):
+        return function(*args)
+    with _model_thread_lock:
+        if _model_thread is None or _model_thread[0] != os.getpid():
+            _model_thread = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix=MODEL_THREAD))
+        executor = _model_thread[1]
+    return executor.submit(function, *args).result()
 
 
 def encode_precision(option: str, device: str) -> str:
