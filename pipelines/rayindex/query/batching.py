@@ -30,6 +30,7 @@ class QueueBatcher:
         self.handler, self.max_batch_size, self.in_flight = handler, max_batch_size, in_flight
         self.queue: deque[tuple[Any, asyncio.Future]] = deque()
         self.running = 0  # batches being run (workers)
+        self.workers: set[asyncio.Task] = set()  # the loop holds tasks weakly: a worker must not be collected mid-batch
 
     async def submit(self, item: Any) -> Any:
         """item's result, once a batch holding it has run."""
@@ -37,7 +38,9 @@ class QueueBatcher:
         self.queue.append((item, future))
         if self.running < self.in_flight:
             self.running += 1
-            asyncio.ensure_future(self._work())
+            worker = asyncio.ensure_future(self._work())
+            self.workers.add(worker)
+            worker.add_done_callback(self.workers.discard)
         result = await future
         if isinstance(result, Exception):
             raise result
