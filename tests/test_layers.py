@@ -89,6 +89,7 @@ LAYERS = [
             "query.gate",
             "query.requests",
             "query.metrics",
+            "query.batching",
             "query.launch",
             "query.sharded",
             "query.fusion",
