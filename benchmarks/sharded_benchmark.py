@@ -4,7 +4,9 @@ codes in RAM), split into parts for 1 and for 4 serving shards, then served thro
 router and shard deployments of `rayindex serve --shards N` (query/sharded.py):
 
 - identity: the sharded results against the merged (monolithic) index's at the same nprobe, in process;
-- QPS, p50/p99 through the router's batched handle (concurrent clients), 1 shard vs 4;
+- QPS, p50/p99 through the router's batched handle (concurrent clients), 1 shard vs 4; with --via http, through
+  Serve's HAProxy ingress straight to the router replica (POST /search with a vector, `rayindex serve --ingress
+  haproxy`'s path) from a light asyncio client;
 - the in-process scan capacity of the same parts (searched as the router and shards search them, no Serve),
   measured in the same run, and the plan's figure (`rayindex plan --serving-shards`): Serve's QPS / capacity;
 - where the time goes: batch sizes, the router's seconds per batch, shard calls per batch and their seconds
@@ -20,7 +22,7 @@ which a synthetic collection does not have. The index is the build's choice for 
 --index says otherwise. The build is reused when <dir>/CURRENT names a complete one.
 
     python benchmarks/sharded_benchmark.py [--vectors 100000000] [--dir /work/bench-sharded] [--index
-    IVF2048,PQ16 --nprobe 16] [--rounds 3] [--profile DIR] [--json docs/benchmark-sharded.json]
+    IVF2048,PQ16 --nprobe 16] [--rounds 3] [--via handle http] [--profile DIR] [--json docs/benchmark-sharded.json]
 """
 
 from __future__ import annotations
@@ -179,23 +181,30 @@ def serve_shards(
     clients: int,
     seconds: float,
     profile: Path | None,
+    via: str = "handle",
+    http_port: int | None = None,
 ) -> tuple[dict, list]:
     """Deploy the router and `shards` shard deployments over the published version, cold; measure startup,
     QPS and latency under `clients` concurrent single-query requests, where the time goes (the router's batches
     and the shards' searches, timed in process; py-spy on the router, shard 0 and the clients when `profile`
-    names a folder), the shards' memory, and the results."""
+    names a folder), the shards' memory, and the results. via: the clients call the router's handle, or (http) POST
+    /search through HAProxy on http_port (the Ray must run Serve's HAProxy ingress: main)."""
     import asyncio
 
+    import orjson
     import psutil
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
     from ray import serve
 
     from rayindex.config import AppConfig
     from rayindex.manifest import Manifest
     from rayindex.query.batching import QueueBatcher
+    from rayindex.query.launch import wait_until_steady
+    from rayindex.query.requests import SearchRequest
     from rayindex.query.sharded import BATCHES_IN_FLIGHT, ShardServer, open_router
 
-    @serve.deployment(max_ongoing_requests=1024)
-    class VectorRouter:
+    class Router:
         """RagService's sharded vector path (open_router, prepare, batched search) without the model and doc store."""
 
         def __init__(self, config: dict, handles: list):
@@ -225,6 +234,28 @@ def serve_shards(
             fan-out, the shards' answers, merge)."""
             return {"pid": os.getpid(), "batches": self.batches, "queries": self.batched, "search_s": self.search_s}
 
+    api = FastAPI()
+
+    class HttpRouter(Router):
+        """Router as the HTTP ingress (reached through HAProxy, straight to the replica): /search takes the body
+        RagService takes for a vector ({"vector": [...], "k": 10}, validated by the same SearchRequest) and
+        answers the ids, serialized once by orjson as RagService's bodies are."""
+
+        @api.post("/search")
+        async def search_http(self, request: Request) -> Response:
+            body = SearchRequest.model_validate_json(await request.body())
+            ids = await self.search(np.asarray(body.vector, dtype=np.float32))
+            return Response(
+                orjson.dumps({"ids": ids}, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+            )
+
+        @api.get("/healthz")
+        async def healthz(self) -> Response:
+            return Response(b"ok")
+
+    deployment = serve.deployment(max_ongoing_requests=1024)
+    router_class = deployment(serve.ingress(api)(HttpRouter)) if via == "http" else deployment(Router)
+
     version_dir = version_of(root)
     manifest = Manifest.load(version_dir)
     for part in manifest.serving[shards]:
@@ -239,8 +270,12 @@ def serve_shards(
     start = time.perf_counter()
     app = f"sharded-{shards}"
     router = serve.run(
-        VectorRouter.options(ray_actor_options={"num_cpus": 0}).bind(config, handles), name=app, route_prefix=None
+        router_class.options(ray_actor_options={"num_cpus": 0}).bind(config, handles),
+        name=app,
+        route_prefix="/" if via == "http" else None,
     )
+    if via == "http":
+        wait_until_steady(f"http://127.0.0.1:{http_port}/healthz")
     startup_s = time.perf_counter() - start
     log(f"{shards} shard(s): deployed in {startup_s:.1f} s (cold page cache)")
     for part in manifest.serving[shards]:  # then searches are measured warm, as a server is after its first minutes
@@ -265,13 +300,19 @@ def serve_shards(
         await asyncio.gather(*(client(c) for c in range(clients)))
         return latencies, len(latencies), results
 
-    asyncio.run(load_warm(router, queries[:64]))
+    if via == "http":
+        load = http_load(http_port, queries, clients, seconds)  # noqa: F811 (the HTTP clients instead)
+        asyncio.run(http_load(http_port, queries[:64], 16, 0.5)())
+    else:
+        asyncio.run(load_warm(router, queries[:64]))
     router_before, shards_before = router.stats.remote().result(), shard_stats()
     processes = {
         "router": [psutil.Process(router_before["pid"])],
         "shards": [psutil.Process(s["pid"]) for s in shards_before],
         "clients": [psutil.Process()],
     }
+    if via == "http":  # HAProxy: the ingress in front of the router replica
+        processes["proxy"] = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
     cpu_before = {name: sum(cpu_seconds(p) for p in group) for name, group in processes.items()}
     spies = []
     if profile:
@@ -348,6 +389,52 @@ def py_spy(pid: int, path: Path, seconds: float):
     )
 
 
+def http_load(port: int, queries: np.ndarray, clients: int, seconds: float):
+    """The load generator over HTTP: `clients` keep-alive connections, each sending a prepared POST /search (the
+    JSON a user sends for a vector) as soon as its previous answer is read, for `seconds`; raw asyncio streams and
+    orjson, so that the clients, which share the cores, spend little (their CPU per query is reported). Returns the
+    coroutine function load() of serve_shards: (latencies, answered, ids per query)."""
+    import asyncio
+    import re
+
+    import orjson
+
+    requests = []
+    for q in queries:
+        body = orjson.dumps({"vector": q.tolist(), "k": 10})
+        head = (
+            f"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        )
+        requests.append(head.encode() + b"\r\n\r\n" + body)
+    length_header = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+    async def load() -> tuple[list[float], int, list]:
+        latencies, stop_at = [], time.perf_counter() + seconds
+        results = [None] * len(queries)
+
+        async def client(c: int) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            i = c
+            try:
+                while time.perf_counter() < stop_at:
+                    t = time.perf_counter()
+                    writer.write(requests[i % len(queries)])
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    body = await reader.readexactly(int(length_header.search(head).group(1)))
+                    if head[9:12] != b"200":
+                        raise RuntimeError(f"HTTP {head[9:12].decode()}: {body[:200]!r}")
+                    latencies.append(time.perf_counter() - t)
+                    results[i % len(queries)] = np.array(orjson.loads(body)["ids"])
+                    i += clients
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return latencies, len(latencies), results
+
+    return load
+
+
 async def load_warm(router, queries: np.ndarray) -> None:
     """A few requests before measuring: the router's and shards' first calls set up their connections."""
     import asyncio
@@ -418,7 +505,7 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"in process": "#999", "queue": "#1f77b4", "serve": "#ff7f0e"}
+    colours = {"in process": "#999", "queue": "#1f77b4", "serve": "#ff7f0e", "http": "#2ca02c"}
     fig, (qps, cpu) = plt.subplots(1, 2, figsize=(10, 4))
     labels, heights, colour, runs = [], [], [], []
     for shards in (1, 4):
@@ -428,30 +515,30 @@ def plot(summary: dict, path: Path) -> None:
         colour.append(colours["in process"])
         runs.append(rows[0]["in_process_qps_runs"])
         for row in rows:
-            labels.append(f"{shards} sh.\n{'queue' if row['batching'] == 'queue' else 'serve.batch'}")
+            labels.append(f"{shards} sh.\n{'queue' if row['batching'] == 'queue' else 'serve.batch'}\n{row['via']}")
             heights.append(row["qps"])
-            colour.append(colours[row["batching"]])
+            colour.append(colours["http" if row["via"] == "http" else row["batching"]])
             runs.append(row["qps_runs"])
     bars = qps.bar(range(len(labels)), heights, color=colour)
     qps.bar_label(bars, fmt="%.0f")
     for x, values in enumerate(runs):
         qps.scatter([x] * len(values), values, color="black", s=8, zorder=3)
-    four = next(r for r in summary["rows"] if r["shards"] == 4)
+    four = next(r for r in summary["rows"] if r["shards"] == 4)  # the rows' first path: the target's
     target = 0.5 * four["in_process_qps"]
     qps.axhline(target, color="red", linestyle="--", linewidth=1, label="target: 0.5x in process (4 shards)")
     qps.set_xticks(range(len(labels)), labels, fontsize=7)
     qps.set(ylabel="searches/s, 32 clients (median of runs)", title="QPS")
     qps.legend(fontsize=7)
-    names = ("router", "shards", "clients")
+    names = ("proxy", "router", "shards", "clients")
     x_labels = []
     for x, row in enumerate(summary["rows"]):
         bottom = 0.0
-        for name, shade in zip(names, ("#1f77b4", "#2ca02c", "#bbbbbb"), strict=True):
-            value = row["cpu_ms_per_query"][name]
+        for name, shade in zip(names, ("#9467bd", "#1f77b4", "#2ca02c", "#bbbbbb"), strict=True):
+            value = row["cpu_ms_per_query"].get(name, 0.0)
             cpu.bar(x, value, bottom=bottom, color=shade, label=name if x == 0 else None)
             bottom += value
         cpu.scatter([x], [2000 / row["in_process_qps"]], color="red", marker="_", s=400, zorder=3)
-        x_labels.append(f"{row['shards']} sh.\n{row['batching']}\nbatch {row['mean_batch']}")
+        x_labels.append(f"{row['shards']} sh.\n{row['batching']}/{row['via']}\nbatch {row['mean_batch']}")
     cpu.scatter([], [], color="red", marker="_", s=100, label="in-process search (2 threads)")
     cpu.set_xticks(range(len(x_labels)), x_labels, fontsize=7)
     cpu.set(ylabel="CPU ms per query", title="CPU per query by process")
@@ -487,6 +574,15 @@ def main() -> None:
         "(query/batching.py QueueBatcher, as RagService), or Serve's @serve.batch (one every 5 ms, queued behind the "
         "batch in flight: the code before)",
     )
+    parser.add_argument(
+        "--via",
+        nargs="+",
+        choices=("handle", "http"),
+        default=["handle"],
+        help="how the clients reach the router, each measured in every round: its Serve handle (one Ray call per "
+        "query), or POST /search through Serve's HAProxy ingress straight to the router replica (`rayindex serve "
+        "--ingress haproxy`'s path), from a light asyncio client",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     from rayindex.ivf.index_params import choose_index_string, default_nprobe, parse_index_string
@@ -500,9 +596,22 @@ def main() -> None:
 
     queries = clustered_chunk(10**13, args.queries)
     want = monolithic(root, queries, nprobe)
+    http_port = None
+    if "http" in args.via:  # Serve's HAProxy ingress, for the Ray started next (its controller and proxy read it)
+        import tempfile
+
+        from rayindex.query.launch import free_port, haproxy_environment
+
+        os.environ.update(haproxy_environment(tempfile.mkdtemp(prefix="rih-", dir="/tmp")))
+        http_port = free_port()
     # logical CPUs: 2 for the shards (see serve_shards), the rest for Serve's own actors
     ray.init(num_cpus=4, log_to_driver=False)
-    runs = {(shards, batching): [] for shards in (1, 4) for batching in args.batching}
+    if http_port:
+        from ray import serve
+
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    paths = [(batching, via) for batching in args.batching for via in args.via]
+    runs = {(shards, path): [] for shards in (1, 4) for path in paths}
     capacity = {1: [], 4: []}
     for round_no in range(args.rounds):  # alternating, so that a noisy neighbour on the shared cores hits all alike
         for shards in (1, 4):
@@ -512,13 +621,23 @@ def main() -> None:
                 raise SystemExit(f"the {shards} parts searched in process differ from the merged index")
             capacity[shards].append(scan["qps"])
             log(f"{shards} part(s) in process: {scan['qps']} QPS")
-            for batching in args.batching:
-                profile = Path(args.profile) / batching if args.profile and round_no == 0 else None
+            for batching, via in paths:
+                profile = Path(args.profile) / f"{batching}-{via}" if args.profile and round_no == 0 else None
                 row, results = serve_shards(
-                    root, shards, queries, nprobe, args.batch, batching, args.clients, args.seconds, profile
+                    root,
+                    shards,
+                    queries,
+                    nprobe,
+                    args.batch,
+                    batching,
+                    args.clients,
+                    args.seconds,
+                    profile,
+                    via,
+                    http_port,
                 )
                 answered = [i for i, r in enumerate(results) if r is not None]
-                row["batching"] = batching
+                row["batching"], row["via"] = batching, via
                 row["queries_checked"] = len(answered)
                 row["identical_to_merged"] = float(np.mean([np.array_equal(results[i], want[i]) for i in answered]))
                 row["recall_at_10_vs_merged"] = float(
@@ -545,7 +664,8 @@ def main() -> None:
         )
     from rayindex.manifest import Manifest
 
-    one, four = (next(r for r in rows if r["shards"] == n and r["batching"] == args.batching[0]) for n in (1, 4))
+    first = paths[0]  # the path the ratios and the target are stated for
+    one, four = (next(r for r in rows if r["shards"] == n and (r["batching"], r["via"]) == first) for n in (1, 4))
     summary = {
         "vectors": args.vectors,
         "index": index_string,
@@ -567,15 +687,16 @@ def main() -> None:
         "target_4_shards_vs_in_process": 0.5,
         "target_met": four["qps_vs_in_process"] >= 0.5,
         "note": "synthetic vectors: router = the sharded vector path of the serving app without query encoding or doc "
-        f"store; ratios, target and the 4 vs 1 figures for --batching {args.batching[0]}",
+        f"store; ratios, target and the 4 vs 1 figures for --batching {first[0]} --via {first[1]}",
     }
     print(
-        f"{'batch':>6} {'shards':>6} {'startup s':>9} {'QPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'anon MB/shard':>13} "
-        f"{'lists MB/shard':>14} {'file MB/shard':>13} {'same ids':>8}"
+        f"{'batch/via':>12} {'shards':>6} {'startup s':>9} {'QPS':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'anon MB/shard':>13} {'lists MB/shard':>14} {'file MB/shard':>13} {'same ids':>8}"
     )
     for row in rows:
         print(
-            f"{row['batching']:>6} {row['shards']:>6} {row['startup_s']:>9} {row['qps']:>8} {row['p50_ms']:>7} "
+            f"{row['batching'] + '/' + row['via']:>12} {row['shards']:>6} {row['startup_s']:>9} {row['qps']:>8} "
+            f"{row['p50_ms']:>7} "
             f"{row['p99_ms']:>7} "
             f"{max(row['anon_mb_per_shard']):>13} {max(row['lists_mb_per_shard']):>14} "
             f"{max(row['file_mb_per_shard']):>13} "
@@ -587,7 +708,7 @@ def main() -> None:
     )
     for row in rows:
         print(
-            f"{row['batching']}, {row['shards']} shard(s): Serve {row['qps']} QPS / in process "
+            f"{row['batching']}/{row['via']}, {row['shards']} shard(s): Serve {row['qps']} QPS / in process "
             f"{row['in_process_qps']} QPS = "
             f"x{row['qps_vs_in_process']} (plan: {row['plan']['qps']} QPS); batch {row['mean_batch']}, router "
             f"{row['router_search_ms_per_batch']} ms per batch, {row['shard_calls_per_batch']} shard calls per batch "

@@ -7,6 +7,7 @@ vector refused naming the file and row; reindex reads changed vectors."""
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import httpx
@@ -307,6 +308,23 @@ def test_http_search_by_vector_and_its_refusals(elsewhere):
                 assert r.status_code == 200, r.text
                 expected = index.search_vector(vectors[row], k=5, filter={"lang": "fr"})
                 assert [h["id"] for h in r.json()["hits"]] == [h["id"] for h in expected]
+            # 16 clients at once: their vectors batched (a FAISS call per group of the same parameters), each
+            # answered as alone
+            asks = [(row, {"lang": "fr"} if row % 2 else None) for row in range(16)]
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(
+                    pool.map(
+                        lambda ask: client.post(
+                            "/search", json={"vector": vectors[ask[0]].tolist(), "k": 4, "filter": ask[1]}
+                        ),
+                        asks,
+                    )
+                )
+            for (row, only), r in zip(asks, answers, strict=True):
+                assert r.status_code == 200, r.text
+                expected = index.search_vector(vectors[row], k=4, filter=only)
+                assert [h["id"] for h in r.json()["hits"]] == [h["id"] for h in expected]
+                assert [h["score"] for h in r.json()["hits"]] == pytest.approx([h["score"] for h in expected], abs=1e-5)
             assert [h["id"] for h in ServerIndex(url).search_vector(vectors[9], k=3)] == [
                 h["id"] for h in index.search_vector(vectors[9], k=3)
             ]
