@@ -253,6 +253,10 @@ def serve_shards(
         async def healthz(self) -> Response:
             return Response(b"ok")
 
+    # the annotations as objects: this module's are strings (__future__), which FastAPI resolves in the function's
+    # globals, and the class travels to its replica by value (cloudpickle), without the imports they name
+    HttpRouter.search_http.__annotations__ = {"request": Request, "return": Response}
+    HttpRouter.healthz.__annotations__ = {"return": Response}
     deployment = serve.deployment(max_ongoing_requests=1024)
     router_class = deployment(serve.ingress(api)(HttpRouter)) if via == "http" else deployment(Router)
 
@@ -527,7 +531,8 @@ def plot(summary: dict, path: Path) -> None:
     target = 0.5 * four["in_process_qps"]
     qps.axhline(target, color="red", linestyle="--", linewidth=1, label="target: 0.5x in process (4 shards)")
     qps.set_xticks(range(len(labels)), labels, fontsize=7)
-    qps.set(ylabel="searches/s, 32 clients (median of runs)", title="QPS")
+    qps.set(ylabel=f"searches/s, {summary['clients']} clients (median of runs)", title="QPS")
+    qps.set_ylim(top=1.3 * max(max(values) for values in runs))  # room for the legend above the bars
     qps.legend(fontsize=7)
     names = ("proxy", "router", "shards", "clients")
     x_labels = []
@@ -542,6 +547,7 @@ def plot(summary: dict, path: Path) -> None:
     cpu.scatter([], [], color="red", marker="_", s=100, label="in-process search (2 threads)")
     cpu.set_xticks(range(len(x_labels)), x_labels, fontsize=7)
     cpu.set(ylabel="CPU ms per query", title="CPU per query by process")
+    cpu.set_ylim(top=1.5 * cpu.get_ylim()[1])
     cpu.legend(fontsize=7)
     fig.suptitle(
         f"{summary['vectors'] / 1e6:g}M vectors, {summary['index']}, nprobe {summary['nprobe']}, 2 cores: "
@@ -643,7 +649,7 @@ def main() -> None:
                 row["recall_at_10_vs_merged"] = float(
                     np.mean([len(set(results[i]) & set(want[i])) / 10 for i in answered])
                 )
-                runs[shards, batching].append(row)
+                runs[shards, (batching, via)].append(row)
     ray.shutdown()
     rows = []
     # the first run's startup (cold: files evicted and checksummed), the median QPS run

@@ -17,7 +17,14 @@ and by the default plan, in one run, on the same cores and the same local Ray; a
 
     python benchmarks/units_benchmark.py [--docs 2000] [--json docs/benchmark-units.json]
     python benchmarks/units_benchmark.py --gcide 3000 [--json docs/benchmark-units-gcide.json]
+(c) --ceiling: what cutting the work into units can gain at most on this machine, without Ray or rayindex: the
+    man pages cut into windows of 254 tokens (30 shared) encoded by SentenceTransformer.encode in one process on
+    every core (torch's threads), against one process per core, each one thread and its share of the windows, all
+    at once (the wall time of the slowest); the better of two rounds each. One encoder on every core is what the
+    one-shard plan runs; one per core, what the default plan runs.
+
     python benchmarks/units_benchmark.py --shard-cost
+    python benchmarks/units_benchmark.py --ceiling --docs 50 [--json docs/benchmark-units-ceiling.json]
 """
 
 from __future__ import annotations
@@ -143,18 +150,84 @@ def shard_cost(args) -> dict:
     return {"builds": out, "per_extra_shard_s": (eight - one) / 7}
 
 
+def windows_of(docs: int, size: int = 254, overlap: int = 30) -> list[str]:
+    """The first `docs` man pages cut into windows of `size` tokens (`overlap` shared), decoded back to text."""
+    from rayindex.text.model import load_model
+
+    tokenizer = load_model("all-MiniLM-L6-v2").tokenizer
+    texts = []
+    for page in man_pages(docs):
+        ids = tokenizer(page["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        texts += [tokenizer.decode(ids[i : i + size]) for i in range(0, len(ids), size - overlap)]
+    return texts
+
+
+def encode_seconds(texts: list[str], threads: int, answer=None) -> float:
+    """Seconds of SentenceTransformer.encode(texts) on `threads` torch threads in this process, model loaded and
+    warmed first; put on `answer` (a queue) when given."""
+    import torch
+
+    from rayindex.text.model import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model("all-MiniLM-L6-v2")
+    model.encode(texts[:64], batch_size=64)
+    start = time.perf_counter()
+    model.encode(texts, batch_size=64, show_progress_bar=False)
+    seconds = time.perf_counter() - start
+    if answer is not None:
+        answer.put(seconds)
+    return seconds
+
+
+def ceiling(args) -> dict:
+    """(c): one process on every core against one one-thread process per core at once, on the same windows."""
+    import multiprocessing
+
+    texts = windows_of(args.docs)
+    cores = os.cpu_count()
+    spawn = multiprocessing.get_context("spawn")
+    one, per_core = [], []
+    for _ in range(2):
+        one.append(encode_seconds(texts, cores))
+        answers = spawn.Queue()
+        workers = [spawn.Process(target=encode_seconds, args=(texts[k::cores], 1, answers)) for k in range(cores)]
+        for worker in workers:
+            worker.start()
+        per_core.append(max(answers.get() for _ in workers))
+        for worker in workers:
+            worker.join()
+    return {
+        "docs": args.docs,
+        "windows": len(texts),
+        "cores": cores,
+        "one_process_every_core_s": one,
+        "one_process_per_core_s": per_core,
+        "ceiling": min(one) / min(per_core),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=2000, help="man pages (the first N in the fixed order)")
     parser.add_argument("--gcide", type=int, help="the first N GCIDE entries in one row group instead of man pages")
     parser.add_argument("--work", default="/tmp/rayindex-units")
     parser.add_argument("--shard-cost", action="store_true", help="measure what one more shard costs a build")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="what units can gain at most here: one process per core vs one on all"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    results = shard_cost(args) if args.shard_cost else units(args)
+    results = shard_cost(args) if args.shard_cost else ceiling(args) if args.ceiling else units(args)
     print(json.dumps(results, indent=2))
-    if not args.shard_cost:
+    if args.ceiling:
+        print(
+            f"{results['windows']:,} windows of {args.docs} man pages, {results['cores']} cores: one process on every "
+            f"core {min(results['one_process_every_core_s']):.1f} s, one one-thread process per core at once "
+            f"{min(results['one_process_per_core_s']):.1f} s: units can gain {results['ceiling']:.2f}x at most"
+        )
+    elif not args.shard_cost:
         one, new = results["one_shard"], results["default_plan"]
         what = f"{args.gcide} GCIDE entries" if args.gcide else f"{args.docs} man pages"
         print(

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import rayindex
+from rayindex.query import launch
 from rayindex.query.launch import haproxy_environment
 
 from helpers import client_env, free_port
@@ -39,6 +40,17 @@ def test_haproxy_environment_is_its_own():
     assert len(paths) == 5 and all(first[name].startswith("/tmp/a") for name in paths)
     ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
     assert {first[p] for p in ports}.isdisjoint({"8404", "9101"})  # never Serve's machine-wide defaults
+
+
+def test_haproxy_ports_are_never_those_a_ray_started_next_takes(monkeypatch):
+    """The OS may hand out 52365, the port Ray's dashboard agent takes when Ray starts: never HAProxy's then."""
+    offered = iter([52365, 41001, 8265, 52365, 41002])
+    monkeypatch.setattr(launch, "unused_port", lambda: next(offered))
+    environment = haproxy_environment("/tmp/a")
+    assert (environment["RAY_SERVE_HAPROXY_STATS_PORT"], environment["RAY_SERVE_HAPROXY_METRICS_PORT"]) == (
+        "41001",
+        "41002",
+    )
 
 
 @pytest.mark.slow  # its own local Ray and Serve (about 40 s)

@@ -59,10 +59,24 @@ def check_ingress(config: ServeConfig, api_key: str | None, starts_ray: bool) ->
         )
 
 
-def free_port() -> int:
+# Ports a local Ray binds by default once it starts (GCS, client server, dashboard, dashboard agent, object and
+# node managers): a port picked free before Ray starts can be one of them. The dashboard agent's 52365 lies in
+# the range the OS hands out as free, and HAProxy given it as its metrics port failed to start (measured, once).
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8077, 8265, 10001, 52365})
+
+
+def unused_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port(avoid: frozenset[int] = RAY_DEFAULT_PORTS) -> int:
+    """A TCP port nothing listens on now, none of `avoid` (by default the ports a Ray started next would take)."""
+    while (port := unused_port()) in avoid:
+        pass
+    return port
 
 
 def haproxy_environment(folder: str) -> dict[str, str]:
