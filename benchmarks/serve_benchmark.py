@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers: one free_port
 
 import httpx
 import numpy as np
@@ -37,10 +36,8 @@ from rich.table import Table
 from rayindex.config import ServeConfig
 from rayindex.ivf.recall import drop_self, exact_truth, recall_at
 from rayindex.layout import VECTOR_IDS_FILE, shard_dir
-from rayindex.query.launch import start_serving
+from rayindex.query.launch import free_port, start_serving  # free_port: never a port the Ray started next takes
 from rayindex.query.search import open_index
-
-from helpers import free_port
 
 
 def query_texts(published, n: int) -> list[str]:

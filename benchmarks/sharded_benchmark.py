@@ -288,27 +288,13 @@ def serve_shards(
     def shard_stats() -> list[dict]:
         return [serve.get_deployment_handle(f"shard-{p}", app_name=app).stats.remote().result() for p in range(shards)]
 
-    async def load() -> tuple[list[float], int, list]:
-        latencies, stop_at = [], time.perf_counter() + seconds
-        results = [None] * len(queries)
+    def load(some: np.ndarray, n_clients: int, for_s: float):
+        """The load generator of this run's path (handle_load or http_load)."""
+        if via == "http":
+            return http_load(http_port, some, n_clients, for_s)
+        return handle_load(router, some, n_clients, for_s)
 
-        async def client(c: int) -> None:
-            i = c
-            while time.perf_counter() < stop_at:
-                t = time.perf_counter()
-                ids = await router.search.remote(queries[i % len(queries)])
-                latencies.append(time.perf_counter() - t)
-                results[i % len(queries)] = ids
-                i += clients
-
-        await asyncio.gather(*(client(c) for c in range(clients)))
-        return latencies, len(latencies), results
-
-    if via == "http":
-        load = http_load(http_port, queries, clients, seconds)  # noqa: F811 (the HTTP clients instead)
-        asyncio.run(http_load(http_port, queries[:64], 16, 0.5)())
-    else:
-        asyncio.run(load_warm(router, queries[:64]))
+    asyncio.run(load(queries[:64], 16, 0.5)())  # the router's and shards' first calls set up their connections
     router_before, shards_before = router.stats.remote().result(), shard_stats()
     processes = {
         "router": [psutil.Process(router_before["pid"])],
@@ -323,7 +309,7 @@ def serve_shards(
         profile.mkdir(parents=True, exist_ok=True)
         targets = {"router": router_before["pid"], "shard0": shards_before[0]["pid"], "clients": os.getpid()}
         spies = [py_spy(pid, profile / f"{shards}-shards-{name}.txt", seconds) for name, pid in targets.items()]
-    latencies, done, results = asyncio.run(load())
+    latencies, done, results = asyncio.run(load(queries, clients, seconds)())
     for spy in spies:
         spy.wait()
     cpu_ms = {
@@ -439,11 +425,29 @@ def http_load(port: int, queries: np.ndarray, clients: int, seconds: float):
     return load
 
 
-async def load_warm(router, queries: np.ndarray) -> None:
-    """A few requests before measuring: the router's and shards' first calls set up their connections."""
+def handle_load(router, queries: np.ndarray, clients: int, seconds: float):
+    """The load generator through the router's Serve handle: `clients` concurrent callers, each calling
+    router.search.remote as soon as its previous answer came, for `seconds`. Returns the coroutine function load()
+    of serve_shards: (latencies, answered, ids per query)."""
     import asyncio
 
-    await asyncio.gather(*(router.search.remote(q) for q in queries))
+    async def load() -> tuple[list[float], int, list]:
+        latencies, stop_at = [], time.perf_counter() + seconds
+        results = [None] * len(queries)
+
+        async def client(c: int) -> None:
+            i = c
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                ids = await router.search.remote(queries[i % len(queries)])
+                latencies.append(time.perf_counter() - t)
+                results[i % len(queries)] = ids
+                i += clients
+
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return latencies, len(latencies), results
+
+    return load
 
 
 def monolithic(root: Path, queries: np.ndarray, nprobe: int) -> np.ndarray:
