@@ -136,7 +136,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     log = work / "serve.log"
     server = subprocess.Popen(
-        [RAYINDEX, "serve", "--index", index, "--port", str(port)],
+        [RAYINDEX, "serve", "--index", index, "--port", str(port), "--ingress", "python"],  # docs/benchmarks.md's
         env=env,
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,

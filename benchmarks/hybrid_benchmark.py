@@ -278,7 +278,8 @@ def http_query_cost(output: Path, queries: list[str], shards: int | None = None)
     from rayindex.query.launch import free_port, start_serving
 
     port = free_port()
-    start_serving(ServeConfig(index=str(output), port=port, replica_cpus=0, shards=shards, shard_cpus=0))
+    config = ServeConfig(index=str(output), port=port, replica_cpus=0, shards=shards, shard_cpus=0, ingress="python")
+    start_serving(config)  # the ingress of the figures in docs/benchmarks.md
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
 

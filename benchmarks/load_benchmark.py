@@ -172,7 +172,8 @@ def phase(index: str, requests: int, as_before: bool) -> dict:
         )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    start_serving(ServeConfig(index=index, port=port, replica_cpus=0))  # the app as it is, with the key
+    # the app as it is, with the key, behind the Python proxy: its gate's shedding is part of what this measures
+    start_serving(ServeConfig(index=index, port=port, replica_cpus=0, ingress="python"))
     if as_before:  # as it was: Serve's 64 ongoing requests per replica, an unbounded queue, no shedding
         config = AppConfig(
             index=str(Path(index).resolve()), replica_cpus=0, api_key=API_KEY, max_inflight=10**9, request_timeout=10**6

@@ -8,6 +8,7 @@ what `index.search` answers, with no gate, batching, versions or metrics: the co
 from __future__ import annotations
 
 import os
+import time
 
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -28,4 +29,6 @@ class Query(BaseModel):
 @app.post("/search")
 def search(body: Query) -> dict:
     # a sync endpoint: FastAPI runs it in its thread pool, as a plain service around FAISS would
-    return {"hits": index.search(body.query, body.k, body.nprobe)}
+    start = time.perf_counter()
+    hits = index.search(body.query, body.k, body.nprobe)
+    return {"hits": hits, "timings_ms": {"total": round(1000 * (time.perf_counter() - start), 2)}}  # as rayindex's

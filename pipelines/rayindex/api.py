@@ -159,10 +159,11 @@ def plan(docs: float | None = None, **options) -> dict:
 
 def serve(index: str | Path | None = None, **options) -> ServeConfig:
     """Serve /search, /ask, /healthz, /metrics over HTTP with Ray Serve (ServeConfig options); returns the
-    settings once the application answers. Stop it with ray.serve.shutdown()."""
+    settings once the application answers, ingress the one it got ("auto" on a running Ray, whose nodes decide).
+    Stop it with ray.serve.shutdown()."""
     from rayindex.query.launch import start_serving
 
     config = settings(ServeConfig, {"index": str(index) if index is not None else None}, options)
     use_s3_endpoint(config.s3_endpoint)
-    start_serving(config)
-    return config
+    ingress = start_serving(config)
+    return config if ingress == "cluster" else config.model_copy(update={"ingress": ingress})

@@ -406,8 +406,9 @@ def serve(options: Annotated[dict, From(ServeConfig)] = None) -> None:
     # SIGTERM (a container runtime's, a supervisor's stop) ends the server as Ctrl-C does: Serve shut down, the
     # Ray started here stopped with this process, exit 0 (set after ray.init, whose own handler exits 15)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    through = {"haproxy": " through HAProxy", "python": " through Serve's Python proxy"}.get(config.ingress, "")
     err_console.print(
-        f"Serving {config.index} at http://{config.host}:{config.port} (OpenAPI page: /docs). Ctrl-C stops."
+        f"Serving {config.index} at http://{config.host}:{config.port}{through} (OpenAPI page: /docs). Ctrl-C stops."
     )
     try:
         while True:

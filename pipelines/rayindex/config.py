@@ -497,11 +497,12 @@ class ServeConfig(AppConfig):
     insecure: bool = Field(
         False, description="Serve on a non-loopback host without RAYINDEX_API_KEY (refused otherwise)."
     )
-    ingress: Literal["python", "haproxy"] = Field(
-        "python",
-        description="python: Ray Serve's HTTP proxy, with rayindex's gate in it; haproxy: Ray Serve's HAProxy "
-        "ingress (replicas answer HTTP themselves, each on all interfaces: needs RAYINDEX_API_KEY or --insecure). "
-        "For the Ray this command starts; a cluster's nodes take RAY_SERVE_ENABLE_HA_PROXY=1 (docs/serving.md).",
+    ingress: Literal["auto", "python", "haproxy"] = Field(
+        "auto",
+        description="For the Ray this command starts: haproxy, Ray Serve's HAProxy ingress (replicas answer HTTP "
+        "themselves, on --host); python, Ray Serve's HTTP proxy with rayindex's gate in it; auto, HAProxy where it "
+        "can run (Ray >= 2.55 and its binary), else python. A running cluster's nodes decide with "
+        "RAY_SERVE_ENABLE_HA_PROXY=1 (docs/serving.md).",
     )
 
 

@@ -49,6 +49,9 @@ COARSE_BENCH = (
     "benchmarks/coarse_assign_benchmark.py --batch 50000 --json docs/benchmark-coarse-assign.json, 2026-12-04, "
     "2 cores, no GPU"
 )
+# docs/benchmark-coarse-assign.json's "assign": batches of 50,000 vectors, 2 threads
+COARSE_ASSIGN = {"flat_vectors_per_s": 2702.43, "hnsw_vectors_per_s": 14281.81}
+COARSE_NLIST, COARSE_DIM = 65_536, 384
 HNSW_ADD_SECONDS = 109.85  # 1,000,000 vectors added to IVF65536_HNSW32,PQ48np with 2 threads
 HNSW_MEASURED_NLIST = 65_536
 ENCODE_BENCH = "benchmarks/encode_benchmark.py --json docs/benchmark-encode.json, 2026-11-29, 2 cores, no GPU"
@@ -101,6 +104,20 @@ MEASURED_CPU: dict[str, dict] = {
         "basis": "measured",
         "source": SCAN_SOURCE,
     },
+    "coarse_distances_per_s_per_core": {
+        # a flat quantizer's assignment is one d-dimensional distance per centroid (a matrix product), and so is
+        # a residual PQ's distance table per probed list (d x 2^bits): both priced at this rate
+        "value": COARSE_ASSIGN["flat_vectors_per_s"] * COARSE_NLIST * COARSE_DIM / 2,
+        "basis": "measured",
+        "source": f"{COARSE_BENCH}: {COARSE_ASSIGN['flat_vectors_per_s']:,.0f} vectors/s assigned to {COARSE_NLIST:,} "
+        f"lists of {COARSE_DIM} dimensions (flat), 2 threads",
+    },
+    "hnsw_assign_per_s_per_core": {
+        "value": COARSE_ASSIGN["hnsw_vectors_per_s"] / 2,
+        "basis": "measured",
+        "source": f"{COARSE_BENCH}: {COARSE_ASSIGN['hnsw_vectors_per_s']:,.0f} vectors/s assigned to "
+        f"{COARSE_NLIST:,} lists by an HNSW32 quantizer (efSearch 16), 2 threads",
+    },
     "merge_bytes_per_s": {
         # the benchmark merged 11.2 MB in RAM in 0.05 s (checks included): too small to extrapolate;
         # at scale the on-disk merge reads and writes the inverted lists once, bound by the disk
@@ -135,13 +152,11 @@ def plan_serving(
     n: int, spec, loaded_bytes: int, inverted_list_bytes: int, shards: int, nprobe: int | None, cores: int, rates: dict
 ) -> dict:
     """Serving `n` vectors over `shards` serving shards (query/sharded.py): what the router and each shard
-    hold, and the searches per second that `cores` cores scanning inverted lists sustain. A query scans
-    nprobe lists of n / nlist codes each, wherever they are: sharding spreads that work, it does not add to it."""
+    hold, and the searches per second that `cores` cores sustain (query_core_seconds). Sharding spreads a query's
+    work, it does not add to it."""
     nprobe = nprobe or default_nprobe(spec.nlist)
-    scan = rates["scan_codes_per_s_per_core"]
-    rate = scan["value"] * SCAN_MEASURED_CODE_BYTES / spec.code_bytes
-    codes_per_query = nprobe * n / spec.nlist
     resident = loaded_bytes - inverted_list_bytes
+    seconds, how = query_core_seconds(n, spec, nprobe, rates)
     return {
         "router_ram": _item(
             resident, "computed", "trained.faiss: coarse centroids, transforms, codebooks (no inverted list)"
@@ -155,14 +170,32 @@ def plan_serving(
             resident, "computed", "a part index holds the trained index too, and its lists' headers"
         ),
         "doc_store_copied": _item(0, "computed", "read by id on demand from the output store (docs/storage.md)"),
-        "queries_per_s": _item(
-            rate * cores / codes_per_query,
-            scan["basis"],
-            f"{cores} cores x {rate:,.3g} codes/s ({scan['value']:,.3g} at {SCAN_MEASURED_CODE_BYTES} code bytes, "
-            f"x {SCAN_MEASURED_CODE_BYTES}/{spec.code_bytes}) / (nprobe {nprobe} x n / nlist = "
-            f"{codes_per_query:,.0f} codes per query)",
-        ),
+        "queries_per_s": _item(cores / seconds, "measured", f"{cores} cores / ({how})"),
     }
+
+
+def query_core_seconds(n: int, spec, nprobe: int, rates: dict) -> tuple[float, str]:
+    """CPU seconds of one query's search, and how they add up: the coarse assignment (a distance to each
+    centroid, or an HNSW walk), a residual PQ's distance table for each probed list (d x 2^bits distances), and
+    the scan of nprobe lists of n / nlist codes. A code scans at the rate measured on PQ16 codes, slower in
+    proportion for larger codes, not faster for smaller ones: at 10M vectors (IVF16384,PQ8np, nprobe 128) the
+    old x 16 / code bytes planned 3,124 searches/s where the same parts did 1,082 in process, 2 cores
+    (docs/benchmarks.md); this prices them at 1,090."""
+    distances = rates["coarse_distances_per_s_per_core"]["value"]
+    if spec.hnsw_m:
+        coarse, coarse_how = 1 / rates["hnsw_assign_per_s_per_core"]["value"], "HNSW assignment"
+    else:
+        coarse, coarse_how = spec.nlist * spec.d / distances, f"{spec.nlist:,} x {spec.d} distances"
+    table_distances = nprobe * spec.d * 2**spec.pq_bits if spec.encoding == "PQ" else 0
+    codes = nprobe * n / spec.nlist
+    scan = rates["scan_codes_per_s_per_core"]["value"] / max(1.0, spec.code_bytes / SCAN_MEASURED_CODE_BYTES)
+    seconds = coarse + table_distances / distances + codes / scan
+    how = (
+        f"{1000 * seconds:.3g} ms a query: {coarse_how} {1000 * coarse:.3g} + distance tables "
+        f"{1000 * table_distances / distances:.3g} + nprobe {nprobe} x n / nlist = {codes:,.0f} codes at "
+        f"{scan:,.3g}/s {1000 * codes / scan:.3g}"
+    )
+    return seconds, how
 
 
 def plan_lexical(n: int, passage_bytes: float, shards: int, cores: int, dense_queries_per_s: float) -> dict:

