@@ -608,11 +608,9 @@ def main() -> None:
     want = monolithic(root, queries, nprobe)
     http_port = None
     if "http" in args.via:  # Serve's HAProxy ingress, for the Ray started next (its controller and proxy read it)
-        import tempfile
+        from rayindex.query.launch import free_port, haproxy_environment, haproxy_folder
 
-        from rayindex.query.launch import free_port, haproxy_environment
-
-        os.environ.update(haproxy_environment(tempfile.mkdtemp(prefix="rih-", dir="/tmp")))
+        os.environ.update(haproxy_environment(haproxy_folder()))
         http_port = free_port()
     # logical CPUs: 2 for the shards (see serve_shards), the rest for Serve's own actors
     ray.init(num_cpus=4, log_to_driver=False)

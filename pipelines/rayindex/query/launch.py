@@ -114,6 +114,14 @@ def haproxy_environment(folder: str) -> dict[str, str]:
     }
 
 
+def haproxy_folder() -> str:
+    """A new folder for HAProxy's files, removed when this process exits (the Ray using it stops with it). Short:
+    Serve adds a 57-character folder per node, and HAProxy refuses socket paths over 97 characters."""
+    folder = tempfile.mkdtemp(prefix="rih-", dir="/tmp")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 LOOPBACK_OF = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where this machine reaches a server bound to all interfaces
 STEADY_POLLS, STEADY_INTERVAL_S, STEADY_DEADLINE_S = 5, 0.5, 120
 
@@ -191,10 +199,7 @@ def start_serving(config: ServeConfig) -> str:
         if api_key:
             os.environ[API_KEY_ENV] = api_key
     if ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
-        # short: Serve adds a 57-character folder per node, and HAProxy refuses socket paths over 97 characters
-        folder = tempfile.mkdtemp(prefix="rih-", dir="/tmp")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the Ray using it stops with this process
-        os.environ.update(haproxy_environment(folder))
+        os.environ.update(haproxy_environment(haproxy_folder()))
     ensure_ray(config.ray_address)
     if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
         cpus = ray.cluster_resources().get("CPU", 0)
