@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,8 +37,13 @@ from helpers import (
 os.environ.setdefault("RAY_AUTH_MODE", ray_auth_mode())
 
 # S3 for the tests is a local SeaweedFS (see s3_server). Its address and any key/secret go into the
-# environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would.
-S3_PORT = free_port()
+# environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would. SeaweedFS starts
+# minutes later, at first use: until then a socket bound to the port keeps it from anyone else (a server bound to
+# port 0, an outgoing connection's local port). A CI run failed when SeaweedFS, finding its S3 port taken,
+# exited 255 and took every S3 test with it.
+S3_PORT_HOLD = socket.socket()
+S3_PORT_HOLD.bind(("127.0.0.1", 0))
+S3_PORT = S3_PORT_HOLD.getsockname()[1]
 os.environ.update(
     AWS_ACCESS_KEY_ID="rayindex-test",
     AWS_SECRET_ACCESS_KEY="rayindex-test",
@@ -135,6 +141,7 @@ class SeaweedFS:
         self.proc = None
 
     def start(self) -> None:
+        S3_PORT_HOLD.close()  # the port is SeaweedFS's from now on (closing twice does nothing)
         self.proc = subprocess.Popen(self.command, stdout=open(self.data / "weed.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
@@ -146,7 +153,11 @@ class SeaweedFS:
             except Exception:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.proc.kill()
-                    raise RuntimeError(f"SeaweedFS did not start; see {self.data / 'weed.log'}") from None
+                    said = (self.data / "weed.log").read_text(errors="replace").splitlines()[-15:]
+                    raise RuntimeError(
+                        f"SeaweedFS did not start (exit {self.proc.wait()}); the end of {self.data / 'weed.log'}:\n"
+                        + "\n".join(said)
+                    ) from None
                 time.sleep(0.5)
 
     def stop(self) -> None:
