@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,9 @@ os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "rayindex.que
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 from helpers import (
+    DASHBOARD,
     DASHBOARD_PORT,
+    HeldPort,
     build_config,
     free_port,
     ray_auth_mode,
@@ -37,13 +38,10 @@ from helpers import (
 os.environ.setdefault("RAY_AUTH_MODE", ray_auth_mode())
 
 # S3 for the tests is a local SeaweedFS (see s3_server). Its address and any key/secret go into the
-# environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would. SeaweedFS starts
-# minutes later, at first use: until then a socket bound to the port keeps it from anyone else (a server bound to
-# port 0, an outgoing connection's local port). A CI run failed when SeaweedFS, finding its S3 port taken,
-# exited 255 and took every S3 test with it.
-S3_PORT_HOLD = socket.socket()
-S3_PORT_HOLD.bind(("127.0.0.1", 0))
-S3_PORT = S3_PORT_HOLD.getsockname()[1]
+# environment now, before Ray starts, so that Ray's workers inherit them like a cluster's would; SeaweedFS
+# starts minutes later, at first use (HeldPort).
+S3 = HeldPort()
+S3_PORT = S3.port
 os.environ.update(
     AWS_ACCESS_KEY_ID="rayindex-test",
     AWS_SECRET_ACCESS_KEY="rayindex-test",
@@ -66,6 +64,7 @@ def ray_address():
     """A real Ray (token auth on, as Ray 2.60 defaults), shared by the session: a head of the suite's own
     (helpers.ray_head: its own ports, temp dir and process group), which this process joins as a driver;
     CLI tests connect to it, and Ray job tests submit to its dashboard (the job server) on DASHBOARD_PORT."""
+    DASHBOARD.release()
     with ray_head("--num-cpus=2", "--num-gpus=0", dashboard_port=DASHBOARD_PORT) as head:
         ray.init(address=head.address, log_to_driver=False)
         yield head.address
@@ -141,7 +140,7 @@ class SeaweedFS:
         self.proc = None
 
     def start(self) -> None:
-        S3_PORT_HOLD.close()  # the port is SeaweedFS's from now on (closing twice does nothing)
+        S3.release()
         self.proc = subprocess.Popen(self.command, stdout=open(self.data / "weed.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

@@ -54,6 +54,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class HeldPort:
+    """A port chosen now for a server started later in the session: bound here, not listening, until release(),
+    so that nothing else is given it meanwhile (a server bound to port 0, an outgoing connection's local port).
+    A CI run failed when SeaweedFS, started minutes after its S3 port was chosen, found it taken and exited 255,
+    taking every S3 test with it."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+
+    def release(self) -> None:
+        """The port is the server's from now on (releasing twice does nothing)."""
+        self.socket.close()
+
+
 def ray_auth_mode() -> str:
     """RAY_AUTH_MODE for this machine as Ray 2.60 has it: "token" when a token exists (Ray turns token auth
     on for a local cluster; a client or driver given an address must be told), else "disabled"."""
@@ -225,4 +241,5 @@ def wait_for_version(client, run_id: str, timeout_s: float = 120) -> None:
 
 
 # the session Ray's dashboard (the job server), which test_jobs, test_resume and test_deploy reach
-DASHBOARD_PORT = free_port()
+DASHBOARD = HeldPort()
+DASHBOARD_PORT = DASHBOARD.port

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -61,6 +62,28 @@ def test_haproxy_ports_are_never_those_a_ray_started_next_takes(monkeypatch):
         "41003",
         "41004",
     ]
+
+
+def test_folders_of_killed_servers_are_removed_and_others_kept(monkeypatch, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    owners = {
+        "rih-gone": gone.pid,
+        "rih-running": os.getpid(),
+        "rih-starting": None,
+        "rih-garbled": "x",
+        "unrelated": gone.pid,
+    }
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir()
+        if owner is not None:
+            (tmp_path / name / launch.OWNER_FILE).write_text(str(owner))
+    assert launch.remove_orphaned_haproxy_folders(str(tmp_path)) == [tmp_path / "rih-gone"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rih-garbled", "rih-running", "rih-starting", "unrelated"]
+
+    monkeypatch.setattr(launch, "HAPROXY_FOLDERS", str(tmp_path))
+    folder = Path(launch.haproxy_folder())  # a server's own folder names its owner
+    assert folder.parent == tmp_path and (folder / launch.OWNER_FILE).read_text() == str(os.getpid())
 
 
 DIRECT_INGRESS_PORTS = range(30000, 31001)  # where Serve's replicas answer HTTP for HAProxy (its defaults)

@@ -114,12 +114,35 @@ def haproxy_environment(folder: str) -> dict[str, str]:
     }
 
 
+HAPROXY_FOLDERS, HAPROXY_FOLDER_PREFIX, OWNER_FILE = "/tmp", "rih-", "owner.pid"
+
+
 def haproxy_folder() -> str:
-    """A new folder for HAProxy's files, removed when this process exits (the Ray using it stops with it). Short:
-    Serve adds a 57-character folder per node, and HAProxy refuses socket paths over 97 characters."""
-    folder = tempfile.mkdtemp(prefix="rih-", dir="/tmp")
+    """A new folder for HAProxy's files, removed when this process exits (the Ray using it stops with it), and
+    the folders of servers that were killed before they could remove theirs. Short: Serve adds a 57-character
+    folder per node, and HAProxy refuses socket paths over 97 characters."""
+    remove_orphaned_haproxy_folders(HAPROXY_FOLDERS)
+    folder = tempfile.mkdtemp(prefix=HAPROXY_FOLDER_PREFIX, dir=HAPROXY_FOLDERS)
+    Path(folder, OWNER_FILE).write_text(str(os.getpid()))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def remove_orphaned_haproxy_folders(parent: str) -> list[Path]:
+    """Remove this user's HAProxy folders under parent whose owner process is gone (a server killed with SIGKILL
+    never runs its exit handler); returns them. A folder whose owner runs, or cannot be told, is kept."""
+    removed = []
+    for folder in Path(parent).glob(f"{HAPROXY_FOLDER_PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.getuid() or not folder.is_dir():
+                continue
+            os.kill(int((folder / OWNER_FILE).read_text()), 0)
+        except ProcessLookupError:  # the owner is gone
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except (OSError, ValueError, OverflowError):  # another's process (PermissionError), no owner file yet
+            continue
+    return removed
 
 
 LOOPBACK_OF = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where this machine reaches a server bound to all interfaces
