@@ -5,6 +5,7 @@ stopping it all; the choice and its refusals."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,8 +66,13 @@ def test_haproxy_ports_are_never_those_a_ray_started_next_takes(monkeypatch):
 
 
 def test_folders_of_killed_servers_are_removed_and_others_kept(monkeypatch, tmp_path):
+    """With the HAProxy a killed server left running on its folder's files (here a process naming them), and
+    nothing else stopped."""
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    left_running = subprocess.Popen([*sleep, "-f", str(tmp_path / "rih-gone" / "haproxy.cfg")])
+    still_owned = subprocess.Popen([*sleep, "-f", str(tmp_path / "rih-running" / "haproxy.cfg")])
     owners = {
         "rih-gone": gone.pid,
         "rih-running": os.getpid(),
@@ -74,16 +80,41 @@ def test_folders_of_killed_servers_are_removed_and_others_kept(monkeypatch, tmp_
         "rih-garbled": "x",
         "unrelated": gone.pid,
     }
-    for name, owner in owners.items():
-        (tmp_path / name).mkdir()
-        if owner is not None:
-            (tmp_path / name / launch.OWNER_FILE).write_text(str(owner))
-    assert launch.remove_orphaned_haproxy_folders(str(tmp_path)) == [tmp_path / "rih-gone"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rih-garbled", "rih-running", "rih-starting", "unrelated"]
+    try:
+        for name, owner in owners.items():
+            (tmp_path / name).mkdir()
+            if owner is not None:
+                (tmp_path / name / launch.OWNER_FILE).write_text(str(owner))
+        assert launch.remove_orphaned_haproxy_folders(str(tmp_path)) == [tmp_path / "rih-gone"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rih-garbled", "rih-running", "rih-starting", "unrelated"]
+        left_running.wait(timeout=5)  # it has ended (the sweep reaped it, its status with it), else TimeoutExpired
+        assert still_owned.poll() is None
+    finally:
+        for process in (left_running, still_owned):
+            process.kill()
+            process.wait()
 
     monkeypatch.setattr(launch, "HAPROXY_FOLDERS", str(tmp_path))
     folder = Path(launch.haproxy_folder())  # a server's own folder names its owner
     assert folder.parent == tmp_path and (folder / launch.OWNER_FILE).read_text() == str(os.getpid())
+
+
+def test_a_port_in_use_is_refused_before_ray_starts(built):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        said = f"--port {port} on 127.0.0.1 cannot be served: Address already in use"
+        with pytest.raises(rayindex.UsageError, match=said):
+            launch.check_port_free("127.0.0.1", port)
+        run = subprocess.run(
+            [*RAYINDEX, "serve", "--index", str(built[0]), "--port", str(port)],
+            env=client_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2 and said in " ".join(run.stderr.split()), run.stderr
+    assert "Traceback" not in run.stderr and "Started a local Ray" not in run.stderr
+    launch.check_port_free("127.0.0.1", port)  # free again
 
 
 DIRECT_INGRESS_PORTS = range(30000, 31001)  # where Serve's replicas answer HTTP for HAProxy (its defaults)

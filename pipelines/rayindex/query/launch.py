@@ -4,6 +4,7 @@ run (or its Python proxy with rayindex's gate, gate.py), replicas sized and chec
 Ray Serve's ingress and the app (serve.app_builder)."""
 
 import atexit
+import errno
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
+import psutil
 import ray
 from packaging.version import Version
 from ray import serve
@@ -130,7 +132,8 @@ def haproxy_folder() -> str:
 
 def remove_orphaned_haproxy_folders(parent: str) -> list[Path]:
     """Remove this user's HAProxy folders under parent whose owner process is gone (a server killed with SIGKILL
-    never runs its exit handler); returns them. A folder whose owner runs, or cannot be told, is kept."""
+    never runs its exit handler), after stopping the HAProxy still running on their files; returns them. A folder
+    whose owner runs, or cannot be told, is kept."""
     removed = []
     for folder in Path(parent).glob(f"{HAPROXY_FOLDER_PREFIX}*"):
         try:
@@ -138,11 +141,32 @@ def remove_orphaned_haproxy_folders(parent: str) -> list[Path]:
                 continue
             os.kill(int((folder / OWNER_FILE).read_text()), 0)
         except ProcessLookupError:  # the owner is gone
+            stop_processes_on(folder)
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
         except (OSError, ValueError, OverflowError):  # another's process (PermissionError), no owner file yet
             continue
     return removed
+
+
+def stop_processes_on(folder: Path, grace_s: float = 10) -> None:
+    """Stop this user's processes whose command line names a file in folder: SIGTERM, SIGKILL after grace_s. A
+    server's process group killed with SIGKILL leaves its HAProxy running (Serve's proxy actor starts it in a group
+    of its own) on the server's port, which HAProxy binds without SO_REUSEPORT (Serve passes -dR): a new server on
+    that port could not bind it."""
+    inside = f"{folder}/"
+    running = [
+        process
+        for process in psutil.process_iter(["uids", "cmdline"])
+        if process.info["uids"]
+        and process.info["uids"].real == os.getuid()
+        and any(inside in argument for argument in process.info["cmdline"] or ())
+    ]
+    for process in running:
+        process.terminate()
+    _, alive = psutil.wait_procs(running, timeout=grace_s)
+    for process in alive:
+        process.kill()
 
 
 LOOPBACK_OF = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where this machine reaches a server bound to all interfaces
@@ -182,6 +206,23 @@ def check_fits(config: AppConfig, cpus: float) -> None:
         )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, naming --port, a port that cannot be served on host, most often because something listens there:
+    otherwise Serve's ingress fails to bind it only after Ray has started, in a RayTaskError carrying HAProxy's
+    log ("cannot bind socket")."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port's leftovers
+            probe.bind((host, port))  # (TIME_WAIT) do not count, a listener does
+    except OSError as exc:
+        hint = (
+            f"another server listens there (`ss -ltnp 'sport = :{port}'` names it): stop it, or pick another --port"
+            if exc.errno == errno.EADDRINUSE
+            else "check --host (an address of this machine) and --port"
+        )
+        raise UsageError(f"--port {port} on {host} cannot be served: {exc.strerror or exc}; {hint}") from None
+
+
 def fit_local_ray(config: AppConfig, cpus: float) -> dict:
     """CPU reservations for a local Ray of `cpus` CPUs (it has no autoscaler) for the replicas whose CPUs the
     config leaves at their default (not in model_fields_set): what the given options leave, shared equally,
@@ -206,8 +247,9 @@ def check_index(config: ServeConfig) -> None:
 
 
 def start_serving(config: ServeConfig) -> str:
-    """Check the index and the exposure, start Ray Serve's ingress on host:port (HAProxy, or the HTTP proxy with
-    the gate, gate.py) and deploy the app; returns, once it answers, the ingress it got (chosen_ingress)."""
+    """Check the index, the exposure and the port, start Ray Serve's ingress on host:port (HAProxy, or the HTTP
+    proxy with the gate, gate.py) and deploy the app; returns, once it answers, the ingress it got
+    (chosen_ingress)."""
     api_key = config.api_key or api_key_from_environment()
     started_here = not ray.is_initialized() and ray_address(config.ray_address) == "local"
     check_exposure(config, api_key)
@@ -222,7 +264,9 @@ def start_serving(config: ServeConfig) -> str:
         if api_key:
             os.environ[API_KEY_ENV] = api_key
     if ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
-        os.environ.update(haproxy_environment(haproxy_folder()))
+        os.environ.update(haproxy_environment(haproxy_folder()))  # (a killed server's HAProxy stopped first)
+    if started_here:
+        check_port_free(config.host, config.port)
     ensure_ray(config.ray_address)
     if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
         cpus = ray.cluster_resources().get("CPU", 0)
