@@ -4,6 +4,7 @@ run (or its Python proxy with rayindex's gate, gate.py), replicas sized and chec
 Ray Serve's ingress and the app (serve.app_builder)."""
 
 import atexit
+import contextlib
 import errno
 import math
 import os
@@ -163,10 +164,12 @@ def stop_processes_on(folder: Path, grace_s: float = 10) -> None:
         and any(inside in argument for argument in process.info["cmdline"] or ())
     ]
     for process in running:
-        process.terminate()
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile
+            process.terminate()
     _, alive = psutil.wait_procs(running, timeout=grace_s)
     for process in alive:
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 LOOPBACK_OF = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where this machine reaches a server bound to all interfaces
@@ -255,6 +258,10 @@ def start_serving(config: ServeConfig) -> str:
     check_exposure(config, api_key)
     ingress = chosen_ingress(config.ingress, started_here)
     check_index(config)  # fails here, with a clear message, when nothing complete and intact is published
+    # (a killed server's HAProxy, which may hold the port, is stopped first: haproxy_folder)
+    haproxy = haproxy_environment(haproxy_folder()) if ingress == "haproxy" else {}
+    if started_here:
+        check_port_free(config.host, config.port)
     index = config.index if is_remote(config.index) else str(Path(config.index).resolve())
     app_config = AppConfig(
         **config.model_dump(include=set(AppConfig.model_fields)) | {"index": index, "api_key": api_key}
@@ -263,10 +270,7 @@ def start_serving(config: ServeConfig) -> str:
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", GATE_CALLBACK)
         if api_key:
             os.environ[API_KEY_ENV] = api_key
-    if ingress == "haproxy":  # read by Serve's controller and proxy, which inherit it from the Ray started next
-        os.environ.update(haproxy_environment(haproxy_folder()))  # (a killed server's HAProxy stopped first)
-    if started_here:
-        check_port_free(config.host, config.port)
+    os.environ.update(haproxy)  # read by Serve's controller and proxy, which inherit it from the Ray started next
     ensure_ray(config.ray_address)
     if started_here:  # no autoscaler will add nodes: replicas that do not fit would wait forever
         cpus = ray.cluster_resources().get("CPU", 0)
