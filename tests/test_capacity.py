@@ -120,6 +120,12 @@ def test_given_throughputs_override_and_are_labelled():
     assert plan["throughputs"]["encode_docs_per_s_per_core"]["basis"] == "given"
     assert plan["hours"]["encode"]["basis"] == "given"
     assert value(plan, "hours", "encode") == pytest.approx(1e9 / 200 / 3600)
+    # a rate the query does not use leaves its basis alone: a flat quantizer walks no HNSW graph
+    given = {"hnsw_assign_per_s_per_core": 1e4}
+    flat, hnsw = (plan_capacity(1e9, index_string=spec, throughputs=given) for spec in (PQ48, "IVF65536_HNSW32,PQ48np"))
+    assert (
+        flat["serving"]["queries_per_s"]["basis"] == "measured" and hnsw["serving"]["queries_per_s"]["basis"] == "given"
+    )
 
 
 def test_hnsw_add_hours_come_from_the_measured_rate():

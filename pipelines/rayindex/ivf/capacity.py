@@ -99,7 +99,8 @@ MEASURED_CPU: dict[str, dict] = {
         "source": f"{ENCODE_BENCH}: {DATA_PATH_DOCS:,} GCIDE entries in 20.6 s of encoder time, forward pass stubbed",
     },
     "scan_codes_per_s_per_core": {
-        # a PQ scan costs one table lookup per code byte: scaled by code bytes / 16 for other codes (plan_serving)
+        # a PQ scan costs one table lookup per code byte: slower in proportion for larger codes, not faster for
+        # smaller ones (query_core_seconds)
         "value": SCAN_CODES_PER_S_PER_CORE,
         "basis": "measured",
         "source": SCAN_SOURCE,
@@ -156,8 +157,7 @@ def plan_serving(
     work, it does not add to it."""
     nprobe = nprobe or default_nprobe(spec.nlist)
     resident = loaded_bytes - inverted_list_bytes
-    seconds, how = query_core_seconds(n, spec, nprobe, rates)
-    used = ("scan_codes_per_s_per_core", "coarse_distances_per_s_per_core", "hnsw_assign_per_s_per_core")
+    seconds, how, used = query_core_seconds(n, spec, nprobe, rates)
     basis = _basis(*(rates[rate]["basis"] for rate in used))
     return {
         "router_ram": _item(
@@ -176,19 +176,25 @@ def plan_serving(
     }
 
 
-def query_core_seconds(n: int, spec, nprobe: int, rates: dict) -> tuple[float, str]:
-    """CPU seconds of one query's search, and how they add up: the coarse assignment (a distance to each
-    centroid, or an HNSW walk), a residual PQ's distance table for each probed list (d x 2^bits distances), and
-    the scan of nprobe lists of n / nlist codes. A code scans at the rate measured on PQ16 codes, slower in
-    proportion for larger codes, not faster for smaller ones: at 10M vectors (IVF16384,PQ8np, nprobe 128) the
-    old x 16 / code bytes planned 3,124 searches/s where the same parts did 1,082 in process, 2 cores
-    (docs/benchmarks.md); this prices them at 1,090."""
+def query_core_seconds(n: int, spec, nprobe: int, rates: dict) -> tuple[float, str, set[str]]:
+    """CPU seconds of one query's search, how they add up, and the rates they used: the coarse assignment (a
+    distance to each centroid, or an HNSW walk), a residual PQ's distance table for each probed list (d x 2^bits
+    distances), and the scan of nprobe lists of n / nlist codes. A code scans at the rate measured on PQ16
+    codes, slower in proportion for larger codes, not faster for smaller ones: at 10M vectors (IVF16384,PQ8np,
+    nprobe 128) the old x 16 / code bytes planned 3,124 searches/s where the same parts did 1,082 in process, 2
+    cores (docs/benchmarks.md); this prices them at 1,090."""
     distances = rates["coarse_distances_per_s_per_core"]["value"]
+    table_distances = nprobe * spec.d * 2**spec.pq_bits if spec.encoding == "PQ" else 0
     if spec.hnsw_m:
         coarse, coarse_how = 1 / rates["hnsw_assign_per_s_per_core"]["value"], "HNSW assignment"
     else:
         coarse, coarse_how = spec.nlist * spec.d / distances, f"{spec.nlist:,} x {spec.d} distances"
-    table_distances = nprobe * spec.d * 2**spec.pq_bits if spec.encoding == "PQ" else 0
+    used = {
+        "scan_codes_per_s_per_core",
+        "hnsw_assign_per_s_per_core" if spec.hnsw_m else "coarse_distances_per_s_per_core",
+    }
+    if table_distances:
+        used.add("coarse_distances_per_s_per_core")
     codes = nprobe * n / spec.nlist
     scan = rates["scan_codes_per_s_per_core"]["value"] / max(1.0, spec.code_bytes / SCAN_MEASURED_CODE_BYTES)
     seconds = coarse + table_distances / distances + codes / scan
@@ -197,7 +203,7 @@ def query_core_seconds(n: int, spec, nprobe: int, rates: dict) -> tuple[float, s
         f"{1000 * table_distances / distances:.3g} + nprobe {nprobe} x n / nlist = {codes:,.0f} codes at "
         f"{scan:,.3g}/s {1000 * codes / scan:.3g}"
     )
-    return seconds, how
+    return seconds, how, used
 
 
 def plan_lexical(n: int, passage_bytes: float, shards: int, cores: int, dense_queries_per_s: float) -> dict:
